@@ -1,0 +1,393 @@
+//! The gRPC service: `modelbox.ModelStore`.
+//!
+//! Each handler validates its request into typed values ([`validate`]), hands them to
+//! the index or the ingest path, and maps failures through [`status`]. Blocking work
+//! (index transactions, Parquet reads) runs on tokio's blocking pool.
+
+pub mod codec;
+pub mod convert;
+pub mod status;
+pub mod validate;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::Limits;
+use crate::index::Index;
+use crate::ingest::Ingest;
+use crate::model::{ExperimentRecord, MetricValue, now_micros};
+use crate::proto::{self, model_store_server::ModelStore};
+use crate::query;
+use crate::sink::LocalSink;
+
+use convert::{json_to_value, micros, timestamp};
+use status::ApiError;
+
+/// The ModelStore service.
+#[derive(Debug, Clone)]
+pub struct ModelStoreService {
+    index: Arc<Index>,
+    ingest: Arc<Ingest>,
+    sink: LocalSink,
+    limits: Limits,
+}
+
+impl ModelStoreService {
+    pub fn new(index: Arc<Index>, ingest: Arc<Ingest>, sink: LocalSink, limits: Limits) -> Self {
+        Self {
+            index,
+            ingest,
+            sink,
+            limits,
+        }
+    }
+}
+
+/// Runs blocking work off the async runtime.
+async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Task(e.to_string()))?
+}
+
+fn experiment_proto(r: ExperimentRecord) -> proto::Experiment {
+    proto::Experiment {
+        id: r.id,
+        name: r.name,
+        namespace: r.namespace,
+        owner: r.owner,
+        framework: r.framework,
+        external_id: r.external_id,
+        created_at: Some(timestamp(r.created_at)),
+        updated_at: Some(timestamp(r.updated_at)),
+    }
+}
+
+fn unimplemented<T>(rpc: &str) -> Result<Response<T>, Status> {
+    Err(Status::unimplemented(format!(
+        "ModelStore.{rpc} is not served by mboxd, which implements experiment tracking only \
+         (experiments, metadata, metrics, events)"
+    )))
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl ModelStore for ModelStoreService {
+    async fn create_experiment(
+        &self,
+        req: Request<proto::CreateExperimentRequest>,
+    ) -> Reply<proto::CreateExperimentResponse> {
+        let (new, metadata) = validate::create_experiment(req.into_inner(), &self.limits)?;
+        let index = Arc::clone(&self.index);
+        let (record, existed) =
+            blocking(move || Ok(index.create_experiment(new, &metadata)?)).await?;
+        Ok(Response::new(proto::CreateExperimentResponse {
+            experiment_id: record.id,
+            experiment_exists: existed,
+            created_at: Some(timestamp(record.created_at)),
+            updated_at: Some(timestamp(record.updated_at)),
+        }))
+    }
+
+    async fn get_experiment(
+        &self,
+        req: Request<proto::GetExperimentRequest>,
+    ) -> Reply<proto::GetExperimentResponse> {
+        let id = req.into_inner().id;
+        if id.is_empty() {
+            return Err(ApiError::invalid("id", "required").into());
+        }
+        let index = Arc::clone(&self.index);
+        let record = blocking(move || {
+            index
+                .get_experiment(&id)?
+                .ok_or_else(|| ApiError::experiment_not_found(&id))
+        })
+        .await?;
+        Ok(Response::new(proto::GetExperimentResponse {
+            experiment: Some(experiment_proto(record)),
+        }))
+    }
+
+    async fn list_experiments(
+        &self,
+        req: Request<proto::ListExperimentsRequest>,
+    ) -> Reply<proto::ListExperimentsResponse> {
+        let ns = validate::namespace("namespace", req.into_inner().namespace, &self.limits)?;
+        let index = Arc::clone(&self.index);
+        let records = blocking(move || Ok(index.list_experiments(&ns)?)).await?;
+        Ok(Response::new(proto::ListExperimentsResponse {
+            experiments: records.into_iter().map(experiment_proto).collect(),
+        }))
+    }
+
+    async fn update_metadata(
+        &self,
+        req: Request<proto::UpdateMetadataRequest>,
+    ) -> Reply<proto::UpdateMetadataResponse> {
+        let req = req.into_inner();
+        validate::experiment("parent_id", &req.parent_id, &self.index)?;
+        let entries = validate::metadata("metadata", req.metadata, &self.limits)?;
+        let written = i32::try_from(entries.len()).unwrap_or(i32::MAX);
+        let index = Arc::clone(&self.index);
+        let updated_at =
+            blocking(move || Ok(index.update_metadata(&req.parent_id, &entries)?)).await?;
+        Ok(Response::new(proto::UpdateMetadataResponse {
+            num_keys_written: written,
+            updated_at: Some(timestamp(updated_at)),
+        }))
+    }
+
+    async fn list_metadata(
+        &self,
+        req: Request<proto::ListMetadataRequest>,
+    ) -> Reply<proto::ListMetadataResponse> {
+        let parent_id = req.into_inner().parent_id;
+        validate::experiment("parent_id", &parent_id, &self.index)?;
+        let index = Arc::clone(&self.index);
+        let entries = blocking(move || Ok(index.list_metadata(&parent_id)?)).await?;
+        Ok(Response::new(proto::ListMetadataResponse {
+            metadata: entries
+                .into_iter()
+                .map(|(k, e)| (k, json_to_value(e.value)))
+                .collect(),
+        }))
+    }
+
+    async fn log_metrics(
+        &self,
+        req: Request<proto::LogMetricsRequest>,
+    ) -> Reply<proto::LogMetricsResponse> {
+        let batch =
+            validate::log_metrics(req.into_inner(), &self.index, &self.limits, now_micros())?;
+        let points = self
+            .ingest
+            .submit_metrics(batch)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(proto::LogMetricsResponse {
+            points_accepted: points as u64,
+        }))
+    }
+
+    async fn get_metrics(
+        &self,
+        req: Request<proto::GetMetricsRequest>,
+    ) -> Reply<proto::GetMetricsResponse> {
+        let req = req.into_inner();
+        let experiment = validate::experiment("parent_id", &req.parent_id, &self.index)?;
+        let snapshot = self
+            .ingest
+            .snapshot(&experiment)
+            .await
+            .map_err(ApiError::from)?;
+        let sink = self.sink.clone();
+        let points = blocking(move || {
+            let mut points = query::read_metrics(&sink, &snapshot.metric_files, &experiment.id)?;
+            points.extend(snapshot.metrics);
+            Ok(points)
+        })
+        .await?;
+        let mut by_key: BTreeMap<String, Vec<_>> = BTreeMap::new();
+        for p in points {
+            by_key.entry(p.key.clone()).or_default().push(p);
+        }
+        use proto::metrics_value::Value as V;
+        let metrics = by_key
+            .into_iter()
+            .map(|(key, mut points)| {
+                // Stable: equal steps keep the order they were ingested in.
+                points.sort_by_key(|p| p.step);
+                let values = points
+                    .into_iter()
+                    .map(|p| proto::MetricsValue {
+                        step: p.step,
+                        wallclock_time: p.wallclock,
+                        value: Some(match p.value {
+                            MetricValue::Double(d) if req.full_precision => V::DVal(d),
+                            MetricValue::Double(d) => V::FVal(d as f32),
+                            MetricValue::String(s) => V::STensor(s),
+                            MetricValue::Bytes(b) => V::BTensor(b),
+                        }),
+                    })
+                    .collect();
+                proto::Metrics { key, values }
+            })
+            .collect();
+        Ok(Response::new(proto::GetMetricsResponse { metrics }))
+    }
+
+    async fn log_event(
+        &self,
+        req: Request<proto::LogEventRequest>,
+    ) -> Reply<proto::LogEventResponse> {
+        let now = now_micros();
+        let batch = validate::log_event(req.into_inner(), &self.index, &self.limits, now)?;
+        let n = self
+            .ingest
+            .submit_events(batch)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(proto::LogEventResponse {
+            created_at: Some(timestamp(now)),
+            events_accepted: n as u64,
+        }))
+    }
+
+    async fn list_events(
+        &self,
+        req: Request<proto::ListEventsRequest>,
+    ) -> Reply<proto::ListEventsResponse> {
+        let req = req.into_inner();
+        let experiment = validate::experiment("parent_id", &req.parent_id, &self.index)?;
+        let since = req
+            .since
+            .as_ref()
+            .map(|ts| micros("since", ts))
+            .transpose()?;
+        let snapshot = self
+            .ingest
+            .snapshot(&experiment)
+            .await
+            .map_err(ApiError::from)?;
+        let sink = self.sink.clone();
+        let mut events = blocking(move || {
+            let mut events = query::read_events(&sink, &snapshot.event_files, &experiment.id)?;
+            events.extend(snapshot.events);
+            Ok(events)
+        })
+        .await?;
+        if let Some(since) = since {
+            events.retain(|e| e.event.wallclock >= since);
+        }
+        events.sort_by_key(|e| e.event.wallclock);
+        let events = events
+            .into_iter()
+            .map(|e| {
+                let metadata = serde_json::from_str::<serde_json::Value>(&e.event.metadata_json)
+                    .ok()
+                    .and_then(|v| match v {
+                        serde_json::Value::Object(m) => Some(m),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                proto::Event {
+                    name: e.event.name,
+                    source: Some(proto::EventSource {
+                        name: e.event.source,
+                    }),
+                    wallclock_time: Some(timestamp(e.event.wallclock)),
+                    metadata: Some(proto::Metadata {
+                        metadata: metadata
+                            .into_iter()
+                            .map(|(k, v)| (k, json_to_value(v)))
+                            .collect(),
+                    }),
+                }
+            })
+            .collect();
+        Ok(Response::new(proto::ListEventsResponse { events }))
+    }
+
+    async fn create_model(
+        &self,
+        _: Request<proto::CreateModelRequest>,
+    ) -> Reply<proto::CreateModelResponse> {
+        unimplemented("CreateModel")
+    }
+
+    async fn list_models(
+        &self,
+        _: Request<proto::ListModelsRequest>,
+    ) -> Reply<proto::ListModelsResponse> {
+        unimplemented("ListModels")
+    }
+
+    async fn create_model_version(
+        &self,
+        _: Request<proto::CreateModelVersionRequest>,
+    ) -> Reply<proto::CreateModelVersionResponse> {
+        unimplemented("CreateModelVersion")
+    }
+
+    async fn list_model_versions(
+        &self,
+        _: Request<proto::ListModelVersionsRequest>,
+    ) -> Reply<proto::ListModelVersionsResponse> {
+        unimplemented("ListModelVersions")
+    }
+
+    async fn create_checkpoint(
+        &self,
+        _: Request<proto::CreateCheckpointRequest>,
+    ) -> Reply<proto::CreateCheckpointResponse> {
+        unimplemented("CreateCheckpoint")
+    }
+
+    async fn list_checkpoints(
+        &self,
+        _: Request<proto::ListCheckpointsRequest>,
+    ) -> Reply<proto::ListCheckpointsResponse> {
+        unimplemented("ListCheckpoints")
+    }
+
+    async fn get_checkpoint(
+        &self,
+        _: Request<proto::GetCheckpointRequest>,
+    ) -> Reply<proto::GetCheckpointResponse> {
+        unimplemented("GetCheckpoint")
+    }
+
+    async fn upload_file(
+        &self,
+        _: Request<Streaming<proto::UploadFileRequest>>,
+    ) -> Reply<proto::UploadFileResponse> {
+        unimplemented("UploadFile")
+    }
+
+    type DownloadFileStream = tokio_stream::Empty<Result<proto::DownloadFileResponse, Status>>;
+
+    async fn download_file(
+        &self,
+        _: Request<proto::DownloadFileRequest>,
+    ) -> Reply<Self::DownloadFileStream> {
+        unimplemented("DownloadFile")
+    }
+
+    async fn track_artifacts(
+        &self,
+        _: Request<proto::TrackArtifactsRequest>,
+    ) -> Reply<proto::TrackArtifactsResponse> {
+        unimplemented("TrackArtifacts")
+    }
+
+    async fn list_tracked_artifacts(
+        &self,
+        _: Request<proto::ListTrackedArtifactsRequest>,
+    ) -> Reply<proto::ListTrackedArtifactsResponse> {
+        unimplemented("ListTrackedArtifacts")
+    }
+
+    type WatchNamespaceStream = tokio_stream::Empty<Result<proto::WatchNamespaceResponse, Status>>;
+
+    async fn watch_namespace(
+        &self,
+        _: Request<proto::WatchNamespaceRequest>,
+    ) -> Reply<Self::WatchNamespaceStream> {
+        unimplemented("WatchNamespace")
+    }
+
+    async fn get_cluster_members(
+        &self,
+        _: Request<proto::GetClusterMembersRequest>,
+    ) -> Reply<proto::GetClusterMembersResponse> {
+        unimplemented("GetClusterMembers")
+    }
+}

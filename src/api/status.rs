@@ -1,0 +1,71 @@
+//! The one place where errors become gRPC statuses.
+
+use tonic::{Code, Status};
+
+use crate::index::IndexError;
+use crate::ingest::IngestError;
+use crate::query::QueryError;
+
+/// Why a request failed, as the API reports it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// The request is malformed; `field` names the offending field path.
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("{what} {id:?} not found")]
+    NotFound { what: &'static str, id: String },
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+impl ApiError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn experiment_not_found(id: &str) -> Self {
+        Self::NotFound {
+            what: "experiment",
+            id: id.to_owned(),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(err: ApiError) -> Self {
+        match err {
+            ApiError::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
+            ApiError::NotFound { .. } => Status::not_found(err.to_string()),
+            ApiError::Index(IndexError::ExperimentNotFound(id)) => {
+                Status::not_found(format!("experiment {id:?} not found"))
+            }
+            ApiError::Ingest(IngestError::Full { retry_after, .. }) => {
+                let mut status = Status::resource_exhausted(err.to_string());
+                // gRPC's retry pushback (proposal A6), honoured by grpc clients that retry.
+                if let Ok(v) = retry_after.as_millis().to_string().parse() {
+                    status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+                }
+                status
+            }
+            ApiError::Ingest(IngestError::TooLarge { .. }) => {
+                Status::resource_exhausted(err.to_string())
+            }
+            ApiError::Ingest(IngestError::ShuttingDown) => Status::unavailable(err.to_string()),
+            ApiError::Ingest(_) | ApiError::Index(_) | ApiError::Query(_) | ApiError::Task(_) => {
+                // Details go to the log, not to the client.
+                tracing::error!(error = %err, "request failed");
+                Status::new(Code::Internal, "internal error; see the mboxd log")
+            }
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! Request validation: every check a request must pass, producing the typed values
+//! the index and the writers accept. A request is accepted or rejected as a whole;
+//! errors name the field path.
+
+use crate::config::Limits;
+use crate::index::{Index, NewExperiment};
+use crate::model::{
+    DEFAULT_NAMESPACE, EventRecord, EventsBatch, ExperimentRef, MetricBlock, MetricsBatch, Micros,
+    SparseColumn,
+};
+use crate::paths::valid_namespace;
+use crate::proto;
+
+use super::convert::{micros, value_to_json};
+use super::status::ApiError;
+
+type Entries = Vec<(String, serde_json::Value)>;
+
+fn required(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.is_empty() {
+        return Err(ApiError::invalid(field, "required"));
+    }
+    Ok(())
+}
+
+fn bounded(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    if value.len() > max {
+        return Err(ApiError::invalid(
+            field,
+            format!("{} bytes, at most {max} allowed", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn name(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    required(field, value)?;
+    bounded(field, value, max)
+}
+
+/// The namespace to use: empty means [`DEFAULT_NAMESPACE`].
+pub fn namespace(field: &str, ns: String, limits: &Limits) -> Result<String, ApiError> {
+    if ns.is_empty() {
+        return Ok(DEFAULT_NAMESPACE.to_owned());
+    }
+    if !valid_namespace(&ns, limits.max_name_bytes) {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "{ns:?} is not a valid namespace: use 1 to {} ASCII letters, digits, '-', '_' or '.', not starting with '.'",
+                limits.max_name_bytes
+            ),
+        ));
+    }
+    Ok(ns)
+}
+
+/// A metadata map as JSON entries, within the size limits.
+pub fn metadata(
+    field: &str,
+    md: Option<proto::Metadata>,
+    limits: &Limits,
+) -> Result<Entries, ApiError> {
+    let Some(md) = md else { return Ok(Vec::new()) };
+    let mut entries = Vec::with_capacity(md.metadata.len());
+    let mut size = 0;
+    for (key, value) in md.metadata {
+        let sub = format!("{field}.{key}");
+        name(&format!("{field} key"), &key, limits.max_key_bytes)?;
+        let json = value_to_json(&sub, value)?;
+        size += key.len() + json.to_string().len();
+        entries.push((key, json));
+    }
+    if size > limits.max_metadata_bytes {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "{size} bytes of metadata, at most {} allowed",
+                limits.max_metadata_bytes
+            ),
+        ));
+    }
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(entries)
+}
+
+/// JSON text of a metadata map (an object), for event rows.
+pub fn metadata_json(
+    field: &str,
+    md: Option<proto::Metadata>,
+    limits: &Limits,
+) -> Result<String, ApiError> {
+    let entries = metadata(field, md, limits)?;
+    Ok(serde_json::Value::Object(entries.into_iter().collect()).to_string())
+}
+
+pub fn create_experiment(
+    req: proto::CreateExperimentRequest,
+    limits: &Limits,
+) -> Result<(NewExperiment, Entries), ApiError> {
+    name("name", &req.name, limits.max_name_bytes)?;
+    bounded("owner", &req.owner, limits.max_name_bytes)?;
+    bounded("external_id", &req.external_id, limits.max_name_bytes)?;
+    bounded("task", &req.task, limits.max_name_bytes)?;
+    if proto::MlFramework::try_from(req.framework).is_err() {
+        return Err(ApiError::invalid(
+            "framework",
+            format!("unknown MLFramework value {}", req.framework),
+        ));
+    }
+    let namespace = namespace("namespace", req.namespace, limits)?;
+    let md = metadata("metadata", req.metadata, limits)?;
+    Ok((
+        NewExperiment {
+            name: req.name,
+            namespace,
+            owner: req.owner,
+            framework: req.framework,
+            task: req.task,
+            external_id: req.external_id,
+        },
+        md,
+    ))
+}
+
+/// The experiment `id` names, or NOT_FOUND.
+pub fn experiment(field: &str, id: &str, index: &Index) -> Result<ExperimentRef, ApiError> {
+    required(field, id)?;
+    index
+        .experiment_ref(id)
+        .ok_or_else(|| ApiError::experiment_not_found(id))
+}
+
+pub fn log_metrics(
+    req: proto::LogMetricsRequest,
+    index: &Index,
+    limits: &Limits,
+    now: Micros,
+) -> Result<MetricsBatch, ApiError> {
+    let single = !req.parent_id.is_empty() || !req.key.is_empty() || req.value.is_some();
+    if single && !req.blocks.is_empty() {
+        return Err(ApiError::invalid(
+            "blocks",
+            "set either a single point (parent_id, key, value) or blocks, not both",
+        ));
+    }
+    if req.blocks.is_empty() {
+        return Ok(MetricsBatch::from_validated(
+            vec![single_point(req, index, limits)?],
+            now,
+        ));
+    }
+    let points: usize = req.blocks.iter().map(|b| b.steps.len()).sum();
+    if points > limits.max_points_per_request {
+        return Err(ApiError::invalid(
+            "blocks",
+            format!(
+                "{points} points, at most {} per request",
+                limits.max_points_per_request
+            ),
+        ));
+    }
+    let blocks = req
+        .blocks
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| block(&format!("blocks[{i}]"), b, index, limits))
+        .collect::<Result<_, _>>()?;
+    Ok(MetricsBatch::from_validated(blocks, now))
+}
+
+fn single_point(
+    req: proto::LogMetricsRequest,
+    index: &Index,
+    limits: &Limits,
+) -> Result<MetricBlock, ApiError> {
+    let experiment = experiment("parent_id", &req.parent_id, index)?;
+    name("key", &req.key, limits.max_key_bytes)?;
+    let value = req
+        .value
+        .ok_or_else(|| ApiError::invalid("value", "required"))?;
+    let mut block = MetricBlock {
+        experiment,
+        keys: vec![req.key],
+        key_index: vec![0],
+        steps: vec![value.step],
+        wallclocks: vec![value.wallclock_time],
+        values: vec![0.0],
+        strings: SparseColumn::default(),
+        bytes: SparseColumn::default(),
+    };
+    use proto::metrics_value::Value as V;
+    match value.value {
+        None => {
+            return Err(ApiError::invalid(
+                "value.value",
+                "no value set (f_val, d_val, s_tensor or b_tensor)",
+            ));
+        }
+        Some(V::FVal(f)) => block.values[0] = f64::from(f),
+        Some(V::DVal(d)) => block.values[0] = d,
+        Some(V::STensor(s)) => {
+            bounded("value.s_tensor", &s, limits.max_value_bytes)?;
+            block.strings = SparseColumn {
+                rows: vec![0],
+                values: vec![s],
+            };
+        }
+        Some(V::BTensor(b)) => {
+            if b.len() > limits.max_value_bytes {
+                return Err(ApiError::invalid(
+                    "value.b_tensor",
+                    format!(
+                        "{} bytes, at most {} allowed",
+                        b.len(),
+                        limits.max_value_bytes
+                    ),
+                ));
+            }
+            block.bytes = SparseColumn {
+                rows: vec![0],
+                values: vec![b],
+            };
+        }
+    }
+    Ok(block)
+}
+
+fn block(
+    field: &str,
+    b: proto::MetricsBlock,
+    index: &Index,
+    limits: &Limits,
+) -> Result<MetricBlock, ApiError> {
+    let experiment = experiment(&format!("{field}.parent_id"), &b.parent_id, index)?;
+    let n = b.steps.len();
+    if n == 0 {
+        return Err(ApiError::invalid(
+            format!("{field}.steps"),
+            "a block needs at least one point",
+        ));
+    }
+    for (column, len) in [
+        ("key_index", b.key_index.len()),
+        ("wallclock_times", b.wallclock_times.len()),
+        ("values", b.values.len()),
+    ] {
+        if len != n {
+            return Err(ApiError::invalid(
+                format!("{field}.{column}"),
+                format!("{len} entries, expected {n} (one per step)"),
+            ));
+        }
+    }
+    for (i, key) in b.keys.iter().enumerate() {
+        name(&format!("{field}.keys[{i}]"), key, limits.max_key_bytes)?;
+    }
+    let max_index = b.key_index.iter().copied().max().unwrap_or(0);
+    if max_index as usize >= b.keys.len() {
+        let at = b
+            .key_index
+            .iter()
+            .position(|&k| k == max_index)
+            .unwrap_or(0);
+        return Err(ApiError::invalid(
+            format!("{field}.key_index[{at}]"),
+            format!("{max_index} is out of range for {} keys", b.keys.len()),
+        ));
+    }
+    if b.string_rows.len() != b.string_values.len() {
+        return Err(ApiError::invalid(
+            format!("{field}.string_values"),
+            format!(
+                "{} values for {} string_rows",
+                b.string_values.len(),
+                b.string_rows.len()
+            ),
+        ));
+    }
+    if b.bytes_rows.len() != b.bytes_values.len() {
+        return Err(ApiError::invalid(
+            format!("{field}.bytes_values"),
+            format!(
+                "{} values for {} bytes_rows",
+                b.bytes_values.len(),
+                b.bytes_rows.len()
+            ),
+        ));
+    }
+    for (i, s) in b.string_values.iter().enumerate() {
+        bounded(
+            &format!("{field}.string_values[{i}]"),
+            s,
+            limits.max_value_bytes,
+        )?;
+    }
+    for (i, v) in b.bytes_values.iter().enumerate() {
+        if v.len() > limits.max_value_bytes {
+            return Err(ApiError::invalid(
+                format!("{field}.bytes_values[{i}]"),
+                format!(
+                    "{} bytes, at most {} allowed",
+                    v.len(),
+                    limits.max_value_bytes
+                ),
+            ));
+        }
+    }
+    if !b.string_rows.is_empty() || !b.bytes_rows.is_empty() {
+        let mut rows: Vec<(u32, &str, usize)> = b
+            .string_rows
+            .iter()
+            .enumerate()
+            .map(|(i, &r)| (r, "string_rows", i))
+            .chain(
+                b.bytes_rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &r)| (r, "bytes_rows", i)),
+            )
+            .collect();
+        if let Some(&(r, column, i)) = rows.iter().find(|(r, _, _)| *r as usize >= n) {
+            return Err(ApiError::invalid(
+                format!("{field}.{column}[{i}]"),
+                format!("row {r} is out of range for {n} points"),
+            ));
+        }
+        rows.sort_unstable();
+        if let Some(w) = rows.windows(2).find(|w| w[0].0 == w[1].0) {
+            let (r, column, i) = w[1];
+            return Err(ApiError::invalid(
+                format!("{field}.{column}[{i}]"),
+                format!("row {r} already has a string or bytes value"),
+            ));
+        }
+    }
+    Ok(MetricBlock {
+        experiment,
+        keys: b.keys,
+        key_index: b.key_index,
+        steps: b.steps,
+        wallclocks: b.wallclock_times,
+        values: b.values,
+        strings: SparseColumn {
+            rows: b.string_rows,
+            values: b.string_values,
+        },
+        bytes: SparseColumn {
+            rows: b.bytes_rows,
+            values: b.bytes_values,
+        },
+    })
+}
+
+pub fn log_event(
+    req: proto::LogEventRequest,
+    index: &Index,
+    limits: &Limits,
+    now: Micros,
+) -> Result<EventsBatch, ApiError> {
+    let experiment = experiment("parent_id", &req.parent_id, index)?;
+    let count = usize::from(req.event.is_some()) + req.events.len();
+    if count == 0 {
+        return Err(ApiError::invalid(
+            "event",
+            "required (or a non-empty events batch)",
+        ));
+    }
+    if count > limits.max_events_per_request {
+        return Err(ApiError::invalid(
+            "events",
+            format!(
+                "{count} events, at most {} per request",
+                limits.max_events_per_request
+            ),
+        ));
+    }
+    let single = req.event.map(|e| ("event".to_owned(), e));
+    let batch = req
+        .events
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| (format!("events[{i}]"), e));
+    let events = single
+        .into_iter()
+        .chain(batch)
+        .map(|(field, e)| event(&field, e, limits, now))
+        .collect::<Result<_, _>>()?;
+    Ok(EventsBatch::from_validated(experiment, events, now))
+}
+
+fn event(
+    field: &str,
+    e: proto::Event,
+    limits: &Limits,
+    now: Micros,
+) -> Result<EventRecord, ApiError> {
+    name(&format!("{field}.name"), &e.name, limits.max_key_bytes)?;
+    let source = e.source.map(|s| s.name).unwrap_or_default();
+    bounded(
+        &format!("{field}.source.name"),
+        &source,
+        limits.max_key_bytes,
+    )?;
+    let wallclock = match &e.wallclock_time {
+        Some(ts) => micros(&format!("{field}.wallclock_time"), ts)?,
+        None => now,
+    };
+    Ok(EventRecord {
+        name: e.name,
+        source,
+        wallclock,
+        metadata_json: metadata_json(&format!("{field}.metadata"), e.metadata, limits)?,
+    })
+}

@@ -1,0 +1,393 @@
+//! Configuration in two layers: [`FileConfig`] mirrors `config/mboxd.toml` (serde,
+//! unknown keys rejected) and is overridden by CLI flags and `MBOXD_*` environment
+//! variables; [`Config`] is the typed domain configuration the rest of the daemon uses.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Errors reading or checking configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid setting {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// When acknowledgements are sent, relative to making a batch durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// Acknowledge once the batch is in the bounded in-memory queue. Survives a
+    /// graceful shutdown (the queues are drained), not a crash. The fastest mode.
+    Memory,
+}
+
+/// What a request does when the memory budget or a queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Wait up to the given time for room, then answer RESOURCE_EXHAUSTED.
+    Wait(Duration),
+    /// Answer RESOURCE_EXHAUSTED at once.
+    Reject,
+}
+
+/// Validation limits applied to every request.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest accepted gRPC message, in bytes.
+    pub max_message_bytes: usize,
+    /// Most metric points in one LogMetrics request.
+    pub max_points_per_request: usize,
+    /// Most events in one LogEvent request.
+    pub max_events_per_request: usize,
+    /// Longest metric key, metadata key, event name or source name, in bytes.
+    pub max_key_bytes: usize,
+    /// Largest string or bytes metric value, in bytes.
+    pub max_value_bytes: usize,
+    /// Largest metadata map (as JSON) on one request or event, in bytes.
+    pub max_metadata_bytes: usize,
+    /// Longest experiment name, owner, namespace or external id, in bytes.
+    pub max_name_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 << 20,
+            max_points_per_request: 1_000_000,
+            max_events_per_request: 10_000,
+            max_key_bytes: 256,
+            max_value_bytes: 1 << 20,
+            max_metadata_bytes: 256 << 10,
+            max_name_bytes: 256,
+        }
+    }
+}
+
+/// When a partition's buffer becomes a Parquet file.
+#[derive(Debug, Clone)]
+pub struct RollPolicy {
+    /// Roll when a partition holds this many rows.
+    pub max_rows: usize,
+    /// Roll when a partition's buffer holds about this many bytes.
+    pub max_bytes: usize,
+    /// Roll when a partition's oldest row is this old.
+    pub max_age: Duration,
+    /// Rows per Parquet row group.
+    pub row_group_rows: usize,
+    /// zstd level for Parquet pages.
+    pub zstd_level: i32,
+}
+
+impl Default for RollPolicy {
+    fn default() -> Self {
+        Self {
+            max_rows: 4_000_000,
+            max_bytes: 128 << 20,
+            max_age: Duration::from_secs(5),
+            row_group_rows: 256 * 1024,
+            zstd_level: 1,
+        }
+    }
+}
+
+/// The daemon's typed configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Folder for the index, the daemon id and (for now) the Parquet tables.
+    pub data_dir: PathBuf,
+    /// Name unique to this daemon, part of every file name. `None`: the host name
+    /// plus a random suffix, generated once and kept in the data folder.
+    pub daemon_id: Option<String>,
+    /// Acknowledgement policy.
+    pub durability: Durability,
+    /// Upper bound on bytes held in queues and writer buffers.
+    pub max_buffered_bytes: usize,
+    /// Capacity, in batches, of each writer's queue.
+    pub queue_batches: usize,
+    /// Policy when the budget or a queue is full.
+    pub when_full: WhenFull,
+    /// Number of writer threads (experiments are sharded across them).
+    pub writer_threads: usize,
+    /// Roll policy for metric and event files.
+    pub roll: RollPolicy,
+    /// Request limits.
+    pub limits: Limits,
+    /// How long a graceful shutdown may take before it is forced.
+    pub shutdown_timeout: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8085)),
+            data_dir: PathBuf::from("./mbox-data"),
+            daemon_id: None,
+            durability: Durability::Memory,
+            max_buffered_bytes: 1 << 30,
+            queue_batches: 1024,
+            when_full: WhenFull::Wait(Duration::from_millis(500)),
+            writer_threads: 1,
+            roll: RollPolicy::default(),
+            limits: Limits::default(),
+            shutdown_timeout: Duration::from_secs(30),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl Config {
+    /// A configuration for tests: everything under `data_dir`, a loopback port chosen
+    /// by the caller's listener, and quick rolls.
+    pub fn test_config(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.into(),
+            daemon_id: Some("test-daemon".to_owned()),
+            roll: RollPolicy {
+                max_age: Duration::from_millis(300),
+                ..RollPolicy::default()
+            },
+            ..Self::default()
+        }
+    }
+
+    /// Loads `path` (if given) over the defaults.
+    pub fn from_file(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut config = Self::default();
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let file: FileConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
+            file.apply(&mut config)?;
+        }
+        Ok(config)
+    }
+
+    /// Checks settings that depend on each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.writer_threads == 0 {
+            return invalid("ingest.writer_threads", "must be at least 1");
+        }
+        if self.queue_batches == 0 {
+            return invalid("ingest.queue_batches", "must be at least 1");
+        }
+        if self.roll.max_rows == 0 || self.roll.row_group_rows == 0 {
+            return invalid("writer.max_rows", "row counts must be at least 1");
+        }
+        if !(1..=22).contains(&self.roll.zstd_level) {
+            return invalid("writer.zstd_level", "must be between 1 and 22");
+        }
+        if self.max_buffered_bytes < self.limits.max_message_bytes {
+            return invalid(
+                "ingest.max_buffered_bytes",
+                "must be at least limits.max_message_bytes, or a maximal request could never be accepted",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `config/mboxd.toml` as written; every field optional, unknown keys rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    server: ServerSection,
+    #[serde(default)]
+    ingest: IngestSection,
+    #[serde(default)]
+    writer: WriterSection,
+    #[serde(default)]
+    limits: LimitsSection,
+    #[serde(default)]
+    log: LogSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerSection {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    daemon_id: Option<String>,
+    shutdown_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IngestSection {
+    durability: Option<Durability>,
+    max_buffered_bytes: Option<usize>,
+    queue_batches: Option<usize>,
+    when_full: Option<WhenFullName>,
+    full_wait_ms: Option<u64>,
+    writer_threads: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum WhenFullName {
+    Wait,
+    Reject,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WriterSection {
+    max_rows: Option<usize>,
+    max_bytes: Option<usize>,
+    max_age_ms: Option<u64>,
+    row_group_rows: Option<usize>,
+    zstd_level: Option<i32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsSection {
+    max_message_bytes: Option<usize>,
+    max_points_per_request: Option<usize>,
+    max_events_per_request: Option<usize>,
+    max_key_bytes: Option<usize>,
+    max_value_bytes: Option<usize>,
+    max_metadata_bytes: Option<usize>,
+    max_name_bytes: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogSection {
+    format: Option<LogFormat>,
+}
+
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(value) = value {
+        *slot = value;
+    }
+}
+
+impl FileConfig {
+    fn apply(self, c: &mut Config) -> Result<(), ConfigError> {
+        set(&mut c.listen, self.server.listen);
+        set(&mut c.data_dir, self.server.data_dir);
+        if self.server.daemon_id.is_some() {
+            c.daemon_id = self.server.daemon_id;
+        }
+        set(
+            &mut c.shutdown_timeout,
+            self.server.shutdown_timeout_ms.map(Duration::from_millis),
+        );
+        set(&mut c.durability, self.ingest.durability);
+        set(&mut c.max_buffered_bytes, self.ingest.max_buffered_bytes);
+        set(&mut c.queue_batches, self.ingest.queue_batches);
+        set(&mut c.writer_threads, self.ingest.writer_threads);
+        let wait = match c.when_full {
+            WhenFull::Wait(d) => d,
+            WhenFull::Reject => Duration::from_millis(500),
+        };
+        let wait = self.ingest.full_wait_ms.map_or(wait, Duration::from_millis);
+        c.when_full = match self.ingest.when_full {
+            Some(WhenFullName::Reject) => WhenFull::Reject,
+            Some(WhenFullName::Wait) | None => WhenFull::Wait(wait),
+        };
+        let w = self.writer;
+        set(&mut c.roll.max_rows, w.max_rows);
+        set(&mut c.roll.max_bytes, w.max_bytes);
+        set(&mut c.roll.max_age, w.max_age_ms.map(Duration::from_millis));
+        set(&mut c.roll.row_group_rows, w.row_group_rows);
+        set(&mut c.roll.zstd_level, w.zstd_level);
+        let l = self.limits;
+        set(&mut c.limits.max_message_bytes, l.max_message_bytes);
+        set(
+            &mut c.limits.max_points_per_request,
+            l.max_points_per_request,
+        );
+        set(
+            &mut c.limits.max_events_per_request,
+            l.max_events_per_request,
+        );
+        set(&mut c.limits.max_key_bytes, l.max_key_bytes);
+        set(&mut c.limits.max_value_bytes, l.max_value_bytes);
+        set(&mut c.limits.max_metadata_bytes, l.max_metadata_bytes);
+        set(&mut c.limits.max_name_bytes, l.max_name_bytes);
+        set(&mut c.log_format, self.log.format);
+        c.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_example_config_parses_and_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mboxd.toml");
+        let loaded = Config::from_file(Some(&path)).expect("shipped config must load");
+        let default = Config::default();
+        // The shipped file documents the defaults, so loading it changes nothing.
+        assert_eq!(format!("{loaded:?}"), format!("{default:?}"));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = toml::from_str::<FileConfig>("[writer]\nmax_rowz = 3\n").unwrap_err();
+        assert!(err.to_string().contains("max_rowz"), "{err}");
+    }
+
+    #[test]
+    fn overrides_apply_and_are_checked() {
+        let file: FileConfig =
+            toml::from_str("[ingest]\nwhen_full = \"reject\"\nwriter_threads = 3\n").unwrap();
+        let mut c = Config::default();
+        file.apply(&mut c).unwrap();
+        assert_eq!(c.when_full, WhenFull::Reject);
+        assert_eq!(c.writer_threads, 3);
+
+        let file: FileConfig = toml::from_str("[ingest]\nwriter_threads = 0\n").unwrap();
+        let err = file.apply(&mut Config::default()).unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::Invalid {
+                key: "ingest.writer_threads",
+                ..
+            }
+        ));
+    }
+}

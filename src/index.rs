@@ -1,0 +1,390 @@
+//! The embedded index (redb): experiments, metadata, and the manifest of published
+//! files. Small and transactional; the metric and event firehose never touches it.
+//!
+//! Tables:
+//! - `experiments`: id → [`ExperimentRecord`] (JSON)
+//! - `experiments_by_namespace`: (namespace, id) → ()
+//! - `metadata`: (parent id, key) → [`MetadataEntry`] (JSON)
+//! - `files`: object key → [`FileEntry`] (JSON); keys start with the partition
+//!   folder, so a prefix scan lists one table's files for one namespace.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ExperimentRecord, ExperimentRef, Micros, experiment_id, now_micros};
+use crate::paths::{ObjectKey, Table};
+
+const EXPERIMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("experiments");
+const EXPERIMENTS_BY_NS: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("experiments_by_namespace");
+const METADATA: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("metadata");
+const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
+
+/// Errors from the index.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IndexError {
+    #[error("index storage: {0}")]
+    Storage(#[from] Box<redb::Error>),
+    #[error("index record {what} is corrupt: {source}")]
+    Corrupt {
+        what: String,
+        source: serde_json::Error,
+    },
+    #[error("experiment {0} not found")]
+    ExperimentNotFound(String),
+}
+
+fn storage<E: Into<redb::Error>>(e: E) -> IndexError {
+    IndexError::Storage(Box::new(e.into()))
+}
+
+/// One stored metadata value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetadataEntry {
+    pub value: serde_json::Value,
+    pub updated_at: Micros,
+}
+
+/// A published Parquet file, as recorded in the manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub key: String,
+    pub rows: u64,
+    pub bytes: u64,
+    /// Smallest and largest experiment id in the file, for pruning reads.
+    pub min_experiment: String,
+    pub max_experiment: String,
+    pub created_at: Micros,
+}
+
+impl FileEntry {
+    pub fn object_key(&self) -> ObjectKey {
+        ObjectKey::from_manifest(self.key.clone())
+    }
+
+    /// Whether the file may hold rows of `experiment_id`.
+    pub fn may_contain(&self, experiment_id: &str) -> bool {
+        self.min_experiment.as_str() <= experiment_id
+            && experiment_id <= self.max_experiment.as_str()
+    }
+}
+
+/// Fields of a CreateExperiment request, validated.
+#[derive(Debug, Clone)]
+pub struct NewExperiment {
+    pub name: String,
+    pub namespace: String,
+    pub owner: String,
+    pub framework: i32,
+    pub task: String,
+    pub external_id: String,
+}
+
+/// The embedded index. Cheap to share behind an `Arc`; every method is blocking
+/// (call it from a blocking thread when on the async runtime).
+#[derive(Debug)]
+pub struct Index {
+    db: Database,
+    /// Experiments by id, for the per-request existence check on the hot path.
+    known: RwLock<HashMap<String, ExperimentRef>>,
+}
+
+impl Index {
+    /// Opens (or creates) the index at `path` and loads the experiment cache.
+    pub fn open(path: &Path) -> Result<Self, IndexError> {
+        let db = Database::create(path).map_err(storage)?;
+        let txn = db.begin_write().map_err(storage)?;
+        {
+            // Create every table so read transactions never meet a missing one.
+            txn.open_table(EXPERIMENTS).map_err(storage)?;
+            txn.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
+            txn.open_table(METADATA).map_err(storage)?;
+            txn.open_table(FILES).map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+
+        let mut known = HashMap::new();
+        let read = db.begin_read().map_err(storage)?;
+        let table = read.open_table(EXPERIMENTS).map_err(storage)?;
+        for row in table.iter().map_err(storage)? {
+            let (id, value) = row.map_err(storage)?;
+            let record: ExperimentRecord = decode(id.value(), value.value())?;
+            known.insert(record.id.clone(), experiment_ref(&record));
+        }
+        Ok(Self {
+            db,
+            known: RwLock::new(known),
+        })
+    }
+
+    /// The write path's view of an experiment, from memory.
+    pub fn experiment_ref(&self, id: &str) -> Option<ExperimentRef> {
+        let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+        known.get(id).cloned()
+    }
+
+    /// Creates the experiment unless it exists; writes `metadata` either way.
+    /// Returns the record and whether it already existed.
+    pub fn create_experiment(
+        &self,
+        new: NewExperiment,
+        metadata: &[(String, serde_json::Value)],
+    ) -> Result<(ExperimentRecord, bool), IndexError> {
+        let id = experiment_id(&new.namespace, &new.name, &new.owner, &new.external_id);
+        let now = now_micros();
+        let txn = self.db.begin_write().map_err(storage)?;
+        let (record, existed) = {
+            let mut experiments = txn.open_table(EXPERIMENTS).map_err(storage)?;
+            let existing = match experiments.get(id.as_str()).map_err(storage)? {
+                Some(v) => Some(decode::<ExperimentRecord>(&id, v.value())?),
+                None => None,
+            };
+            match existing {
+                Some(mut record) => {
+                    if !metadata.is_empty() {
+                        record.updated_at = now;
+                        experiments
+                            .insert(id.as_str(), encode(&record).as_slice())
+                            .map_err(storage)?;
+                    }
+                    (record, true)
+                }
+                None => {
+                    let record = ExperimentRecord {
+                        id: id.clone(),
+                        name: new.name,
+                        namespace: new.namespace,
+                        owner: new.owner,
+                        framework: new.framework,
+                        task: new.task,
+                        external_id: new.external_id,
+                        created_at: now,
+                        updated_at: now,
+                    };
+                    experiments
+                        .insert(id.as_str(), encode(&record).as_slice())
+                        .map_err(storage)?;
+                    txn.open_table(EXPERIMENTS_BY_NS)
+                        .map_err(storage)?
+                        .insert((record.namespace.as_str(), id.as_str()), ())
+                        .map_err(storage)?;
+                    (record, false)
+                }
+            }
+        };
+        write_metadata(&txn, &id, metadata, now)?;
+        txn.commit().map_err(storage)?;
+        if !existed {
+            let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+            known.insert(id, experiment_ref(&record));
+        }
+        Ok((record, existed))
+    }
+
+    pub fn get_experiment(&self, id: &str) -> Result<Option<ExperimentRecord>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let table = read.open_table(EXPERIMENTS).map_err(storage)?;
+        match table.get(id).map_err(storage)? {
+            Some(v) => Ok(Some(decode(id, v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Experiments of a namespace, ordered by id.
+    pub fn list_experiments(&self, namespace: &str) -> Result<Vec<ExperimentRecord>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let by_ns = read.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
+        let experiments = read.open_table(EXPERIMENTS).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in by_ns.range((namespace, "")..).map_err(storage)? {
+            let (key, _) = row.map_err(storage)?;
+            let (ns, id) = key.value();
+            if ns != namespace {
+                break;
+            }
+            if let Some(v) = experiments.get(id).map_err(storage)? {
+                out.push(decode(id, v.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Merges `entries` into the metadata of `parent_id`, which must be an
+    /// experiment. Returns the update time.
+    pub fn update_metadata(
+        &self,
+        parent_id: &str,
+        entries: &[(String, serde_json::Value)],
+    ) -> Result<Micros, IndexError> {
+        let now = now_micros();
+        let txn = self.db.begin_write().map_err(storage)?;
+        {
+            let mut experiments = txn.open_table(EXPERIMENTS).map_err(storage)?;
+            let mut record: ExperimentRecord = match experiments.get(parent_id).map_err(storage)? {
+                Some(v) => decode(parent_id, v.value())?,
+                None => return Err(IndexError::ExperimentNotFound(parent_id.to_owned())),
+            };
+            record.updated_at = now;
+            experiments
+                .insert(parent_id, encode(&record).as_slice())
+                .map_err(storage)?;
+        }
+        write_metadata(&txn, parent_id, entries, now)?;
+        txn.commit().map_err(storage)?;
+        Ok(now)
+    }
+
+    /// All metadata of `parent_id`, ordered by key.
+    pub fn list_metadata(
+        &self,
+        parent_id: &str,
+    ) -> Result<Vec<(String, MetadataEntry)>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let table = read.open_table(METADATA).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in table.range((parent_id, "")..).map_err(storage)? {
+            let (key, value) = row.map_err(storage)?;
+            let (parent, k) = key.value();
+            if parent != parent_id {
+                break;
+            }
+            out.push((k.to_owned(), decode(k, value.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Records a published file in the manifest (durably).
+    pub fn record_file(&self, entry: &FileEntry) -> Result<(), IndexError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        txn.open_table(FILES)
+            .map_err(storage)?
+            .insert(entry.key.as_str(), encode(entry).as_slice())
+            .map_err(storage)?;
+        txn.commit().map_err(storage)
+    }
+
+    /// Published files of one table and namespace.
+    pub fn files(&self, table: Table, namespace: &str) -> Result<Vec<FileEntry>, IndexError> {
+        let prefix = format!("{}/namespace={}/", table.dir_name(), namespace);
+        let read = self.db.begin_read().map_err(storage)?;
+        let files = read.open_table(FILES).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in files.range(prefix.as_str()..).map_err(storage)? {
+            let (key, value) = row.map_err(storage)?;
+            if !key.value().starts_with(&prefix) {
+                break;
+            }
+            out.push(decode(key.value(), value.value())?);
+        }
+        Ok(out)
+    }
+}
+
+fn write_metadata(
+    txn: &redb::WriteTransaction,
+    parent_id: &str,
+    entries: &[(String, serde_json::Value)],
+    now: Micros,
+) -> Result<(), IndexError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut table = txn.open_table(METADATA).map_err(storage)?;
+    for (key, value) in entries {
+        let entry = MetadataEntry {
+            value: value.clone(),
+            updated_at: now,
+        };
+        table
+            .insert((parent_id, key.as_str()), encode(&entry).as_slice())
+            .map_err(storage)?;
+    }
+    Ok(())
+}
+
+fn experiment_ref(record: &ExperimentRecord) -> ExperimentRef {
+    ExperimentRef {
+        id: Arc::from(record.id.as_str()),
+        namespace: Arc::from(record.namespace.as_str()),
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing these plain structs (strings, numbers, JSON values) cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, IndexError> {
+    serde_json::from_slice(bytes).map_err(|source| IndexError::Corrupt {
+        what: what.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn new_exp(name: &str) -> NewExperiment {
+        NewExperiment {
+            name: name.into(),
+            namespace: "cv".into(),
+            owner: "o".into(),
+            framework: 1,
+            task: String::new(),
+            external_id: String::new(),
+        }
+    }
+
+    #[test]
+    fn experiments_metadata_and_files_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        let id;
+        {
+            let index = Index::open(&path).unwrap();
+            let (rec, existed) = index
+                .create_experiment(new_exp("a"), &[("lr".into(), json!(0.1))])
+                .unwrap();
+            assert!(!existed);
+            id = rec.id.clone();
+            let (again, existed) = index.create_experiment(new_exp("a"), &[]).unwrap();
+            assert!(existed);
+            assert_eq!(again.id, id);
+            index
+                .update_metadata(&id, &[("opt".into(), json!({"name": "adam"}))])
+                .unwrap();
+            index
+                .record_file(&FileEntry {
+                    key: "metrics/namespace=cv/date=2026-01-01/x.parquet".into(),
+                    rows: 3,
+                    bytes: 10,
+                    min_experiment: id.clone(),
+                    max_experiment: id.clone(),
+                    created_at: 1,
+                })
+                .unwrap();
+        }
+        let index = Index::open(&path).unwrap();
+        assert!(index.experiment_ref(&id).is_some());
+        let md = index.list_metadata(&id).unwrap();
+        let keys: Vec<_> = md.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["lr", "opt"]);
+        assert_eq!(md[1].1.value, json!({"name": "adam"}));
+        assert_eq!(index.list_experiments("cv").unwrap().len(), 1);
+        assert!(index.list_experiments("c").unwrap().is_empty());
+        assert_eq!(index.files(Table::Metrics, "cv").unwrap().len(), 1);
+        assert!(index.files(Table::Metrics, "c").unwrap().is_empty());
+        assert!(index.files(Table::Events, "cv").unwrap().is_empty());
+        assert!(matches!(
+            index.update_metadata("nope", &[]),
+            Err(IndexError::ExperimentNotFound(_))
+        ));
+    }
+}

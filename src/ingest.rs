@@ -1,0 +1,395 @@
+//! The ingest handle: the one door from the API into the write path.
+//!
+//! A request's batch first reserves room in the [`MemoryBudget`] (bytes held in
+//! queues and writer buffers), then is made durable as the [`Durability`] mode asks,
+//! then goes onto its writer's bounded queue. The reservation travels with the batch
+//! and is released when the writer has published its rows, so memory stays bounded
+//! whatever clients do. When the budget or a queue is full, [`WhenFull`] decides:
+//! wait a little, then [`IngestError::Full`] (RESOURCE_EXHAUSTED at the edge).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+
+use crate::config::{Durability, WhenFull};
+use crate::index::{FileEntry, IndexError};
+use crate::model::{EventPoint, EventsBatch, ExperimentRef, MetricPoint, MetricsBatch};
+
+/// Errors submitting to the write path.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IngestError {
+    /// The memory budget or a queue stayed full for the whole wait.
+    #[error("ingest buffers are full ({what}); retry after {retry_after:?}")]
+    Full {
+        what: &'static str,
+        retry_after: Duration,
+    },
+    /// The batch alone is larger than the whole memory budget.
+    #[error("batch of {bytes} bytes exceeds the ingest memory budget of {limit} bytes")]
+    TooLarge { bytes: usize, limit: usize },
+    /// The daemon is shutting down and takes no more data.
+    #[error("mboxd is shutting down")]
+    ShuttingDown,
+    /// A writer thread stopped (it logged why).
+    #[error("writer {0} has stopped")]
+    WriterGone(usize),
+    /// Reading the file manifest for a snapshot failed.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+}
+
+/// A byte budget shared by everything a batch passes through before publication.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    used: AtomicUsize,
+    limit: usize,
+    released: Notify,
+}
+
+impl MemoryBudget {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            limit,
+            released: Notify::new(),
+        })
+    }
+
+    /// Bytes currently reserved.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    fn try_reserve(self: &Arc<Self>, bytes: usize) -> Option<Reservation> {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            // An empty budget always admits one batch, so a batch up to the limit
+            // can always make progress.
+            if used != 0 && used + bytes > self.limit {
+                return None;
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + bytes,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    return Some(Reservation {
+                        budget: Arc::clone(self),
+                        bytes,
+                    });
+                }
+                Err(actual) => used = actual,
+            }
+        }
+    }
+}
+
+/// Bytes reserved in a [`MemoryBudget`]; released when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    budget: Arc<MemoryBudget>,
+    bytes: usize,
+}
+
+impl Reservation {
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.budget.released.notify_waiters();
+    }
+}
+
+/// What a writer holds for one experiment that is not yet in a published file,
+/// with the published files that may hold its other rows, taken at one instant.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub metrics: Vec<MetricPoint>,
+    pub events: Vec<EventPoint>,
+    pub metric_files: Vec<FileEntry>,
+    pub event_files: Vec<FileEntry>,
+}
+
+/// Messages to a writer thread.
+#[derive(Debug)]
+pub enum Command {
+    Metrics(MetricsBatch, Reservation),
+    Events(EventsBatch, Reservation),
+    /// Answer with a [`Snapshot`] of one experiment.
+    Snapshot(ExperimentRef, oneshot::Sender<Result<Snapshot, IndexError>>),
+    /// Publish every buffered row, then answer.
+    Flush(oneshot::Sender<()>),
+    /// Publish every buffered row and stop.
+    Shutdown,
+}
+
+/// The API's handle on the write path. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Ingest {
+    shards: Vec<Sender<Command>>,
+    budget: Arc<MemoryBudget>,
+    when_full: WhenFull,
+    durability: Durability,
+    closed: AtomicBool,
+}
+
+/// How long a client is told to wait before retrying after [`IngestError::Full`].
+const RETRY_AFTER: Duration = Duration::from_millis(200);
+
+impl Ingest {
+    /// Creates the handle and one bounded queue per writer; the receivers go to the
+    /// writer threads.
+    pub fn new(
+        writers: usize,
+        queue_batches: usize,
+        budget: Arc<MemoryBudget>,
+        when_full: WhenFull,
+        durability: Durability,
+    ) -> (Self, Vec<Receiver<Command>>) {
+        let (shards, receivers) = (0..writers.max(1))
+            .map(|_| crossbeam_channel::bounded(queue_batches))
+            .unzip();
+        let ingest = Self {
+            shards,
+            budget,
+            when_full,
+            durability,
+            closed: AtomicBool::new(false),
+        };
+        (ingest, receivers)
+    }
+
+    pub fn budget(&self) -> &Arc<MemoryBudget> {
+        &self.budget
+    }
+
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// The writer that owns an experiment's rows.
+    fn shard_of(&self, experiment_id: &str) -> usize {
+        if self.shards.len() == 1 {
+            return 0;
+        }
+        // FNV-1a: stable and cheap; ids are already uniform hex.
+        let hash = experiment_id
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        (hash % self.shards.len() as u64) as usize
+    }
+
+    /// Submits a metrics batch; returns the number of points once they are accepted
+    /// under the durability mode.
+    pub async fn submit_metrics(&self, batch: MetricsBatch) -> Result<usize, IngestError> {
+        let points = batch.points();
+        if self.shards.len() == 1 {
+            let reservation = self.reserve(batch.approx_bytes()).await?;
+            self.send(0, Command::Metrics(batch, reservation)).await?;
+            return Ok(points);
+        }
+        // Split the blocks by owning writer; each part is one whole batch for it.
+        let ingested_at = batch.ingested_at();
+        let mut parts: Vec<Vec<_>> = (0..self.shards.len()).map(|_| Vec::new()).collect();
+        for block in batch.into_blocks() {
+            parts[self.shard_of(&block.experiment.id)].push(block);
+        }
+        let parts: Vec<_> = parts
+            .into_iter()
+            .enumerate()
+            .filter(|(_, blocks)| !blocks.is_empty())
+            .map(|(shard, blocks)| (shard, MetricsBatch::from_validated(blocks, ingested_at)))
+            .collect();
+        // Reserve for all parts before sending any, so the batch is all-or-nothing.
+        let total = parts.iter().map(|(_, b)| b.approx_bytes()).sum();
+        let mut reservation = Some(self.reserve(total).await?);
+        let last = parts.len().saturating_sub(1);
+        for (i, (shard, part)) in parts.into_iter().enumerate() {
+            let r = if i == last {
+                reservation.take()
+            } else {
+                reservation.as_mut().map(|r| r.split(part.approx_bytes()))
+            };
+            let Some(r) = r else { break };
+            self.send(shard, Command::Metrics(part, r)).await?;
+        }
+        Ok(points)
+    }
+
+    /// Submits an events batch; returns the number of events accepted.
+    pub async fn submit_events(&self, batch: EventsBatch) -> Result<usize, IngestError> {
+        let n = batch.events().len();
+        let shard = self.shard_of(&batch.experiment().id);
+        let reservation = self.reserve(batch.approx_bytes()).await?;
+        self.send(shard, Command::Events(batch, reservation))
+            .await?;
+        Ok(n)
+    }
+
+    /// Everything not yet published for one experiment, plus its published files.
+    /// Every batch acknowledged before this call is included.
+    pub async fn snapshot(&self, experiment: &ExperimentRef) -> Result<Snapshot, IngestError> {
+        let shard = self.shard_of(&experiment.id);
+        let (tx, rx) = oneshot::channel();
+        self.send_control(shard, Command::Snapshot(experiment.clone(), tx))
+            .await?;
+        Ok(rx.await.map_err(|_| IngestError::WriterGone(shard))??)
+    }
+
+    /// Publishes every buffered row of every writer.
+    pub async fn flush(&self) -> Result<(), IngestError> {
+        for shard in 0..self.shards.len() {
+            let (tx, rx) = oneshot::channel();
+            self.send_control(shard, Command::Flush(tx)).await?;
+            rx.await.map_err(|_| IngestError::WriterGone(shard))?;
+        }
+        Ok(())
+    }
+
+    /// Refuses new data from now on and tells every writer to publish and stop.
+    /// Batches already queued are written first (queues are FIFO).
+    pub fn shutdown(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        for shard in &self.shards {
+            // A full queue drains on its own; block until the stop is queued.
+            let _ = shard.send(Command::Shutdown);
+        }
+    }
+
+    async fn reserve(&self, bytes: usize) -> Result<Reservation, IngestError> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(IngestError::ShuttingDown);
+        }
+        if bytes > self.budget.limit {
+            return Err(IngestError::TooLarge {
+                bytes,
+                limit: self.budget.limit,
+            });
+        }
+        let deadline = match self.when_full {
+            WhenFull::Wait(wait) => Instant::now() + wait,
+            WhenFull::Reject => Instant::now(),
+        };
+        loop {
+            let released = self.budget.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if let Some(r) = self.budget.try_reserve(bytes) {
+                return Ok(r);
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return Err(IngestError::Full {
+                    what: "memory budget",
+                    retry_after: RETRY_AFTER,
+                });
+            }
+        }
+    }
+
+    async fn send(&self, shard: usize, command: Command) -> Result<(), IngestError> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(IngestError::ShuttingDown);
+        }
+        self.send_control(shard, command).await
+    }
+
+    async fn send_control(&self, shard: usize, mut command: Command) -> Result<(), IngestError> {
+        let deadline = match self.when_full {
+            WhenFull::Wait(wait) => Instant::now() + wait,
+            WhenFull::Reject => Instant::now(),
+        };
+        loop {
+            match self.shards[shard].try_send(command) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Disconnected(_)) => return Err(IngestError::WriterGone(shard)),
+                Err(TrySendError::Full(back)) => {
+                    if Instant::now() >= deadline {
+                        return Err(IngestError::Full {
+                            what: "writer queue",
+                            retry_after: RETRY_AFTER,
+                        });
+                    }
+                    command = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Reservation {
+    /// Moves `bytes` (at most all) of this reservation into a new one.
+    fn split(&mut self, bytes: usize) -> Reservation {
+        let bytes = bytes.min(self.bytes);
+        self.bytes -= bytes;
+        Reservation {
+            budget: Arc::clone(&self.budget),
+            bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservations_release_on_drop_and_respect_the_limit() {
+        let budget = MemoryBudget::new(100);
+        let a = budget.try_reserve(60).unwrap();
+        assert!(budget.try_reserve(50).is_none());
+        let b = budget.try_reserve(40).unwrap();
+        assert_eq!(budget.used(), 100);
+        drop(a);
+        assert_eq!(budget.used(), 40);
+        drop(b);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn full_budget_waits_then_reports_full() {
+        let budget = MemoryBudget::new(100);
+        let (ingest, _rx) = Ingest::new(
+            1,
+            4,
+            Arc::clone(&budget),
+            WhenFull::Wait(Duration::from_millis(30)),
+            Durability::Memory,
+        );
+        let held = ingest.reserve(80).await.unwrap();
+        let err = ingest.reserve(30).await.unwrap_err();
+        assert!(matches!(err, IngestError::Full { .. }), "{err}");
+        // Released while waiting: the waiter gets in.
+        let waiter = async { ingest.reserve(30).await.map(|r| r.bytes()) };
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            drop(held);
+        };
+        let (got, ()) = tokio::join!(waiter, release);
+        assert_eq!(got.unwrap(), 30);
+        assert!(matches!(
+            ingest.reserve(101).await,
+            Err(IngestError::TooLarge {
+                bytes: 101,
+                limit: 100
+            })
+        ));
+    }
+}

@@ -1,0 +1,57 @@
+//! mboxd: a high-throughput ingest daemon for ML experiment tracking.
+//!
+//! Training jobs send experiments, metadata, metrics and events over the ModelBox
+//! gRPC protocol (plus mboxd's columnar batch extension). mboxd validates each
+//! request into a typed batch, queues it on a bounded channel, and writer threads turn
+//! whole batches into sorted, partitioned Parquet files that DuckDB and Spark read
+//! directly.
+//!
+//! ```text
+//! client ─gRPC─▶ api ──validate──▶ ingest (byte budget, bounded queues) ──▶ writer threads
+//!                 │                                                          │ roll by rows/bytes/age
+//!                 ▼                                                          ▼
+//!               index (experiments, metadata, file manifest)   ◀──  sink (atomic publish)
+//!                 ▲
+//!               query (GetMetrics/ListEvents: published Parquet + writer buffers)
+//! ```
+//!
+//! Modules, each owning one stage:
+//! - [`config`]: typed configuration, defaults, file + env + flag loading.
+//! - [`model`]: the validated domain types that flow between stages.
+//! - [`api`]: the tonic service, request validation, proto ⇄ model conversion,
+//!   and the single mapping of errors to gRPC status codes.
+//! - [`index`]: the embedded key-value index (redb): experiments, metadata, and the
+//!   manifest of published files.
+//! - [`ingest`]: the handle the API pushes batches through: memory budget,
+//!   backpressure policy, durability mode, and sharding across writer threads.
+//! - [`writer`]: writer threads with per-partition columnar buffers, the roll policy,
+//!   and Parquet encoding.
+//! - [`paths`]: the storage layout (the contract with analytics) in one place.
+//! - [`sink`]: atomic publication of finished files.
+//! - [`query`]: the read path, merging published files with unflushed buffers.
+//! - [`telemetry`]: tracing set-up.
+//! - [`server`]: start-up, wiring and ordered graceful shutdown.
+
+pub mod api;
+pub mod config;
+pub mod index;
+pub mod ingest;
+pub mod model;
+pub mod paths;
+pub mod query;
+pub mod server;
+pub mod sink;
+pub mod telemetry;
+pub mod writer;
+
+/// Code generated from `proto/modelbox.proto`.
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::unwrap_used
+)]
+pub mod proto {
+    tonic::include_proto!("modelbox");
+}

@@ -1,0 +1,120 @@
+//! The `mboxd` binary: parses flags, starts tracing, and runs [`mboxd::server`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mboxd::config::{Config, Durability, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mboxd",
+    version,
+    about = "High-throughput ML experiment tracking ingest"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the ModelStore gRPC API.
+    Serve(ServeArgs),
+}
+
+/// Flags override the config file; `MBOXD_*` environment variables stand in for flags.
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Config file (see config/mboxd.toml for every setting and its default).
+    #[arg(long, env = "MBOXD_CONFIG")]
+    config: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:8085].
+    #[arg(long, env = "MBOXD_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Data folder: index, daemon id and Parquet tables [default: ./mbox-data].
+    #[arg(long, env = "MBOXD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Daemon id used in file names [default: host name plus a random suffix, kept in the data folder].
+    #[arg(long, env = "MBOXD_DAEMON_ID")]
+    daemon_id: Option<String>,
+    /// When to acknowledge writes [default: memory].
+    #[arg(long, env = "MBOXD_DURABILITY")]
+    durability: Option<Durability>,
+    /// Publish a partition's rows once the oldest is this old, in ms [default: 5000].
+    #[arg(long, env = "MBOXD_ROLL_MAX_AGE_MS")]
+    roll_max_age_ms: Option<u64>,
+    /// Bound on bytes held in queues and buffers [default: 1 GiB].
+    #[arg(long, env = "MBOXD_MAX_BUFFERED_BYTES")]
+    max_buffered_bytes: Option<usize>,
+    /// Log format [default: text].
+    #[arg(long, env = "MBOXD_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Write the bound address to this file once listening (for scripts and tests).
+    #[arg(long)]
+    addr_file: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> anyhow::Result<(Config, Option<PathBuf>)> {
+        let mut config = Config::from_file(self.config.as_deref())?;
+        if let Some(v) = self.listen {
+            config.listen = v;
+        }
+        if let Some(v) = self.data_dir {
+            config.data_dir = v;
+        }
+        if self.daemon_id.is_some() {
+            config.daemon_id = self.daemon_id;
+        }
+        if let Some(v) = self.durability {
+            config.durability = v;
+        }
+        if let Some(v) = self.roll_max_age_ms {
+            config.roll.max_age = Duration::from_millis(v);
+        }
+        if let Some(v) = self.max_buffered_bytes {
+            config.max_buffered_bytes = v;
+        }
+        if let Some(v) = self.log_format {
+            config.log_format = v;
+        }
+        config.validate()?;
+        Ok((config, self.addr_file))
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop mboxd with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let Command::Serve(args) = Cli::parse().command;
+    let (config, addr_file) = args.into_config()?;
+    mboxd::telemetry::init(config.log_format);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    if let Some(path) = addr_file {
+        let addr = listener.local_addr()?;
+        std::fs::write(&path, addr.to_string())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    mboxd::server::run(config, listener, shutdown_signal())
+        .await
+        .context("mboxd failed")
+}

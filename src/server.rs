@@ -1,0 +1,188 @@
+//! Start-up, wiring and ordered graceful shutdown.
+//!
+//! [`run`] takes its listener and its shutdown future, so tests bind port 0 and stop
+//! the server at will. Shutdown runs in order: stop accepting and finish in-flight
+//! requests, refuse new data, let every writer drain its queue and publish every
+//! buffered row, then return.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::api::ModelStoreService;
+use crate::config::Config;
+use crate::index::{Index, IndexError};
+use crate::ingest::{Ingest, MemoryBudget};
+use crate::paths::valid_daemon_id;
+use crate::proto::model_store_server::ModelStoreServer;
+use crate::sink::{LocalSink, SinkError};
+use crate::writer::{self, WriterContext};
+
+/// Errors starting or running the server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error("preparing data folder {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid daemon id {0:?}: use ASCII letters, digits, '-', '_' or '.'")]
+    DaemonId(String),
+    #[error("opening the index: {0}")]
+    Index(#[from] IndexError),
+    #[error("opening the storage root: {0}")]
+    Sink(#[from] SinkError),
+    #[error("starting a writer thread: {0}")]
+    Thread(std::io::Error),
+    #[error("serving gRPC: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("writers did not finish within the shutdown timeout")]
+    ShutdownTimeout,
+}
+
+/// The daemon id: configured, or generated once (host name plus a random suffix)
+/// and kept in the data folder so it is stable across restarts.
+fn daemon_id(config: &Config) -> Result<String, ServerError> {
+    if let Some(id) = &config.daemon_id {
+        return if valid_daemon_id(id) {
+            Ok(id.clone())
+        } else {
+            Err(ServerError::DaemonId(id.clone()))
+        };
+    }
+    let path = config.data_dir.join("daemon-id");
+    let io = |source| ServerError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(id) if valid_daemon_id(id.trim()) => return Ok(id.trim().to_owned()),
+        Ok(id) => return Err(ServerError::DaemonId(id)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let host: String = gethostname::gethostname()
+        .to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    let host = if host.is_empty() {
+        "mboxd".to_owned()
+    } else {
+        host
+    };
+    let id = format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff);
+    std::fs::write(&path, format!("{id}\n")).map_err(io)?;
+    Ok(id)
+}
+
+fn create_dir(path: &Path) -> Result<(), ServerError> {
+    std::fs::create_dir_all(path).map_err(|source| ServerError::DataDir {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Serves until `shutdown` completes, then drains and publishes everything.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    create_dir(&config.data_dir)?;
+    let daemon_id: Arc<str> = daemon_id(&config)?.into();
+    let index = Arc::new(Index::open(&config.data_dir.join("index.redb"))?);
+    let sink = LocalSink::open(&config.data_dir, &config.data_dir.join("_staging"))?;
+
+    let budget = MemoryBudget::new(config.max_buffered_bytes);
+    let (ingest, receivers) = Ingest::new(
+        config.writer_threads,
+        config.queue_batches,
+        budget,
+        config.when_full,
+        config.durability,
+    );
+    let ingest = Arc::new(ingest);
+    let ctx = WriterContext {
+        index: Arc::clone(&index),
+        sink: sink.clone(),
+        daemon_id: Arc::clone(&daemon_id),
+        roll: config.roll.clone(),
+    };
+    let writers = receivers
+        .into_iter()
+        .enumerate()
+        .map(|(i, rx)| writer::spawn(i, ctx.clone(), rx))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ServerError::Thread)?;
+
+    let service = ModelStoreService::new(
+        Arc::clone(&index),
+        Arc::clone(&ingest),
+        sink,
+        config.limits.clone(),
+    );
+    let grpc = ModelStoreServer::new(service)
+        .max_decoding_message_size(config.limits.max_message_bytes)
+        .max_encoding_message_size(usize::MAX)
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .accept_compressed(tonic::codec::CompressionEncoding::Zstd);
+
+    let local = listener.local_addr().ok();
+    tracing::info!(
+        addr = ?local,
+        data_dir = %config.data_dir.display(),
+        daemon_id = %daemon_id,
+        durability = ?config.durability,
+        "mboxd listening"
+    );
+    let served = Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            oversized_is_resource_exhausted,
+        ))
+        .add_service(grpc)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+
+    tracing::info!("no longer accepting requests; publishing buffered rows");
+    ingest.shutdown();
+    let joined = tokio::task::spawn_blocking(move || {
+        for w in writers {
+            if w.join().is_err() {
+                tracing::error!("a writer thread panicked");
+            }
+        }
+    });
+    let drained = tokio::time::timeout(config.shutdown_timeout, joined).await;
+    served?;
+    match drained {
+        Ok(_) => {
+            tracing::info!("shutdown complete");
+            Ok(())
+        }
+        Err(_) => Err(ServerError::ShutdownTimeout),
+    }
+}
+
+/// tonic answers a request over the size limit OUT_OF_RANGE; gRPC's convention (and
+/// DESIGN.md) is RESOURCE_EXHAUSTED. mboxd itself never answers OUT_OF_RANGE, so the
+/// rewrite cannot hide anything else.
+fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    if headers.get("grpc-status").is_some_and(|v| v == "11") {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    response
+}

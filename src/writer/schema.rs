@@ -1,0 +1,67 @@
+//! Arrow schemas of the published tables and the Parquet properties that go with them.
+
+use std::sync::Arc;
+
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use parquet::basic::{Compression, Encoding, ZstdLevel};
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
+
+use crate::config::RollPolicy;
+
+fn dict() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
+}
+
+fn utc_micros() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// `metrics/`: one row per point, sorted by (experiment_id, key, step).
+pub fn metrics_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("experiment_id", dict(), false),
+        Field::new("key", dict(), false),
+        Field::new("step", DataType::UInt64, false),
+        Field::new("wallclock_time", DataType::UInt64, false),
+        Field::new("value_double", DataType::Float64, true),
+        Field::new("value_string", DataType::Utf8, true),
+        Field::new("value_bytes", DataType::Binary, true),
+        Field::new("ingested_at", utc_micros(), false),
+    ]))
+}
+
+/// `events/`: one row per event, sorted by (experiment_id, wallclock).
+pub fn events_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("experiment_id", dict(), false),
+        Field::new("name", dict(), false),
+        Field::new("source", dict(), false),
+        Field::new("wallclock", utc_micros(), false),
+        Field::new("metadata", DataType::Utf8, false),
+        Field::new("ingested_at", utc_micros(), false),
+    ]))
+}
+
+/// zstd everywhere, dictionaries on the string columns, delta encoding on the
+/// monotone integer columns, and page-level statistics (which write the page index).
+pub fn writer_properties(roll: &RollPolicy) -> WriterProperties {
+    let level = ZstdLevel::try_new(roll.zstd_level).unwrap_or_default();
+    let mut props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(level))
+        .set_max_row_group_size(roll.row_group_rows)
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_dictionary_enabled(true)
+        .set_created_by(format!("mboxd {}", env!("CARGO_PKG_VERSION")));
+    for column in ["step", "wallclock_time"] {
+        let path = ColumnPath::from(column);
+        props = props
+            .set_column_dictionary_enabled(path.clone(), false)
+            .set_column_encoding(path, Encoding::DELTA_BINARY_PACKED);
+    }
+    let value = ColumnPath::from("value_double");
+    props = props
+        .set_column_dictionary_enabled(value.clone(), false)
+        .set_column_encoding(value, Encoding::BYTE_STREAM_SPLIT);
+    props.build()
+}
