@@ -1,0 +1,158 @@
+//! A real mboxd on 127.0.0.1:0, started in-process with its own data folder, and a
+//! tonic client for it.
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use mboxd::config::Config;
+use mboxd::proto;
+use mboxd::proto::model_store_client::ModelStoreClient;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+pub type Client = ModelStoreClient<Channel>;
+
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    pub config: Config,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), mboxd::server::ServerError>>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(mboxd::server::run(config.clone(), listener, async {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            config,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        let url = format!("http://{}", self.addr);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match ModelStoreClient::connect(url.clone()).await {
+                Ok(c) => {
+                    return c
+                        .max_decoding_message_size(usize::MAX)
+                        .max_encoding_message_size(usize::MAX);
+                }
+                Err(e) if Instant::now() > deadline => panic!("cannot connect to {url}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// Graceful shutdown: returns once every buffered row is published.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let result = (&mut self.task).await.expect("server task");
+        result.expect("server stopped cleanly");
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.config.data_dir
+    }
+}
+
+/// Parquet files under `<dir>/<table>/`, sorted.
+pub fn parquet_files(dir: &Path, table: &str) -> Vec<PathBuf> {
+    fn walk(p: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(p) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|x| x == "parquet") {
+                out.push(path);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&dir.join(table), &mut out);
+    out.sort();
+    out
+}
+
+/// Waits until `<dir>/<table>` holds files with `rows` rows in all.
+pub async fn wait_for_rows(dir: &Path, table: &str, rows: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got: usize = parquet_files(dir, table)
+            .iter()
+            .map(|f| parquet_rows(f))
+            .sum();
+        if got == rows {
+            return;
+        }
+        assert!(got < rows, "{got} rows in {table}, expected {rows}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out with {got}/{rows} rows in {table}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn parquet_rows(path: &Path) -> usize {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let file = std::fs::File::open(path).expect("open parquet");
+    let reader = SerializedFileReader::new(file).expect("read parquet");
+    reader.metadata().file_metadata().num_rows() as usize
+}
+
+pub async fn create_experiment(client: &mut Client, ns: &str, name: &str) -> String {
+    client
+        .create_experiment(proto::CreateExperimentRequest {
+            name: name.into(),
+            owner: "tester".into(),
+            namespace: ns.into(),
+            framework: proto::MlFramework::Pytorch as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("create experiment")
+        .into_inner()
+        .experiment_id
+}
+
+/// A block of `n` numeric points over `keys`, step i, wallclock 1000+i, value i/2.
+pub fn numeric_block(
+    parent_id: &str,
+    keys: &[&str],
+    n: usize,
+    first_step: u64,
+) -> proto::MetricsBlock {
+    proto::MetricsBlock {
+        parent_id: parent_id.into(),
+        keys: keys.iter().map(|k| k.to_string()).collect(),
+        key_index: (0..n).map(|i| (i % keys.len()) as u32).collect(),
+        steps: (0..n as u64).map(|i| first_step + i).collect(),
+        wallclock_times: (0..n as u64).map(|i| 1000 + first_step + i).collect(),
+        values: (0..n)
+            .map(|i| (first_step as f64 + i as f64) / 2.0)
+            .collect(),
+        ..Default::default()
+    }
+}
+
+pub fn temp_config() -> (tempfile::TempDir, Config) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Config::test_config(dir.path().join("data"));
+    (dir, config)
+}
