@@ -1,0 +1,609 @@
+//! Every bad-input case gets its precise status code, names the field, and leaves
+//! nothing half-written.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use mboxd::config::WhenFull;
+use mboxd::proto;
+use mboxd::proto::metrics_value::Value as V;
+use prost_types::Timestamp;
+use prost_types::value::Kind;
+use tonic::Code;
+
+fn point(parent: &str, key: &str, value: Option<V>) -> proto::LogMetricsRequest {
+    proto::LogMetricsRequest {
+        parent_id: parent.into(),
+        key: key.into(),
+        value: Some(proto::MetricsValue {
+            step: 1,
+            wallclock_time: 1,
+            value,
+        }),
+        blocks: Vec::new(),
+    }
+}
+
+fn blocks(bs: Vec<proto::MetricsBlock>) -> proto::LogMetricsRequest {
+    proto::LogMetricsRequest {
+        blocks: bs,
+        ..Default::default()
+    }
+}
+
+fn md(key: &str, kind: Kind) -> Option<proto::Metadata> {
+    Some(proto::Metadata {
+        metadata: [(key.to_owned(), prost_types::Value { kind: Some(kind) })].into(),
+    })
+}
+
+fn ev(name: &str, wallclock: Option<Timestamp>) -> proto::Event {
+    proto::Event {
+        name: name.into(),
+        source: Some(proto::EventSource { name: "t".into() }),
+        wallclock_time: wallclock,
+        metadata: None,
+    }
+}
+
+#[track_caller]
+fn expect<T: std::fmt::Debug>(
+    case: &str,
+    result: Result<tonic::Response<T>, tonic::Status>,
+    code: Code,
+    needle: &str,
+) {
+    let err = result.expect_err(case);
+    assert_eq!(err.code(), code, "{case}: {}", err.message());
+    assert!(
+        err.message().contains(needle),
+        "{case}: message {:?} should mention {needle:?}",
+        err.message()
+    );
+}
+
+#[tokio::test]
+async fn every_bad_input_gets_its_status_and_names_the_field() {
+    let (_dir, mut config) = temp_config();
+    config.limits.max_points_per_request = 50_000;
+    let server = TestServer::start(config).await;
+    let mut c = server.client().await;
+    let id = create_experiment(&mut c, "cv", "target").await;
+    let good = numeric_block(&id, &["loss"], 4, 0);
+    let long = "k".repeat(257);
+
+    // CreateExperiment
+    let create = |f: fn(&mut proto::CreateExperimentRequest)| {
+        let mut r = proto::CreateExperimentRequest {
+            name: "n".into(),
+            namespace: "cv".into(),
+            ..Default::default()
+        };
+        f(&mut r);
+        r
+    };
+    let cases: Vec<(&str, proto::CreateExperimentRequest, Code, &str)> = vec![
+        (
+            "empty name",
+            create(|r| r.name.clear()),
+            Code::InvalidArgument,
+            "name: required",
+        ),
+        (
+            "long name",
+            create(|r| r.name = "n".repeat(300)),
+            Code::InvalidArgument,
+            "name: 300 bytes",
+        ),
+        (
+            "long owner",
+            create(|r| r.owner = "o".repeat(300)),
+            Code::InvalidArgument,
+            "owner",
+        ),
+        (
+            "bad namespace",
+            create(|r| r.namespace = "a/b".into()),
+            Code::InvalidArgument,
+            "namespace",
+        ),
+        (
+            "hidden namespace",
+            create(|r| r.namespace = ".x".into()),
+            Code::InvalidArgument,
+            "namespace",
+        ),
+        (
+            "unknown framework",
+            create(|r| r.framework = 9),
+            Code::InvalidArgument,
+            "framework",
+        ),
+        (
+            "NaN metadata",
+            create(|r| r.metadata = md("lr", Kind::NumberValue(f64::NAN))),
+            Code::InvalidArgument,
+            "metadata.lr",
+        ),
+    ];
+    for (case, req, code, needle) in cases {
+        expect(case, c.create_experiment(req).await, code, needle);
+    }
+
+    // GetExperiment / ListExperiments / metadata RPCs
+    expect(
+        "get empty",
+        c.get_experiment(proto::GetExperimentRequest::default())
+            .await,
+        Code::InvalidArgument,
+        "id",
+    );
+    expect(
+        "get unknown",
+        c.get_experiment(proto::GetExperimentRequest { id: "nope".into() })
+            .await,
+        Code::NotFound,
+        "nope",
+    );
+    expect(
+        "list bad ns",
+        c.list_experiments(proto::ListExperimentsRequest {
+            namespace: "a b".into(),
+        })
+        .await,
+        Code::InvalidArgument,
+        "namespace",
+    );
+    let update = |parent: &str, m| proto::UpdateMetadataRequest {
+        parent_id: parent.into(),
+        metadata: m,
+    };
+    expect(
+        "update empty parent",
+        c.update_metadata(update("", None)).await,
+        Code::InvalidArgument,
+        "parent_id",
+    );
+    expect(
+        "update unknown",
+        c.update_metadata(update("nope", None)).await,
+        Code::NotFound,
+        "nope",
+    );
+    expect(
+        "update empty key",
+        c.update_metadata(update(&id, md("", Kind::BoolValue(true))))
+            .await,
+        Code::InvalidArgument,
+        "metadata key",
+    );
+    expect(
+        "update oversized",
+        c.update_metadata(update(
+            &id,
+            md("big", Kind::StringValue("x".repeat(300_000))),
+        ))
+        .await,
+        Code::InvalidArgument,
+        "metadata: ",
+    );
+    expect(
+        "list md empty",
+        c.list_metadata(proto::ListMetadataRequest::default()).await,
+        Code::InvalidArgument,
+        "parent_id",
+    );
+    expect(
+        "list md unknown",
+        c.list_metadata(proto::ListMetadataRequest {
+            parent_id: "nope".into(),
+        })
+        .await,
+        Code::NotFound,
+        "nope",
+    );
+
+    // LogMetrics
+    let mut mismatch = good.clone();
+    mismatch.values.pop();
+    let mut bad_index = good.clone();
+    bad_index.key_index[2] = 1;
+    let mut bad_row = good.clone();
+    bad_row.string_rows = vec![4];
+    bad_row.string_values = vec!["s".into()];
+    let mut dup_row = good.clone();
+    dup_row.string_rows = vec![1];
+    dup_row.string_values = vec!["s".into()];
+    dup_row.bytes_rows = vec![1];
+    dup_row.bytes_values = vec![vec![1]];
+    let mut orphan = good.clone();
+    orphan.string_rows = vec![1, 2];
+    orphan.string_values = vec!["s".into()];
+    let mut empty_key = good.clone();
+    empty_key.keys = vec![String::new()];
+    let mut unknown_parent = good.clone();
+    unknown_parent.parent_id = "nope".into();
+    let mut big_value = good.clone();
+    big_value.bytes_rows = vec![0];
+    big_value.bytes_values = vec![vec![0; (1 << 20) + 1]];
+    let mut both = point(&id, "loss", Some(V::FVal(1.0)));
+    both.blocks = vec![good.clone()];
+    let cases: Vec<(&str, proto::LogMetricsRequest, Code, &str)> = vec![
+        (
+            "empty request",
+            proto::LogMetricsRequest::default(),
+            Code::InvalidArgument,
+            "parent_id: required",
+        ),
+        (
+            "empty parent",
+            point("", "loss", Some(V::FVal(1.0))),
+            Code::InvalidArgument,
+            "parent_id",
+        ),
+        (
+            "unknown parent",
+            point("nope", "loss", Some(V::FVal(1.0))),
+            Code::NotFound,
+            "nope",
+        ),
+        (
+            "empty key",
+            point(&id, "", Some(V::FVal(1.0))),
+            Code::InvalidArgument,
+            "key: required",
+        ),
+        (
+            "long key",
+            point(&id, &long, Some(V::FVal(1.0))),
+            Code::InvalidArgument,
+            "key: 257 bytes",
+        ),
+        (
+            "no value",
+            point(&id, "loss", None),
+            Code::InvalidArgument,
+            "value.value",
+        ),
+        (
+            "missing value message",
+            proto::LogMetricsRequest {
+                parent_id: id.clone(),
+                key: "loss".into(),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "value: required",
+        ),
+        (
+            "oversized string",
+            point(&id, "t", Some(V::STensor("s".repeat((1 << 20) + 1)))),
+            Code::InvalidArgument,
+            "value.s_tensor",
+        ),
+        (
+            "single and blocks",
+            both,
+            Code::InvalidArgument,
+            "blocks: set either",
+        ),
+        (
+            "length mismatch",
+            blocks(vec![good.clone(), mismatch]),
+            Code::InvalidArgument,
+            "blocks[1].values: 3 entries",
+        ),
+        (
+            "key index",
+            blocks(vec![bad_index]),
+            Code::InvalidArgument,
+            "blocks[0].key_index[2]",
+        ),
+        (
+            "row out of range",
+            blocks(vec![bad_row]),
+            Code::InvalidArgument,
+            "blocks[0].string_rows[0]",
+        ),
+        (
+            "row twice",
+            blocks(vec![dup_row]),
+            Code::InvalidArgument,
+            "blocks[0].string_rows[0]",
+        ),
+        (
+            "rows without values",
+            blocks(vec![orphan]),
+            Code::InvalidArgument,
+            "blocks[0].string_values",
+        ),
+        (
+            "empty block key",
+            blocks(vec![empty_key]),
+            Code::InvalidArgument,
+            "blocks[0].keys[0]",
+        ),
+        (
+            "unknown block parent",
+            blocks(vec![good.clone(), unknown_parent]),
+            Code::NotFound,
+            "nope",
+        ),
+        (
+            "oversized bytes",
+            blocks(vec![big_value]),
+            Code::InvalidArgument,
+            "blocks[0].bytes_values[0]",
+        ),
+        (
+            "empty block",
+            blocks(vec![proto::MetricsBlock {
+                parent_id: id.clone(),
+                ..Default::default()
+            }]),
+            Code::InvalidArgument,
+            "blocks[0].steps",
+        ),
+        (
+            "too many points",
+            blocks(vec![numeric_block(&id, &["a"], 50_001, 0)]),
+            Code::InvalidArgument,
+            "50001 points",
+        ),
+    ];
+    for (case, req, code, needle) in cases {
+        expect(case, c.log_metrics(req).await, code, needle);
+    }
+
+    // LogEvent / ListEvents / GetMetrics
+    let log_event = |parent: &str, event: Option<proto::Event>| proto::LogEventRequest {
+        parent_id: parent.into(),
+        event,
+        events: Vec::new(),
+    };
+    let bad_ts = Timestamp {
+        seconds: 1,
+        nanos: 2_000_000_000,
+    };
+    let cases: Vec<(&str, proto::LogEventRequest, Code, &str)> = vec![
+        (
+            "event empty parent",
+            log_event("", Some(ev("e", None))),
+            Code::InvalidArgument,
+            "parent_id",
+        ),
+        (
+            "event unknown parent",
+            log_event("nope", Some(ev("e", None))),
+            Code::NotFound,
+            "nope",
+        ),
+        (
+            "no event",
+            log_event(&id, None),
+            Code::InvalidArgument,
+            "event: required",
+        ),
+        (
+            "event empty name",
+            log_event(&id, Some(ev("", None))),
+            Code::InvalidArgument,
+            "event.name",
+        ),
+        (
+            "event long name",
+            log_event(&id, Some(ev(&long, None))),
+            Code::InvalidArgument,
+            "event.name",
+        ),
+        (
+            "event bad time",
+            log_event(&id, Some(ev("e", Some(bad_ts)))),
+            Code::InvalidArgument,
+            "event.wallclock_time",
+        ),
+        (
+            "batch bad time",
+            proto::LogEventRequest {
+                parent_id: id.clone(),
+                event: Some(ev("ok", None)),
+                events: vec![
+                    ev("ok", None),
+                    ev(
+                        "e",
+                        Some(Timestamp {
+                            seconds: i64::MAX,
+                            nanos: 0,
+                        }),
+                    ),
+                ],
+            },
+            Code::InvalidArgument,
+            "events[1].wallclock_time",
+        ),
+    ];
+    for (case, req, code, needle) in cases {
+        expect(case, c.log_event(req).await, code, needle);
+    }
+    expect(
+        "since out of range",
+        c.list_events(proto::ListEventsRequest {
+            parent_id: id.clone(),
+            since: Some(bad_ts),
+        })
+        .await,
+        Code::InvalidArgument,
+        "since",
+    );
+    expect(
+        "list events unknown",
+        c.list_events(proto::ListEventsRequest {
+            parent_id: "nope".into(),
+            since: None,
+        })
+        .await,
+        Code::NotFound,
+        "nope",
+    );
+    expect(
+        "get metrics empty",
+        c.get_metrics(proto::GetMetricsRequest::default()).await,
+        Code::InvalidArgument,
+        "parent_id",
+    );
+
+    // Nothing of any rejected request was written: not in memory, not on disk.
+    let metrics = c
+        .get_metrics(proto::GetMetricsRequest {
+            parent_id: id.clone(),
+            full_precision: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .metrics;
+    assert!(metrics.is_empty(), "rejected points leaked: {metrics:?}");
+    let events = c
+        .list_events(proto::ListEventsRequest {
+            parent_id: id.clone(),
+            since: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(events.is_empty(), "rejected events leaked: {events:?}");
+    let md = c
+        .list_metadata(proto::ListMetadataRequest {
+            parent_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .metadata;
+    assert!(md.is_empty());
+    let listed = c
+        .list_experiments(proto::ListExperimentsRequest {
+            namespace: "cv".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .experiments;
+    assert_eq!(
+        listed.len(),
+        1,
+        "a rejected CreateExperiment created something"
+    );
+    let dir = server.config.data_dir.clone();
+    server.stop().await;
+    assert!(parquet_files(&dir, "metrics").is_empty());
+    assert!(parquet_files(&dir, "events").is_empty());
+}
+
+/// A message that puts raw bytes where ModelBox has string fields (same field
+/// numbers and wire type), to send invalid UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawLogMetrics {
+    #[prost(bytes = "vec", tag = "1")]
+    parent_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    key: Vec<u8>,
+}
+
+#[tokio::test]
+async fn invalid_utf8_and_oversized_messages() {
+    let (_dir, mut config) = temp_config();
+    config.limits.max_message_bytes = 1 << 20;
+    config.max_buffered_bytes = 1 << 20;
+    let server = TestServer::start(config).await;
+    let mut c = server.client().await;
+    let id = create_experiment(&mut c, "cv", "raw").await;
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let raw = RawLogMetrics {
+        parent_id: id.clone().into_bytes(),
+        key: vec![b'l', 0xff, 0xfe],
+    };
+    let result: Result<tonic::Response<proto::LogMetricsResponse>, _> = grpc
+        .unary(
+            tonic::Request::new(raw),
+            http::uri::PathAndQuery::from_static("/modelbox.ModelStore/LogMetrics"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await;
+    let err = result.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(
+        err.message().contains("LogMetricsRequest.key"),
+        "{}",
+        err.message()
+    );
+
+    // Over max_message_bytes: RESOURCE_EXHAUSTED, and nothing written.
+    let err = c
+        .log_metrics(blocks(vec![numeric_block(&id, &["a"], 100_000, 0)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    let metrics = c
+        .get_metrics(proto::GetMetricsRequest {
+            parent_id: id,
+            full_precision: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .metrics;
+    assert!(metrics.is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn full_buffers_answer_resource_exhausted_with_a_retry_hint_and_keep_acked_data() {
+    let (_dir, mut config) = temp_config();
+    config.max_buffered_bytes = 2 << 20;
+    config.limits.max_message_bytes = 1 << 20;
+    config.when_full = WhenFull::Wait(Duration::from_millis(20));
+    // Nothing is published while the test fills the buffers.
+    config.roll.max_age = Duration::from_secs(3600);
+    let server = TestServer::start(config).await;
+    let mut c = server.client().await;
+    let id = create_experiment(&mut c, "cv", "flood").await;
+    let mut acked = 0u64;
+    let mut exhausted = None;
+    for i in 0..100 {
+        match c
+            .log_metrics(blocks(vec![numeric_block(&id, &["x"], 10_000, i * 10_000)]))
+            .await
+        {
+            Ok(r) => acked += r.into_inner().points_accepted,
+            Err(e) => {
+                exhausted = Some(e);
+                break;
+            }
+        }
+    }
+    let err = exhausted.expect("a 2 MiB budget must fill within 100 batches of 10,000 points");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    assert!(err.metadata().get("grpc-retry-pushback-ms").is_some());
+    assert!(acked > 0);
+    let dir = server.config.data_dir.clone();
+    server.stop().await;
+    let rows: usize = parquet_files(&dir, "metrics")
+        .iter()
+        .map(|f| parquet_rows(f))
+        .sum();
+    assert_eq!(
+        rows as u64, acked,
+        "every acknowledged point, and only those, is published"
+    );
+}
