@@ -1,0 +1,132 @@
+//! SIGTERM during ingest: mboxd stops accepting, publishes every buffered row and
+//! exits 0; every acknowledged point is in the Parquet files.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::UInt64Type;
+use common::*;
+use mboxd::proto;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_ingest_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let addr_file = dir.path().join("addr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mboxd"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--daemon-id", "sigterm"])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--addr-file")
+        .arg(&addr_file)
+        // Long roll age: everything acknowledged is still in memory at SIGTERM.
+        .args(["--roll-max-age-ms", "600000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start mboxd");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addr = loop {
+        if let Ok(a) = std::fs::read_to_string(&addr_file) {
+            if !a.is_empty() {
+                break a;
+            }
+        }
+        assert!(Instant::now() < deadline, "mboxd did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut c = loop {
+        match mboxd::proto::model_store_client::ModelStoreClient::connect(format!("http://{addr}"))
+            .await
+        {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let id = create_experiment(&mut c, "cv", "sigterm").await;
+
+    // Four clients send 1,000-point batches with unique step ranges until refused.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for client in 0..4u64 {
+        let mut c = c.clone();
+        let id = id.clone();
+        let stop = Arc::clone(&stop);
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..100_000u64 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let first = (client << 40) | (i * 1_000);
+                let req = proto::LogMetricsRequest {
+                    blocks: vec![numeric_block(&id, &["loss"], 1_000, first)],
+                    ..Default::default()
+                };
+                match c.log_metrics(req).await {
+                    Ok(_) => acked.push(first),
+                    Err(_) => break,
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    assert!(status.success(), "mboxd exited with {status}");
+
+    let mut acked = HashSet::new();
+    for t in tasks {
+        for first in t.await.unwrap() {
+            acked.extend(first..first + 1_000);
+        }
+    }
+    assert!(
+        acked.len() >= 10_000,
+        "too little was acknowledged to test anything: {}",
+        acked.len()
+    );
+    let mut written = HashSet::new();
+    for f in parquet_files(&data, "metrics") {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(f).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            for s in batch.column(2).as_primitive::<UInt64Type>().values() {
+                assert!(written.insert(*s), "step {s} written twice");
+            }
+        }
+    }
+    let missing = acked.difference(&written).count();
+    assert_eq!(
+        missing,
+        0,
+        "{missing} acknowledged points lost (of {})",
+        acked.len()
+    );
+    // A point was written only if its request was accepted: a batch is whole or absent.
+    let extra = written.difference(&acked).count();
+    assert_eq!(extra % 1_000, 0);
+    assert!(extra <= 4 * 1_000, "{extra} unacknowledged points written");
+}
