@@ -1,5 +1,7 @@
 //! End-to-end behaviour of every served RPC through a real server and tonic client.
 
+#![allow(clippy::unwrap_used)] // Tests panic on failure by design.
+
 mod common;
 
 use common::*;

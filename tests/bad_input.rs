@@ -1,6 +1,8 @@
 //! Every bad-input case gets its precise status code, names the field, and leaves
 //! nothing half-written.
 
+#![allow(clippy::unwrap_used)] // Tests panic on failure by design.
+
 mod common;
 
 use std::time::Duration;

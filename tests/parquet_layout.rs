@@ -2,6 +2,8 @@
 //! rows sorted by (experiment_id, key, step), dictionary-encoded ids and keys, delta
 //! encoded steps, zstd, and a page index.
 
+#![allow(clippy::unwrap_used)] // Tests panic on failure by design.
+
 mod common;
 
 use arrow_array::cast::AsArray;

@@ -1,6 +1,8 @@
 //! SIGTERM during ingest: mboxd stops accepting, publishes every buffered row and
 //! exits 0; every acknowledged point is in the Parquet files.
 
+#![allow(clippy::unwrap_used)] // Tests panic on failure by design.
+
 mod common;
 
 use std::collections::HashSet;
@@ -34,10 +36,10 @@ async fn sigterm_during_ingest_loses_nothing_acknowledged() {
         .expect("start mboxd");
     let deadline = Instant::now() + Duration::from_secs(20);
     let addr = loop {
-        if let Ok(a) = std::fs::read_to_string(&addr_file) {
-            if !a.is_empty() {
-                break a;
-            }
+        if let Ok(a) = std::fs::read_to_string(&addr_file).map(|a| a.trim().to_owned())
+            && !a.is_empty()
+        {
+            break a;
         }
         assert!(Instant::now() < deadline, "mboxd did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -165,10 +165,12 @@ impl Writer {
         }
         let (max_rows, max_bytes) = (self.ctx.roll.max_rows, self.ctx.roll.max_bytes);
         for key in touched {
-            if let Some(p) = self.metrics.get(&key) {
-                if p.buffer.len() >= max_rows || p.bytes >= max_bytes {
-                    self.publish_metrics(&key);
-                }
+            if self
+                .metrics
+                .get(&key)
+                .is_some_and(|p| p.buffer.len() >= max_rows || p.bytes >= max_bytes)
+            {
+                self.publish_metrics(&key);
             }
         }
     }
