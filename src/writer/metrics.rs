@@ -146,6 +146,48 @@ impl MetricsBuffer {
             .collect()
     }
 
+    /// Row numbers ordered by (series rank, step), arrival order breaking ties.
+    ///
+    /// A counting sort places rows into their series' range in one pass (stable, no
+    /// comparisons); a series' range is then sorted by step only if its steps did not
+    /// arrive in order, which is rare for a training run's metrics.
+    fn sort_permutation(&self, rank: &[u32]) -> Vec<u32> {
+        let mut starts = vec![0usize; rank.len() + 1];
+        for &s in &self.row_series {
+            starts[rank[s as usize] as usize + 1] += 1;
+        }
+        for i in 1..starts.len() {
+            starts[i] += starts[i - 1];
+        }
+        let mut next = starts.clone();
+        let mut perm = vec![0u32; self.len()];
+        for (row, &s) in self.row_series.iter().enumerate() {
+            let slot = &mut next[rank[s as usize] as usize];
+            perm[*slot] = row as u32;
+            *slot += 1;
+        }
+        let mut scratch: Vec<(u64, u32)> = Vec::new();
+        for range in starts.windows(2) {
+            let rows = &mut perm[range[0]..range[1]];
+            let steps = &self.steps;
+            if rows
+                .windows(2)
+                .all(|w| steps[w[0] as usize] <= steps[w[1] as usize])
+            {
+                continue;
+            }
+            scratch.clear();
+            scratch.extend(rows.iter().map(|&r| (steps[r as usize], r)));
+            // Each block contributes an ascending run, and the stable sort merges
+            // natural runs; (step, row) pairs are distinct, so arrival order breaks ties.
+            scratch.sort();
+            for (dst, &(_, r)) in rows.iter_mut().zip(&scratch) {
+                *dst = r;
+            }
+        }
+        perm
+    }
+
     /// The buffer as one Arrow batch sorted by (experiment_id, key, step), with the
     /// smallest and largest experiment id.
     pub(super) fn to_record_batch(&self) -> Result<(RecordBatch, String, String), ArrowError> {
@@ -163,15 +205,7 @@ impl MetricsBuffer {
         let (experiment_values, experiment_of_series) = dictionary(&self.series, |s| &s.experiment);
         let (key_values, key_of_series) = dictionary(&self.series, |s| &s.key);
 
-        // Stable: points of one series with equal steps keep their arrival order, and
-        // runs that arrive sorted (the common case) make this close to linear.
-        let mut perm: Vec<u32> = (0..n as u32).collect();
-        perm.sort_by_key(|&i| {
-            (
-                rank[self.row_series[i as usize] as usize],
-                self.steps[i as usize],
-            )
-        });
+        let perm = self.sort_permutation(&rank);
 
         let gather_series = |of_series: &[i32]| -> Int32Array {
             perm.iter()
@@ -370,6 +404,27 @@ mod tests {
             .as_primitive::<arrow_array::types::TimestampMicrosecondType>();
         assert_eq!(ingested.value(0), 200);
         assert_eq!(ingested.value(5), 100);
+    }
+
+    #[test]
+    fn equal_steps_keep_arrival_order_within_an_unordered_series() {
+        let mut buf = MetricsBuffer::default();
+        buf.append(block("e", &["k"], vec![0, 0], vec![3, 1]), 1);
+        buf.append(block("e", &["k"], vec![0, 0], vec![3, 1]), 2);
+        let (batch, _, _) = buf.to_record_batch().unwrap();
+        let steps = batch
+            .column(2)
+            .as_primitive::<UInt64Type>()
+            .values()
+            .to_vec();
+        assert_eq!(steps, [1, 1, 3, 3]);
+        // block() sets value = row number within the block; ingest time tells blocks apart.
+        let ingested = batch
+            .column(7)
+            .as_primitive::<arrow_array::types::TimestampMicrosecondType>()
+            .values()
+            .to_vec();
+        assert_eq!(ingested, [1, 2, 1, 2]);
     }
 
     #[test]
