@@ -66,7 +66,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_message_bytes: 64 << 20,
+            max_message_bytes: 16 << 20,
             max_points_per_request: 1_000_000,
             max_events_per_request: 10_000,
             max_key_bytes: 256,
@@ -124,6 +124,9 @@ pub struct Config {
     pub when_full: WhenFull,
     /// Number of writer threads (experiments are sharded across them).
     pub writer_threads: usize,
+    /// Requests being received or served at once, across all connections; more wait
+    /// unread. Bounds the memory of request bodies to this times max_message_bytes.
+    pub max_concurrent_requests: usize,
     /// Roll policy for metric and event files.
     pub roll: RollPolicy,
     /// Request limits.
@@ -155,6 +158,7 @@ impl Default for Config {
             queue_batches: 1024,
             when_full: WhenFull::Wait(Duration::from_millis(500)),
             writer_threads: 1,
+            max_concurrent_requests: 64,
             roll: RollPolicy::default(),
             limits: Limits::default(),
             shutdown_timeout: Duration::from_secs(30),
@@ -206,6 +210,9 @@ impl Config {
         };
         if self.writer_threads == 0 {
             return invalid("ingest.writer_threads", "must be at least 1");
+        }
+        if self.max_concurrent_requests == 0 {
+            return invalid("ingest.max_concurrent_requests", "must be at least 1");
         }
         if self.queue_batches == 0 {
             return invalid("ingest.queue_batches", "must be at least 1");
@@ -260,6 +267,7 @@ struct IngestSection {
     when_full: Option<WhenFullName>,
     full_wait_ms: Option<u64>,
     writer_threads: Option<usize>,
+    max_concurrent_requests: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -318,6 +326,10 @@ impl FileConfig {
         set(&mut c.max_buffered_bytes, self.ingest.max_buffered_bytes);
         set(&mut c.queue_batches, self.ingest.queue_batches);
         set(&mut c.writer_threads, self.ingest.writer_threads);
+        set(
+            &mut c.max_concurrent_requests,
+            self.ingest.max_concurrent_requests,
+        );
         let wait = match c.when_full {
             WhenFull::Wait(d) => d,
             WhenFull::Reject => Duration::from_millis(500),

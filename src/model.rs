@@ -70,6 +70,16 @@ impl<T> SparseColumn<T> {
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }
+
+    /// Orders the entries by row (a no-op when they already are, the usual case).
+    pub fn sort_by_row(&mut self) {
+        if self.rows.is_sorted() {
+            return;
+        }
+        let mut pairs: Vec<(u32, T)> = self.rows.drain(..).zip(self.values.drain(..)).collect();
+        pairs.sort_unstable_by_key(|(r, _)| *r);
+        (self.rows, self.values) = pairs.into_iter().unzip();
+    }
 }
 
 /// Metric points of one experiment, columnar, as the client sent them.
@@ -95,13 +105,27 @@ impl MetricBlock {
         self.steps.is_empty()
     }
 
-    /// An estimate of the memory this block holds, for the byte budget.
+    /// The memory this block holds (by capacity), for the byte budget.
     pub fn approx_bytes(&self) -> usize {
-        let fixed = self.len() * (4 + 8 + 8 + 8);
-        let keys: usize = self.keys.iter().map(|k| k.len() + 24).sum();
-        let strings: usize = self.strings.values.iter().map(|s| s.len() + 28).sum();
-        let bytes: usize = self.bytes.values.iter().map(|b| b.len() + 28).sum();
-        fixed + keys + strings + bytes + 64
+        let columns = self.key_index.capacity() * 4
+            + (self.steps.capacity() + self.wallclocks.capacity() + self.values.capacity()) * 8
+            + (self.strings.rows.capacity() + self.bytes.rows.capacity()) * 4;
+        let keys: usize = self.keys.iter().map(|k| k.capacity() + 24).sum();
+        let strings: usize = self.strings.values.iter().map(|s| s.capacity() + 24).sum();
+        let bytes: usize = self.bytes.values.iter().map(|b| b.capacity() + 24).sum();
+        // The block itself, its experiment handles and the writer's series map entry.
+        columns + keys + strings + bytes + 256
+    }
+
+    /// Drops spare capacity (decoding grows vectors by doubling) so the block costs
+    /// what it holds, and orders sparse values by row so lookups can binary-search.
+    pub(crate) fn compact(&mut self) {
+        self.key_index.shrink_to_fit();
+        self.steps.shrink_to_fit();
+        self.wallclocks.shrink_to_fit();
+        self.values.shrink_to_fit();
+        self.strings.sort_by_row();
+        self.bytes.sort_by_row();
     }
 }
 
@@ -235,6 +259,17 @@ mod tests {
             experiment_id("cv", "yolo-v4", "foo@bar.com", "ext1"),
             "2b2a19e145c92827d50144d50ee13c68"
         );
+    }
+
+    #[test]
+    fn sparse_columns_sort_by_row_keeping_pairs() {
+        let mut c = SparseColumn {
+            rows: vec![9, 2, 5],
+            values: vec!["nine", "two", "five"],
+        };
+        c.sort_by_row();
+        assert_eq!(c.rows, [2, 5, 9]);
+        assert_eq!(c.values, ["two", "five", "nine"]);
     }
 
     #[test]

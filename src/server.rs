@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 
 use crate::api::ModelStoreService;
 use crate::config::Config;
@@ -148,12 +148,17 @@ pub async fn run(
         durability = ?config.durability,
         "mboxd listening"
     );
+    // Acks are small and latency-bound: no Nagle delay.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let served = Server::builder()
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            config.max_concurrent_requests,
+        ))
         .layer(tower::util::MapResponseLayer::new(
             oversized_is_resource_exhausted,
         ))
         .add_service(grpc)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
 
     tracing::info!("no longer accepting requests; publishing buffered rows");

@@ -334,7 +334,7 @@ fn block(
             ));
         }
     }
-    Ok(MetricBlock {
+    let mut block = MetricBlock {
         experiment,
         keys: b.keys,
         key_index: b.key_index,
@@ -349,7 +349,9 @@ fn block(
             rows: b.bytes_rows,
             values: b.bytes_values,
         },
-    })
+    };
+    block.compact();
+    Ok(block)
 }
 
 pub fn log_event(

@@ -1,9 +1,9 @@
 //! The columnar buffer of one metrics partition.
 //!
-//! Blocks are appended whole: the key dictionary of a block is mapped to series ids
-//! once, then the packed columns are extended in bulk. No per-point allocation or
-//! lock. At roll time the rows are ordered by (experiment_id, key, step) with a
-//! stable sort (arrival order breaks ties) and gathered into Arrow arrays.
+//! Blocks arrive whole from the API and are kept as they came ("chunks"): their packed
+//! columns move in without a copy, and their key dictionary is mapped to series ids
+//! once. No per-point allocation, lock or copy on the way in. At roll time the rows of
+//! all chunks are ordered by (experiment_id, key, step) and gathered into Arrow arrays.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,11 +21,51 @@ use crate::model::{MetricBlock, MetricPoint, MetricValue, Micros};
 
 use super::schema::metrics_schema;
 
-/// A (experiment, key) pair with its rows in the buffer.
+/// A (experiment, key) pair with rows in the buffer.
 #[derive(Debug)]
 struct Series {
     experiment: Arc<str>,
     key: Arc<str>,
+}
+
+/// One appended block and what the buffer learned about it.
+#[derive(Debug)]
+struct Chunk {
+    block: MetricBlock,
+    /// Series id of each entry of the block's key dictionary.
+    series_of_key: Vec<u32>,
+    ingested_at: Micros,
+}
+
+impl Chunk {
+    fn series(&self, row: usize) -> u32 {
+        self.series_of_key[self.block.key_index[row] as usize]
+    }
+
+    fn sparse<'a, T>(column: &'a crate::model::SparseColumn<T>, row: u32) -> Option<&'a T> {
+        column
+            .rows
+            .binary_search(&row)
+            .ok()
+            .map(|j| &column.values[j])
+    }
+
+    fn value(&self, row: u32) -> MetricValue {
+        if let Some(s) = Self::sparse(&self.block.strings, row) {
+            return MetricValue::String(s.clone());
+        }
+        if let Some(b) = Self::sparse(&self.block.bytes, row) {
+            return MetricValue::Bytes(b.clone());
+        }
+        MetricValue::Double(self.block.values[row as usize])
+    }
+}
+
+/// A row's place: chunk number in the high 32 bits, row within the chunk below.
+type RowRef = u64;
+
+fn row_ref(chunk: usize, row: usize) -> RowRef {
+    ((chunk as u64) << 32) | row as u64
 }
 
 #[derive(Debug, Default)]
@@ -33,22 +73,13 @@ pub(super) struct MetricsBuffer {
     series: Vec<Series>,
     /// experiment id → key → series id.
     series_ids: HashMap<Arc<str>, HashMap<Arc<str>, u32>>,
-    row_series: Vec<u32>,
-    steps: Vec<u64>,
-    wallclocks: Vec<u64>,
-    values: Vec<f64>,
-    /// (row, value) for string-valued rows, in row order.
-    strings: Vec<(u32, String)>,
-    /// (row, value) for bytes-valued rows, in row order.
-    bytes: Vec<(u32, Vec<u8>)>,
-    /// (first row, ingest time) runs: every row from `first row` on, up to the next
-    /// run, was ingested at that time.
-    ingested: Vec<(u32, Micros)>,
+    chunks: Vec<Chunk>,
+    rows: usize,
 }
 
 impl MetricsBuffer {
     pub(super) fn len(&self) -> usize {
-        self.steps.len()
+        self.rows
     }
 
     fn series_id(&mut self, experiment: &Arc<str>, key: &str) -> u32 {
@@ -66,120 +97,80 @@ impl MetricsBuffer {
         id
     }
 
-    /// Appends a validated block.
+    /// Appends a validated block (its sparse rows sorted, as validation leaves them).
     pub(super) fn append(&mut self, block: MetricBlock, ingested_at: Micros) {
-        let base = self.len() as u32;
-        if self
-            .ingested
-            .last()
-            .is_none_or(|&(_, at)| at != ingested_at)
-        {
-            self.ingested.push((base, ingested_at));
-        }
-        let ids: Vec<u32> = block
+        let series_of_key = block
             .keys
             .iter()
             .map(|k| self.series_id(&block.experiment.id, k))
             .collect();
-        self.row_series
-            .extend(block.key_index.iter().map(|&k| ids[k as usize]));
-        self.steps.extend_from_slice(&block.steps);
-        self.wallclocks.extend_from_slice(&block.wallclocks);
-        self.values.extend_from_slice(&block.values);
-        // Sparse rows are sorted here so lookups at roll time can binary-search.
-        let mut strings: Vec<_> = block
-            .strings
-            .rows
-            .into_iter()
-            .map(|r| base + r)
-            .zip(block.strings.values)
-            .collect();
-        strings.sort_unstable_by_key(|(r, _)| *r);
-        self.strings.extend(strings);
-        let mut bytes: Vec<_> = block
-            .bytes
-            .rows
-            .into_iter()
-            .map(|r| base + r)
-            .zip(block.bytes.values)
-            .collect();
-        bytes.sort_unstable_by_key(|(r, _)| *r);
-        self.bytes.extend(bytes);
-    }
-
-    fn ingested_at(&self, row: u32) -> Micros {
-        let run = self.ingested.partition_point(|&(first, _)| first <= row);
-        self.ingested[run.saturating_sub(1)].1
-    }
-
-    fn value_of(&self, row: u32) -> MetricValue {
-        if let Ok(i) = self.strings.binary_search_by_key(&row, |(r, _)| *r) {
-            return MetricValue::String(self.strings[i].1.clone());
-        }
-        if let Ok(i) = self.bytes.binary_search_by_key(&row, |(r, _)| *r) {
-            return MetricValue::Bytes(self.bytes[i].1.clone());
-        }
-        MetricValue::Double(self.values[row as usize])
+        self.rows += block.len();
+        self.chunks.push(Chunk {
+            block,
+            series_of_key,
+            ingested_at,
+        });
     }
 
     /// The buffered points of one experiment, in arrival order.
     pub(super) fn points_of(&self, experiment_id: &str) -> Vec<MetricPoint> {
-        let Some(keys) = self.series_ids.get(experiment_id) else {
-            return Vec::new();
-        };
-        let mut wanted = vec![false; self.series.len()];
-        for &id in keys.values() {
-            wanted[id as usize] = true;
+        let mut out = Vec::new();
+        for chunk in self
+            .chunks
+            .iter()
+            .filter(|c| &*c.block.experiment.id == experiment_id)
+        {
+            let b = &chunk.block;
+            out.extend((0..b.len()).map(|row| MetricPoint {
+                key: b.keys[b.key_index[row] as usize].clone(),
+                step: b.steps[row],
+                wallclock: b.wallclocks[row],
+                value: chunk.value(row as u32),
+                ingested_at: chunk.ingested_at,
+            }));
         }
-        (0..self.len() as u32)
-            .filter(|&row| wanted[self.row_series[row as usize] as usize])
-            .map(|row| {
-                let r = row as usize;
-                MetricPoint {
-                    key: self.series[self.row_series[r] as usize].key.to_string(),
-                    step: self.steps[r],
-                    wallclock: self.wallclocks[r],
-                    value: self.value_of(row),
-                    ingested_at: self.ingested_at(row),
-                }
-            })
-            .collect()
+        out
     }
 
-    /// Row numbers ordered by (series rank, step), arrival order breaking ties.
+    fn step(&self, r: RowRef) -> u64 {
+        self.chunks[(r >> 32) as usize].block.steps[(r & 0xffff_ffff) as usize]
+    }
+
+    /// Rows ordered by (series rank, step), arrival order breaking ties.
     ///
     /// A counting sort places rows into their series' range in one pass (stable, no
     /// comparisons); a series' range is then sorted by step only if its steps did not
-    /// arrive in order, which is rare for a training run's metrics.
-    fn sort_permutation(&self, rank: &[u32]) -> Vec<u32> {
+    /// arrive in order. Each block contributes an ascending run, which the stable sort
+    /// merges.
+    fn sort_permutation(&self, rank: &[u32]) -> Vec<RowRef> {
         let mut starts = vec![0usize; rank.len() + 1];
-        for &s in &self.row_series {
-            starts[rank[s as usize] as usize + 1] += 1;
+        for chunk in &self.chunks {
+            for row in 0..chunk.block.len() {
+                starts[rank[chunk.series(row) as usize] as usize + 1] += 1;
+            }
         }
         for i in 1..starts.len() {
             starts[i] += starts[i - 1];
         }
         let mut next = starts.clone();
-        let mut perm = vec![0u32; self.len()];
-        for (row, &s) in self.row_series.iter().enumerate() {
-            let slot = &mut next[rank[s as usize] as usize];
-            perm[*slot] = row as u32;
-            *slot += 1;
+        let mut perm = vec![0; self.rows];
+        for (c, chunk) in self.chunks.iter().enumerate() {
+            for row in 0..chunk.block.len() {
+                let slot = &mut next[rank[chunk.series(row) as usize] as usize];
+                perm[*slot] = row_ref(c, row);
+                *slot += 1;
+            }
         }
-        let mut scratch: Vec<(u64, u32)> = Vec::new();
+        let mut scratch: Vec<(u64, RowRef)> = Vec::new();
         for range in starts.windows(2) {
             let rows = &mut perm[range[0]..range[1]];
-            let steps = &self.steps;
-            if rows
-                .windows(2)
-                .all(|w| steps[w[0] as usize] <= steps[w[1] as usize])
-            {
+            if rows.windows(2).all(|w| self.step(w[0]) <= self.step(w[1])) {
                 continue;
             }
             scratch.clear();
-            scratch.extend(rows.iter().map(|&r| (steps[r as usize], r)));
-            // Each block contributes an ascending run, and the stable sort merges
-            // natural runs; (step, row) pairs are distinct, so arrival order breaks ties.
+            scratch.extend(rows.iter().map(|&r| (self.step(r), r)));
+            // (step, row) pairs are distinct and row refs grow with arrival, so the
+            // sort keeps arrival order among equal steps.
             scratch.sort();
             for (dst, &(_, r)) in rows.iter_mut().zip(&scratch) {
                 *dst = r;
@@ -191,7 +182,7 @@ impl MetricsBuffer {
     /// The buffer as one Arrow batch sorted by (experiment_id, key, step), with the
     /// smallest and largest experiment id.
     pub(super) fn to_record_batch(&self) -> Result<(RecordBatch, String, String), ArrowError> {
-        let n = self.len();
+        let n = self.rows;
         // Rank series by (experiment, key); dictionaries hold sorted distinct values.
         let mut order: Vec<u32> = (0..self.series.len() as u32).collect();
         order.sort_unstable_by(|&a, &b| {
@@ -204,12 +195,13 @@ impl MetricsBuffer {
         }
         let (experiment_values, experiment_of_series) = dictionary(&self.series, |s| &s.experiment);
         let (key_values, key_of_series) = dictionary(&self.series, |s| &s.key);
-
         let perm = self.sort_permutation(&rank);
 
+        let chunk = |r: RowRef| &self.chunks[(r >> 32) as usize];
+        let row = |r: RowRef| (r & 0xffff_ffff) as usize;
         let gather_series = |of_series: &[i32]| -> Int32Array {
             perm.iter()
-                .map(|&i| of_series[self.row_series[i as usize] as usize])
+                .map(|&r| of_series[chunk(r).series(row(r)) as usize])
                 .collect::<Vec<i32>>()
                 .into()
         };
@@ -227,63 +219,54 @@ impl MetricsBuffer {
         )?;
         let step: UInt64Array = perm
             .iter()
-            .map(|&i| self.steps[i as usize])
+            .map(|&r| self.step(r))
             .collect::<Vec<_>>()
             .into();
         let wallclock: UInt64Array = perm
             .iter()
-            .map(|&i| self.wallclocks[i as usize])
+            .map(|&r| chunk(r).block.wallclocks[row(r)])
             .collect::<Vec<_>>()
             .into();
-        let doubles: Vec<f64> = perm.iter().map(|&i| self.values[i as usize]).collect();
-        let value_double = if self.strings.is_empty() && self.bytes.is_empty() {
+        let doubles: Vec<f64> = perm
+            .iter()
+            .map(|&r| chunk(r).block.values[row(r)])
+            .collect();
+        let any_strings = self.chunks.iter().any(|c| !c.block.strings.is_empty());
+        let any_bytes = self.chunks.iter().any(|c| !c.block.bytes.is_empty());
+        let value_double = if !any_strings && !any_bytes {
             Float64Array::from(doubles)
         } else {
-            let mut numeric = vec![true; n];
-            for &(r, _) in &self.strings {
-                numeric[r as usize] = false;
-            }
-            for &(r, _) in &self.bytes {
-                numeric[r as usize] = false;
-            }
-            let valid: BooleanBuffer = perm.iter().map(|&i| numeric[i as usize]).collect();
+            let valid: BooleanBuffer = perm
+                .iter()
+                .map(|&r| {
+                    let (c, i) = (chunk(r), row(r) as u32);
+                    Chunk::sparse(&c.block.strings, i).is_none()
+                        && Chunk::sparse(&c.block.bytes, i).is_none()
+                })
+                .collect();
             Float64Array::new(doubles.into(), Some(NullBuffer::new(valid)))
         };
-        let value_string: ArrayRef = if self.strings.is_empty() {
-            new_null_array(&DataType::Utf8, n)
-        } else {
+        let value_string: ArrayRef = if any_strings {
             let mut b = StringBuilder::new();
-            for &i in &perm {
-                match self.strings.binary_search_by_key(&i, |(r, _)| *r) {
-                    Ok(j) => b.append_value(&self.strings[j].1),
-                    Err(_) => b.append_null(),
-                }
+            for &r in &perm {
+                b.append_option(Chunk::sparse(&chunk(r).block.strings, row(r) as u32));
             }
             Arc::new(b.finish())
-        };
-        let value_bytes: ArrayRef = if self.bytes.is_empty() {
-            new_null_array(&DataType::Binary, n)
         } else {
+            new_null_array(&DataType::Utf8, n)
+        };
+        let value_bytes: ArrayRef = if any_bytes {
             let mut b = BinaryBuilder::new();
-            for &i in &perm {
-                match self.bytes.binary_search_by_key(&i, |(r, _)| *r) {
-                    Ok(j) => b.append_value(&self.bytes[j].1),
-                    Err(_) => b.append_null(),
-                }
+            for &r in &perm {
+                b.append_option(Chunk::sparse(&chunk(r).block.bytes, row(r) as u32));
             }
             Arc::new(b.finish())
+        } else {
+            new_null_array(&DataType::Binary, n)
         };
-        let mut ingested_by_row = Vec::with_capacity(n);
-        for (run, &(first, at)) in self.ingested.iter().enumerate() {
-            let end = self
-                .ingested
-                .get(run + 1)
-                .map_or(n, |&(next, _)| next as usize);
-            ingested_by_row.resize(end.max(first as usize), at);
-        }
         let ingested_at = TimestampMicrosecondArray::from(
             perm.iter()
-                .map(|&i| ingested_by_row[i as usize])
+                .map(|&r| chunk(r).ingested_at)
                 .collect::<Vec<_>>(),
         )
         .with_timezone("UTC");
