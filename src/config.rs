@@ -33,6 +33,12 @@ pub enum Durability {
     /// Acknowledge once the batch is in the bounded in-memory queue. Survives a
     /// graceful shutdown (the queues are drained), not a crash. The fastest mode.
     Memory,
+    /// Acknowledge once the batch is written to the write-ahead log. Survives a
+    /// process crash, not a power loss.
+    WalWrite,
+    /// Acknowledge once the batch is written to the write-ahead log and fsynced
+    /// (group-committed). Survives a crash and a power loss. The default.
+    WalFsync,
 }
 
 /// What a request does when the memory budget or a queue is full.
@@ -61,6 +67,22 @@ pub struct Limits {
     pub max_metadata_bytes: usize,
     /// Longest experiment name, owner, namespace or external id, in bytes.
     pub max_name_bytes: usize,
+}
+
+impl Limits {
+    /// No limits: for records replayed from the write-ahead log, which were valid when
+    /// accepted even if the limits have been lowered since.
+    pub fn unbounded() -> Self {
+        Self {
+            max_message_bytes: usize::MAX,
+            max_points_per_request: usize::MAX,
+            max_events_per_request: usize::MAX,
+            max_key_bytes: usize::MAX,
+            max_value_bytes: usize::MAX,
+            max_metadata_bytes: usize::MAX,
+            max_name_bytes: usize::MAX,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -116,6 +138,8 @@ pub struct Config {
     pub daemon_id: Option<String>,
     /// Acknowledgement policy.
     pub durability: Durability,
+    /// Size at which the write-ahead log starts a new segment.
+    pub wal_segment_bytes: u64,
     /// Upper bound on bytes held in queues and writer buffers.
     pub max_buffered_bytes: usize,
     /// Capacity, in batches, of each writer's queue.
@@ -153,7 +177,8 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8085)),
             data_dir: PathBuf::from("./mbox-data"),
             daemon_id: None,
-            durability: Durability::Memory,
+            durability: Durability::WalFsync,
+            wal_segment_bytes: 64 << 20,
             max_buffered_bytes: 1 << 30,
             queue_batches: 1024,
             when_full: WhenFull::Wait(Duration::from_millis(500)),
@@ -211,6 +236,9 @@ impl Config {
         if self.writer_threads == 0 {
             return invalid("ingest.writer_threads", "must be at least 1");
         }
+        if self.wal_segment_bytes < 1 << 20 {
+            return invalid("wal.segment_bytes", "must be at least 1 MiB");
+        }
         if self.max_concurrent_requests == 0 {
             return invalid("ingest.max_concurrent_requests", "must be at least 1");
         }
@@ -245,6 +273,8 @@ pub struct FileConfig {
     writer: WriterSection,
     #[serde(default)]
     limits: LimitsSection,
+    #[serde(default)]
+    wal: WalSection,
     #[serde(default)]
     log: LogSection,
 }
@@ -297,6 +327,12 @@ struct LimitsSection {
     max_value_bytes: Option<usize>,
     max_metadata_bytes: Option<usize>,
     max_name_bytes: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WalSection {
+    segment_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -359,6 +395,7 @@ impl FileConfig {
         set(&mut c.limits.max_value_bytes, l.max_value_bytes);
         set(&mut c.limits.max_metadata_bytes, l.max_metadata_bytes);
         set(&mut c.limits.max_name_bytes, l.max_name_bytes);
+        set(&mut c.wal_segment_bytes, self.wal.segment_bytes);
         set(&mut c.log_format, self.log.format);
         c.validate()
     }

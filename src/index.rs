@@ -7,6 +7,17 @@
 //! - `metadata`: (parent id, key) → [`MetadataEntry`] (JSON)
 //! - `files`: object key → [`FileEntry`] (JSON); keys start with the partition
 //!   folder, so a prefix scan lists one table's files for one namespace.
+//! - `publish_intents`: object key → [`PublishIntent`] (JSON), written before a file
+//!   is renamed into place and removed with the manifest entry.
+//! - `published_pieces`: (WAL seq, partition folder) → experiment ids (JSON) whose
+//!   rows of that record are in a published file; replay skips them. Entries below
+//!   the oldest WAL segment on disk are forgotten.
+//!
+//! Exactly-once publication: intent (durable) → rename → manifest entry, published
+//! pieces and intent removal in one transaction. After a crash, an intent whose file
+//! exists is completed, and one whose file does not is dropped (its rows replay from
+//! the WAL). So every file on disk is in the manifest, and every WAL record's rows
+//! are published once.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,6 +34,8 @@ const EXPERIMENTS_BY_NS: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("experiments_by_namespace");
 const METADATA: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("metadata");
 const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
+const INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("publish_intents");
+const PUBLISHED: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("published_pieces");
 
 /// Errors from the index.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +87,16 @@ impl FileEntry {
     }
 }
 
+/// A file about to be published, and the WAL pieces it holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishIntent {
+    pub entry: FileEntry,
+    /// The partition folder, e.g. `metrics/namespace=cv/date=2026-11-26`.
+    pub partition: String,
+    /// (WAL seq, experiment id) pieces in the file, sorted and distinct.
+    pub pieces: Vec<(u64, String)>,
+}
+
 /// Fields of a CreateExperiment request, validated.
 #[derive(Debug, Clone)]
 pub struct NewExperiment {
@@ -105,6 +128,8 @@ impl Index {
             txn.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
             txn.open_table(METADATA).map_err(storage)?;
             txn.open_table(FILES).map_err(storage)?;
+            txn.open_table(INTENTS).map_err(storage)?;
+            txn.open_table(PUBLISHED).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
 
@@ -258,13 +283,111 @@ impl Index {
         Ok(out)
     }
 
-    /// Records a published file in the manifest (durably).
-    pub fn record_file(&self, entry: &FileEntry) -> Result<(), IndexError> {
+    /// Durably records that `intent`'s file is about to be renamed into place.
+    pub fn begin_publish(&self, intent: &PublishIntent) -> Result<(), IndexError> {
         let txn = self.db.begin_write().map_err(storage)?;
-        txn.open_table(FILES)
+        txn.open_table(INTENTS)
             .map_err(storage)?
-            .insert(entry.key.as_str(), encode(entry).as_slice())
+            .insert(intent.entry.key.as_str(), encode(intent).as_slice())
             .map_err(storage)?;
+        txn.commit().map_err(storage)
+    }
+
+    /// Records the published file and its WAL pieces and drops the intent, in one
+    /// transaction. Also forgets published pieces below `forget_below` (WAL records
+    /// that no longer exist).
+    pub fn commit_publish(
+        &self,
+        intent: &PublishIntent,
+        forget_below: u64,
+    ) -> Result<(), IndexError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        {
+            txn.open_table(FILES)
+                .map_err(storage)?
+                .insert(intent.entry.key.as_str(), encode(&intent.entry).as_slice())
+                .map_err(storage)?;
+            txn.open_table(INTENTS)
+                .map_err(storage)?
+                .remove(intent.entry.key.as_str())
+                .map_err(storage)?;
+            let mut published = txn.open_table(PUBLISHED).map_err(storage)?;
+            let mut i = 0;
+            while i < intent.pieces.len() {
+                let seq = intent.pieces[i].0;
+                let key = (seq, intent.partition.as_str());
+                let mut experiments: Vec<String> = match published.get(key).map_err(storage)? {
+                    Some(v) => decode("published piece", v.value())?,
+                    None => Vec::new(),
+                };
+                while i < intent.pieces.len() && intent.pieces[i].0 == seq {
+                    experiments.push(intent.pieces[i].1.clone());
+                    i += 1;
+                }
+                experiments.sort();
+                experiments.dedup();
+                published
+                    .insert(key, encode(&experiments).as_slice())
+                    .map_err(storage)?;
+            }
+            forget_published(&mut published, forget_below)?;
+        }
+        txn.commit().map_err(storage)
+    }
+
+    /// Completes or drops publications a crash interrupted: an intent whose file
+    /// exists (per `exists`) is committed, others are dropped. Returns (completed,
+    /// dropped).
+    pub fn recover_intents(
+        &self,
+        exists: impl Fn(&str) -> bool,
+    ) -> Result<(usize, usize), IndexError> {
+        let intents: Vec<PublishIntent> = {
+            let read = self.db.begin_read().map_err(storage)?;
+            let table = read.open_table(INTENTS).map_err(storage)?;
+            let mut out = Vec::new();
+            for row in table.iter().map_err(storage)? {
+                let (key, value) = row.map_err(storage)?;
+                out.push(decode(key.value(), value.value())?);
+            }
+            out
+        };
+        let (mut completed, mut dropped) = (0, 0);
+        for intent in intents {
+            if exists(&intent.entry.key) {
+                self.commit_publish(&intent, 0)?;
+                completed += 1;
+            } else {
+                let txn = self.db.begin_write().map_err(storage)?;
+                txn.open_table(INTENTS)
+                    .map_err(storage)?
+                    .remove(intent.entry.key.as_str())
+                    .map_err(storage)?;
+                txn.commit().map_err(storage)?;
+                dropped += 1;
+            }
+        }
+        Ok((completed, dropped))
+    }
+
+    /// Experiments whose rows of WAL record `seq` in `partition` are published.
+    pub fn published_experiments(
+        &self,
+        seq: u64,
+        partition: &str,
+    ) -> Result<Vec<String>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let table = read.open_table(PUBLISHED).map_err(storage)?;
+        match table.get((seq, partition)).map_err(storage)? {
+            Some(v) => decode("published piece", v.value()),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Forgets published pieces of WAL records below `seq`.
+    pub fn forget_published_below(&self, seq: u64) -> Result<(), IndexError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        forget_published(&mut txn.open_table(PUBLISHED).map_err(storage)?, seq)?;
         txn.commit().map_err(storage)
     }
 
@@ -307,6 +430,25 @@ fn write_metadata(
     Ok(())
 }
 
+fn forget_published(
+    table: &mut redb::Table<(u64, &str), &[u8]>,
+    below: u64,
+) -> Result<(), IndexError> {
+    if below == 0 {
+        return Ok(());
+    }
+    let keys: Vec<(u64, String)> = table
+        .range((0, "")..(below, ""))
+        .map_err(storage)?
+        .map(|row| row.map(|(k, _)| (k.value().0, k.value().1.to_owned())))
+        .collect::<Result<_, _>>()
+        .map_err(storage)?;
+    for (seq, partition) in keys {
+        table.remove((seq, partition.as_str())).map_err(storage)?;
+    }
+    Ok(())
+}
+
 fn experiment_ref(record: &ExperimentRecord) -> ExperimentRef {
     ExperimentRef {
         id: Arc::from(record.id.as_str()),
@@ -330,6 +472,57 @@ fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, I
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn intent(key: &str, seq: u64) -> PublishIntent {
+        PublishIntent {
+            entry: FileEntry {
+                key: key.into(),
+                rows: 1,
+                bytes: 1,
+                min_experiment: "e".into(),
+                max_experiment: "e".into(),
+                created_at: 0,
+            },
+            partition: "metrics/namespace=a/date=2026-01-01".into(),
+            pieces: vec![(seq, "e".into())],
+        }
+    }
+
+    #[test]
+    fn interrupted_publications_complete_if_the_file_exists_else_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("i.redb")).unwrap();
+        index
+            .begin_publish(&intent(
+                "metrics/namespace=a/date=2026-01-01/landed.parquet",
+                1,
+            ))
+            .unwrap();
+        index
+            .begin_publish(&intent(
+                "metrics/namespace=a/date=2026-01-01/lost.parquet",
+                2,
+            ))
+            .unwrap();
+        let (completed, dropped) = index
+            .recover_intents(|k| k.ends_with("landed.parquet"))
+            .unwrap();
+        assert_eq!((completed, dropped), (1, 1));
+        let files: Vec<_> = index
+            .files(Table::Metrics, "a")
+            .unwrap()
+            .into_iter()
+            .map(|f| f.key)
+            .collect();
+        assert_eq!(
+            files,
+            ["metrics/namespace=a/date=2026-01-01/landed.parquet"]
+        );
+        let part = "metrics/namespace=a/date=2026-01-01";
+        assert_eq!(index.published_experiments(1, part).unwrap(), ["e"]);
+        assert!(index.published_experiments(2, part).unwrap().is_empty());
+        assert_eq!(index.recover_intents(|_| true).unwrap(), (0, 0));
+    }
 
     fn new_exp(name: &str) -> NewExperiment {
         NewExperiment {
@@ -360,16 +553,20 @@ mod tests {
             index
                 .update_metadata(&id, &[("opt".into(), json!({"name": "adam"}))])
                 .unwrap();
-            index
-                .record_file(&FileEntry {
+            let intent = PublishIntent {
+                entry: FileEntry {
                     key: "metrics/namespace=cv/date=2026-01-01/x.parquet".into(),
                     rows: 3,
                     bytes: 10,
                     min_experiment: id.clone(),
                     max_experiment: id.clone(),
                     created_at: 1,
-                })
-                .unwrap();
+                },
+                partition: "metrics/namespace=cv/date=2026-01-01".into(),
+                pieces: vec![(5, id.clone()), (6, id.clone())],
+            };
+            index.begin_publish(&intent).unwrap();
+            index.commit_publish(&intent, 0).unwrap();
         }
         let index = Index::open(&path).unwrap();
         assert!(index.experiment_ref(&id).is_some());
@@ -382,6 +579,17 @@ mod tests {
         assert_eq!(index.files(Table::Metrics, "cv").unwrap().len(), 1);
         assert!(index.files(Table::Metrics, "c").unwrap().is_empty());
         assert!(index.files(Table::Events, "cv").unwrap().is_empty());
+        let part = "metrics/namespace=cv/date=2026-01-01";
+        assert_eq!(index.published_experiments(5, part).unwrap(), [id.as_str()]);
+        assert!(
+            index
+                .published_experiments(5, "events/namespace=cv/date=2026-01-01")
+                .unwrap()
+                .is_empty()
+        );
+        index.forget_published_below(6).unwrap();
+        assert!(index.published_experiments(5, part).unwrap().is_empty());
+        assert_eq!(index.published_experiments(6, part).unwrap(), [id.as_str()]);
         assert!(matches!(
             index.update_metadata("nope", &[]),
             Err(IndexError::ExperimentNotFound(_))

@@ -29,6 +29,8 @@
 //! - [`paths`]: the storage layout (the contract with analytics) in one place.
 //! - [`sink`]: atomic publication of finished files.
 //! - [`query`]: the read path, merging published files with unflushed buffers.
+//! - [`recovery`]: start-up replay of the write-ahead log, exactly once.
+//! - [`wal`]: the write-ahead log: framed segments, group commit, replay, truncation.
 //! - [`telemetry`]: tracing set-up.
 //! - [`server`]: start-up, wiring and ordered graceful shutdown.
 
@@ -39,9 +41,11 @@ pub mod ingest;
 pub mod model;
 pub mod paths;
 pub mod query;
+pub mod recovery;
 pub mod server;
 pub mod sink;
 pub mod telemetry;
+pub mod wal;
 pub mod writer;
 
 /// Code generated from `proto/modelbox.proto`.

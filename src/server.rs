@@ -14,12 +14,14 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::ModelStoreService;
-use crate::config::Config;
+use crate::config::{Config, Durability};
 use crate::index::{Index, IndexError};
 use crate::ingest::{Ingest, MemoryBudget};
-use crate::paths::valid_daemon_id;
+use crate::paths::{ObjectKey, valid_daemon_id};
 use crate::proto::model_store_server::ModelStoreServer;
+use crate::recovery::{self, RecoveryError};
 use crate::sink::{LocalSink, SinkError};
+use crate::wal::{SyncMode, Wal, WalConfig, WalError};
 use crate::writer::{self, WriterContext};
 
 /// Errors starting or running the server.
@@ -39,6 +41,10 @@ pub enum ServerError {
     Sink(#[from] SinkError),
     #[error("starting a writer thread: {0}")]
     Thread(std::io::Error),
+    #[error("opening the write-ahead log: {0}")]
+    Wal(#[from] WalError),
+    #[error("replaying the write-ahead log: {0}")]
+    Recovery(#[from] RecoveryError),
     #[error("serving gRPC: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("writers did not finish within the shutdown timeout")]
@@ -106,6 +112,31 @@ pub async fn run(
     let index = Arc::new(Index::open(&config.data_dir.join("index.redb"))?);
     let sink = LocalSink::open(&config.data_dir, &config.data_dir.join("_staging"))?;
 
+    // Recovery, before anything is served: finish interrupted publications, then
+    // read the WAL back (it is always opened, so records a previous run left are
+    // replayed even if durability has since been set to memory).
+    let (completed, dropped) = index.recover_intents(|key| {
+        sink.path_of(&ObjectKey::from_manifest(key.to_owned()))
+            .exists()
+    })?;
+    if completed + dropped > 0 {
+        tracing::warn!(
+            completed,
+            dropped,
+            "finished publications a crash interrupted"
+        );
+    }
+    let (wal, replayed) = Wal::open(WalConfig {
+        dir: config.data_dir.join("wal"),
+        segment_bytes: config.wal_segment_bytes,
+        sync: match config.durability {
+            Durability::WalWrite => SyncMode::Write,
+            Durability::WalFsync | Durability::Memory => SyncMode::Fsync,
+        },
+    })?;
+    let wal = Arc::new(wal);
+    index.forget_published_below(wal.retained_from())?;
+
     let budget = MemoryBudget::new(config.max_buffered_bytes);
     let (ingest, receivers) = Ingest::new(
         config.writer_threads,
@@ -113,6 +144,7 @@ pub async fn run(
         budget,
         config.when_full,
         config.durability,
+        Some(Arc::clone(&wal)),
     );
     let ingest = Arc::new(ingest);
     let ctx = WriterContext {
@@ -120,6 +152,7 @@ pub async fn run(
         sink: sink.clone(),
         daemon_id: Arc::clone(&daemon_id),
         roll: config.roll.clone(),
+        wal: Some((Arc::clone(wal.tracker()), wal.retained_from_handle())),
     };
     let writers = receivers
         .into_iter()
@@ -127,6 +160,8 @@ pub async fn run(
         .map(|(i, rx)| writer::spawn(i, ctx.clone(), rx))
         .collect::<Result<Vec<_>, _>>()
         .map_err(ServerError::Thread)?;
+
+    recovery::replay(replayed, &index, &ingest, wal.tracker()).await?;
 
     let service = ModelStoreService::new(
         Arc::clone(&index),
@@ -171,6 +206,8 @@ pub async fn run(
         }
     });
     let drained = tokio::time::timeout(config.shutdown_timeout, joined).await;
+    let wal_closed = tokio::task::spawn_blocking(move || wal.close());
+    let _ = tokio::time::timeout(config.shutdown_timeout, wal_closed).await;
     served?;
     match drained {
         Ok(_) => {

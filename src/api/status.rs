@@ -61,6 +61,13 @@ impl From<ApiError> for Status {
                 Status::resource_exhausted(err.to_string())
             }
             ApiError::Ingest(IngestError::ShuttingDown) => Status::unavailable(err.to_string()),
+            // Storage trouble is retryable: nothing of the request was accepted.
+            ApiError::Ingest(IngestError::Wal(e)) if e.is_out_of_space() => {
+                Status::resource_exhausted(format!("data folder is full: {e}"))
+            }
+            ApiError::Ingest(IngestError::Wal(e)) => {
+                Status::unavailable(format!("storage is failing: {e}"))
+            }
             ApiError::Ingest(_) | ApiError::Index(_) | ApiError::Query(_) | ApiError::Task(_) => {
                 // Details go to the log, not to the client.
                 tracing::error!(error = %err, "request failed");

@@ -226,7 +226,8 @@ fn single_point(
     Ok(block)
 }
 
-fn block(
+/// Validates one columnar block (also used to re-check blocks replayed from the WAL).
+pub fn block(
     field: &str,
     b: proto::MetricsBlock,
     index: &Index,

@@ -42,7 +42,7 @@ impl Chunk {
         self.series_of_key[self.block.key_index[row] as usize]
     }
 
-    fn sparse<'a, T>(column: &'a crate::model::SparseColumn<T>, row: u32) -> Option<&'a T> {
+    fn sparse<T>(column: &crate::model::SparseColumn<T>, row: u32) -> Option<&T> {
         column
             .rows
             .binary_search(&row)

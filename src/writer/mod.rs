@@ -10,6 +10,7 @@ pub mod schema;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -21,11 +22,12 @@ use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
 
 use crate::config::RollPolicy;
-use crate::index::{FileEntry, Index, IndexError};
+use crate::index::{FileEntry, Index, IndexError, PublishIntent};
 use crate::ingest::{Command, Reservation, Snapshot};
 use crate::model::{EventsBatch, ExperimentRef, MetricsBatch, now_micros};
 use crate::paths::{ObjectKey, PartitionKey, Table, utc_date};
 use crate::sink::{LocalSink, SinkError};
+use crate::wal::{Seq, Tracker};
 
 use events::EventsBuffer;
 use metrics::MetricsBuffer;
@@ -51,6 +53,8 @@ pub struct WriterContext {
     pub sink: LocalSink,
     pub daemon_id: Arc<str>,
     pub roll: RollPolicy,
+    /// Where published WAL records are released, and the oldest record still on disk.
+    pub wal: Option<(Arc<Tracker>, Arc<AtomicU64>)>,
 }
 
 /// Starts writer thread `id` reading `rx`. It returns once told to shut down (or
@@ -71,6 +75,8 @@ struct Partition<B> {
     buffer: B,
     reservations: Vec<Reservation>,
     bytes: usize,
+    /// (WAL seq, experiment) of every block appended, for exactly-once bookkeeping.
+    wal: Vec<(Seq, Arc<str>)>,
     /// When the oldest buffered row arrived (or the last failed publish).
     since: Instant,
 }
@@ -81,6 +87,7 @@ impl<B: Default> Partition<B> {
             buffer: B::default(),
             reservations: Vec::new(),
             bytes: 0,
+            wal: Vec::new(),
             since: Instant::now(),
         }
     }
@@ -115,8 +122,12 @@ impl Writer {
             (self.ctx.roll.max_age / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         loop {
             match rx.recv_timeout(tick) {
-                Ok(Command::Metrics(batch, reservation)) => self.add_metrics(batch, reservation),
-                Ok(Command::Events(batch, reservation)) => self.add_events(batch, reservation),
+                Ok(Command::Metrics(batch, reservation, seq)) => {
+                    self.add_metrics(batch, reservation, seq)
+                }
+                Ok(Command::Events(batch, reservation, seq)) => {
+                    self.add_events(batch, reservation, seq)
+                }
                 Ok(Command::Snapshot(experiment, reply)) => {
                     let _ = reply.send(self.snapshot(&experiment));
                 }
@@ -142,7 +153,7 @@ impl Writer {
         }
     }
 
-    fn add_metrics(&mut self, batch: MetricsBatch, reservation: Reservation) {
+    fn add_metrics(&mut self, batch: MetricsBatch, reservation: Reservation, seq: Option<Seq>) {
         let at = batch.ingested_at();
         let date = utc_date(at);
         let mut reservation = Some(reservation);
@@ -157,6 +168,9 @@ impl Writer {
                 .metrics
                 .entry(key.clone())
                 .or_insert_with(Partition::new);
+            if let Some(seq) = seq {
+                partition.wal.push((seq, Arc::clone(&block.experiment.id)));
+            }
             partition.buffer.append(block, at);
             if let Some(r) = reservation.take() {
                 partition.hold(r);
@@ -175,7 +189,7 @@ impl Writer {
         }
     }
 
-    fn add_events(&mut self, batch: EventsBatch, reservation: Reservation) {
+    fn add_events(&mut self, batch: EventsBatch, reservation: Reservation, seq: Option<Seq>) {
         let at = batch.ingested_at();
         let key = PartitionKey {
             table: Table::Events,
@@ -187,6 +201,9 @@ impl Writer {
             .events
             .entry(key.clone())
             .or_insert_with(Partition::new);
+        if let Some(seq) = seq {
+            partition.wal.push((seq, Arc::clone(&experiment)));
+        }
         partition
             .buffer
             .append(&experiment, batch.into_events(), at);
@@ -229,7 +246,15 @@ impl Writer {
             .to_record_batch()
             .map_err(WriterError::from)
             .and_then(|(batch, min, max)| {
-                write_file(&self.ctx, &self.props, key, &batch, min, max)
+                write_file(
+                    &self.ctx,
+                    &self.props,
+                    key,
+                    &batch,
+                    min,
+                    max,
+                    &partition.wal,
+                )
             });
         match written {
             // Dropping the partition releases its memory reservations.
@@ -250,7 +275,15 @@ impl Writer {
             .to_record_batch()
             .map_err(WriterError::from)
             .and_then(|(batch, min, max)| {
-                write_file(&self.ctx, &self.props, key, &batch, min, max)
+                write_file(
+                    &self.ctx,
+                    &self.props,
+                    key,
+                    &batch,
+                    min,
+                    max,
+                    &partition.wal,
+                )
             });
         match written {
             Ok(_) => drop(self.events.remove(key)),
@@ -300,7 +333,9 @@ impl Writer {
     }
 }
 
-/// Encodes `batch` into a staged file, publishes it and records it in the manifest.
+/// Encodes `batch` into a staged file and publishes it exactly once: a durable
+/// intent, the atomic rename, then the manifest entry with the WAL pieces the file
+/// holds (see [`crate::index`]). Then the pieces are released from the WAL.
 fn write_file(
     ctx: &WriterContext,
     props: &WriterProperties,
@@ -308,37 +343,64 @@ fn write_file(
     batch: &RecordBatch,
     min_experiment: String,
     max_experiment: String,
+    wal_blocks: &[(Seq, Arc<str>)],
 ) -> Result<FileEntry, WriterError> {
     let started = Instant::now();
     let mut staged = ctx.sink.stage()?;
-    let encoded = (|| -> Result<(), ParquetError> {
+    let encoded = (|| -> Result<u64, ParquetError> {
         let mut writer =
             ArrowWriter::try_new(&mut staged.file, batch.schema(), Some(props.clone()))?;
         writer.write(batch)?;
-        writer.close()?;
-        Ok(())
+        writer.finish()?;
+        Ok(writer.bytes_written() as u64)
     })();
-    if let Err(e) = encoded {
+    let bytes = match encoded {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            ctx.sink.discard(staged);
+            return Err(e.into());
+        }
+    };
+    let key = ObjectKey::new_file(partition, &ctx.daemon_id);
+    let mut pieces: Vec<(u64, String)> = wal_blocks
+        .iter()
+        .map(|(s, e)| (*s, e.to_string()))
+        .collect();
+    pieces.sort();
+    pieces.dedup();
+    let intent = PublishIntent {
+        entry: FileEntry {
+            key: key.as_str().to_owned(),
+            rows: batch.num_rows() as u64,
+            bytes,
+            min_experiment,
+            max_experiment,
+            created_at: now_micros(),
+        },
+        partition: partition.dir(),
+        pieces,
+    };
+    if let Err(e) = ctx.index.begin_publish(&intent) {
         ctx.sink.discard(staged);
         return Err(e.into());
     }
-    let key = ObjectKey::new_file(partition, &ctx.daemon_id);
-    let bytes = ctx.sink.publish(staged, &key)?;
-    let entry = FileEntry {
-        key: key.as_str().to_owned(),
-        rows: batch.num_rows() as u64,
-        bytes,
-        min_experiment,
-        max_experiment,
-        created_at: now_micros(),
-    };
-    ctx.index.record_file(&entry)?;
+    ctx.sink.publish(staged, &key)?;
+    let forget_below = ctx
+        .wal
+        .as_ref()
+        .map_or(0, |(_, from)| from.load(Ordering::Acquire));
+    ctx.index.commit_publish(&intent, forget_below)?;
+    if let Some((tracker, _)) = &ctx.wal {
+        for (seq, _) in wal_blocks {
+            tracker.release(*seq, 1);
+        }
+    }
     tracing::debug!(
         file = %key,
-        rows = entry.rows,
+        rows = intent.entry.rows,
         bytes,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "published"
     );
-    Ok(entry)
+    Ok(intent.entry)
 }

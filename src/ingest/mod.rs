@@ -15,9 +15,12 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
+pub mod record;
+
 use crate::config::{Durability, WhenFull};
 use crate::index::{FileEntry, IndexError};
 use crate::model::{EventPoint, EventsBatch, ExperimentRef, MetricPoint, MetricsBatch};
+use crate::wal::{RecordKind, Seq, Wal, WalError};
 
 /// Errors submitting to the write path.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +44,9 @@ pub enum IngestError {
     /// Reading the file manifest for a snapshot failed.
     #[error(transparent)]
     Index(#[from] IndexError),
+    /// The write-ahead log could not make the batch durable; nothing was accepted.
+    #[error(transparent)]
+    Wal(#[from] WalError),
 }
 
 /// A byte budget shared by everything a batch passes through before publication.
@@ -128,8 +134,9 @@ pub struct Snapshot {
 /// Messages to a writer thread.
 #[derive(Debug)]
 pub enum Command {
-    Metrics(MetricsBatch, Reservation),
-    Events(EventsBatch, Reservation),
+    /// A batch, its memory reservation, and its WAL record (none without a WAL).
+    Metrics(MetricsBatch, Reservation, Option<Seq>),
+    Events(EventsBatch, Reservation, Option<Seq>),
     /// Answer with a [`Snapshot`] of one experiment.
     Snapshot(ExperimentRef, oneshot::Sender<Result<Snapshot, IndexError>>),
     /// Publish every buffered row, then answer.
@@ -145,6 +152,7 @@ pub struct Ingest {
     budget: Arc<MemoryBudget>,
     when_full: WhenFull,
     durability: Durability,
+    wal: Option<Arc<Wal>>,
     closed: AtomicBool,
 }
 
@@ -160,6 +168,7 @@ impl Ingest {
         budget: Arc<MemoryBudget>,
         when_full: WhenFull,
         durability: Durability,
+        wal: Option<Arc<Wal>>,
     ) -> (Self, Vec<Receiver<Command>>) {
         let (shards, receivers) = (0..writers.max(1))
             .map(|_| crossbeam_channel::bounded(queue_batches))
@@ -169,6 +178,11 @@ impl Ingest {
             budget,
             when_full,
             durability,
+            wal: if durability == Durability::Memory {
+                None
+            } else {
+                wal
+            },
             closed: AtomicBool::new(false),
         };
         (ingest, receivers)
@@ -197,12 +211,47 @@ impl Ingest {
     }
 
     /// Submits a metrics batch; returns the number of points once they are accepted
-    /// under the durability mode.
+    /// under the durability mode. A batch is accepted whole or not at all.
     pub async fn submit_metrics(&self, batch: MetricsBatch) -> Result<usize, IngestError> {
+        self.refuse_if_closed()?;
+        let reservation = self.reserve(batch.approx_bytes(), self.when_full).await?;
+        let seq = match &self.wal {
+            Some(wal) => {
+                let blocks = batch.blocks().len() as u32;
+                Some(
+                    wal.append(RecordKind::Metrics, record::encode_metrics(&batch), blocks)
+                        .await?,
+                )
+            }
+            None => None,
+        };
+        self.dispatch_metrics(batch, reservation, seq).await
+    }
+
+    /// Re-submits a batch read back from the WAL at start-up (already durable; its
+    /// record is held in the WAL tracker for each of its blocks). Waits for room.
+    pub async fn submit_replayed_metrics(
+        &self,
+        batch: MetricsBatch,
+        seq: Seq,
+    ) -> Result<usize, IngestError> {
+        let reservation = self
+            .reserve(batch.approx_bytes(), WhenFull::Wait(Duration::MAX))
+            .await?;
+        self.dispatch_metrics(batch, reservation, Some(seq)).await
+    }
+
+    /// Hands a reserved (and, with a WAL, durable) batch to its writers.
+    async fn dispatch_metrics(
+        &self,
+        batch: MetricsBatch,
+        mut reservation: Reservation,
+        seq: Option<Seq>,
+    ) -> Result<usize, IngestError> {
         let points = batch.points();
         if self.shards.len() == 1 {
-            let reservation = self.reserve(batch.approx_bytes()).await?;
-            self.send(0, Command::Metrics(batch, reservation)).await?;
+            self.send(0, Command::Metrics(batch, reservation, seq))
+                .await?;
             return Ok(points);
         }
         // Split the blocks by owning writer; each part is one whole batch for it.
@@ -211,34 +260,59 @@ impl Ingest {
         for block in batch.into_blocks() {
             parts[self.shard_of(&block.experiment.id)].push(block);
         }
-        let parts: Vec<_> = parts
+        let mut parts: Vec<_> = parts
             .into_iter()
             .enumerate()
             .filter(|(_, blocks)| !blocks.is_empty())
             .map(|(shard, blocks)| (shard, MetricsBatch::from_validated(blocks, ingested_at)))
             .collect();
-        // Reserve for all parts before sending any, so the batch is all-or-nothing.
-        let total = parts.iter().map(|(_, b)| b.approx_bytes()).sum();
-        let mut reservation = Some(self.reserve(total).await?);
-        let last = parts.len().saturating_sub(1);
-        for (i, (shard, part)) in parts.into_iter().enumerate() {
-            let r = if i == last {
-                reservation.take()
-            } else {
-                reservation.as_mut().map(|r| r.split(part.approx_bytes()))
-            };
-            let Some(r) = r else { break };
-            self.send(shard, Command::Metrics(part, r)).await?;
+        let last = parts.pop();
+        for (shard, part) in parts {
+            let r = reservation.split(part.approx_bytes());
+            self.send(shard, Command::Metrics(part, r, seq)).await?;
+        }
+        if let Some((shard, part)) = last {
+            self.send(shard, Command::Metrics(part, reservation, seq))
+                .await?;
         }
         Ok(points)
     }
 
     /// Submits an events batch; returns the number of events accepted.
     pub async fn submit_events(&self, batch: EventsBatch) -> Result<usize, IngestError> {
+        self.refuse_if_closed()?;
+        let reservation = self.reserve(batch.approx_bytes(), self.when_full).await?;
+        let seq = match &self.wal {
+            Some(wal) => Some(
+                wal.append(RecordKind::Events, record::encode_events(&batch), 1)
+                    .await?,
+            ),
+            None => None,
+        };
+        self.dispatch_events(batch, reservation, seq).await
+    }
+
+    /// Re-submits an events batch read back from the WAL at start-up.
+    pub async fn submit_replayed_events(
+        &self,
+        batch: EventsBatch,
+        seq: Seq,
+    ) -> Result<usize, IngestError> {
+        let reservation = self
+            .reserve(batch.approx_bytes(), WhenFull::Wait(Duration::MAX))
+            .await?;
+        self.dispatch_events(batch, reservation, Some(seq)).await
+    }
+
+    async fn dispatch_events(
+        &self,
+        batch: EventsBatch,
+        reservation: Reservation,
+        seq: Option<Seq>,
+    ) -> Result<usize, IngestError> {
         let n = batch.events().len();
         let shard = self.shard_of(&batch.experiment().id);
-        let reservation = self.reserve(batch.approx_bytes()).await?;
-        self.send(shard, Command::Events(batch, reservation))
+        self.send(shard, Command::Events(batch, reservation, seq))
             .await?;
         Ok(n)
     }
@@ -248,7 +322,7 @@ impl Ingest {
     pub async fn snapshot(&self, experiment: &ExperimentRef) -> Result<Snapshot, IngestError> {
         let shard = self.shard_of(&experiment.id);
         let (tx, rx) = oneshot::channel();
-        self.send_control(shard, Command::Snapshot(experiment.clone(), tx))
+        self.send(shard, Command::Snapshot(experiment.clone(), tx))
             .await?;
         Ok(rx.await.map_err(|_| IngestError::WriterGone(shard))??)
     }
@@ -257,7 +331,7 @@ impl Ingest {
     pub async fn flush(&self) -> Result<(), IngestError> {
         for shard in 0..self.shards.len() {
             let (tx, rx) = oneshot::channel();
-            self.send_control(shard, Command::Flush(tx)).await?;
+            self.send(shard, Command::Flush(tx)).await?;
             rx.await.map_err(|_| IngestError::WriterGone(shard))?;
         }
         Ok(())
@@ -273,19 +347,24 @@ impl Ingest {
         }
     }
 
-    async fn reserve(&self, bytes: usize) -> Result<Reservation, IngestError> {
+    fn refuse_if_closed(&self) -> Result<(), IngestError> {
         if self.closed.load(Ordering::Relaxed) {
             return Err(IngestError::ShuttingDown);
         }
+        Ok(())
+    }
+
+    /// Reserves room for `bytes`, waiting as `when_full` allows.
+    async fn reserve(&self, bytes: usize, when_full: WhenFull) -> Result<Reservation, IngestError> {
         if bytes > self.budget.limit {
             return Err(IngestError::TooLarge {
                 bytes,
                 limit: self.budget.limit,
             });
         }
-        let deadline = match self.when_full {
-            WhenFull::Wait(wait) => Instant::now() + wait,
-            WhenFull::Reject => Instant::now(),
+        let deadline = match when_full {
+            WhenFull::Wait(wait) => Instant::now().checked_add(wait),
+            WhenFull::Reject => Some(Instant::now()),
         };
         loop {
             let released = self.budget.released.notified();
@@ -294,7 +373,14 @@ impl Ingest {
             if let Some(r) = self.budget.try_reserve(bytes) {
                 return Ok(r);
             }
-            if tokio::time::timeout_at(deadline, released).await.is_err() {
+            let timed_out = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, released).await.is_err(),
+                None => {
+                    released.await;
+                    false
+                }
+            };
+            if timed_out {
                 return Err(IngestError::Full {
                     what: "memory budget",
                     retry_after: RETRY_AFTER,
@@ -303,29 +389,15 @@ impl Ingest {
         }
     }
 
-    async fn send(&self, shard: usize, command: Command) -> Result<(), IngestError> {
-        if self.closed.load(Ordering::Relaxed) {
-            return Err(IngestError::ShuttingDown);
-        }
-        self.send_control(shard, command).await
-    }
-
-    async fn send_control(&self, shard: usize, mut command: Command) -> Result<(), IngestError> {
-        let deadline = match self.when_full {
-            WhenFull::Wait(wait) => Instant::now() + wait,
-            WhenFull::Reject => Instant::now(),
-        };
+    /// Queues a command for a writer. The byte budget already bounds what is queued,
+    /// so a queue full of small batches is waited out rather than refused: a batch
+    /// that reached here may already be in the WAL and must not be dropped.
+    async fn send(&self, shard: usize, mut command: Command) -> Result<(), IngestError> {
         loop {
             match self.shards[shard].try_send(command) {
                 Ok(()) => return Ok(()),
                 Err(TrySendError::Disconnected(_)) => return Err(IngestError::WriterGone(shard)),
                 Err(TrySendError::Full(back)) => {
-                    if Instant::now() >= deadline {
-                        return Err(IngestError::Full {
-                            what: "writer queue",
-                            retry_after: RETRY_AFTER,
-                        });
-                    }
                     command = back;
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
@@ -372,12 +444,14 @@ mod tests {
             Arc::clone(&budget),
             WhenFull::Wait(Duration::from_millis(30)),
             Durability::Memory,
+            None,
         );
-        let held = ingest.reserve(80).await.unwrap();
-        let err = ingest.reserve(30).await.unwrap_err();
+        let wait = WhenFull::Wait(Duration::from_millis(30));
+        let held = ingest.reserve(80, wait).await.unwrap();
+        let err = ingest.reserve(30, wait).await.unwrap_err();
         assert!(matches!(err, IngestError::Full { .. }), "{err}");
         // Released while waiting: the waiter gets in.
-        let waiter = async { ingest.reserve(30).await.map(|r| r.bytes()) };
+        let waiter = async { ingest.reserve(30, wait).await.map(|r| r.bytes()) };
         let release = async {
             tokio::time::sleep(Duration::from_millis(5)).await;
             drop(held);
@@ -385,7 +459,7 @@ mod tests {
         let (got, ()) = tokio::join!(waiter, release);
         assert_eq!(got.unwrap(), 30);
         assert!(matches!(
-            ingest.reserve(101).await,
+            ingest.reserve(101, wait).await,
             Err(IngestError::TooLarge {
                 bytes: 101,
                 limit: 100

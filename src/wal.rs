@@ -1,0 +1,746 @@
+//! The write-ahead log: durable, ordered records of accepted batches.
+//!
+//! Records are framed and appended to segment files named by their first sequence
+//! number (`wal/00000000000000000042.wal`). One thread owns the open segment and
+//! commits in groups: it takes every append waiting, writes them with one `write`,
+//! makes them durable with one `fdatasync` (in [`SyncMode::Fsync`]), and only then
+//! answers each caller, so many concurrent requests share one fsync.
+//!
+//! Frame (little-endian): magic `MBXW` (4) | version (1) | kind (1) | reserved (2) |
+//! payload length (4) | crc32 of seq and payload (4) | seq (8) | payload.
+//!
+//! On open, every segment is read back. A torn frame at the end of the newest segment
+//! (a crash mid-write) is truncated with a warning. Damage anywhere else is reported
+//! loudly; the segment is moved to `wal/corrupt/` for inspection, the intact frames
+//! before and after the damage are still replayed, and the daemon starts.
+//!
+//! A record stays needed until all its blocks are in published Parquet. The
+//! [`Tracker`] counts unpublished blocks per sequence number; a closed segment whose
+//! records are all released is deleted.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use tokio::sync::oneshot;
+
+/// A record's position in the log.
+pub type Seq = u64;
+
+const MAGIC: &[u8; 4] = b"MBXW";
+const VERSION: u8 = 1;
+const HEADER: usize = 24;
+/// Largest payload a frame may declare; anything larger is damage, not data.
+const MAX_PAYLOAD: usize = 1 << 30;
+/// Most bytes one group commit writes.
+const MAX_GROUP_BYTES: usize = 16 << 20;
+
+/// What a record holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RecordKind {
+    Metrics = 1,
+    Events = 2,
+}
+
+impl RecordKind {
+    fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(Self::Metrics),
+            2 => Some(Self::Events),
+            _ => None,
+        }
+    }
+}
+
+/// How appends are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// `write` only: survives a process crash, not a power loss.
+    Write,
+    /// `write` then `fdatasync`: survives both.
+    Fsync,
+}
+
+/// Errors from the log.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WalError {
+    #[error("write-ahead log: {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("write-ahead log is closed")]
+    Closed,
+}
+
+impl WalError {
+    /// Whether the failure is a full disk or quota (as opposed to another I/O error).
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(self, WalError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(28) | Some(122)))
+    }
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> WalError + 'a {
+    move |source| WalError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A record read back on open.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replayed {
+    pub seq: Seq,
+    pub kind: RecordKind,
+    pub payload: Vec<u8>,
+}
+
+/// Unpublished blocks per sequence number.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    pending: Mutex<BTreeMap<Seq, u32>>,
+}
+
+impl Tracker {
+    /// Adds `blocks` unpublished blocks to `seq`.
+    pub fn hold(&self, seq: Seq, blocks: u32) {
+        if blocks == 0 {
+            return;
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        *pending.entry(seq).or_insert(0) += blocks;
+    }
+
+    /// Marks `blocks` blocks of `seq` published.
+    pub fn release(&self, seq: Seq, blocks: u32) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = pending.get_mut(&seq) {
+            *n = n.saturating_sub(blocks);
+            if *n == 0 {
+                pending.remove(&seq);
+            }
+        }
+    }
+
+    /// The smallest sequence number still needed, if any.
+    pub fn oldest_pending(&self) -> Option<Seq> {
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.keys().next().copied()
+    }
+}
+
+/// Configuration of the log.
+#[derive(Debug, Clone)]
+pub struct WalConfig {
+    pub dir: PathBuf,
+    pub segment_bytes: u64,
+    pub sync: SyncMode,
+}
+
+#[derive(Debug)]
+struct Append {
+    kind: RecordKind,
+    payload: Vec<u8>,
+    blocks: u32,
+    reply: oneshot::Sender<Result<Seq, WalError>>,
+}
+
+/// A closed or open segment file and the sequence numbers it holds.
+#[derive(Debug)]
+struct Segment {
+    path: PathBuf,
+    first: Seq,
+    /// One past the last sequence number in it.
+    end: Seq,
+}
+
+/// The log's handle. Appends are answered once durable under the [`SyncMode`].
+#[derive(Debug)]
+pub struct Wal {
+    tx: Mutex<Option<Sender<Append>>>,
+    tracker: Arc<Tracker>,
+    /// The oldest sequence number still on disk; published-piece records below it
+    /// are no longer needed.
+    retained_from: Arc<AtomicU64>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Wal {
+    /// Opens the log in `config.dir`, returning it and the records to replay, in
+    /// order. Every replayed record is held in the tracker (one block) until the
+    /// caller has re-submitted it and calls [`Tracker::release`] for that hold.
+    pub fn open(config: WalConfig) -> Result<(Self, Vec<Replayed>), WalError> {
+        std::fs::create_dir_all(&config.dir).map_err(io_err("creating", &config.dir))?;
+        let mut names: Vec<(Seq, PathBuf)> = std::fs::read_dir(&config.dir)
+            .map_err(io_err("listing", &config.dir))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let path = e.path();
+                let first = path
+                    .file_name()?
+                    .to_str()?
+                    .strip_suffix(".wal")?
+                    .parse::<Seq>()
+                    .ok()?;
+                Some((first, path))
+            })
+            .collect();
+        names.sort();
+
+        let tracker = Arc::new(Tracker::default());
+        let mut replayed = Vec::new();
+        let mut segments = VecDeque::new();
+        let mut next: Seq = names.first().map_or(1, |(first, _)| *first);
+        let last = names.len().saturating_sub(1);
+        for (i, (first, path)) in names.into_iter().enumerate() {
+            let bytes = std::fs::read(&path).map_err(io_err("reading", &path))?;
+            let scan = scan(&bytes);
+            let end = scan.records.last().map_or(first.max(next), |r| r.seq + 1);
+            next = next.max(end);
+            for r in &scan.records {
+                tracker.hold(r.seq, 1);
+            }
+            match scan.damage {
+                None => {}
+                Some(at) if i == last && scan.records_after_damage == 0 => {
+                    tracing::warn!(
+                        segment = %path.display(),
+                        offset = at,
+                        dropped_bytes = bytes.len() - at,
+                        "truncating a torn record at the end of the write-ahead log (crash during a write)"
+                    );
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(io_err("opening", &path))?;
+                    f.set_len(at as u64).map_err(io_err("truncating", &path))?;
+                    f.sync_all().map_err(io_err("syncing", &path))?;
+                }
+                Some(at) => {
+                    let aside = config.dir.join("corrupt");
+                    std::fs::create_dir_all(&aside).map_err(io_err("creating", &aside))?;
+                    let target = aside.join(path.file_name().unwrap_or_default());
+                    tracing::error!(
+                        segment = %path.display(),
+                        offset = at,
+                        replayed = scan.records.len(),
+                        intact_after_damage = scan.records_after_damage,
+                        moved_to = %target.display(),
+                        "CORRUPT write-ahead log segment: replaying its intact records and keeping the file aside; records in the damaged bytes are lost"
+                    );
+                    std::fs::rename(&path, &target).map_err(io_err("moving aside", &path))?;
+                    replayed.extend(scan.records);
+                    continue;
+                }
+            }
+            replayed.extend(scan.records);
+            segments.push_back(Segment { path, first, end });
+        }
+
+        let retained_from = Arc::new(AtomicU64::new(segments.front().map_or(next, |s| s.first)));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let committer = Committer {
+            config,
+            rx,
+            tracker: Arc::clone(&tracker),
+            retained_from: Arc::clone(&retained_from),
+            segments,
+            open: None,
+            next,
+            buf: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("mboxd-wal".into())
+            .spawn(move || committer.run())
+            .map_err(io_err("starting the thread for", Path::new("wal")))?;
+        Ok((
+            Self {
+                tx: Mutex::new(Some(tx)),
+                tracker,
+                retained_from,
+                thread: Mutex::new(Some(thread)),
+            },
+            replayed,
+        ))
+    }
+
+    pub fn tracker(&self) -> &Arc<Tracker> {
+        &self.tracker
+    }
+
+    /// The oldest sequence number still kept on disk.
+    pub fn retained_from(&self) -> Seq {
+        self.retained_from.load(Ordering::Acquire)
+    }
+
+    /// Shared view of [`Self::retained_from`], for components that clean up after it.
+    pub fn retained_from_handle(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.retained_from)
+    }
+
+    /// Appends a record of `blocks` blocks; returns its sequence number once durable.
+    /// The record stays held in the tracker until every block is released.
+    pub async fn append(
+        &self,
+        kind: RecordKind,
+        payload: Vec<u8>,
+        blocks: u32,
+    ) -> Result<Seq, WalError> {
+        let (reply, rx) = oneshot::channel();
+        {
+            let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = tx.as_ref().ok_or(WalError::Closed)?;
+            tx.send(Append {
+                kind,
+                payload,
+                blocks,
+                reply,
+            })
+            .map_err(|_| WalError::Closed)?;
+        }
+        rx.await.map_err(|_| WalError::Closed)?
+    }
+
+    /// Stops the commit thread after it has answered every queued append.
+    pub fn close(&self) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Frames `payload` as record `seq` onto `out`.
+pub fn encode_frame(out: &mut Vec<u8>, seq: Seq, kind: RecordKind, payload: &[u8]) {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&seq.to_le_bytes());
+    crc.update(payload);
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    out.push(kind as u8);
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc.finalize().to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// The result of reading one segment.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Intact records, in file order.
+    pub records: Vec<Replayed>,
+    /// Offset of the first damaged byte, if any.
+    pub damage: Option<usize>,
+    /// How many of `records` were found after the damage (by resynchronising on the
+    /// next intact frame).
+    pub records_after_damage: usize,
+}
+
+/// Parses one frame at the start of `bytes`; `None` if it is not an intact frame.
+fn frame_at(bytes: &[u8]) -> Option<(Replayed, usize)> {
+    let header = bytes.get(..HEADER)?;
+    if &header[..4] != MAGIC || header[4] != VERSION {
+        return None;
+    }
+    let kind = RecordKind::from_byte(header[5])?;
+    let len = u32::from_le_bytes(header[8..12].try_into().ok()?) as usize;
+    if len > MAX_PAYLOAD {
+        return None;
+    }
+    let crc = u32::from_le_bytes(header[12..16].try_into().ok()?);
+    let seq_bytes: [u8; 8] = header[16..24].try_into().ok()?;
+    let payload = bytes.get(HEADER..HEADER + len)?;
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&seq_bytes);
+    hasher.update(payload);
+    if hasher.finalize() != crc {
+        return None;
+    }
+    let record = Replayed {
+        seq: u64::from_le_bytes(seq_bytes),
+        kind,
+        payload: payload.to_vec(),
+    };
+    Some((record, HEADER + len))
+}
+
+/// Reads every intact frame of a segment's bytes. Never panics, whatever the bytes.
+pub fn scan(bytes: &[u8]) -> Scan {
+    let mut out = Scan::default();
+    let mut at = 0;
+    let mut last_seq = None;
+    while at < bytes.len() {
+        // Sequence numbers only grow within a segment; a frame that goes backwards is
+        // damage even if its checksum holds (a stale block, for instance).
+        match frame_at(&bytes[at..]).filter(|(r, _)| last_seq.is_none_or(|s| r.seq > s)) {
+            Some((record, len)) => {
+                last_seq = Some(record.seq);
+                if out.damage.is_some() {
+                    out.records_after_damage += 1;
+                }
+                out.records.push(record);
+                at += len;
+            }
+            None => {
+                out.damage.get_or_insert(at);
+                // Resynchronise on the next magic that starts an intact frame.
+                match bytes[at + 1..].windows(4).position(|w| w == MAGIC) {
+                    Some(p) => at += 1 + p,
+                    None => break,
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The commit thread's state.
+struct Committer {
+    config: WalConfig,
+    rx: Receiver<Append>,
+    tracker: Arc<Tracker>,
+    retained_from: Arc<AtomicU64>,
+    /// Closed segments, oldest first, then (last) the open one.
+    segments: VecDeque<Segment>,
+    open: Option<(File, u64)>,
+    next: Seq,
+    buf: Vec<u8>,
+}
+
+impl Committer {
+    fn run(mut self) {
+        loop {
+            let first = match self.rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(a) => a,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.delete_released();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut group = vec![first];
+            let mut bytes = group[0].payload.len();
+            while bytes < MAX_GROUP_BYTES {
+                match self.rx.try_recv() {
+                    Ok(a) => {
+                        bytes += a.payload.len();
+                        group.push(a);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(group);
+            self.delete_released();
+        }
+        if let Some((file, _)) = self.open.take() {
+            let _ = file.sync_all();
+        }
+    }
+
+    fn commit(&mut self, group: Vec<Append>) {
+        let first_seq = self.next;
+        let count = group.len() as u64;
+        self.buf.clear();
+        for (i, a) in group.iter().enumerate() {
+            encode_frame(&mut self.buf, first_seq + i as u64, a.kind, &a.payload);
+        }
+        match self.write_group() {
+            Ok(()) => {
+                for (i, a) in group.into_iter().enumerate() {
+                    let seq = first_seq + i as u64;
+                    // Held before the caller hears of it, so no release can come first.
+                    self.tracker.hold(seq, a.blocks);
+                    let _ = a.reply.send(Ok(seq));
+                }
+                self.next = first_seq + count;
+                if let Some(seg) = self.segments.back_mut() {
+                    seg.end = self.next;
+                }
+                if self
+                    .open
+                    .as_ref()
+                    .is_some_and(|(_, len)| *len >= self.config.segment_bytes)
+                {
+                    self.open = None;
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "write-ahead log append failed; the requests get an error and nothing is acknowledged");
+                let message = e.to_string();
+                let raw = match &e {
+                    WalError::Io { source, .. } => source.raw_os_error(),
+                    WalError::Closed => None,
+                };
+                for a in group {
+                    let source = match raw {
+                        Some(code) => io::Error::from_raw_os_error(code),
+                        None => io::Error::other(message.clone()),
+                    };
+                    let _ = a.reply.send(Err(WalError::Io {
+                        action: "appending to",
+                        path: self.config.dir.clone(),
+                        source,
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Writes `buf` to the open segment (opening one if needed) and syncs it. On
+    /// failure the segment is cut back to its previous length, so a failed group
+    /// leaves no partial frame behind and the next append can succeed.
+    fn write_group(&mut self) -> Result<(), WalError> {
+        if self.open.is_none() {
+            let path = self.config.dir.join(format!("{:020}.wal", self.next));
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(io_err("creating", &path))?;
+            let len = file.metadata().map_err(io_err("reading", &path))?.len();
+            File::open(&self.config.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("syncing", &self.config.dir))?;
+            self.segments.push_back(Segment {
+                path,
+                first: self.next,
+                end: self.next,
+            });
+            self.open = Some((file, len));
+        }
+        let path = self
+            .segments
+            .back()
+            .map(|s| s.path.clone())
+            .unwrap_or_default();
+        let Some((file, len)) = self.open.as_mut() else {
+            return Err(WalError::Closed);
+        };
+        let written = file
+            .write_all(&self.buf)
+            .and_then(|()| match self.config.sync {
+                SyncMode::Fsync => file.sync_data(),
+                SyncMode::Write => Ok(()),
+            });
+        match written {
+            Ok(()) => {
+                *len += self.buf.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(cut) = file.set_len(*len) {
+                    tracing::error!(error = %cut, "cannot cut a failed write-ahead log append back; starting a new segment");
+                    self.open = None;
+                }
+                Err(io_err("appending to", &path)(e))
+            }
+        }
+    }
+
+    /// Deletes closed segments whose records are all published.
+    fn delete_released(&mut self) {
+        let needed = self.tracker.oldest_pending().unwrap_or(self.next);
+        let open = usize::from(self.open.is_some());
+        while self.segments.len() > open {
+            let Some(oldest) = self.segments.front() else {
+                break;
+            };
+            if oldest.end > needed {
+                break;
+            }
+            if let Err(e) = std::fs::remove_file(&oldest.path) {
+                tracing::warn!(segment = %oldest.path.display(), error = %e, "cannot delete a published write-ahead log segment");
+                break;
+            }
+            tracing::debug!(segment = %oldest.path.display(), "deleted published write-ahead log segment");
+            self.segments.pop_front();
+        }
+        let from = self.segments.front().map_or(self.next, |s| s.first);
+        self.retained_from.store(from, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> WalConfig {
+        WalConfig {
+            dir: dir.to_owned(),
+            segment_bytes: 1 << 20,
+            sync: SyncMode::Fsync,
+        }
+    }
+
+    fn segments(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    async fn append_n(wal: &Wal, n: usize) -> Vec<Seq> {
+        let mut seqs = Vec::new();
+        for i in 0..n {
+            seqs.push(
+                wal.append(RecordKind::Metrics, vec![i as u8; 100], 1)
+                    .await
+                    .unwrap(),
+            );
+        }
+        seqs
+    }
+
+    #[tokio::test]
+    async fn records_replay_in_order_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, replayed) = Wal::open(config(dir.path())).unwrap();
+        assert!(replayed.is_empty());
+        let seqs = append_n(&wal, 5).await;
+        assert_eq!(seqs, [1, 2, 3, 4, 5]);
+        wal.close();
+        let (wal, replayed) = Wal::open(config(dir.path())).unwrap();
+        assert_eq!(replayed.iter().map(|r| r.seq).collect::<Vec<_>>(), seqs);
+        assert_eq!(replayed[3].payload, vec![3u8; 100]);
+        // New appends continue the sequence.
+        assert_eq!(wal.append(RecordKind::Events, vec![], 1).await.unwrap(), 6);
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_share_group_commits_and_get_distinct_seqs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(config(dir.path())).unwrap();
+        let wal = Arc::new(wal);
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let wal = Arc::clone(&wal);
+                tokio::spawn(async move {
+                    wal.append(RecordKind::Metrics, vec![i; 10], 1)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for t in tasks {
+            seqs.push(t.await.unwrap());
+        }
+        seqs.sort();
+        assert_eq!(seqs, (1..=64).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn released_segments_are_deleted_and_unreleased_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.segment_bytes = 1000; // about 8 records a segment
+        let (wal, _) = Wal::open(cfg.clone()).unwrap();
+        let seqs = append_n(&wal, 40).await;
+        assert!(segments(dir.path()).len() >= 4);
+        for &s in &seqs[..30] {
+            wal.tracker().release(s, 1);
+        }
+        // The next commit runs the clean-up, just after answering.
+        wal.append(RecordKind::Metrics, vec![], 0).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while segments(dir.path()).len() >= 4 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let left = segments(dir.path());
+        assert!(left.len() < 4, "{left:?}");
+        assert!(wal.retained_from() > 1 && wal.retained_from() <= 31);
+        wal.close();
+        let (_, replayed) = Wal::open(cfg).unwrap();
+        let replayed: Vec<_> = replayed.iter().map(|r| r.seq).collect();
+        assert!(replayed.contains(&31) && replayed.contains(&40));
+        assert!(!replayed.contains(&1));
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_is_truncated_and_earlier_records_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(config(dir.path())).unwrap();
+        append_n(&wal, 3).await;
+        wal.close();
+        let seg = segments(dir.path()).pop().unwrap();
+        let len = std::fs::metadata(&seg).unwrap().len();
+        // Cut the last record in half, as a crash mid-write would.
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(len - 50)
+            .unwrap();
+        let (wal, replayed) = Wal::open(config(dir.path())).unwrap();
+        assert_eq!(replayed.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(
+            std::fs::metadata(&seg).unwrap().len(),
+            2 * (HEADER as u64 + 100)
+        );
+        assert_eq!(
+            wal.append(RecordKind::Metrics, vec![9], 1).await.unwrap(),
+            3
+        );
+        assert!(!dir.path().join("corrupt").exists());
+    }
+
+    #[tokio::test]
+    async fn corruption_in_the_middle_is_kept_aside_and_intact_records_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(config(dir.path())).unwrap();
+        append_n(&wal, 5).await;
+        wal.close();
+        let seg = segments(dir.path()).pop().unwrap();
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let record = HEADER + 100;
+        bytes[record + HEADER + 10] ^= 0xff; // a payload byte of record 2
+        std::fs::write(&seg, &bytes).unwrap();
+        let (wal, replayed) = Wal::open(config(dir.path())).unwrap();
+        assert_eq!(
+            replayed.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [1, 3, 4, 5]
+        );
+        let aside = dir.path().join("corrupt").join(seg.file_name().unwrap());
+        assert_eq!(
+            std::fs::read(aside).unwrap(),
+            bytes,
+            "the damaged segment is kept as it was"
+        );
+        assert_eq!(wal.append(RecordKind::Metrics, vec![], 1).await.unwrap(), 6);
+    }
+
+    #[test]
+    fn scan_never_panics_on_garbage() {
+        let mut frame = Vec::new();
+        encode_frame(&mut frame, 7, RecordKind::Events, b"hello");
+        for cut in 0..frame.len() {
+            let s = scan(&frame[..cut]);
+            assert!(s.records.is_empty());
+        }
+        let s = scan(&frame);
+        assert_eq!(s.records.len(), 1);
+        assert_eq!(s.records[0].payload, b"hello");
+        let mut junk = b"MBXW\x01\x01\0\0\xff\xff\xff\xff".to_vec();
+        junk.extend_from_slice(&frame);
+        let s = scan(&junk);
+        assert_eq!(
+            (s.records.len(), s.damage, s.records_after_damage),
+            (1, Some(0), 1)
+        );
+    }
+}
