@@ -156,3 +156,112 @@ pub fn temp_config() -> (tempfile::TempDir, Config) {
     let config = Config::test_config(dir.path().join("data"));
     (dir, config)
 }
+
+/// A real mboxd process (the binary cargo built), on a loopback port.
+pub struct Process {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Process {
+    pub async fn start(data: &Path, extra: &[&str]) -> Self {
+        let addr_file = data.with_extension("addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mboxd"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--daemon-id", "proc"])
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start mboxd");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            if let Ok(a) = std::fs::read_to_string(&addr_file).map(|a| a.trim().to_owned())
+                && !a.is_empty()
+            {
+                break a;
+            }
+            assert!(Instant::now() < deadline, "mboxd did not start");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        Self { child, addr }
+    }
+
+    pub async fn client(&self) -> Client {
+        let url = format!("http://{}", self.addr);
+        loop {
+            match ModelStoreClient::connect(url.clone()).await {
+                Ok(c) => {
+                    return c
+                        .max_encoding_message_size(usize::MAX)
+                        .max_decoding_message_size(usize::MAX);
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub async fn kill(mut self) {
+        self.signal("-KILL");
+        let _ = tokio::task::spawn_blocking(move || self.child.wait()).await;
+    }
+
+    /// SIGTERM and wait; returns whether mboxd exited 0.
+    pub async fn terminate(mut self) -> bool {
+        self.signal("-TERM");
+        let status = tokio::task::spawn_blocking(move || self.child.wait())
+            .await
+            .expect("join")
+            .expect("wait");
+        status.success()
+    }
+
+    /// Peak resident set size so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+}
+
+/// Every `step` value in the metrics files under `data`, with how often it occurs.
+pub fn steps_on_disk(data: &Path) -> std::collections::HashMap<u64, u32> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::UInt64Type;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let mut seen = std::collections::HashMap::new();
+    for f in parquet_files(data, "metrics") {
+        let reader =
+            ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&f).expect("open"))
+                .expect("parquet")
+                .build()
+                .expect("reader");
+        for batch in reader {
+            let batch = batch.expect("batch");
+            let steps = batch.column_by_name("step").expect("step column");
+            for s in steps.as_primitive::<UInt64Type>().values() {
+                *seen.entry(*s).or_insert(0) += 1;
+            }
+        }
+    }
+    seen
+}
