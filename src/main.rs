@@ -90,24 +90,24 @@ impl ServeArgs {
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called,
+/// before start-up work, so a signal during recovery still means a graceful stop.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop mboxd with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let Command::Serve(args) = Cli::parse().command;
+    let shutdown = shutdown_signal()?;
     let (config, addr_file) = args.into_config()?;
     mboxd::telemetry::init(config.log_format);
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -118,7 +118,7 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(&path, addr.to_string())
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    mboxd::server::run(config, listener, shutdown_signal())
+    mboxd::server::run(config, listener, shutdown)
         .await
         .context("mboxd failed")
 }

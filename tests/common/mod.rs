@@ -217,17 +217,22 @@ impl Process {
     /// SIGKILL: no chance to flush anything.
     pub async fn kill(mut self) {
         self.signal("-KILL");
-        let _ = tokio::task::spawn_blocking(move || self.child.wait()).await;
+        self.wait().await;
     }
 
     /// SIGTERM and wait; returns whether mboxd exited 0.
     pub async fn terminate(mut self) -> bool {
         self.signal("-TERM");
-        let status = tokio::task::spawn_blocking(move || self.child.wait())
-            .await
-            .expect("join")
-            .expect("wait");
-        status.success()
+        self.wait().await.success()
+    }
+
+    async fn wait(&mut self) -> std::process::ExitStatus {
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Peak resident set size so far (VmHWM), in bytes.
@@ -240,6 +245,17 @@ impl Process {
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|kb| kb.parse::<u64>().ok())
             .map_or(0, |kb| kb * 1024)
+    }
+}
+
+impl Drop for Process {
+    /// A test that fails half-way must not leave a daemon behind (it would also hold
+    /// the test harness's output pipe open).
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
