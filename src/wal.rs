@@ -38,8 +38,12 @@ const VERSION: u8 = 1;
 const HEADER: usize = 24;
 /// Largest payload a frame may declare; anything larger is damage, not data.
 const MAX_PAYLOAD: usize = 1 << 30;
-/// Most bytes one group commit writes.
+/// Most payload bytes one group commit takes (the payloads are already in memory;
+/// this bounds how long one group holds its callers).
 const MAX_GROUP_BYTES: usize = 16 << 20;
+/// The commit thread's write buffer: frames are copied through it, never gathered
+/// whole, so the thread's own memory stays this small.
+const WRITE_BUFFER: usize = 256 << 10;
 
 /// What a record holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,7 +262,6 @@ impl Wal {
             segments,
             open: None,
             next,
-            buf: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("mboxd-wal".into())
@@ -321,18 +324,24 @@ impl Wal {
     }
 }
 
-/// Frames `payload` as record `seq` onto `out`.
-pub fn encode_frame(out: &mut Vec<u8>, seq: Seq, kind: RecordKind, payload: &[u8]) {
+/// The header of record `seq` holding `payload`.
+fn frame_header(seq: Seq, kind: RecordKind, payload: &[u8]) -> [u8; HEADER] {
     let mut crc = crc32fast::Hasher::new();
     crc.update(&seq.to_le_bytes());
     crc.update(payload);
-    out.extend_from_slice(MAGIC);
-    out.push(VERSION);
-    out.push(kind as u8);
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc.finalize().to_le_bytes());
-    out.extend_from_slice(&seq.to_le_bytes());
+    let mut h = [0u8; HEADER];
+    h[..4].copy_from_slice(MAGIC);
+    h[4] = VERSION;
+    h[5] = kind as u8;
+    h[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    h[12..16].copy_from_slice(&crc.finalize().to_le_bytes());
+    h[16..24].copy_from_slice(&seq.to_le_bytes());
+    h
+}
+
+/// Frames `payload` as record `seq` onto `out`.
+pub fn encode_frame(out: &mut Vec<u8>, seq: Seq, kind: RecordKind, payload: &[u8]) {
+    out.extend_from_slice(&frame_header(seq, kind, payload));
     out.extend_from_slice(payload);
 }
 
@@ -416,7 +425,6 @@ struct Committer {
     segments: VecDeque<Segment>,
     open: Option<(File, u64)>,
     next: Seq,
-    buf: Vec<u8>,
 }
 
 impl Committer {
@@ -452,11 +460,7 @@ impl Committer {
     fn commit(&mut self, group: Vec<Append>) {
         let first_seq = self.next;
         let count = group.len() as u64;
-        self.buf.clear();
-        for (i, a) in group.iter().enumerate() {
-            encode_frame(&mut self.buf, first_seq + i as u64, a.kind, &a.payload);
-        }
-        match self.write_group() {
+        match self.write_group(&group) {
             Ok(()) => {
                 for (i, a) in group.into_iter().enumerate() {
                     let seq = first_seq + i as u64;
@@ -498,10 +502,10 @@ impl Committer {
         }
     }
 
-    /// Writes `buf` to the open segment (opening one if needed) and syncs it. On
-    /// failure the segment is cut back to its previous length, so a failed group
-    /// leaves no partial frame behind and the next append can succeed.
-    fn write_group(&mut self) -> Result<(), WalError> {
+    /// Writes the group's frames to the open segment (opening one if needed) and
+    /// syncs it. On failure the segment is cut back to its previous length, so a
+    /// failed group leaves no partial frame behind and the next append can succeed.
+    fn write_group(&mut self, group: &[Append]) -> Result<(), WalError> {
         if self.open.is_none() {
             let path = self.config.dir.join(format!("{:020}.wal", self.next));
             let file = OpenOptions::new()
@@ -528,15 +532,25 @@ impl Committer {
         let Some((file, len)) = self.open.as_mut() else {
             return Err(WalError::Closed);
         };
-        let written = file
-            .write_all(&self.buf)
-            .and_then(|()| match self.config.sync {
+        let first_seq = self.next;
+        let mut bytes = 0u64;
+        let written = (|| {
+            let mut out = io::BufWriter::with_capacity(WRITE_BUFFER, &mut *file);
+            for (i, a) in group.iter().enumerate() {
+                out.write_all(&frame_header(first_seq + i as u64, a.kind, &a.payload))?;
+                out.write_all(&a.payload)?;
+                bytes += (HEADER + a.payload.len()) as u64;
+            }
+            out.flush()?;
+            drop(out);
+            match self.config.sync {
                 SyncMode::Fsync => file.sync_data(),
                 SyncMode::Write => Ok(()),
-            });
+            }
+        })();
         match written {
             Ok(()) => {
-                *len += self.buf.len() as u64;
+                *len += bytes;
                 Ok(())
             }
             Err(e) => {
