@@ -184,7 +184,12 @@ async fn run_client(
         latencies_us: Vec::new(),
         errors: 0,
     };
-    let started = tokio::time::Instant::now();
+    // Clients start out of phase, as independent trainer ranks do, rather than all
+    // sending at the same instants.
+    let started = tokio::time::Instant::now()
+        + interval.map_or(Duration::ZERO, |i| {
+            i.mul_f64(index as f64 / args.clients as f64)
+        });
     let mut step = (index as u64) << 40;
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {

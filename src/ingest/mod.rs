@@ -362,6 +362,10 @@ impl Ingest {
                 limit: self.budget.limit,
             });
         }
+        // Fast path: room now, no waiter registration (which takes a lock).
+        if let Some(r) = self.budget.try_reserve(bytes) {
+            return Ok(r);
+        }
         let deadline = match when_full {
             WhenFull::Wait(wait) => Instant::now().checked_add(wait),
             WhenFull::Reject => Some(Instant::now()),
