@@ -19,6 +19,8 @@ cargo test --locked
 echo "== Python environment ($VENV)"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+# The SDK as a user installs it (not editable): the suite tests what pip ships.
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps ./sdk/python
 
 echo "== Python tests"
 export MBOXD_BIN="$CARGO_TARGET_DIR/debug/mboxd"

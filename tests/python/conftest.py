@@ -1,57 +1,11 @@
-"""Fixtures: a real mboxd binary on a loopback port, and gRPC stubs generated at
-test time from a .proto file (the compat proto, or mboxd's own)."""
+"""Fixtures shared by the Python suites (helpers live in harness.py)."""
 
-import importlib
-import os
 import pathlib
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 
-import grpc
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def mboxd_binary() -> str:
-    path = os.environ.get("MBOXD_BIN")
-    if not path:
-        target = os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target"))
-        path = os.path.join(target, "debug", "mboxd")
-    if not os.path.exists(path):
-        pytest.fail(f"mboxd binary not found at {path}; build it first (cargo build) or set MBOXD_BIN")
-    return path
-
-
-def generate_stubs(proto_dir: pathlib.Path, proto_file: str, out: pathlib.Path, package: str):
-    """Generates <package>/<name>_pb2(_grpc).py with grpc_tools and imports them."""
-    import grpc_tools
-    from grpc_tools import protoc
-
-    pkg_dir = out / package
-    pkg_dir.mkdir(parents=True, exist_ok=True)
-    (pkg_dir / "__init__.py").write_text("")
-    include = pathlib.Path(grpc_tools.__file__).parent / "_proto"  # the well-known types
-    args = [
-        "protoc",
-        f"-I{proto_dir}",
-        f"-I{include}",
-        f"--python_out={pkg_dir}",
-        f"--grpc_python_out={pkg_dir}",
-        str(proto_dir / proto_file),
-    ]
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed for {proto_file}")
-    stem = proto_file.removesuffix(".proto")
-    grpc_file = pkg_dir / f"{stem}_pb2_grpc.py"
-    grpc_file.write_text(grpc_file.read_text().replace(f"import {stem}_pb2", f"from . import {stem}_pb2"))
-    sys.path.insert(0, str(out))
-    pb2 = importlib.import_module(f"{package}.{stem}_pb2")
-    pb2_grpc = importlib.import_module(f"{package}.{stem}_pb2_grpc")
-    return pb2, pb2_grpc
+from harness import ROOT, Mboxd, generate_stubs
 
 
 @pytest.fixture(scope="session")
@@ -67,51 +21,12 @@ def compat(stub_dir):
 
 
 @pytest.fixture(scope="session")
-def full(stub_dir):
-    """Stubs from mboxd's own proto, with the extensions."""
-    return generate_stubs(ROOT / "proto", "modelbox.proto", stub_dir, "mboxd_stubs")
+def full():
+    """Stubs from mboxd's own proto, with the extensions: the ones the SDK ships
+    (tests/python/sdk checks they match proto/)."""
+    from mbox._proto import modelbox_pb2, modelbox_pb2_grpc
 
-
-class Mboxd:
-    """A running mboxd process with its own data folder."""
-
-    def __init__(self, data_dir: pathlib.Path, extra_args=()):
-        self.data_dir = data_dir
-        self.addr_file = data_dir.parent / f"{data_dir.name}.addr"
-        if self.addr_file.exists():
-            self.addr_file.unlink()
-        self.proc = subprocess.Popen(
-            [
-                mboxd_binary(),
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                str(data_dir),
-                "--addr-file",
-                str(self.addr_file),
-                "--daemon-id",
-                "pytest",
-                *extra_args,
-            ],
-        )
-        deadline = time.time() + 20
-        while not (self.addr_file.exists() and self.addr_file.read_text()):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mboxd exited with {self.proc.returncode}")
-            if time.time() > deadline:
-                raise RuntimeError("mboxd did not start")
-            time.sleep(0.02)
-        self.addr = self.addr_file.read_text().strip()
-        self.channel = grpc.insecure_channel(self.addr)
-        grpc.channel_ready_future(self.channel).result(timeout=10)
-
-    def stop(self) -> int:
-        """SIGTERM: a graceful stop that publishes everything buffered."""
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
+    return modelbox_pb2, modelbox_pb2_grpc
 
 
 @pytest.fixture

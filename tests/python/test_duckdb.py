@@ -6,7 +6,7 @@ import datetime
 import duckdb
 import pytest
 
-from conftest import Mboxd
+from harness import Mboxd
 
 
 def block(pb2, parent, keys, n, first_step, strings=()):

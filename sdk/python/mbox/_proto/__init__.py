@@ -1,0 +1,1 @@
+"""Generated gRPC code for the modelbox.ModelStore protocol (scripts/gen_stubs.py)."""

@@ -1,0 +1,423 @@
+"""The client: synchronous calls for experiments and metadata, and a background sender
+that batches metrics and events into mboxd's columnar requests."""
+
+import atexit
+import datetime
+import json
+import logging
+import os
+import random
+import threading
+import time
+import weakref
+from typing import Dict, List, Optional
+
+import grpc
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from ._proto import modelbox_pb2 as pb
+from ._proto import modelbox_pb2_grpc as pb_grpc
+from ._types import Event, MLFramework
+
+log = logging.getLogger("mbox")
+
+DEFAULT_ADDR = "localhost:8085"
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED,
+}
+# Keep one request comfortably under mboxd's default 16 MiB message limit.
+_MAX_POINTS_PER_REQUEST = 250_000
+
+
+class DeliveryError(RuntimeError):
+    """Some logged data was rejected by mboxd (not retryable) and is lost."""
+
+    def __init__(self, errors):
+        self.errors = list(errors)
+        super().__init__("; ".join(self.errors))
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def to_value_proto(value) -> struct_pb2.Value:
+    """A Python value (dicts, lists, numbers, numpy scalars...) as a protobuf Value."""
+
+    def default(o):
+        for attr in ("item", "tolist"):
+            if hasattr(o, attr):
+                return getattr(o, attr)()
+        return str(o)
+
+    return json_format.ParseDict(json.loads(json.dumps(value, default=default)), struct_pb2.Value())
+
+
+def from_value_proto(value: struct_pb2.Value):
+    return json_format.MessageToDict(value)
+
+
+def timestamp_of_ms(ms) -> timestamp_pb2.Timestamp:
+    if isinstance(ms, datetime.datetime):
+        ts = timestamp_pb2.Timestamp()
+        ts.FromDatetime(ms if ms.tzinfo else ms.replace(tzinfo=datetime.timezone.utc))
+        return ts
+    total_ns = int(round(float(ms) * 1_000_000))
+    return timestamp_pb2.Timestamp(seconds=total_ns // 1_000_000_000, nanos=total_ns % 1_000_000_000)
+
+
+def to_metric_value(v):
+    """float for numbers (numpy scalars and 0-d tensors included), or str / bytes."""
+    t = type(v)
+    if t is float or t is int:
+        return float(v)
+    if t is str or t is bytes:
+        return v
+    if isinstance(v, (bool, int, float)):
+        return float(v)
+    if isinstance(v, (bytearray, memoryview)):
+        return bytes(v)
+    item = getattr(v, "item", None)
+    if item is not None:  # numpy scalar, 0-d array, 0-d torch tensor
+        return to_metric_value(item())
+    raise TypeError(f"metric values must be numbers, str or bytes, not {t.__name__}")
+
+
+_clients = weakref.WeakSet()
+_inherited: list = []
+
+
+def _after_fork_in_child():
+    # A forked child (a DataLoader worker, say) must not share the parent's sender
+    # thread, lock or gRPC channel: each client starts afresh, empty.
+    for c in list(_clients):
+        c._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Client:
+    """A connection to mboxd.
+
+    addr: host:port (default: $MBOX_ADDR, else localhost:8085).
+    buffer_points: bound on points (and events) waiting to be sent.
+    on_full: "block" (default) waits for room when the buffer is full; "drop" drops
+        the new points, counts them in ``dropped`` and logs a warning.
+    batch_points / linger_s: the sender sends once this many points wait, or once
+        the oldest has waited this long.
+    """
+
+    def __init__(self, addr: Optional[str] = None, *, buffer_points: int = 1_000_000, on_full: str = "block",
+                 batch_points: int = 50_000, linger_s: float = 0.05, request_timeout_s: float = 30.0,
+                 flush_at_exit_s: float = 30.0):
+        if on_full not in ("block", "drop"):
+            raise ValueError("on_full must be 'block' or 'drop'")
+        self.addr = addr or os.environ.get("MBOX_ADDR", DEFAULT_ADDR)
+        self.buffer_points = buffer_points
+        self.on_full = on_full
+        self.batch_points = batch_points
+        self.linger_s = linger_s
+        self.request_timeout_s = request_timeout_s
+        self.flush_at_exit_s = flush_at_exit_s
+        self.dropped = 0
+        self._init_state()
+        _clients.add(self)
+        atexit.register(self._at_exit)
+
+    # -- state -------------------------------------------------------------------
+
+    def _init_state(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: List[tuple] = []
+        self._pending_points = 0
+        self._first_pending_at = 0.0
+        self._enqueued = 0  # points ever enqueued
+        self._done = 0  # points sent (acknowledged, or rejected for good)
+        self._errors: List[str] = []
+        self._flush_wanted = False
+        self._closed = False
+        self._thread: Optional[threading.Thread] = None
+        self._channel = None
+        self._stub = None
+        self._last_drop_warning = 0.0
+
+    def _reset_after_fork(self):
+        # The parent's channel must not be destroyed here: its destructor would run
+        # on gRPC state that is not valid in the child. Keep it, unused, forever.
+        _inherited.append((self._channel, self._stub))
+        self._init_state()
+
+    @property
+    def stub(self) -> pb_grpc.ModelStoreStub:
+        if self._stub is None:
+            self._channel = grpc.insecure_channel(self.addr, options=[
+                ("grpc.max_send_message_length", 64 << 20),
+                ("grpc.max_receive_message_length", -1),
+                # Reconnect quickly once mboxd is back, rather than after minutes.
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ])
+            self._stub = pb_grpc.ModelStoreStub(self._channel)
+        return self._stub
+
+    # -- synchronous API ---------------------------------------------------------
+
+    def new_experiment(self, name, owner="", namespace="", external_id="", framework=MLFramework.UNKNOWN,
+                       task="", metadata=None):
+        from .experiment import Experiment
+
+        md = pb.Metadata(metadata={k: to_value_proto(v) for k, v in (metadata or {}).items()})
+        resp = self.stub.CreateExperiment(pb.CreateExperimentRequest(
+            name=name, owner=owner, namespace=namespace, external_id=external_id or "",
+            framework=int(framework), task=task, metadata=md), timeout=self.request_timeout_s)
+        return Experiment(self, resp.experiment_id, name=name, owner=owner, namespace=namespace or "default",
+                          external_id=external_id or "", framework=MLFramework(int(framework)),
+                          created_at=resp.created_at.ToDatetime(datetime.timezone.utc),
+                          exists=resp.experiment_exists)
+
+    def experiment(self, id: str):
+        from .experiment import Experiment
+
+        e = self.stub.GetExperiment(pb.GetExperimentRequest(id=id), timeout=self.request_timeout_s).experiment
+        return Experiment.from_proto(self, e)
+
+    def experiments(self, namespace: str = ""):
+        from .experiment import Experiment
+
+        resp = self.stub.ListExperiments(pb.ListExperimentsRequest(namespace=namespace), timeout=self.request_timeout_s)
+        return [Experiment.from_proto(self, e) for e in resp.experiments]
+
+    # -- buffered logging --------------------------------------------------------
+
+    def _enqueue(self, record: tuple, points: int):
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("mbox client is closed")
+            if self._pending_points + points > self.buffer_points and self._pending_points > 0:
+                if self.on_full == "drop":
+                    self.dropped += points
+                    now = time.monotonic()
+                    if now - self._last_drop_warning > 10:
+                        self._last_drop_warning = now
+                        log.warning("mbox buffer full (%d points): dropped %d points so far", self.buffer_points,
+                                    self.dropped)
+                    return
+                while self._pending_points + points > self.buffer_points and self._pending_points > 0:
+                    self._cond.wait()
+            if not self._pending:
+                self._first_pending_at = time.monotonic()
+            self._pending.append(record)
+            self._pending_points += points
+            self._enqueued += points
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mbox-sender", daemon=True)
+                self._thread.start()
+            if len(self._pending) == 1 or self._pending_points >= self.batch_points:
+                self._cond.notify_all()
+
+    def log_metrics(self, experiment_id: str, metrics: Dict, step: int = 0, wallclock: Optional[int] = None):
+        keys = []
+        values = []
+        for k, v in metrics.items():
+            keys.append(k)
+            values.append(to_metric_value(v))
+        if keys:
+            self._enqueue(("m", experiment_id, keys, values, int(step),
+                           now_ms() if wallclock is None else int(wallclock)), len(keys))
+
+    def log_event(self, experiment_id: str, event: Event):
+        wallclock = now_ms() if event.wallclock_time is None else event.wallclock_time
+        self._enqueue(("e", experiment_id, event.name, event.source.name if event.source else "", wallclock,
+                       dict(event.metadata or {})), 1)
+
+    def flush(self, timeout: Optional[float] = None):
+        """Waits until everything logged before this call is acknowledged by mboxd.
+        Raises DeliveryError if some of it was rejected, TimeoutError on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            target = self._enqueued
+            self._flush_wanted = True
+            self._cond.notify_all()
+            while self._done < target:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"mbox flush: {target - self._done} points not yet acknowledged by {self.addr}")
+                self._cond.wait(remaining)
+            errors, self._errors = self._errors, []
+        if errors:
+            raise DeliveryError(errors)
+
+    def close(self, timeout: Optional[float] = None):
+        """Flushes, then stops the sender and closes the connection."""
+        try:
+            if self._thread is not None:
+                self.flush(timeout)
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            if self._channel is not None:
+                self._channel.close()
+
+    def _at_exit(self):
+        if self._closed or self._thread is None:
+            return
+        try:
+            self.close(self.flush_at_exit_s)
+        except Exception as e:  # noqa: BLE001 - at exit, report and carry on
+            log.error("mbox: could not deliver everything before exit: %s", e)
+
+    # -- the sender thread -------------------------------------------------------
+
+    def _take(self):
+        with self._cond:
+            while True:
+                if self._pending:
+                    waited = time.monotonic() - self._first_pending_at
+                    if (self._pending_points >= self.batch_points or waited >= self.linger_s
+                            or self._flush_wanted or self._closed):
+                        break
+                    self._cond.wait(self.linger_s - waited)
+                elif self._closed:
+                    return None, 0
+                else:
+                    self._flush_wanted = False
+                    self._cond.wait()
+            taken, n = self._pending, self._pending_points
+            self._pending, self._pending_points = [], 0
+            self._cond.notify_all()  # room for blocked producers
+            return taken, n
+
+    def _run(self):
+        while True:
+            taken, n = self._take()
+            if taken is None:
+                return
+            try:
+                for request, rpc in self._requests(taken):
+                    self._send(rpc, request)
+            except Exception as e:  # noqa: BLE001 - the sender must survive anything
+                self._record_error(f"building or sending a batch failed: {e!r}")
+            with self._cond:
+                self._done += n
+                self._cond.notify_all()
+
+    def _requests(self, taken):
+        """Columnar LogMetrics requests (blocks per experiment) and LogEvent requests."""
+        blocks: Dict[str, dict] = {}
+        events: Dict[str, list] = {}
+        points = 0
+        for rec in taken:
+            if rec[0] == "m":
+                _, exp, keys, values, step, wallclock = rec
+                b = blocks.get(exp)
+                if b is None:
+                    b = blocks[exp] = {"keys": {}, "ki": [], "steps": [], "wc": [], "vals": [], "sr": [], "sv": [],
+                                       "br": [], "bv": []}
+                kmap = b["keys"]
+                for k, v in zip(keys, values):
+                    row = len(b["steps"])
+                    idx = kmap.get(k)
+                    if idx is None:
+                        idx = kmap[k] = len(kmap)
+                    b["ki"].append(idx)
+                    b["steps"].append(step)
+                    b["wc"].append(wallclock)
+                    if type(v) is float:
+                        b["vals"].append(v)
+                    else:
+                        b["vals"].append(0.0)
+                        if type(v) is str:
+                            b["sr"].append(row)
+                            b["sv"].append(v)
+                        else:
+                            b["br"].append(row)
+                            b["bv"].append(v)
+                points += len(keys)
+                if points >= _MAX_POINTS_PER_REQUEST:
+                    yield self._metrics_request(blocks), "LogMetrics"
+                    blocks, points = {}, 0
+            else:
+                _, exp, name, source, wallclock, metadata = rec
+                events.setdefault(exp, []).append(pb.Event(
+                    name=name, source=pb.EventSource(name=source), wallclock_time=timestamp_of_ms(wallclock),
+                    metadata=pb.Metadata(metadata={k: to_value_proto(v) for k, v in metadata.items()})))
+        if blocks:
+            yield self._metrics_request(blocks), "LogMetrics"
+        for exp, evs in events.items():
+            yield pb.LogEventRequest(parent_id=exp, events=evs), "LogEvent"
+
+    @staticmethod
+    def _metrics_request(blocks):
+        req = pb.LogMetricsRequest()
+        for exp, b in blocks.items():
+            blk = req.blocks.add()
+            blk.parent_id = exp
+            blk.keys.extend(b["keys"])  # dict order = insertion order = index order
+            blk.key_index.extend(b["ki"])
+            blk.steps.extend(b["steps"])
+            blk.wallclock_times.extend(b["wc"])
+            blk.values.extend(b["vals"])
+            blk.string_rows.extend(b["sr"])
+            blk.string_values.extend(b["sv"])
+            blk.bytes_rows.extend(b["br"])
+            blk.bytes_values.extend(b["bv"])
+        return req
+
+    def _send(self, rpc: str, request):
+        """Sends with retries (exponential backoff, full jitter) while mboxd is
+        unavailable or pushing back; gives up only on a non-retryable status."""
+        delay = 0.05
+        while True:
+            try:
+                getattr(self.stub, rpc)(request, timeout=self.request_timeout_s)
+                return
+            except grpc.RpcError as e:
+                code = e.code() if hasattr(e, "code") else None
+                if code not in _RETRYABLE:
+                    self._record_error(f"{rpc}: {code}: {e.details() if hasattr(e, 'details') else e}")
+                    return
+                pushback = _pushback_s(e)
+                with self._cond:
+                    # close() sets this only after its flush gave up waiting.
+                    if self._closed:
+                        self._errors.append(f"{rpc}: undelivered at close: {code}")
+                        return
+                time.sleep(pushback if pushback is not None else random.uniform(0, delay))
+                delay = min(delay * 2, 2.0)
+
+    def _record_error(self, message: str):
+        log.error("mbox: %s", message)
+        with self._cond:
+            self._errors.append(message)
+
+
+def _pushback_s(error) -> Optional[float]:
+    try:
+        for k, v in error.trailing_metadata() or ():
+            if k == "grpc-retry-pushback-ms":
+                return int(v) / 1000
+    except Exception:  # noqa: BLE001
+        return None
+    return None
+
+
+_default: Optional[Client] = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> Client:
+    """The process-wide client (address from $MBOX_ADDR, default localhost:8085)."""
+    global _default
+    with _default_lock:
+        if _default is None or _default._closed:
+            _default = Client()
+        return _default
