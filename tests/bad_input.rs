@@ -147,7 +147,7 @@ async fn every_bad_input_gets_its_status_and_names_the_field() {
         c.get_experiment(proto::GetExperimentRequest { id: "nope".into() })
             .await,
         Code::NotFound,
-        "nope",
+        "id: experiment \"nope\" not found",
     );
     expect(
         "list bad ns",
@@ -172,7 +172,7 @@ async fn every_bad_input_gets_its_status_and_names_the_field() {
         "update unknown",
         c.update_metadata(update("nope", None)).await,
         Code::NotFound,
-        "nope",
+        "parent_id: experiment \"nope\" not found",
     );
     expect(
         "update empty key",
@@ -204,7 +204,7 @@ async fn every_bad_input_gets_its_status_and_names_the_field() {
         })
         .await,
         Code::NotFound,
-        "nope",
+        "parent_id: experiment \"nope\" not found",
     );
 
     // LogMetrics
@@ -249,7 +249,7 @@ async fn every_bad_input_gets_its_status_and_names_the_field() {
             "unknown parent",
             point("nope", "loss", Some(V::FVal(1.0))),
             Code::NotFound,
-            "nope",
+            "parent_id: experiment \"nope\" not found",
         ),
         (
             "empty key",
@@ -331,7 +331,7 @@ async fn every_bad_input_gets_its_status_and_names_the_field() {
             "unknown block parent",
             blocks(vec![good.clone(), unknown_parent]),
             Code::NotFound,
-            "nope",
+            "blocks[1].parent_id: experiment \"nope\" not found",
         ),
         (
             "oversized bytes",
@@ -380,7 +380,7 @@ async fn every_bad_input_gets_its_status_and_names_the_field() {
             "event unknown parent",
             log_event("nope", Some(ev("e", None))),
             Code::NotFound,
-            "nope",
+            "parent_id: experiment \"nope\" not found",
         ),
         (
             "no event",
@@ -447,7 +447,7 @@ async fn every_bad_input_gets_its_status_and_names_the_field() {
         })
         .await,
         Code::NotFound,
-        "nope",
+        "parent_id: experiment \"nope\" not found",
     );
     expect(
         "get metrics empty",

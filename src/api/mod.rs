@@ -108,7 +108,7 @@ impl ModelStore for ModelStoreService {
         let record = blocking(move || {
             index
                 .get_experiment(&id)?
-                .ok_or_else(|| ApiError::experiment_not_found(&id))
+                .ok_or_else(|| ApiError::experiment_not_found("id", &id))
         })
         .await?;
         Ok(Response::new(proto::GetExperimentResponse {

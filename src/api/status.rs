@@ -13,8 +13,13 @@ pub enum ApiError {
     /// The request is malformed; `field` names the offending field path.
     #[error("{field}: {reason}")]
     InvalidArgument { field: String, reason: String },
-    #[error("{what} {id:?} not found")]
-    NotFound { what: &'static str, id: String },
+    /// `field` names the request field that held the unknown id.
+    #[error("{field}: {what} {id:?} not found")]
+    NotFound {
+        field: String,
+        what: &'static str,
+        id: String,
+    },
     #[error(transparent)]
     Ingest(#[from] IngestError),
     #[error(transparent)]
@@ -33,8 +38,9 @@ impl ApiError {
         }
     }
 
-    pub fn experiment_not_found(id: &str) -> Self {
+    pub fn experiment_not_found(field: &str, id: &str) -> Self {
         Self::NotFound {
+            field: field.to_owned(),
             what: "experiment",
             id: id.to_owned(),
         }
@@ -47,7 +53,7 @@ impl From<ApiError> for Status {
             ApiError::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
             ApiError::NotFound { .. } => Status::not_found(err.to_string()),
             ApiError::Index(IndexError::ExperimentNotFound(id)) => {
-                Status::not_found(format!("experiment {id:?} not found"))
+                Status::not_found(format!("parent_id: experiment {id:?} not found"))
             }
             ApiError::Ingest(IngestError::Full { retry_after, .. }) => {
                 let mut status = Status::resource_exhausted(err.to_string());

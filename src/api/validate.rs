@@ -128,7 +128,7 @@ pub fn experiment(field: &str, id: &str, index: &Index) -> Result<ExperimentRef,
     required(field, id)?;
     index
         .experiment_ref(id)
-        .ok_or_else(|| ApiError::experiment_not_found(id))
+        .ok_or_else(|| ApiError::experiment_not_found(field, id))
 }
 
 pub fn log_metrics(
