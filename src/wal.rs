@@ -6,8 +6,9 @@
 //! makes them durable with one `fdatasync` (in [`SyncMode::Fsync`]), and only then
 //! answers each caller, so many concurrent requests share one fsync.
 //!
-//! Frame (little-endian): magic `MBXW` (4) | version (1) | kind (1) | reserved (2) |
-//! payload length (4) | crc32 of seq and payload (4) | seq (8) | payload.
+//! Frame (little-endian): magic `MBXW` (4) | version (1) | kind (1) | reserved, zero (2)
+//! | payload length (4) | crc32 (4) | seq (8) | payload. The crc32 covers every other
+//! byte of the frame: the first 12 header bytes, the seq and the payload.
 //!
 //! On open, every segment is read back. A torn frame at the end of the newest segment
 //! (a crash mid-write) is truncated with a warning. Damage anywhere else is reported
@@ -324,18 +325,25 @@ impl Wal {
     }
 }
 
+/// The checksum of a frame: everything but the checksum field itself.
+fn frame_crc(header: &[u8], payload: &[u8]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&header[..12]);
+    crc.update(&header[16..24]);
+    crc.update(payload);
+    crc.finalize()
+}
+
 /// The header of record `seq` holding `payload`.
 fn frame_header(seq: Seq, kind: RecordKind, payload: &[u8]) -> [u8; HEADER] {
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&seq.to_le_bytes());
-    crc.update(payload);
     let mut h = [0u8; HEADER];
     h[..4].copy_from_slice(MAGIC);
     h[4] = VERSION;
     h[5] = kind as u8;
     h[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    h[12..16].copy_from_slice(&crc.finalize().to_le_bytes());
     h[16..24].copy_from_slice(&seq.to_le_bytes());
+    let crc = frame_crc(&h, payload);
+    h[12..16].copy_from_slice(&crc.to_le_bytes());
     h
 }
 
@@ -360,7 +368,7 @@ pub struct Scan {
 /// Parses one frame at the start of `bytes`; `None` if it is not an intact frame.
 fn frame_at(bytes: &[u8]) -> Option<(Replayed, usize)> {
     let header = bytes.get(..HEADER)?;
-    if &header[..4] != MAGIC || header[4] != VERSION {
+    if &header[..4] != MAGIC || header[4] != VERSION || header[6..8] != [0, 0] {
         return None;
     }
     let kind = RecordKind::from_byte(header[5])?;
@@ -371,10 +379,7 @@ fn frame_at(bytes: &[u8]) -> Option<(Replayed, usize)> {
     let crc = u32::from_le_bytes(header[12..16].try_into().ok()?);
     let seq_bytes: [u8; 8] = header[16..24].try_into().ok()?;
     let payload = bytes.get(HEADER..HEADER + len)?;
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&seq_bytes);
-    hasher.update(payload);
-    if hasher.finalize() != crc {
+    if frame_crc(header, payload) != crc {
         return None;
     }
     let record = Replayed {
@@ -736,6 +741,24 @@ mod tests {
             "the damaged segment is kept as it was"
         );
         assert_eq!(wal.append(RecordKind::Metrics, vec![], 1).await.unwrap(), 6);
+    }
+
+    #[test]
+    fn every_header_byte_is_checked() {
+        let mut frame = Vec::new();
+        encode_frame(&mut frame, 7, RecordKind::Metrics, b"payload");
+        // Flipping any bit anywhere in the frame (the kind byte and the reserved
+        // bytes included, as the fuzzer found) makes it damage, never another record.
+        for i in 0..frame.len() {
+            for bit in 0..8 {
+                let mut bad = frame.clone();
+                bad[i] ^= 1 << bit;
+                assert!(
+                    scan(&bad).records.is_empty(),
+                    "flip of bit {bit} in byte {i} went unnoticed"
+                );
+            }
+        }
     }
 
     #[test]
