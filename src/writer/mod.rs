@@ -217,81 +217,16 @@ impl Writer {
 
     /// Publishes every partition whose age passes `due`.
     fn roll(&mut self, due: impl Fn(Instant) -> bool) {
-        let keys: Vec<_> = self
-            .metrics
-            .iter()
-            .filter(|(_, p)| due(p.since))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in keys {
-            self.publish_metrics(&key);
-        }
-        let keys: Vec<_> = self
-            .events
-            .iter()
-            .filter(|(_, p)| due(p.since))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in keys {
-            self.publish_events(&key);
-        }
+        publish_due(&self.ctx, &self.props, &mut self.metrics, &due);
+        publish_due(&self.ctx, &self.props, &mut self.events, &due);
     }
 
     fn publish_metrics(&mut self, key: &PartitionKey) {
-        let Some(partition) = self.metrics.get_mut(key) else {
-            return;
-        };
-        let written = partition
-            .buffer
-            .to_record_batch()
-            .map_err(WriterError::from)
-            .and_then(|(batch, min, max)| {
-                write_file(
-                    &self.ctx,
-                    &self.props,
-                    key,
-                    &batch,
-                    min,
-                    max,
-                    &partition.wal,
-                )
-            });
-        match written {
-            // Dropping the partition releases its memory reservations.
-            Ok(_) => drop(self.metrics.remove(key)),
-            Err(e) => {
-                tracing::error!(partition = %key.dir(), error = %e, "publishing metrics failed; keeping the rows and retrying");
-                partition.since = Instant::now();
-            }
-        }
+        publish(&self.ctx, &self.props, &mut self.metrics, key);
     }
 
     fn publish_events(&mut self, key: &PartitionKey) {
-        let Some(partition) = self.events.get_mut(key) else {
-            return;
-        };
-        let written = partition
-            .buffer
-            .to_record_batch()
-            .map_err(WriterError::from)
-            .and_then(|(batch, min, max)| {
-                write_file(
-                    &self.ctx,
-                    &self.props,
-                    key,
-                    &batch,
-                    min,
-                    max,
-                    &partition.wal,
-                )
-            });
-        match written {
-            Ok(_) => drop(self.events.remove(key)),
-            Err(e) => {
-                tracing::error!(partition = %key.dir(), error = %e, "publishing events failed; keeping the rows and retrying");
-                partition.since = Instant::now();
-            }
-        }
+        publish(&self.ctx, &self.props, &mut self.events, key);
     }
 
     fn snapshot(&self, experiment: &ExperimentRef) -> Result<Snapshot, IndexError> {
@@ -330,6 +265,69 @@ impl Writer {
             .event_files
             .retain(|f| f.may_contain(&experiment.id));
         Ok(snapshot)
+    }
+}
+
+/// A partition buffer that can become one sorted Arrow batch.
+trait RollBuffer {
+    /// The rows as one batch, with the smallest and largest experiment id.
+    fn to_record_batch(&self) -> Result<(RecordBatch, String, String), ArrowError>;
+}
+
+impl RollBuffer for MetricsBuffer {
+    fn to_record_batch(&self) -> Result<(RecordBatch, String, String), ArrowError> {
+        MetricsBuffer::to_record_batch(self)
+    }
+}
+
+impl RollBuffer for EventsBuffer {
+    fn to_record_batch(&self) -> Result<(RecordBatch, String, String), ArrowError> {
+        EventsBuffer::to_record_batch(self)
+    }
+}
+
+/// Publishes the partitions of `map` whose age passes `due`.
+fn publish_due<B: RollBuffer>(
+    ctx: &WriterContext,
+    props: &WriterProperties,
+    map: &mut HashMap<PartitionKey, Partition<B>>,
+    due: &impl Fn(Instant) -> bool,
+) {
+    let keys: Vec<_> = map
+        .iter()
+        .filter(|(_, p)| due(p.since))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for key in keys {
+        publish(ctx, props, map, &key);
+    }
+}
+
+/// Publishes one partition. On success it is removed (releasing its memory
+/// reservations); on failure its rows stay and the publish is retried after
+/// `max_age`.
+fn publish<B: RollBuffer>(
+    ctx: &WriterContext,
+    props: &WriterProperties,
+    map: &mut HashMap<PartitionKey, Partition<B>>,
+    key: &PartitionKey,
+) {
+    let Some(partition) = map.get_mut(key) else {
+        return;
+    };
+    let written = partition
+        .buffer
+        .to_record_batch()
+        .map_err(WriterError::from)
+        .and_then(|(batch, min, max)| {
+            write_file(ctx, props, key, &batch, min, max, &partition.wal)
+        });
+    match written {
+        Ok(_) => drop(map.remove(key)),
+        Err(e) => {
+            tracing::error!(partition = %key.dir(), error = %e, "publishing failed; keeping the rows and retrying");
+            partition.since = Instant::now();
+        }
     }
 }
 
