@@ -157,6 +157,9 @@ pub struct Config {
     pub limits: Limits,
     /// How long a graceful shutdown may take before it is forced.
     pub shutdown_timeout: Duration,
+    /// On shutdown, how long gRPC health reports NOT_SERVING while requests are
+    /// still served, so load balancers and probes stop routing here first.
+    pub not_serving_grace: Duration,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -187,6 +190,7 @@ impl Default for Config {
             roll: RollPolicy::default(),
             limits: Limits::default(),
             shutdown_timeout: Duration::from_secs(30),
+            not_serving_grace: Duration::from_millis(1000),
             log_format: LogFormat::Text,
         }
     }
@@ -200,6 +204,7 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.into(),
             daemon_id: Some("test-daemon".to_owned()),
+            not_serving_grace: Duration::ZERO,
             roll: RollPolicy {
                 max_age: Duration::from_millis(300),
                 ..RollPolicy::default()
@@ -286,6 +291,7 @@ struct ServerSection {
     data_dir: Option<PathBuf>,
     daemon_id: Option<String>,
     shutdown_timeout_ms: Option<u64>,
+    not_serving_grace_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -357,6 +363,10 @@ impl FileConfig {
         set(
             &mut c.shutdown_timeout,
             self.server.shutdown_timeout_ms.map(Duration::from_millis),
+        );
+        set(
+            &mut c.not_serving_grace,
+            self.server.not_serving_grace_ms.map(Duration::from_millis),
         );
         set(&mut c.durability, self.ingest.durability);
         set(&mut c.max_buffered_bytes, self.ingest.max_buffered_bytes);

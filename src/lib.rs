@@ -58,4 +58,8 @@ pub mod writer;
 )]
 pub mod proto {
     tonic::include_proto!("modelbox");
+
+    /// The encoded descriptors of `modelbox.proto` and its imports, for reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/modelbox_descriptor.bin"));
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
 
 use crate::api::ModelStoreService;
 use crate::config::{Config, Durability};
@@ -45,6 +46,8 @@ pub enum ServerError {
     Wal(#[from] WalError),
     #[error("replaying the write-ahead log: {0}")]
     Recovery(#[from] RecoveryError),
+    #[error("building the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
     #[error("serving gRPC: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("writers did not finish within the shutdown timeout")]
@@ -179,6 +182,37 @@ pub async fn run(
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
         .accept_compressed(tonic::codec::CompressionEncoding::Zstd);
 
+    // Health (grpc.health.v1) for probes: SERVING now, NOT_SERVING once shutdown
+    // begins, for `not_serving_grace` before the listener closes.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ModelStoreServer<ModelStoreService>>()
+        .await;
+    health.set_service_status("", ServingStatus::Serving).await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // v1, and v1alpha for older grpcurl releases.
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let grace = config.not_serving_grace;
+    let shutdown = async move {
+        shutdown.await;
+        health
+            .set_not_serving::<ModelStoreServer<ModelStoreService>>()
+            .await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "health is NOT_SERVING; draining"
+        );
+        tokio::time::sleep(grace).await;
+    };
+
     let local = listener.local_addr().ok();
     tracing::info!(
         addr = ?local,
@@ -201,6 +235,9 @@ pub async fn run(
         .layer(tower::util::MapResponseLayer::new(
             oversized_is_resource_exhausted,
         ))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(grpc)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;

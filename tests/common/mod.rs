@@ -54,11 +54,16 @@ impl TestServer {
         }
     }
 
-    /// Graceful shutdown: returns once every buffered row is published.
-    pub async fn stop(mut self) {
+    /// Starts a graceful shutdown without waiting for it.
+    pub fn begin_stop(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
+    }
+
+    /// Graceful shutdown: returns once every buffered row is published.
+    pub async fn stop(mut self) {
+        self.begin_stop();
         let result = (&mut self.task).await.expect("server task");
         result.expect("server stopped cleanly");
     }
