@@ -82,6 +82,7 @@ fn spawn_mboxd(args: &Args) -> anyhow::Result<(Spawned, String)> {
     let addr_file = data.path().join("addr");
     let mut cmd = Command::new(&bin);
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--daemon-id", "loadgen"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(data.path().join("data"))
         .arg("--addr-file")

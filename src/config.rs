@@ -162,6 +162,8 @@ pub struct Config {
     pub not_serving_grace: Duration,
     /// Log format.
     pub log_format: LogFormat,
+    /// Address of the Prometheus `/metrics` listener; `None` turns it off.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Log output format.
@@ -192,6 +194,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(30),
             not_serving_grace: Duration::from_millis(1000),
             log_format: LogFormat::Text,
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9185))),
         }
     }
 }
@@ -205,6 +208,7 @@ impl Config {
             data_dir: data_dir.into(),
             daemon_id: Some("test-daemon".to_owned()),
             not_serving_grace: Duration::ZERO,
+            metrics_listen: None,
             roll: RollPolicy {
                 max_age: Duration::from_millis(300),
                 ..RollPolicy::default()
@@ -281,6 +285,8 @@ pub struct FileConfig {
     #[serde(default)]
     wal: WalSection,
     #[serde(default)]
+    metrics: MetricsSection,
+    #[serde(default)]
     log: LogSection,
 }
 
@@ -333,6 +339,13 @@ struct LimitsSection {
     max_value_bytes: Option<usize>,
     max_metadata_bytes: Option<usize>,
     max_name_bytes: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    enabled: Option<bool>,
+    listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -406,6 +419,12 @@ impl FileConfig {
         set(&mut c.limits.max_metadata_bytes, l.max_metadata_bytes);
         set(&mut c.limits.max_name_bytes, l.max_name_bytes);
         set(&mut c.wal_segment_bytes, self.wal.segment_bytes);
+        if let Some(listen) = self.metrics.listen {
+            c.metrics_listen = Some(listen);
+        }
+        if self.metrics.enabled == Some(false) {
+            c.metrics_listen = None;
+        }
         set(&mut c.log_format, self.log.format);
         c.validate()
     }

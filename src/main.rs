@@ -53,6 +53,12 @@ struct ServeArgs {
     /// Bound on bytes held in queues and buffers [default: 1 GiB].
     #[arg(long, env = "MBOXD_MAX_BUFFERED_BYTES")]
     max_buffered_bytes: Option<usize>,
+    /// Prometheus /metrics listen address [default: 127.0.0.1:9185].
+    #[arg(long, env = "MBOXD_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Turn the Prometheus listener off.
+    #[arg(long)]
+    no_metrics: bool,
     /// Log format [default: text].
     #[arg(long, env = "MBOXD_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -81,6 +87,12 @@ impl ServeArgs {
         }
         if let Some(v) = self.max_buffered_bytes {
             config.max_buffered_bytes = v;
+        }
+        if let Some(v) = self.metrics_listen {
+            config.metrics_listen = Some(v);
+        }
+        if self.no_metrics {
+            config.metrics_listen = None;
         }
         if let Some(v) = self.log_format {
             config.log_format = v;

@@ -22,6 +22,7 @@ use crate::paths::{ObjectKey, valid_daemon_id};
 use crate::proto::model_store_server::ModelStoreServer;
 use crate::recovery::{self, RecoveryError};
 use crate::sink::{LocalSink, SinkError};
+use crate::telemetry::{Metrics, serve_metrics};
 use crate::wal::{SyncMode, Wal, WalConfig, WalError};
 use crate::writer::{self, WriterContext};
 
@@ -46,6 +47,11 @@ pub enum ServerError {
     Wal(#[from] WalError),
     #[error("replaying the write-ahead log: {0}")]
     Recovery(#[from] RecoveryError),
+    #[error("binding the metrics listener {addr}: {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("building the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("serving gRPC: {0}")]
@@ -115,6 +121,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     create_dir(&config.data_dir)?;
+    let metrics = Metrics::new();
     let daemon_id: Arc<str> = daemon_id(&config)?.into();
     let index = Arc::new(Index::open(&config.data_dir.join("index.redb"))?);
     let sink = LocalSink::open(&config.data_dir, &config.data_dir.join("_staging"))?;
@@ -140,6 +147,8 @@ pub async fn run(
             Durability::WalWrite => SyncMode::Write,
             Durability::WalFsync | Durability::Memory => SyncMode::Fsync,
         },
+        appends: metrics.wal_appends.clone(),
+        fsync_seconds: metrics.wal_fsync_seconds.clone(),
     })?;
     let wal = Arc::new(wal);
     index.forget_published_below(wal.retained_from())?;
@@ -148,10 +157,11 @@ pub async fn run(
     let (ingest, receivers) = Ingest::new(
         config.writer_threads,
         config.queue_batches,
-        budget,
+        Arc::clone(&budget),
         config.when_full,
         config.durability,
         Some(Arc::clone(&wal)),
+        metrics.clone(),
     );
     let ingest = Arc::new(ingest);
     let ctx = WriterContext {
@@ -160,6 +170,7 @@ pub async fn run(
         daemon_id: Arc::clone(&daemon_id),
         roll: config.roll.clone(),
         wal: Some((Arc::clone(wal.tracker()), wal.retained_from_handle())),
+        metrics: metrics.clone(),
     };
     let writers = receivers
         .into_iter()
@@ -175,6 +186,7 @@ pub async fn run(
         Arc::clone(&ingest),
         sink,
         config.limits.clone(),
+        metrics.clone(),
     );
     let grpc = ModelStoreServer::new(service)
         .max_decoding_message_size(config.limits.max_message_bytes)
@@ -213,6 +225,30 @@ pub async fn run(
         tokio::time::sleep(grace).await;
     };
 
+    // Prometheus metrics on their own listener, stopped after the drain.
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_server = match config.metrics_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::MetricsListen { addr, source })?;
+            tracing::info!(addr = ?listener.local_addr().ok(), "metrics at /metrics");
+            let budget = Arc::clone(&budget);
+            Some(tokio::spawn(serve_metrics(
+                listener,
+                metrics.clone(),
+                move |m| {
+                    m.buffered_bytes.set(budget.used() as i64);
+                },
+                async {
+                    let _ = metrics_stopped.await;
+                },
+            )))
+        }
+        None => None,
+    };
+    let received = metrics.received_bytes.clone();
+
     let local = listener.local_addr().ok();
     tracing::info!(
         addr = ?local,
@@ -235,6 +271,17 @@ pub async fn run(
         .layer(tower::util::MapResponseLayer::new(
             oversized_is_resource_exhausted,
         ))
+        .layer(tower::util::MapRequestLayer::new(
+            move |req: http::Request<tonic::body::Body>| {
+                let received = received.clone();
+                req.map(|body| {
+                    tonic::body::Body::new(CountingBody {
+                        inner: body,
+                        received,
+                    })
+                })
+            },
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -252,6 +299,10 @@ pub async fn run(
         }
     });
     let drained = tokio::time::timeout(config.shutdown_timeout, joined).await;
+    let _ = metrics_stop.send(());
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
     let wal_closed = tokio::task::spawn_blocking(move || wal.close());
     let _ = tokio::time::timeout(config.shutdown_timeout, wal_closed).await;
     served?;
@@ -273,4 +324,36 @@ fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
     }
     response
+}
+
+/// A request body that counts the bytes it yields into `received`.
+struct CountingBody {
+    inner: tonic::body::Body,
+    received: prometheus_client::metrics::counter::Counter,
+}
+
+impl http_body::Body for CountingBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.received.inc_by(data.len() as u64);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }

@@ -1,6 +1,18 @@
-//! Tracing set-up: human-readable lines by default, JSON by setting; the level comes
-//! from `RUST_LOG` (default `info`).
+//! Tracing set-up and Prometheus metrics.
+//!
+//! [`Metrics`] holds the metric handles; it is created once by the server and passed
+//! to each component that updates it (no global registry). Names follow Prometheus
+//! conventions: `mboxd_` prefix, units in names, `_total` on counters, and only
+//! low-cardinality labels (never an experiment id).
 
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -15,4 +27,218 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// Why a request was refused, as a metric label.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Reason {
+    invalid_argument,
+    not_found,
+    resource_exhausted,
+    unavailable,
+    internal,
+}
+
+impl Reason {
+    pub fn of(code: tonic::Code) -> Self {
+        match code {
+            tonic::Code::InvalidArgument => Reason::invalid_argument,
+            tonic::Code::NotFound => Reason::not_found,
+            tonic::Code::ResourceExhausted => Reason::resource_exhausted,
+            tonic::Code::Unavailable => Reason::unavailable,
+            _ => Reason::internal,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: Reason,
+}
+
+/// The tables mboxd publishes, as a metric label.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum TableName {
+    metrics,
+    events,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    pub table: TableName,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
+/// Handles on every metric mboxd exports. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub points_accepted: Counter,
+    pub points_rejected: Family<ReasonLabel, Counter>,
+    pub events_accepted: Counter,
+    pub events_rejected: Family<ReasonLabel, Counter>,
+    pub received_bytes: Counter,
+    pub queue_pushes: Counter,
+    pub queue_pops: Counter,
+    pub buffered_bytes: Gauge,
+    pub files_published: Family<TableLabel, Counter>,
+    pub published_bytes: Family<TableLabel, Counter>,
+    pub published_rows: Family<TableLabel, Counter>,
+    pub publish_seconds: Histogram,
+    pub wal_appends: Counter,
+    pub wal_fsync_seconds: Histogram,
+    registry: Arc<Registry>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let m = Self {
+            points_accepted: Counter::default(),
+            points_rejected: Family::default(),
+            events_accepted: Counter::default(),
+            events_rejected: Family::default(),
+            received_bytes: Counter::default(),
+            queue_pushes: Counter::default(),
+            queue_pops: Counter::default(),
+            buffered_bytes: Gauge::default(),
+            files_published: Family::default(),
+            published_bytes: Family::default(),
+            published_rows: Family::default(),
+            publish_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            wal_appends: Counter::default(),
+            wal_fsync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            registry: Arc::new(Registry::default()),
+        };
+        let mut r = Registry::with_prefix("mboxd");
+        r.register(
+            "points_accepted",
+            "Metric points accepted (acknowledged)",
+            m.points_accepted.clone(),
+        );
+        r.register(
+            "points_rejected",
+            "Metric points in refused requests, by reason",
+            m.points_rejected.clone(),
+        );
+        r.register(
+            "events_accepted",
+            "Events accepted (acknowledged)",
+            m.events_accepted.clone(),
+        );
+        r.register(
+            "events_rejected",
+            "Events in refused requests, by reason",
+            m.events_rejected.clone(),
+        );
+        r.register(
+            "received_bytes",
+            "gRPC request body bytes received",
+            m.received_bytes.clone(),
+        );
+        r.register(
+            "queue_pushes",
+            "Batches pushed onto writer queues",
+            m.queue_pushes.clone(),
+        );
+        r.register(
+            "queue_pops",
+            "Batches taken off writer queues",
+            m.queue_pops.clone(),
+        );
+        r.register(
+            "buffered_bytes",
+            "Bytes held in queues and writer buffers",
+            m.buffered_bytes.clone(),
+        );
+        r.register(
+            "files_published",
+            "Parquet files published",
+            m.files_published.clone(),
+        );
+        r.register(
+            "published_bytes",
+            "Bytes of Parquet published",
+            m.published_bytes.clone(),
+        );
+        r.register(
+            "published_rows",
+            "Rows published to Parquet",
+            m.published_rows.clone(),
+        );
+        r.register(
+            "publish_duration_seconds",
+            "Time to encode and publish one Parquet file",
+            m.publish_seconds.clone(),
+        );
+        r.register(
+            "wal_appends",
+            "Records appended to the write-ahead log",
+            m.wal_appends.clone(),
+        );
+        r.register(
+            "wal_fsync_duration_seconds",
+            "Time of one write-ahead log group commit's fdatasync",
+            m.wal_fsync_seconds.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .set(1);
+        r.register("build_info", "Build information; always 1", build);
+        Self {
+            registry: Arc::new(r),
+            ..m
+        }
+    }
+
+    /// The metrics in the Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes. `before_scrape`
+/// refreshes gauges that are read rather than pushed.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    before_scrape: impl Fn(&Metrics) + Send + Sync + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let before_scrape = Arc::new(before_scrape);
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let (metrics, before_scrape) = (metrics.clone(), Arc::clone(&before_scrape));
+            async move {
+                before_scrape(&metrics);
+                (
+                    [(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.encode(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }

@@ -151,6 +151,10 @@ pub struct WalConfig {
     pub dir: PathBuf,
     pub segment_bytes: u64,
     pub sync: SyncMode,
+    /// Counts appended records.
+    pub appends: prometheus_client::metrics::counter::Counter,
+    /// Times each group commit's fdatasync.
+    pub fsync_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 #[derive(Debug)]
@@ -549,13 +553,21 @@ impl Committer {
             out.flush()?;
             drop(out);
             match self.config.sync {
-                SyncMode::Fsync => file.sync_data(),
+                SyncMode::Fsync => {
+                    let started = std::time::Instant::now();
+                    let synced = file.sync_data();
+                    self.config
+                        .fsync_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    synced
+                }
                 SyncMode::Write => Ok(()),
             }
         })();
         match written {
             Ok(()) => {
                 *len += bytes;
+                self.config.appends.inc_by(group.len() as u64);
                 Ok(())
             }
             Err(e) => {
@@ -600,6 +612,8 @@ mod tests {
             dir: dir.to_owned(),
             segment_bytes: 1 << 20,
             sync: SyncMode::Fsync,
+            appends: Default::default(),
+            fsync_seconds: prometheus_client::metrics::histogram::Histogram::new([0.001]),
         }
     }
 

@@ -24,6 +24,7 @@ async fn sigterm_during_ingest_loses_nothing_acknowledged() {
     let addr_file = dir.path().join("addr");
     let mut child = Command::new(env!("CARGO_BIN_EXE_mboxd"))
         .args(["serve", "--listen", "127.0.0.1:0", "--daemon-id", "sigterm"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(&data)
         .arg("--addr-file")

@@ -21,6 +21,7 @@ use crate::model::{ExperimentRecord, MetricValue, now_micros};
 use crate::proto::{self, model_store_server::ModelStore};
 use crate::query;
 use crate::sink::LocalSink;
+use crate::telemetry::{Metrics, Reason, ReasonLabel};
 
 use convert::{json_to_value, micros, timestamp};
 use status::ApiError;
@@ -32,16 +33,33 @@ pub struct ModelStoreService {
     ingest: Arc<Ingest>,
     sink: LocalSink,
     limits: Limits,
+    metrics: Metrics,
 }
 
 impl ModelStoreService {
-    pub fn new(index: Arc<Index>, ingest: Arc<Ingest>, sink: LocalSink, limits: Limits) -> Self {
+    pub fn new(
+        index: Arc<Index>,
+        ingest: Arc<Ingest>,
+        sink: LocalSink,
+        limits: Limits,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             index,
             ingest,
             sink,
             limits,
+            metrics,
         }
+    }
+
+    async fn log_metrics_inner(&self, req: proto::LogMetricsRequest) -> Result<usize, Status> {
+        let batch = validate::log_metrics(req, &self.index, &self.limits, now_micros())?;
+        Ok(self
+            .ingest
+            .submit_metrics(batch)
+            .await
+            .map_err(ApiError::from)?)
     }
 }
 
@@ -165,16 +183,27 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::LogMetricsRequest>,
     ) -> Reply<proto::LogMetricsResponse> {
-        let batch =
-            validate::log_metrics(req.into_inner(), &self.index, &self.limits, now_micros())?;
-        let points = self
-            .ingest
-            .submit_metrics(batch)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(proto::LogMetricsResponse {
-            points_accepted: points as u64,
-        }))
+        let req = req.into_inner();
+        let sent = req.blocks.iter().map(|b| b.steps.len()).sum::<usize>()
+            + usize::from(req.value.is_some());
+        match self.log_metrics_inner(req).await {
+            Ok(points) => {
+                self.metrics.points_accepted.inc_by(points as u64);
+                Ok(Response::new(proto::LogMetricsResponse {
+                    points_accepted: points as u64,
+                }))
+            }
+            Err(status) => {
+                let label = ReasonLabel {
+                    reason: Reason::of(status.code()),
+                };
+                self.metrics
+                    .points_rejected
+                    .get_or_create(&label)
+                    .inc_by(sent as u64);
+                Err(status)
+            }
+        }
     }
 
     async fn get_metrics(
@@ -228,17 +257,36 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::LogEventRequest>,
     ) -> Reply<proto::LogEventResponse> {
+        let req = req.into_inner();
+        let sent = usize::from(req.event.is_some()) + req.events.len();
         let now = now_micros();
-        let batch = validate::log_event(req.into_inner(), &self.index, &self.limits, now)?;
-        let n = self
-            .ingest
-            .submit_events(batch)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(proto::LogEventResponse {
-            created_at: Some(timestamp(now)),
-            events_accepted: n as u64,
-        }))
+        let result = match validate::log_event(req, &self.index, &self.limits, now) {
+            Ok(batch) => self
+                .ingest
+                .submit_events(batch)
+                .await
+                .map_err(|e| Status::from(ApiError::from(e))),
+            Err(e) => Err(e.into()),
+        };
+        match result {
+            Ok(n) => {
+                self.metrics.events_accepted.inc_by(n as u64);
+                Ok(Response::new(proto::LogEventResponse {
+                    created_at: Some(timestamp(now)),
+                    events_accepted: n as u64,
+                }))
+            }
+            Err(status) => {
+                let label = ReasonLabel {
+                    reason: Reason::of(status.code()),
+                };
+                self.metrics
+                    .events_rejected
+                    .get_or_create(&label)
+                    .inc_by(sent as u64);
+                Err(status)
+            }
+        }
     }
 
     async fn list_events(

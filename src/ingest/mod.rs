@@ -20,6 +20,7 @@ pub mod record;
 use crate::config::{Durability, WhenFull};
 use crate::index::{FileEntry, IndexError};
 use crate::model::{EventPoint, EventsBatch, ExperimentRef, MetricPoint, MetricsBatch};
+use crate::telemetry::Metrics;
 use crate::wal::{RecordKind, Seq, Wal, WalError};
 
 /// Errors submitting to the write path.
@@ -154,6 +155,7 @@ pub struct Ingest {
     durability: Durability,
     wal: Option<Arc<Wal>>,
     closed: AtomicBool,
+    metrics: Metrics,
 }
 
 /// How long a client is told to wait before retrying after [`IngestError::Full`].
@@ -169,6 +171,7 @@ impl Ingest {
         when_full: WhenFull,
         durability: Durability,
         wal: Option<Arc<Wal>>,
+        metrics: Metrics,
     ) -> (Self, Vec<Receiver<Command>>) {
         let (shards, receivers) = (0..writers.max(1))
             .map(|_| crossbeam_channel::bounded(queue_batches))
@@ -184,6 +187,7 @@ impl Ingest {
                 wal
             },
             closed: AtomicBool::new(false),
+            metrics,
         };
         (ingest, receivers)
     }
@@ -397,9 +401,15 @@ impl Ingest {
     /// so a queue full of small batches is waited out rather than refused: a batch
     /// that reached here may already be in the WAL and must not be dropped.
     async fn send(&self, shard: usize, mut command: Command) -> Result<(), IngestError> {
+        let data = matches!(command, Command::Metrics(..) | Command::Events(..));
         loop {
             match self.shards[shard].try_send(command) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    if data {
+                        self.metrics.queue_pushes.inc();
+                    }
+                    return Ok(());
+                }
                 Err(TrySendError::Disconnected(_)) => return Err(IngestError::WriterGone(shard)),
                 Err(TrySendError::Full(back)) => {
                     command = back;
@@ -449,6 +459,7 @@ mod tests {
             WhenFull::Wait(Duration::from_millis(30)),
             Durability::Memory,
             None,
+            Metrics::new(),
         );
         let wait = WhenFull::Wait(Duration::from_millis(30));
         let held = ingest.reserve(80, wait).await.unwrap();

@@ -27,6 +27,7 @@ use crate::ingest::{Command, Reservation, Snapshot};
 use crate::model::{EventsBatch, ExperimentRef, MetricsBatch, now_micros};
 use crate::paths::{ObjectKey, PartitionKey, Table, utc_date};
 use crate::sink::{LocalSink, SinkError};
+use crate::telemetry::{Metrics, TableLabel, TableName};
 use crate::wal::{Seq, Tracker};
 
 use events::EventsBuffer;
@@ -55,6 +56,7 @@ pub struct WriterContext {
     pub roll: RollPolicy,
     /// Where published WAL records are released, and the oldest record still on disk.
     pub wal: Option<(Arc<Tracker>, Arc<AtomicU64>)>,
+    pub metrics: Metrics,
 }
 
 /// Starts writer thread `id` reading `rx`. It returns once told to shut down (or
@@ -123,9 +125,11 @@ impl Writer {
         loop {
             match rx.recv_timeout(tick) {
                 Ok(Command::Metrics(batch, reservation, seq)) => {
+                    self.ctx.metrics.queue_pops.inc();
                     self.add_metrics(batch, reservation, seq)
                 }
                 Ok(Command::Events(batch, reservation, seq)) => {
+                    self.ctx.metrics.queue_pops.inc();
                     self.add_events(batch, reservation, seq)
                 }
                 Ok(Command::Snapshot(experiment, reply)) => {
@@ -393,6 +397,19 @@ fn write_file(
             tracker.release(*seq, 1);
         }
     }
+    let label = TableLabel {
+        table: match partition.table {
+            Table::Metrics => TableName::metrics,
+            Table::Events => TableName::events,
+        },
+    };
+    let m = &ctx.metrics;
+    m.files_published.get_or_create(&label).inc();
+    m.published_bytes.get_or_create(&label).inc_by(bytes);
+    m.published_rows
+        .get_or_create(&label)
+        .inc_by(intent.entry.rows);
+    m.publish_seconds.observe(started.elapsed().as_secs_f64());
     tracing::debug!(
         file = %key,
         rows = intent.entry.rows,

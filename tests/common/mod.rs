@@ -174,6 +174,7 @@ impl Process {
         let _ = std::fs::remove_file(&addr_file);
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_mboxd"))
             .args(["serve", "--listen", "127.0.0.1:0", "--daemon-id", "proc"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(data)
             .arg("--addr-file")

@@ -56,7 +56,7 @@ def generate_stubs(proto_dir: pathlib.Path, proto_file: str, out: pathlib.Path, 
 class Mboxd:
     """A running mboxd process with its own data folder."""
 
-    def __init__(self, data_dir: pathlib.Path, extra_args=(), listen="127.0.0.1:0"):
+    def __init__(self, data_dir: pathlib.Path, extra_args=(), listen="127.0.0.1:0", metrics_listen="127.0.0.1:0"):
         self.data_dir = data_dir
         self.addr_file = data_dir.parent / f"{data_dir.name}.addr"
         if self.addr_file.exists():
@@ -73,6 +73,8 @@ class Mboxd:
                 str(self.addr_file),
                 "--daemon-id",
                 "pytest",
+                "--metrics-listen",
+                metrics_listen,
                 *extra_args,
             ],
         )
