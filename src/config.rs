@@ -164,6 +164,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Address of the Prometheus `/metrics` listener; `None` turns it off.
     pub metrics_listen: Option<SocketAddr>,
+    /// How often an info-level summary line is logged; zero turns it off.
+    pub log_summary_interval: Duration,
 }
 
 /// Log output format.
@@ -195,6 +197,7 @@ impl Default for Config {
             not_serving_grace: Duration::from_millis(1000),
             log_format: LogFormat::Text,
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9185))),
+            log_summary_interval: Duration::from_secs(60),
         }
     }
 }
@@ -358,6 +361,7 @@ struct WalSection {
 #[serde(deny_unknown_fields)]
 struct LogSection {
     format: Option<LogFormat>,
+    summary_interval_s: Option<u64>,
 }
 
 fn set<T>(slot: &mut T, value: Option<T>) {
@@ -426,6 +430,10 @@ impl FileConfig {
             c.metrics_listen = None;
         }
         set(&mut c.log_format, self.log.format);
+        set(
+            &mut c.log_summary_interval,
+            self.log.summary_interval_s.map(Duration::from_secs),
+        );
         c.validate()
     }
 }

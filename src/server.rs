@@ -22,7 +22,7 @@ use crate::paths::{ObjectKey, valid_daemon_id};
 use crate::proto::model_store_server::ModelStoreServer;
 use crate::recovery::{self, RecoveryError};
 use crate::sink::{LocalSink, SinkError};
-use crate::telemetry::{Metrics, serve_metrics};
+use crate::telemetry::{Metrics, log_summaries, serve_metrics};
 use crate::wal::{SyncMode, Wal, WalConfig, WalError};
 use crate::writer::{self, WriterContext};
 
@@ -248,6 +248,14 @@ pub async fn run(
         None => None,
     };
     let received = metrics.received_bytes.clone();
+    let summaries = {
+        let budget = Arc::clone(&budget);
+        tokio::spawn(log_summaries(
+            metrics.clone(),
+            config.log_summary_interval,
+            move || budget.used(),
+        ))
+    };
 
     let local = listener.local_addr().ok();
     tracing::info!(
@@ -299,6 +307,7 @@ pub async fn run(
         }
     });
     let drained = tokio::time::timeout(config.shutdown_timeout, joined).await;
+    summaries.abort();
     let _ = metrics_stop.send(());
     if let Some(server) = metrics_server {
         let _ = server.await;

@@ -213,6 +213,57 @@ impl Metrics {
     }
 }
 
+/// (points, events, files, metric rows) published or accepted so far.
+///
+/// `Family::get_or_create` returns a read guard; holding one while creating another
+/// label deadlocks (the second call needs the write lock). So every read is its own
+/// statement, and its guard is gone before the next.
+fn summary_totals(m: &Metrics) -> (u64, u64, u64, u64) {
+    let metrics_table = TableLabel {
+        table: TableName::metrics,
+    };
+    let events_table = TableLabel {
+        table: TableName::events,
+    };
+    let metric_files = m.files_published.get_or_create(&metrics_table).get();
+    let event_files = m.files_published.get_or_create(&events_table).get();
+    let rows = m.published_rows.get_or_create(&metrics_table).get();
+    (
+        m.points_accepted.get(),
+        m.events_accepted.get(),
+        metric_files + event_files,
+        rows,
+    )
+}
+
+/// Logs an info line every `interval` with what happened since the last one.
+pub async fn log_summaries(
+    metrics: Metrics,
+    interval: std::time::Duration,
+    buffered: impl Fn() -> usize,
+) {
+    if interval.is_zero() {
+        return;
+    }
+    let mut last = summary_totals(&metrics);
+    let mut tick = tokio::time::interval(interval);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let now = summary_totals(&metrics);
+        tracing::info!(
+            points = now.0 - last.0,
+            events = now.1 - last.1,
+            files = now.2 - last.2,
+            rows_published = now.3 - last.3,
+            buffered_bytes = buffered(),
+            interval_s = interval.as_secs(),
+            "summary"
+        );
+        last = now;
+    }
+}
+
 /// Serves `GET /metrics` on `listener` until `shutdown` completes. `before_scrape`
 /// refreshes gauges that are read rather than pushed.
 pub async fn serve_metrics(
@@ -241,4 +292,31 @@ pub async fn serve_metrics(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_totals_do_not_deadlock_on_fresh_label_families() {
+        let m = Metrics::new();
+        m.points_accepted.inc_by(3);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let probe = m.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(summary_totals(&probe));
+        });
+        let totals = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("summary_totals deadlocked");
+        assert_eq!(totals, (3, 0, 0, 0));
+        // And families stay usable afterwards (no guard left behind).
+        m.files_published
+            .get_or_create(&TableLabel {
+                table: TableName::events,
+            })
+            .inc();
+        assert_eq!(summary_totals(&m).2, 1);
+    }
 }

@@ -1,6 +1,7 @@
 """The Prometheus endpoint during ingest: counters match exactly what was sent, and
 the text parses as the Prometheus (OpenMetrics) exposition format."""
 
+import time
 import urllib.request
 
 import grpc
@@ -34,7 +35,11 @@ def value(families, name, **labels):
 def test_metrics_count_exactly_what_was_sent(full, tmp_path):
     pb2, pb2_grpc = full
     port = free_port()
-    server = Mboxd(tmp_path / "data", ["--roll-max-age-ms", "100"], metrics_listen=f"127.0.0.1:{port}")
+    # Summary log lines every second run alongside publishing: they read the same
+    # metric families the writer updates (a deadlock here once hung shutdown).
+    config = tmp_path / "mboxd.toml"
+    config.write_text("[log]\nsummary_interval_s = 1\n[writer]\nmax_age_ms = 100\n")
+    server = Mboxd(tmp_path / "data", ["--config", str(config)], metrics_listen=f"127.0.0.1:{port}")
     s = pb2_grpc.ModelStoreStub(server.channel)
     exp = s.CreateExperiment(pb2.CreateExperimentRequest(name="m", namespace="ops")).experiment_id
     sent_bytes = 0
@@ -67,8 +72,9 @@ def test_metrics_count_exactly_what_was_sent(full, tmp_path):
     assert samples(f, "mboxd_build_info")[0].labels["version"]
     assert "# TYPE mboxd_points_accepted counter" in text
 
-    # Once the roll age passes, everything is published and popped.
-    import time
+    # Once the roll age passes, everything is published and popped; wait past a
+    # summary line too.
+    time.sleep(1.2)
     deadline = time.time() + 10
     while time.time() < deadline:
         _, f = scrape(port)
