@@ -6,10 +6,9 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::UInt64Type;
@@ -21,38 +20,9 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 async fn sigterm_during_ingest_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let addr_file = dir.path().join("addr");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mboxd"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--daemon-id", "sigterm"])
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--addr-file")
-        .arg(&addr_file)
-        // Long roll age: everything acknowledged is still in memory at SIGTERM.
-        .args(["--roll-max-age-ms", "600000"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start mboxd");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let addr = loop {
-        if let Ok(a) = std::fs::read_to_string(&addr_file).map(|a| a.trim().to_owned())
-            && !a.is_empty()
-        {
-            break a;
-        }
-        assert!(Instant::now() < deadline, "mboxd did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let mut c = loop {
-        match mboxd::proto::model_store_client::ModelStoreClient::connect(format!("http://{addr}"))
-            .await
-        {
-            Ok(c) => break c,
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
+    // Long roll age: everything acknowledged is still in memory at SIGTERM.
+    let proc = Process::start(&data, &["--roll-max-age-ms", "600000"]).await;
+    let mut c = proc.client().await;
     let id = create_experiment(&mut c, "cv", "sigterm").await;
 
     // Four clients send 1,000-point batches with unique step ranges until refused.
@@ -82,20 +52,9 @@ async fn sigterm_during_ingest_loses_nothing_acknowledged() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let exited_cleanly = proc.terminate().await;
     stop.store(true, Ordering::Relaxed);
-    assert!(status.success(), "mboxd exited with {status}");
+    assert!(exited_cleanly, "mboxd did not exit 0 after SIGTERM");
 
     let mut acked = HashSet::new();
     for t in tasks {

@@ -1,6 +1,7 @@
 """Helpers for the Python suites: a real mboxd binary on a loopback port, gRPC stubs
 generated at test time, free ports."""
 
+import atexit
 import importlib
 import os
 import pathlib
@@ -53,6 +54,18 @@ def generate_stubs(proto_dir: pathlib.Path, proto_file: str, out: pathlib.Path, 
     return pb2, pb2_grpc
 
 
+_running = []
+
+
+@atexit.register
+def _kill_leftovers():
+    # A failed test may not reach stop(); a daemon left running would hold the
+    # test runner's output open.
+    for proc in _running:
+        if proc.poll() is None:
+            proc.kill()
+
+
 class Mboxd:
     """A running mboxd process with its own data folder."""
 
@@ -78,6 +91,7 @@ class Mboxd:
                 *extra_args,
             ],
         )
+        _running.append(self.proc)
         deadline = time.time() + 20
         while not (self.addr_file.exists() and self.addr_file.read_text()):
             if self.proc.poll() is not None:
