@@ -3,8 +3,6 @@
 //! every acknowledged point reaches Parquet exactly once whatever instant the last
 //! process died at.
 
-use std::collections::HashMap;
-
 use crate::api::validate;
 use crate::config::Limits;
 use crate::index::{Index, IndexError};
@@ -43,48 +41,31 @@ pub async fn replay(
     ingest: &Ingest,
     tracker: &Tracker,
 ) -> Result<Report, RecoveryError> {
-    let mut report = Report {
-        records: records.len(),
-        ..Report::default()
+    let mut replayer = Replayer {
+        index,
+        ingest,
+        tracker,
+        limits: Limits::unbounded(),
+        report: Report {
+            records: records.len(),
+            ..Report::default()
+        },
     };
-    let limits = Limits::unbounded();
     for r in records {
-        let seq = r.seq;
         let outcome = match r.kind {
-            RecordKind::Metrics => {
-                replay_metrics(
-                    seq,
-                    &r.payload,
-                    index,
-                    ingest,
-                    tracker,
-                    &limits,
-                    &mut report,
-                )
-                .await
-            }
-            RecordKind::Events => {
-                replay_events(
-                    seq,
-                    &r.payload,
-                    index,
-                    ingest,
-                    tracker,
-                    &limits,
-                    &mut report,
-                )
-                .await
-            }
+            RecordKind::Metrics => replayer.metrics(r.seq, &r.payload).await,
+            RecordKind::Events => replayer.events(r.seq, &r.payload).await,
         };
         match outcome {
-            Ok(()) => tracker.release(seq, 1),
+            Ok(()) => tracker.release(r.seq, 1),
             Err(Unusable(reason)) => {
                 // Kept held: the segment stays on disk for inspection.
-                tracing::error!(seq, %reason, "a write-ahead log record cannot be replayed; keeping it in the log");
-                report.unusable_records += 1;
+                tracing::error!(seq = r.seq, %reason, "a write-ahead log record cannot be replayed; keeping it in the log");
+                replayer.report.unusable_records += 1;
             }
         }
     }
+    let report = replayer.report;
     if report.records > 0 {
         tracing::info!(?report, "write-ahead log replayed");
     }
@@ -99,97 +80,80 @@ impl From<RecoveryError> for Unusable {
     }
 }
 
-/// Experiments of `seq` already published in `partition`, cached per record.
-fn published<'a>(
-    cache: &'a mut HashMap<String, Vec<String>>,
-    index: &Index,
-    seq: Seq,
-    partition: String,
-) -> Result<&'a Vec<String>, RecoveryError> {
-    if !cache.contains_key(&partition) {
-        let done = index.published_experiments(seq, &partition)?;
-        cache.insert(partition.clone(), done);
-    }
-    Ok(&cache[&partition])
+/// What replaying one record needs.
+struct Replayer<'a> {
+    index: &'a Index,
+    ingest: &'a Ingest,
+    tracker: &'a Tracker,
+    /// Records were valid when accepted, even if the limits were lowered since.
+    limits: Limits,
+    report: Report,
 }
 
-async fn replay_metrics(
-    seq: Seq,
-    payload: &[u8],
-    index: &Index,
-    ingest: &Ingest,
-    tracker: &Tracker,
-    limits: &Limits,
-    report: &mut Report,
-) -> Result<(), Unusable> {
-    let (at, blocks) = record::decode_metrics(payload).map_err(|e| Unusable(e.to_string()))?;
-    let date = utc_date(at);
-    let mut cache = HashMap::new();
-    let mut kept = Vec::new();
-    for (i, b) in blocks.into_iter().enumerate() {
-        let block = validate::block(&format!("blocks[{i}]"), b, index, limits)
+impl Replayer<'_> {
+    /// Whether `experiment`'s rows of record `seq` in `partition` are published.
+    fn published(
+        &self,
+        seq: Seq,
+        partition: &PartitionKey,
+        experiment: &str,
+    ) -> Result<bool, RecoveryError> {
+        let done = self.index.published_experiments(seq, &partition.dir())?;
+        Ok(done.iter().any(|id| id == experiment))
+    }
+
+    async fn metrics(&mut self, seq: Seq, payload: &[u8]) -> Result<(), Unusable> {
+        let (at, blocks) = record::decode_metrics(payload).map_err(|e| Unusable(e.to_string()))?;
+        let date = utc_date(at);
+        let mut kept = Vec::new();
+        for (i, b) in blocks.into_iter().enumerate() {
+            let block = validate::block(&format!("blocks[{i}]"), b, self.index, &self.limits)
+                .map_err(|e| Unusable(e.to_string()))?;
+            let partition = PartitionKey {
+                table: Table::Metrics,
+                namespace: block.experiment.namespace.clone(),
+                date,
+            };
+            if self.published(seq, &partition, &block.experiment.id)? {
+                self.report.skipped_blocks += 1;
+            } else {
+                kept.push(block);
+            }
+        }
+        self.report.replayed_blocks += kept.len();
+        if !kept.is_empty() {
+            self.tracker.hold(seq, kept.len() as u32);
+            self.ingest
+                .submit_replayed_metrics(MetricsBatch::from_validated(kept, at), seq)
+                .await
+                .map_err(RecoveryError::from)?;
+        }
+        Ok(())
+    }
+
+    async fn events(&mut self, seq: Seq, payload: &[u8]) -> Result<(), Unusable> {
+        let r = record::decode_events(payload).map_err(|e| Unusable(e.to_string()))?;
+        let experiment = validate::experiment("parent_id", &r.parent_id, self.index)
             .map_err(|e| Unusable(e.to_string()))?;
         let partition = PartitionKey {
-            table: Table::Metrics,
-            namespace: block.experiment.namespace.clone(),
-            date,
+            table: Table::Events,
+            namespace: experiment.namespace.clone(),
+            date: utc_date(r.ingested_at),
+        };
+        if self.published(seq, &partition, &experiment.id)? {
+            self.report.skipped_blocks += 1;
+            return Ok(());
         }
-        .dir();
-        if published(&mut cache, index, seq, partition)?
-            .iter()
-            .any(|id| **id == *block.experiment.id)
-        {
-            report.skipped_blocks += 1;
-        } else {
-            kept.push(block);
-        }
-    }
-    report.replayed_blocks += kept.len();
-    if !kept.is_empty() {
-        tracker.hold(seq, kept.len() as u32);
-        ingest
-            .submit_replayed_metrics(MetricsBatch::from_validated(kept, at), seq)
+        self.report.replayed_blocks += 1;
+        self.tracker.hold(seq, 1);
+        let events = r.events.into_iter().map(EventRecord::from).collect();
+        self.ingest
+            .submit_replayed_events(
+                EventsBatch::from_validated(experiment, events, r.ingested_at),
+                seq,
+            )
             .await
             .map_err(RecoveryError::from)?;
+        Ok(())
     }
-    Ok(())
-}
-
-async fn replay_events(
-    seq: Seq,
-    payload: &[u8],
-    index: &Index,
-    ingest: &Ingest,
-    tracker: &Tracker,
-    _limits: &Limits,
-    report: &mut Report,
-) -> Result<(), Unusable> {
-    let r = record::decode_events(payload).map_err(|e| Unusable(e.to_string()))?;
-    let experiment = validate::experiment("parent_id", &r.parent_id, index)
-        .map_err(|e| Unusable(e.to_string()))?;
-    let partition = PartitionKey {
-        table: Table::Events,
-        namespace: experiment.namespace.clone(),
-        date: utc_date(r.ingested_at),
-    }
-    .dir();
-    let mut cache = HashMap::new();
-    if published(&mut cache, index, seq, partition)?
-        .iter()
-        .any(|id| **id == *experiment.id)
-    {
-        report.skipped_blocks += 1;
-        return Ok(());
-    }
-    report.replayed_blocks += 1;
-    tracker.hold(seq, 1);
-    let events = r.events.into_iter().map(EventRecord::from).collect();
-    ingest
-        .submit_replayed_events(
-            EventsBatch::from_validated(experiment, events, r.ingested_at),
-            seq,
-        )
-        .await
-        .map_err(RecoveryError::from)?;
-    Ok(())
 }
