@@ -48,6 +48,9 @@ pub enum IngestError {
     /// The write-ahead log could not make the batch durable; nothing was accepted.
     #[error(transparent)]
     Wal(#[from] WalError),
+    /// The task accepting the batch failed (a bug; it is logged).
+    #[error("accepting the batch failed: {0}")]
+    Task(String),
 }
 
 /// A byte budget shared by everything a batch passes through before publication.
@@ -216,20 +219,31 @@ impl Ingest {
 
     /// Submits a metrics batch; returns the number of points once they are accepted
     /// under the durability mode. A batch is accepted whole or not at all.
-    pub async fn submit_metrics(&self, batch: MetricsBatch) -> Result<usize, IngestError> {
+    ///
+    /// Once room is reserved, the WAL append and the hand-off to the writer run as
+    /// their own task: a client that gives up mid-way (a deadline, a dropped
+    /// connection) cannot leave a durable record that never reaches a writer.
+    pub async fn submit_metrics(
+        self: &Arc<Self>,
+        batch: MetricsBatch,
+    ) -> Result<usize, IngestError> {
         self.refuse_if_closed()?;
         let reservation = self.reserve(batch.approx_bytes(), self.when_full).await?;
-        let seq = match &self.wal {
-            Some(wal) => {
-                let blocks = batch.blocks().len() as u32;
-                Some(
-                    wal.append(RecordKind::Metrics, record::encode_metrics(&batch), blocks)
-                        .await?,
-                )
-            }
-            None => None,
-        };
-        self.dispatch_metrics(batch, reservation, seq).await
+        let this = Arc::clone(self);
+        let accepted = tokio::spawn(async move {
+            let seq = match &this.wal {
+                Some(wal) => {
+                    let blocks = batch.blocks().len() as u32;
+                    let payload = record::encode_metrics(&batch);
+                    Some(wal.append(RecordKind::Metrics, payload, blocks).await?)
+                }
+                None => None,
+            };
+            this.dispatch_metrics(batch, reservation, seq).await
+        });
+        accepted
+            .await
+            .map_err(|e| IngestError::Task(e.to_string()))?
     }
 
     /// Re-submits a batch read back from the WAL at start-up (already durable; its
@@ -283,17 +297,24 @@ impl Ingest {
     }
 
     /// Submits an events batch; returns the number of events accepted.
-    pub async fn submit_events(&self, batch: EventsBatch) -> Result<usize, IngestError> {
+    /// (Appended and handed off in a task of its own, as [`Self::submit_metrics`].)
+    pub async fn submit_events(self: &Arc<Self>, batch: EventsBatch) -> Result<usize, IngestError> {
         self.refuse_if_closed()?;
         let reservation = self.reserve(batch.approx_bytes(), self.when_full).await?;
-        let seq = match &self.wal {
-            Some(wal) => Some(
-                wal.append(RecordKind::Events, record::encode_events(&batch), 1)
-                    .await?,
-            ),
-            None => None,
-        };
-        self.dispatch_events(batch, reservation, seq).await
+        let this = Arc::clone(self);
+        let accepted = tokio::spawn(async move {
+            let seq = match &this.wal {
+                Some(wal) => Some(
+                    wal.append(RecordKind::Events, record::encode_events(&batch), 1)
+                        .await?,
+                ),
+                None => None,
+            };
+            this.dispatch_events(batch, reservation, seq).await
+        });
+        accepted
+            .await
+            .map_err(|e| IngestError::Task(e.to_string()))?
     }
 
     /// Re-submits an events batch read back from the WAL at start-up.
