@@ -57,10 +57,6 @@ impl LocalSink {
         })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// The full path of an object.
     pub fn path_of(&self, key: &ObjectKey) -> PathBuf {
         self.root.join(key.to_path())

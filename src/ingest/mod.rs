@@ -143,8 +143,6 @@ pub enum Command {
     Events(EventsBatch, Reservation, Option<Seq>),
     /// Answer with a [`Snapshot`] of one experiment.
     Snapshot(ExperimentRef, oneshot::Sender<Result<Snapshot, IndexError>>),
-    /// Publish every buffered row, then answer.
-    Flush(oneshot::Sender<()>),
     /// Publish every buffered row and stop.
     Shutdown,
 }
@@ -155,7 +153,6 @@ pub struct Ingest {
     shards: Vec<Sender<Command>>,
     budget: Arc<MemoryBudget>,
     when_full: WhenFull,
-    durability: Durability,
     wal: Option<Arc<Wal>>,
     closed: AtomicBool,
     metrics: Metrics,
@@ -183,7 +180,6 @@ impl Ingest {
             shards,
             budget,
             when_full,
-            durability,
             wal: if durability == Durability::Memory {
                 None
             } else {
@@ -193,14 +189,6 @@ impl Ingest {
             metrics,
         };
         (ingest, receivers)
-    }
-
-    pub fn budget(&self) -> &Arc<MemoryBudget> {
-        &self.budget
-    }
-
-    pub fn durability(&self) -> Durability {
-        self.durability
     }
 
     /// The writer that owns an experiment's rows.
@@ -350,16 +338,6 @@ impl Ingest {
         self.send(shard, Command::Snapshot(experiment.clone(), tx))
             .await?;
         Ok(rx.await.map_err(|_| IngestError::WriterGone(shard))??)
-    }
-
-    /// Publishes every buffered row of every writer.
-    pub async fn flush(&self) -> Result<(), IngestError> {
-        for shard in 0..self.shards.len() {
-            let (tx, rx) = oneshot::channel();
-            self.send(shard, Command::Flush(tx)).await?;
-            rx.await.map_err(|_| IngestError::WriterGone(shard))?;
-        }
-        Ok(())
     }
 
     /// Refuses new data from now on and tells every writer to publish and stop.

@@ -135,10 +135,6 @@ impl Writer {
                 Ok(Command::Snapshot(experiment, reply)) => {
                     let _ = reply.send(self.snapshot(&experiment));
                 }
-                Ok(Command::Flush(reply)) => {
-                    self.roll(|_| true);
-                    let _ = reply.send(());
-                }
                 Ok(Command::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
                     self.roll(|_| true);
                     let left = self.metrics.len() + self.events.len();
