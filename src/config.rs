@@ -126,6 +126,131 @@ impl Default for RollPolicy {
     }
 }
 
+/// Where published Parquet files go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageRoot {
+    /// The data folder itself: `metrics/` and `events/` beside the index.
+    DataDir,
+    /// An S3 (or S3-compatible) bucket and key prefix. Files are finished in
+    /// `<data_dir>/spool` first and uploaded from there.
+    S3 { bucket: String, prefix: String },
+}
+
+impl StorageRoot {
+    /// Parses `""` (the data folder) or `s3://bucket[/prefix]`.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let invalid = |reason: &str| ConfigError::Invalid {
+            key: "storage.root",
+            reason: format!("{text:?}: {reason}"),
+        };
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(Self::DataDir);
+        }
+        let Some(rest) = text.strip_prefix("s3://") else {
+            return Err(invalid(
+                "use \"\" for the data folder or s3://bucket/prefix",
+            ));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(invalid("the bucket name is missing"));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
+            && !prefix.is_empty()
+        {
+            return Err(invalid("the prefix has an empty, '.' or '..' segment"));
+        }
+        Ok(Self::S3 {
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
+        })
+    }
+}
+
+/// S3 connection settings. Unset ones come from the standard AWS environment
+/// variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
+/// `AWS_REGION`, `AWS_ENDPOINT`, `AWS_ALLOW_HTTP`, ...).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct S3Options {
+    /// Custom endpoint for S3-compatible stores (MinIO, Ceph, s3s), e.g.
+    /// `http://127.0.0.1:9000`.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Allow plain `http://` endpoints (local testing).
+    pub allow_http: bool,
+    /// Virtual-hosted-style requests (`bucket.host/key`) instead of path-style
+    /// (`host/bucket/key`, which S3-compatible stores expect).
+    pub virtual_hosted_style: bool,
+    /// Retries of one request inside object_store before an upload attempt fails.
+    pub max_retries: usize,
+    /// Longest time object_store keeps retrying one request.
+    pub retry_timeout: Duration,
+    /// Time limit of one HTTP request.
+    pub request_timeout: Duration,
+}
+
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Options")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("allow_http", &self.allow_http)
+            .field("virtual_hosted_style", &self.virtual_hosted_style)
+            .field("max_retries", &self.max_retries)
+            .field("retry_timeout", &self.retry_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .finish()
+    }
+}
+
+/// Storage root and, for S3, the spool and upload settings.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    pub root: StorageRoot,
+    pub s3: S3Options,
+    /// Bytes of finished files waiting in the spool for upload before ingest pushes
+    /// back (RESOURCE_EXHAUSTED, as when the memory budget is full).
+    pub spool_max_bytes: u64,
+    /// Files uploaded at once.
+    pub upload_concurrency: usize,
+    /// Files at least this large are uploaded in parts.
+    pub multipart_threshold_bytes: u64,
+    /// Size of one part of a multipart upload (S3's minimum is 5 MiB).
+    pub multipart_part_bytes: usize,
+    /// Longest wait between attempts to upload a file while the store fails.
+    pub max_upload_backoff: Duration,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self {
+            root: StorageRoot::DataDir,
+            s3: S3Options {
+                max_retries: 3,
+                retry_timeout: Duration::from_secs(30),
+                request_timeout: Duration::from_secs(60),
+                ..S3Options::default()
+            },
+            spool_max_bytes: 10 << 30,
+            upload_concurrency: 4,
+            multipart_threshold_bytes: 64 << 20,
+            multipart_part_bytes: 16 << 20,
+            max_upload_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
 /// The daemon's typed configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -166,6 +291,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// How often an info-level summary line is logged; zero turns it off.
     pub log_summary_interval: Duration,
+    /// Where Parquet files are published.
+    pub storage: Storage,
 }
 
 /// Log output format.
@@ -198,6 +325,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9185))),
             log_summary_interval: Duration::from_secs(60),
+            storage: Storage::default(),
         }
     }
 }
@@ -263,6 +391,15 @@ impl Config {
         if !(1..=22).contains(&self.roll.zstd_level) {
             return invalid("writer.zstd_level", "must be between 1 and 22");
         }
+        if self.storage.upload_concurrency == 0 {
+            return invalid("storage.upload_concurrency", "must be at least 1");
+        }
+        if self.storage.multipart_part_bytes < 5 << 20 {
+            return invalid(
+                "storage.multipart_part_bytes",
+                "must be at least 5 MiB (S3's smallest part)",
+            );
+        }
         if self.max_buffered_bytes < self.limits.max_message_bytes {
             return invalid(
                 "ingest.max_buffered_bytes",
@@ -291,6 +428,8 @@ pub struct FileConfig {
     metrics: MetricsSection,
     #[serde(default)]
     log: LogSection,
+    #[serde(default)]
+    storage: StorageSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -364,6 +503,39 @@ struct LogSection {
     summary_interval_s: Option<u64>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StorageSection {
+    root: Option<String>,
+    spool_max_bytes: Option<u64>,
+    upload_concurrency: Option<usize>,
+    multipart_threshold_bytes: Option<u64>,
+    multipart_part_bytes: Option<usize>,
+    max_upload_backoff_ms: Option<u64>,
+    #[serde(default)]
+    s3: S3Section,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct S3Section {
+    endpoint: Option<String>,
+    region: Option<String>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    allow_http: Option<bool>,
+    virtual_hosted_style: Option<bool>,
+    max_retries: Option<usize>,
+    retry_timeout_ms: Option<u64>,
+    request_timeout_ms: Option<u64>,
+}
+
+/// An empty string in the file means "not set" (so the example file can show
+/// every key).
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.trim().is_empty())
+}
+
 fn set<T>(slot: &mut T, value: Option<T>) {
     if let Some(value) = value {
         *slot = value;
@@ -429,6 +601,45 @@ impl FileConfig {
         if self.metrics.enabled == Some(false) {
             c.metrics_listen = None;
         }
+        let st = self.storage;
+        if let Some(root) = st.root {
+            c.storage.root = StorageRoot::parse(&root)?;
+        }
+        set(&mut c.storage.spool_max_bytes, st.spool_max_bytes);
+        set(&mut c.storage.upload_concurrency, st.upload_concurrency);
+        set(
+            &mut c.storage.multipart_threshold_bytes,
+            st.multipart_threshold_bytes,
+        );
+        set(&mut c.storage.multipart_part_bytes, st.multipart_part_bytes);
+        set(
+            &mut c.storage.max_upload_backoff,
+            st.max_upload_backoff_ms.map(Duration::from_millis),
+        );
+        let s3 = &mut c.storage.s3;
+        if let Some(v) = non_empty(st.s3.endpoint) {
+            s3.endpoint = Some(v);
+        }
+        if let Some(v) = non_empty(st.s3.region) {
+            s3.region = Some(v);
+        }
+        if let Some(v) = non_empty(st.s3.access_key_id) {
+            s3.access_key_id = Some(v);
+        }
+        if let Some(v) = non_empty(st.s3.secret_access_key) {
+            s3.secret_access_key = Some(v);
+        }
+        set(&mut s3.allow_http, st.s3.allow_http);
+        set(&mut s3.virtual_hosted_style, st.s3.virtual_hosted_style);
+        set(&mut s3.max_retries, st.s3.max_retries);
+        set(
+            &mut s3.retry_timeout,
+            st.s3.retry_timeout_ms.map(Duration::from_millis),
+        );
+        set(
+            &mut s3.request_timeout,
+            st.s3.request_timeout_ms.map(Duration::from_millis),
+        );
         set(&mut c.log_format, self.log.format);
         set(
             &mut c.log_summary_interval,
@@ -449,6 +660,47 @@ mod tests {
         let default = Config::default();
         // The shipped file documents the defaults, so loading it changes nothing.
         assert_eq!(format!("{loaded:?}"), format!("{default:?}"));
+    }
+
+    #[test]
+    fn storage_roots_parse() {
+        assert_eq!(StorageRoot::parse("").unwrap(), StorageRoot::DataDir);
+        assert_eq!(
+            StorageRoot::parse("s3://runs/team/a/").unwrap(),
+            StorageRoot::S3 {
+                bucket: "runs".into(),
+                prefix: "team/a".into()
+            }
+        );
+        assert_eq!(
+            StorageRoot::parse("s3://runs").unwrap(),
+            StorageRoot::S3 {
+                bucket: "runs".into(),
+                prefix: String::new()
+            }
+        );
+        for bad in [
+            "/tmp/x",
+            "s3://",
+            "s3:///p",
+            "s3://b/a//c",
+            "s3://b/../c",
+            "gs://b",
+        ] {
+            assert!(StorageRoot::parse(bad).is_err(), "{bad}");
+        }
+        let file: FileConfig = toml::from_str(
+            "[storage]\nroot = \"s3://b/p\"\n[storage.s3]\nendpoint = \"http://127.0.0.1:9\"\nsecret_access_key = \"shh\"\nallow_http = true\n",
+        )
+        .unwrap();
+        let mut c = Config::default();
+        file.apply(&mut c).unwrap();
+        assert_eq!(c.storage.s3.endpoint.as_deref(), Some("http://127.0.0.1:9"));
+        assert!(c.storage.s3.allow_http);
+        assert!(
+            !format!("{c:?}").contains("shh"),
+            "secrets never reach logs"
+        );
     }
 
     #[test]

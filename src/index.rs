@@ -12,12 +12,21 @@
 //! - `published_pieces`: (WAL seq, partition folder) → experiment ids (JSON) whose
 //!   rows of that record are in a published file; replay skips them. Entries below
 //!   the oldest WAL segment on disk are forgotten.
+//! - `spooled`: object key → size in bytes, for files published into the local
+//!   spool and not yet confirmed uploaded to the remote store (S3 roots only).
 //!
 //! Exactly-once publication: intent (durable) → rename → manifest entry, published
 //! pieces and intent removal in one transaction. After a crash, an intent whose file
 //! exists is completed, and one whose file does not is dropped (its rows replay from
 //! the WAL). So every file on disk is in the manifest, and every WAL record's rows
 //! are published once.
+//!
+//! With an S3 root, "published" means finished in the spool: the manifest entry
+//! and a `spooled` entry are written together, the WAL records are released, and
+//! the upload happens later. The object key is fixed at that moment, so an upload
+//! retried after any failure overwrites the same object with the same bytes: never a
+//! duplicate. The `spooled` entry is removed only after the upload is confirmed, and
+//! the local file only after that.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -36,6 +45,7 @@ const METADATA: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("met
 const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
 const INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("publish_intents");
 const PUBLISHED: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("published_pieces");
+const SPOOLED: TableDefinition<&str, u64> = TableDefinition::new("spooled");
 
 /// Errors from the index.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +140,7 @@ impl Index {
             txn.open_table(FILES).map_err(storage)?;
             txn.open_table(INTENTS).map_err(storage)?;
             txn.open_table(PUBLISHED).map_err(storage)?;
+            txn.open_table(SPOOLED).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
 
@@ -295,14 +306,21 @@ impl Index {
 
     /// Records the published file and its WAL pieces and drops the intent, in one
     /// transaction. Also forgets published pieces below `forget_below` (WAL records
-    /// that no longer exist).
+    /// that no longer exist). `spooled`: the file waits in the spool for upload.
     pub fn commit_publish(
         &self,
         intent: &PublishIntent,
         forget_below: u64,
+        spooled: bool,
     ) -> Result<(), IndexError> {
         let txn = self.db.begin_write().map_err(storage)?;
         {
+            if spooled {
+                txn.open_table(SPOOLED)
+                    .map_err(storage)?
+                    .insert(intent.entry.key.as_str(), intent.entry.bytes)
+                    .map_err(storage)?;
+            }
             txn.open_table(FILES)
                 .map_err(storage)?
                 .insert(intent.entry.key.as_str(), encode(&intent.entry).as_slice())
@@ -341,6 +359,7 @@ impl Index {
     pub fn recover_intents(
         &self,
         exists: impl Fn(&str) -> bool,
+        spooled: bool,
     ) -> Result<(usize, usize), IndexError> {
         let intents: Vec<PublishIntent> = {
             let read = self.db.begin_read().map_err(storage)?;
@@ -355,7 +374,7 @@ impl Index {
         let (mut completed, mut dropped) = (0, 0);
         for intent in intents {
             if exists(&intent.entry.key) {
-                self.commit_publish(&intent, 0)?;
+                self.commit_publish(&intent, 0, spooled)?;
                 completed += 1;
             } else {
                 let txn = self.db.begin_write().map_err(storage)?;
@@ -388,6 +407,28 @@ impl Index {
     pub fn forget_published_below(&self, seq: u64) -> Result<(), IndexError> {
         let txn = self.db.begin_write().map_err(storage)?;
         forget_published(&mut txn.open_table(PUBLISHED).map_err(storage)?, seq)?;
+        txn.commit().map_err(storage)
+    }
+
+    /// Files in the spool not yet confirmed uploaded, with their sizes, in key order.
+    pub fn spooled(&self) -> Result<Vec<(String, u64)>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let table = read.open_table(SPOOLED).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(storage)? {
+            let (key, bytes) = row.map_err(storage)?;
+            out.push((key.value().to_owned(), bytes.value()));
+        }
+        Ok(out)
+    }
+
+    /// Records that a spooled file's upload is confirmed.
+    pub fn mark_uploaded(&self, key: &str) -> Result<(), IndexError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        txn.open_table(SPOOLED)
+            .map_err(storage)?
+            .remove(key)
+            .map_err(storage)?;
         txn.commit().map_err(storage)
     }
 
@@ -478,7 +519,7 @@ mod tests {
             entry: FileEntry {
                 key: key.into(),
                 rows: 1,
-                bytes: 1,
+                bytes: 10,
                 min_experiment: "e".into(),
                 max_experiment: "e".into(),
                 created_at: 0,
@@ -505,9 +546,17 @@ mod tests {
             ))
             .unwrap();
         let (completed, dropped) = index
-            .recover_intents(|k| k.ends_with("landed.parquet"))
+            .recover_intents(|k| k.ends_with("landed.parquet"), true)
             .unwrap();
         assert_eq!((completed, dropped), (1, 1));
+        // A completed publication into the spool is queued for upload.
+        assert_eq!(
+            index.spooled().unwrap(),
+            [(
+                "metrics/namespace=a/date=2026-01-01/landed.parquet".to_owned(),
+                10
+            )]
+        );
         let files: Vec<_> = index
             .files(Table::Metrics, "a")
             .unwrap()
@@ -521,7 +570,7 @@ mod tests {
         let part = "metrics/namespace=a/date=2026-01-01";
         assert_eq!(index.published_experiments(1, part).unwrap(), ["e"]);
         assert!(index.published_experiments(2, part).unwrap().is_empty());
-        assert_eq!(index.recover_intents(|_| true).unwrap(), (0, 0));
+        assert_eq!(index.recover_intents(|_| true, true).unwrap(), (0, 0));
     }
 
     fn new_exp(name: &str) -> NewExperiment {
@@ -566,9 +615,16 @@ mod tests {
                 pieces: vec![(5, id.clone()), (6, id.clone())],
             };
             index.begin_publish(&intent).unwrap();
-            index.commit_publish(&intent, 0).unwrap();
+            index.commit_publish(&intent, 0, true).unwrap();
         }
         let index = Index::open(&path).unwrap();
+        let spooled = index.spooled().unwrap();
+        assert_eq!(spooled.len(), 1);
+        assert_eq!(spooled[0].1, 10);
+        index.mark_uploaded(&spooled[0].0).unwrap();
+        assert!(index.spooled().unwrap().is_empty());
+        // The manifest keeps the file: it is now read from the remote store.
+        assert_eq!(index.files(Table::Metrics, "cv").unwrap().len(), 1);
         assert!(index.experiment_ref(&id).is_some());
         let md = index.list_metadata(&id).unwrap();
         let keys: Vec<_> = md.iter().map(|(k, _)| k.as_str()).collect();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mboxd::config::{Config, Durability, LogFormat};
+use mboxd::config::{Config, Durability, LogFormat, StorageRoot};
 
 // Request-per-point workloads allocate per request; mimalloc measurably cuts that cost.
 #[global_allocator]
@@ -44,9 +44,13 @@ struct ServeArgs {
     /// Daemon id used in file names [default: host name plus a random suffix, kept in the data folder].
     #[arg(long, env = "MBOXD_DAEMON_ID")]
     daemon_id: Option<String>,
-    /// When to acknowledge writes [default: memory].
+    /// When to acknowledge writes [default: wal-fsync].
     #[arg(long, env = "MBOXD_DURABILITY")]
     durability: Option<Durability>,
+    /// Where Parquet files go: "" for the data folder, or s3://bucket/prefix
+    /// (credentials, region and endpoint from [storage.s3] or the AWS_* variables).
+    #[arg(long, env = "MBOXD_STORAGE_ROOT")]
+    storage_root: Option<String>,
     /// Publish a partition's rows once the oldest is this old, in ms [default: 5000].
     #[arg(long, env = "MBOXD_ROLL_MAX_AGE_MS")]
     roll_max_age_ms: Option<u64>,
@@ -81,6 +85,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.durability {
             config.durability = v;
+        }
+        if let Some(v) = self.storage_root {
+            config.storage.root = StorageRoot::parse(&v)?;
         }
         if let Some(v) = self.roll_max_age_ms {
             config.roll.max_age = Duration::from_millis(v);

@@ -4,30 +4,25 @@
 //! Files are pruned by the experiment range recorded in the manifest, then row
 //! groups by their `experiment_id` statistics.
 
-use std::fs::File;
-use std::path::Path;
-
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int32Type, TimestampMicrosecondType, UInt64Type};
 use arrow_array::{Array, RecordBatch};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::errors::ParquetError;
 use parquet::file::metadata::RowGroupMetaData;
+use parquet::file::reader::ChunkReader;
 use parquet::file::statistics::Statistics;
 
 use crate::index::FileEntry;
 use crate::model::{EventPoint, EventRecord, MetricPoint, MetricValue};
-use crate::sink::LocalSink;
+use crate::sink::{FileData, Files, SinkError};
 
 /// Errors reading published files.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum QueryError {
-    #[error("opening {path}: {source}")]
-    Open {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Open(#[from] SinkError),
     #[error("reading {path}: {source}")]
     Parquet { path: String, source: ParquetError },
     #[error("file {path} does not have the expected schema: {reason}")]
@@ -36,15 +31,14 @@ pub enum QueryError {
 
 /// Metric points of one experiment from the given files, in file order.
 pub fn read_metrics(
-    sink: &LocalSink,
+    store: &Files,
     files: &[FileEntry],
     experiment_id: &str,
 ) -> Result<Vec<MetricPoint>, QueryError> {
     let mut out = Vec::new();
     for file in files {
-        let path = sink.path_of(&file.object_key());
-        for batch in read_experiment_rows(&path, experiment_id)? {
-            metric_points(&batch, &path, &mut out)?;
+        for batch in experiment_rows(store, file, experiment_id)? {
+            metric_points(&batch, &file.key, &mut out)?;
         }
     }
     Ok(out)
@@ -52,18 +46,29 @@ pub fn read_metrics(
 
 /// Events of one experiment from the given files, in file order.
 pub fn read_events(
-    sink: &LocalSink,
+    store: &Files,
     files: &[FileEntry],
     experiment_id: &str,
 ) -> Result<Vec<EventPoint>, QueryError> {
     let mut out = Vec::new();
     for file in files {
-        let path = sink.path_of(&file.object_key());
-        for batch in read_experiment_rows(&path, experiment_id)? {
-            event_points(&batch, &path, &mut out)?;
+        for batch in experiment_rows(store, file, experiment_id)? {
+            event_points(&batch, &file.key, &mut out)?;
         }
     }
     Ok(out)
+}
+
+/// The rows of `experiment_id` in one published file, wherever it is.
+fn experiment_rows(
+    store: &Files,
+    file: &FileEntry,
+    experiment_id: &str,
+) -> Result<Vec<RecordBatch>, QueryError> {
+    match store.open(&file.object_key())? {
+        FileData::Local(f) => read_experiment_rows(f, &file.key, experiment_id),
+        FileData::Remote(bytes) => read_experiment_rows(bytes, &file.key, experiment_id),
+    }
 }
 
 fn row_group_may_contain(rg: &RowGroupMetaData, experiment_id: &str) -> bool {
@@ -78,16 +83,15 @@ fn row_group_may_contain(rg: &RowGroupMetaData, experiment_id: &str) -> bool {
 }
 
 /// The rows of `experiment_id` in one file, as Arrow batches.
-fn read_experiment_rows(path: &Path, experiment_id: &str) -> Result<Vec<RecordBatch>, QueryError> {
-    let display = path.display().to_string();
+fn read_experiment_rows<R: ChunkReader + 'static>(
+    file: R,
+    display: &str,
+    experiment_id: &str,
+) -> Result<Vec<RecordBatch>, QueryError> {
     let parquet_err = |source| QueryError::Parquet {
-        path: display.clone(),
+        path: display.to_owned(),
         source,
     };
-    let file = File::open(path).map_err(|source| QueryError::Open {
-        path: display.clone(),
-        source,
-    })?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_err)?;
     let groups: Vec<usize> = builder
         .metadata()
@@ -111,7 +115,7 @@ fn read_experiment_rows(path: &Path, experiment_id: &str) -> Result<Vec<RecordBa
             .column(0)
             .as_dictionary_opt::<Int32Type>()
             .ok_or_else(|| QueryError::Schema {
-                path: display.clone(),
+                path: display.to_owned(),
                 reason: "experiment_id is not a dictionary column".into(),
             })?;
         let values = ids.values().as_string::<i32>();
@@ -132,16 +136,16 @@ fn read_experiment_rows(path: &Path, experiment_id: &str) -> Result<Vec<RecordBa
     Ok(out)
 }
 
-fn schema_err(path: &Path, column: &str) -> QueryError {
+fn schema_err(path: &str, column: &str) -> QueryError {
     QueryError::Schema {
-        path: path.display().to_string(),
+        path: path.to_owned(),
         reason: format!("column {column} is missing or has the wrong type"),
     }
 }
 
 fn metric_points(
     batch: &RecordBatch,
-    path: &Path,
+    path: &str,
     out: &mut Vec<MetricPoint>,
 ) -> Result<(), QueryError> {
     let col = |name: &str| {
@@ -195,7 +199,7 @@ fn metric_points(
 
 fn event_points(
     batch: &RecordBatch,
-    path: &Path,
+    path: &str,
     out: &mut Vec<EventPoint>,
 ) -> Result<(), QueryError> {
     let col = |name: &str| {

@@ -15,13 +15,14 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::api::ModelStoreService;
-use crate::config::{Config, Durability};
+use crate::config::{Config, Durability, StorageRoot};
 use crate::index::{Index, IndexError};
 use crate::ingest::{Ingest, MemoryBudget};
 use crate::paths::{ObjectKey, valid_daemon_id};
 use crate::proto::model_store_server::ModelStoreServer;
 use crate::recovery::{self, RecoveryError};
-use crate::sink::{LocalSink, SinkError};
+use crate::sink::upload::{Uploader, s3_store};
+use crate::sink::{Files, LocalSink, Remote, SinkError};
 use crate::telemetry::{Metrics, log_summaries, serve_metrics};
 use crate::wal::{SyncMode, Wal, WalConfig, WalError};
 use crate::writer::{self, WriterContext};
@@ -41,6 +42,8 @@ pub enum ServerError {
     Index(#[from] IndexError),
     #[error("opening the storage root: {0}")]
     Sink(#[from] SinkError),
+    #[error("configuring the S3 storage root: {0}")]
+    Store(#[from] object_store::Error),
     #[error("starting a writer thread: {0}")]
     Thread(std::io::Error),
     #[error("opening the write-ahead log: {0}")]
@@ -124,15 +127,26 @@ pub async fn run(
     let metrics = Metrics::new();
     let daemon_id: Arc<str> = daemon_id(&config)?.into();
     let index = Arc::new(Index::open(&config.data_dir.join("index.redb"))?);
-    let sink = LocalSink::open(&config.data_dir, &config.data_dir.join("_staging"))?;
+    // Files are published under the data folder, or into the spool of an S3 root.
+    let (publish_root, remote) = match &config.storage.root {
+        StorageRoot::DataDir => (config.data_dir.clone(), None),
+        StorageRoot::S3 { bucket, prefix } => (
+            config.data_dir.join("spool"),
+            Some(s3_store(bucket, prefix, &config.storage.s3)?),
+        ),
+    };
+    let sink = LocalSink::open(&publish_root, &config.data_dir.join("_staging"))?;
 
     // Recovery, before anything is served: finish interrupted publications, then
     // read the WAL back (it is always opened, so records a previous run left are
     // replayed even if durability has since been set to memory).
-    let (completed, dropped) = index.recover_intents(|key| {
-        sink.path_of(&ObjectKey::from_manifest(key.to_owned()))
-            .exists()
-    })?;
+    let (completed, dropped) = index.recover_intents(
+        |key| {
+            sink.path_of(&ObjectKey::from_manifest(key.to_owned()))
+                .exists()
+        },
+        remote.is_some(),
+    )?;
     if completed + dropped > 0 {
         tracing::warn!(
             completed,
@@ -140,6 +154,36 @@ pub async fn run(
             "finished publications a crash interrupted"
         );
     }
+    let (uploader, upload_loop) = match &remote {
+        Some(store) => {
+            let pending = index.spooled()?;
+            // A spool file no entry names was uploaded just before a crash.
+            let names: std::collections::HashSet<&str> =
+                pending.iter().map(|(k, _)| k.as_str()).collect();
+            for key in sink.published_keys()? {
+                if !names.contains(key.as_str()) {
+                    sink.remove(&key);
+                }
+            }
+            if !pending.is_empty() {
+                tracing::info!(
+                    files = pending.len(),
+                    bytes = pending.iter().map(|(_, b)| b).sum::<u64>(),
+                    "uploading files left in the spool"
+                );
+            }
+            let (uploader, upload_loop) = Uploader::start(
+                Arc::clone(store),
+                sink.clone(),
+                Arc::clone(&index),
+                &config.storage,
+                metrics.clone(),
+                pending,
+            );
+            (Some(uploader), Some(upload_loop))
+        }
+        None => (None, None),
+    };
     let (wal, replayed) = Wal::open(WalConfig {
         dir: config.data_dir.join("wal"),
         segment_bytes: config.wal_segment_bytes,
@@ -163,10 +207,14 @@ pub async fn run(
         Some(Arc::clone(&wal)),
         metrics.clone(),
     );
-    let ingest = Arc::new(ingest);
+    let ingest = Arc::new(match &uploader {
+        Some(u) => ingest.with_spool(Arc::clone(u.spool())),
+        None => ingest,
+    });
     let ctx = WriterContext {
         index: Arc::clone(&index),
         sink: sink.clone(),
+        uploader: uploader.clone(),
         daemon_id: Arc::clone(&daemon_id),
         roll: config.roll.clone(),
         wal: Some((Arc::clone(wal.tracker()), wal.retained_from_handle())),
@@ -184,7 +232,13 @@ pub async fn run(
     let service = ModelStoreService::new(
         Arc::clone(&index),
         Arc::clone(&ingest),
-        sink,
+        Files::new(
+            sink,
+            remote.map(|store| Remote {
+                store,
+                runtime: tokio::runtime::Handle::current(),
+            }),
+        ),
         config.limits.clone(),
         metrics.clone(),
     );
@@ -234,11 +288,16 @@ pub async fn run(
                 .map_err(|source| ServerError::MetricsListen { addr, source })?;
             tracing::info!(addr = ?listener.local_addr().ok(), "metrics at /metrics");
             let budget = Arc::clone(&budget);
+            let spool = uploader.as_ref().map(|u| Arc::clone(u.spool()));
             Some(tokio::spawn(serve_metrics(
                 listener,
                 metrics.clone(),
                 move |m| {
                     m.buffered_bytes.set(budget.used() as i64);
+                    if let Some(spool) = &spool {
+                        m.spool_bytes.set(spool.bytes() as i64);
+                        m.spool_files.set(spool.files() as i64);
+                    }
                 },
                 async {
                     let _ = metrics_stopped.await;
@@ -298,6 +357,7 @@ pub async fn run(
         .await;
 
     tracing::info!("no longer accepting requests; publishing buffered rows");
+    let draining_since = tokio::time::Instant::now();
     ingest.shutdown();
     let joined = tokio::task::spawn_blocking(move || {
         for w in writers {
@@ -307,6 +367,21 @@ pub async fn run(
         }
     });
     let drained = tokio::time::timeout(config.shutdown_timeout, joined).await;
+    if let Some(uploader) = &uploader {
+        let left = config
+            .shutdown_timeout
+            .saturating_sub(draining_since.elapsed());
+        if !uploader.spool().wait_empty(left).await {
+            tracing::warn!(
+                files = uploader.spool().files(),
+                bytes = uploader.spool().bytes(),
+                "files stay in the spool; they are uploaded on the next start"
+            );
+        }
+    }
+    if let Some(upload_loop) = upload_loop {
+        upload_loop.stop().await;
+    }
     summaries.abort();
     let _ = metrics_stop.send(());
     if let Some(server) = metrics_server {

@@ -92,6 +92,13 @@ pub struct Metrics {
     pub publish_seconds: Histogram,
     pub wal_appends: Counter,
     pub wal_fsync_seconds: Histogram,
+    pub uploads: Counter,
+    pub uploaded_bytes: Counter,
+    pub upload_errors: Counter,
+    pub upload_retries: Counter,
+    pub upload_seconds: Histogram,
+    pub spool_bytes: Gauge,
+    pub spool_files: Gauge,
     registry: Arc<Registry>,
 }
 
@@ -118,6 +125,13 @@ impl Metrics {
             publish_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             wal_appends: Counter::default(),
             wal_fsync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            uploads: Counter::default(),
+            uploaded_bytes: Counter::default(),
+            upload_errors: Counter::default(),
+            upload_retries: Counter::default(),
+            upload_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            spool_bytes: Gauge::default(),
+            spool_files: Gauge::default(),
             registry: Arc::new(Registry::default()),
         };
         let mut r = Registry::with_prefix("mboxd");
@@ -190,6 +204,41 @@ impl Metrics {
             "wal_fsync_duration_seconds",
             "Time of one write-ahead log group commit's fdatasync",
             m.wal_fsync_seconds.clone(),
+        );
+        r.register(
+            "uploads",
+            "Files uploaded to the remote store (S3 roots)",
+            m.uploads.clone(),
+        );
+        r.register(
+            "uploaded_bytes",
+            "Bytes uploaded to the remote store",
+            m.uploaded_bytes.clone(),
+        );
+        r.register(
+            "upload_errors",
+            "Upload attempts that failed (each is retried)",
+            m.upload_errors.clone(),
+        );
+        r.register(
+            "upload_retries",
+            "Upload attempts after a failed one",
+            m.upload_retries.clone(),
+        );
+        r.register(
+            "upload_duration_seconds",
+            "Time of one successful upload",
+            m.upload_seconds.clone(),
+        );
+        r.register(
+            "spool_bytes",
+            "Bytes of finished files waiting in the spool for upload",
+            m.spool_bytes.clone(),
+        );
+        r.register(
+            "spool_files",
+            "Finished files waiting in the spool for upload",
+            m.spool_files.clone(),
         );
         let build = Family::<BuildLabels, Gauge>::default();
         build

@@ -20,7 +20,7 @@ use crate::ingest::Ingest;
 use crate::model::{ExperimentRecord, MetricValue, now_micros};
 use crate::proto::{self, model_store_server::ModelStore};
 use crate::query;
-use crate::sink::LocalSink;
+use crate::sink::Files;
 use crate::telemetry::{Metrics, Reason, ReasonLabel};
 
 use convert::{json_to_value, micros, timestamp};
@@ -31,7 +31,7 @@ use status::ApiError;
 pub struct ModelStoreService {
     index: Arc<Index>,
     ingest: Arc<Ingest>,
-    sink: LocalSink,
+    files: Files,
     limits: Limits,
     metrics: Metrics,
 }
@@ -40,14 +40,14 @@ impl ModelStoreService {
     pub fn new(
         index: Arc<Index>,
         ingest: Arc<Ingest>,
-        sink: LocalSink,
+        files: Files,
         limits: Limits,
         metrics: Metrics,
     ) -> Self {
         Self {
             index,
             ingest,
-            sink,
+            files,
             limits,
             metrics,
         }
@@ -217,9 +217,9 @@ impl ModelStore for ModelStoreService {
             .snapshot(&experiment)
             .await
             .map_err(ApiError::from)?;
-        let sink = self.sink.clone();
+        let files = self.files.clone();
         let points = blocking(move || {
-            let mut points = query::read_metrics(&sink, &snapshot.metric_files, &experiment.id)?;
+            let mut points = query::read_metrics(&files, &snapshot.metric_files, &experiment.id)?;
             points.extend(snapshot.metrics);
             Ok(points)
         })
@@ -305,9 +305,9 @@ impl ModelStore for ModelStoreService {
             .snapshot(&experiment)
             .await
             .map_err(ApiError::from)?;
-        let sink = self.sink.clone();
+        let files = self.files.clone();
         let mut events = blocking(move || {
-            let mut events = query::read_events(&sink, &snapshot.event_files, &experiment.id)?;
+            let mut events = query::read_events(&files, &snapshot.event_files, &experiment.id)?;
             events.extend(snapshot.events);
             Ok(events)
         })

@@ -5,6 +5,7 @@ use tonic::{Code, Status};
 use crate::index::IndexError;
 use crate::ingest::IngestError;
 use crate::query::QueryError;
+use crate::sink::SinkError;
 
 /// Why a request failed, as the API reports it.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +74,10 @@ impl From<ApiError> for Status {
             }
             ApiError::Ingest(IngestError::Wal(e)) => {
                 Status::unavailable(format!("storage is failing: {e}"))
+            }
+            // A file already uploaded cannot be fetched: the store is unreachable.
+            ApiError::Query(QueryError::Open(SinkError::Remote { .. })) => {
+                Status::unavailable(format!("reading from the remote store failed: {err}"))
             }
             ApiError::Ingest(_) | ApiError::Index(_) | ApiError::Query(_) | ApiError::Task(_) => {
                 // Details go to the log, not to the client.

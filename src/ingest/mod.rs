@@ -20,6 +20,7 @@ pub mod record;
 use crate::config::{Durability, WhenFull};
 use crate::index::{FileEntry, IndexError};
 use crate::model::{EventPoint, EventsBatch, ExperimentRef, MetricPoint, MetricsBatch};
+use crate::sink::upload::Spool;
 use crate::telemetry::Metrics;
 use crate::wal::{RecordKind, Seq, Wal, WalError};
 
@@ -156,6 +157,8 @@ pub struct Ingest {
     wal: Option<Arc<Wal>>,
     closed: AtomicBool,
     metrics: Metrics,
+    /// With an S3 root: new data waits while the upload spool is full.
+    spool: Option<Arc<Spool>>,
 }
 
 /// How long a client is told to wait before retrying after [`IngestError::Full`].
@@ -187,8 +190,15 @@ impl Ingest {
             },
             closed: AtomicBool::new(false),
             metrics,
+            spool: None,
         };
         (ingest, receivers)
+    }
+
+    /// Makes new (not replayed) data wait while `spool` is full.
+    pub fn with_spool(mut self, spool: Arc<Spool>) -> Self {
+        self.spool = Some(spool);
+        self
     }
 
     /// The writer that owns an experiment's rows.
@@ -216,6 +226,7 @@ impl Ingest {
         batch: MetricsBatch,
     ) -> Result<usize, IngestError> {
         self.refuse_if_closed()?;
+        self.wait_for_spool().await?;
         let reservation = self.reserve(batch.approx_bytes(), self.when_full).await?;
         let this = Arc::clone(self);
         let accepted = tokio::spawn(async move {
@@ -288,6 +299,7 @@ impl Ingest {
     /// (Appended and handed off in a task of its own, as [`Self::submit_metrics`].)
     pub async fn submit_events(self: &Arc<Self>, batch: EventsBatch) -> Result<usize, IngestError> {
         self.refuse_if_closed()?;
+        self.wait_for_spool().await?;
         let reservation = self.reserve(batch.approx_bytes(), self.when_full).await?;
         let this = Arc::clone(self);
         let accepted = tokio::spawn(async move {
@@ -355,6 +367,43 @@ impl Ingest {
             return Err(IngestError::ShuttingDown);
         }
         Ok(())
+    }
+
+    /// Waits, as `when_full` allows, while the upload spool is full: an S3 outage
+    /// longer than the spool can absorb pushes back on clients instead of filling
+    /// the disk.
+    async fn wait_for_spool(&self) -> Result<(), IngestError> {
+        let Some(spool) = &self.spool else {
+            return Ok(());
+        };
+        if !spool.is_full() {
+            return Ok(());
+        }
+        let deadline = match self.when_full {
+            WhenFull::Wait(wait) => Instant::now().checked_add(wait),
+            WhenFull::Reject => Some(Instant::now()),
+        };
+        loop {
+            let changed = spool.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !spool.is_full() {
+                return Ok(());
+            }
+            let timed_out = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, changed).await.is_err(),
+                None => {
+                    changed.await;
+                    false
+                }
+            };
+            if timed_out {
+                return Err(IngestError::Full {
+                    what: "upload spool",
+                    retry_after: RETRY_AFTER,
+                });
+            }
+        }
     }
 
     /// Reserves room for `bytes`, waiting as `when_full` allows.

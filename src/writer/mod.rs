@@ -26,6 +26,7 @@ use crate::index::{FileEntry, Index, IndexError, PublishIntent};
 use crate::ingest::{Command, Reservation, Snapshot};
 use crate::model::{EventsBatch, ExperimentRef, MetricsBatch, now_micros};
 use crate::paths::{ObjectKey, PartitionKey, Table, utc_date};
+use crate::sink::upload::Uploader;
 use crate::sink::{LocalSink, SinkError};
 use crate::telemetry::{Metrics, TableLabel, TableName};
 use crate::wal::{Seq, Tracker};
@@ -51,7 +52,10 @@ pub enum WriterError {
 #[derive(Debug, Clone)]
 pub struct WriterContext {
     pub index: Arc<Index>,
+    /// Where files are published: the storage root, or the spool of an S3 root.
     pub sink: LocalSink,
+    /// With an S3 root: takes each file published into the spool.
+    pub uploader: Option<Arc<Uploader>>,
     pub daemon_id: Arc<str>,
     pub roll: RollPolicy,
     /// Where published WAL records are released, and the oldest record still on disk.
@@ -387,7 +391,11 @@ fn write_file(
         .wal
         .as_ref()
         .map_or(0, |(_, from)| from.load(Ordering::Acquire));
-    ctx.index.commit_publish(&intent, forget_below)?;
+    ctx.index
+        .commit_publish(&intent, forget_below, ctx.uploader.is_some())?;
+    if let Some(uploader) = &ctx.uploader {
+        uploader.enqueue(key.clone(), bytes);
+    }
     if let Some((tracker, _)) = &ctx.wal {
         for (seq, _) in wal_blocks {
             tracker.release(*seq, 1);

@@ -11,6 +11,8 @@ use mboxd::proto::model_store_client::ModelStoreClient;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
+pub mod s3;
+
 pub type Client = ModelStoreClient<Channel>;
 
 pub struct TestServer {
@@ -38,7 +40,7 @@ impl TestServer {
         }
     }
 
-    pub async fn client(&self) -> Client {
+    pub async fn client(&mut self) -> Client {
         let url = format!("http://{}", self.addr);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -49,6 +51,9 @@ impl TestServer {
                         .max_encoding_message_size(usize::MAX);
                 }
                 Err(e) if Instant::now() > deadline => panic!("cannot connect to {url}: {e}"),
+                Err(_) if self.task.is_finished() => {
+                    panic!("mboxd stopped at start-up: {:?}", (&mut self.task).await)
+                }
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }

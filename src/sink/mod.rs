@@ -1,0 +1,248 @@
+//! Where finished files go. A file is written to a private staging folder,
+//! fsynced, then renamed into its partition under a local root, so a reader never
+//! sees a partial file. That local root is the storage root itself (the data
+//! folder), or, with an S3 root, the spool that [`upload::Uploader`] drains into
+//! the bucket.
+
+pub mod upload;
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+use crate::paths::{ObjectKey, Table};
+
+/// Errors publishing or reading a file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SinkError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("{action} {key} in {store}: {source}")]
+    Remote {
+        action: &'static str,
+        key: String,
+        store: String,
+        source: Box<object_store::Error>,
+    },
+    #[error("object key {key}: {source}")]
+    Key {
+        key: String,
+        source: object_store::path::Error,
+    },
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SinkError + 'a {
+    move |source| SinkError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A local-folder storage root.
+#[derive(Debug, Clone)]
+pub struct LocalSink {
+    root: PathBuf,
+    staging: PathBuf,
+}
+
+/// A file being written, not yet visible to readers.
+#[derive(Debug)]
+pub struct StagedFile {
+    pub file: File,
+    path: PathBuf,
+}
+
+impl LocalSink {
+    /// Opens the root, creating it, and clears files a crash left half-written in the
+    /// staging folder (they were never published, so nothing is lost).
+    pub fn open(root: &Path, staging: &Path) -> Result<Self, SinkError> {
+        std::fs::create_dir_all(root).map_err(io_err("creating", root))?;
+        if staging.exists() {
+            std::fs::remove_dir_all(staging).map_err(io_err("clearing", staging))?;
+        }
+        std::fs::create_dir_all(staging).map_err(io_err("creating", staging))?;
+        Ok(Self {
+            root: root.to_owned(),
+            staging: staging.to_owned(),
+        })
+    }
+
+    /// The full path of an object.
+    pub fn path_of(&self, key: &ObjectKey) -> PathBuf {
+        self.root.join(key.to_path())
+    }
+
+    /// A new file in the staging folder.
+    pub fn stage(&self) -> Result<StagedFile, SinkError> {
+        let path = self
+            .staging
+            .join(format!("{}.tmp", uuid::Uuid::now_v7().simple()));
+        let file = File::create(&path).map_err(io_err("creating", &path))?;
+        Ok(StagedFile { file, path })
+    }
+
+    /// Makes a staged file durable and visible as `key`; returns its size.
+    pub fn publish(&self, staged: StagedFile, key: &ObjectKey) -> Result<u64, SinkError> {
+        let StagedFile { file, path } = staged;
+        file.sync_all().map_err(io_err("syncing", &path))?;
+        let size = file
+            .metadata()
+            .map_err(io_err("reading size of", &path))?
+            .len();
+        drop(file);
+        let target = self.path_of(key);
+        let dir = target.parent().unwrap_or(&self.root);
+        std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+        std::fs::rename(&path, &target).map_err(io_err("renaming into", &target))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("syncing", dir))?;
+        Ok(size)
+    }
+
+    /// Removes a published file (an uploaded spool file); a missing one is fine.
+    pub fn remove(&self, key: &ObjectKey) {
+        let path = self.path_of(key);
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove an uploaded spool file");
+        }
+    }
+
+    /// Keys of every published file under the root (its table folders).
+    pub fn published_keys(&self) -> Result<Vec<ObjectKey>, SinkError> {
+        fn walk(dir: &Path, prefix: &str, out: &mut Vec<ObjectKey>) -> Result<(), SinkError> {
+            let entries = match std::fs::read_dir(dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(io_err("listing", dir)(e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(io_err("listing", dir))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let key = format!("{prefix}/{name}");
+                if entry.file_type().map_err(io_err("listing", dir))?.is_dir() {
+                    walk(&entry.path(), &key, out)?;
+                } else {
+                    out.push(ObjectKey::from_manifest(key));
+                }
+            }
+            Ok(())
+        }
+        let mut out = Vec::new();
+        for table in [Table::Metrics, Table::Events] {
+            let name = table.dir_name();
+            walk(&self.root.join(name), name, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// Removes a staged file that will not be published.
+    pub fn discard(&self, staged: StagedFile) {
+        drop(staged.file);
+        let _ = std::fs::remove_file(&staged.path);
+    }
+}
+
+/// The location of `key` in an object store.
+pub fn object_path(key: &ObjectKey) -> Result<object_store::path::Path, SinkError> {
+    object_store::path::Path::parse(key.as_str()).map_err(|source| SinkError::Key {
+        key: key.to_string(),
+        source,
+    })
+}
+
+/// The read side of the storage root: finds a published file wherever it is now
+/// (the local root or spool, else the remote store).
+#[derive(Debug, Clone)]
+pub struct Files {
+    local: LocalSink,
+    remote: Option<Remote>,
+}
+
+/// A remote store and the runtime its client runs on.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    pub store: Arc<dyn ObjectStore>,
+    pub runtime: tokio::runtime::Handle,
+}
+
+/// A published file's contents, for Parquet readers.
+#[derive(Debug)]
+pub enum FileData {
+    Local(File),
+    Remote(Bytes),
+}
+
+impl Files {
+    pub fn new(local: LocalSink, remote: Option<Remote>) -> Self {
+        Self { local, remote }
+    }
+
+    /// Opens a published file. Blocking: call it from a blocking thread. A spooled
+    /// file is read locally; once uploaded (and deleted locally) it is fetched.
+    pub fn open(&self, key: &ObjectKey) -> Result<FileData, SinkError> {
+        let path = self.local.path_of(key);
+        match File::open(&path) {
+            Ok(file) => Ok(FileData::Local(file)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match &self.remote {
+                Some(remote) => {
+                    let location = object_path(key)?;
+                    let remote_err = |source| SinkError::Remote {
+                        action: "reading",
+                        key: key.to_string(),
+                        store: remote.store.to_string(),
+                        source: Box::new(source),
+                    };
+                    let bytes = remote
+                        .runtime
+                        .block_on(async { remote.store.get(&location).await?.bytes().await });
+                    bytes.map(FileData::Remote).map_err(remote_err)
+                }
+                None => Err(io_err("opening", &path)(e)),
+            },
+            Err(e) => Err(io_err("opening", &path)(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn staged_files_appear_only_when_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let sink = LocalSink::open(&root, &dir.path().join("staging")).unwrap();
+        let mut staged = sink.stage().unwrap();
+        staged.file.write_all(b"hello").unwrap();
+        let key = ObjectKey::from_manifest("metrics/namespace=a/date=2026-01-01/f.parquet".into());
+        assert!(!sink.path_of(&key).exists());
+        assert_eq!(sink.publish(staged, &key).unwrap(), 5);
+        assert_eq!(std::fs::read(sink.path_of(&key)).unwrap(), b"hello");
+        // Reopening clears leftovers in staging but keeps published files.
+        let leftover = sink.stage().unwrap();
+        drop(leftover);
+        let sink = LocalSink::open(&root, &dir.path().join("staging")).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("staging"))
+                .unwrap()
+                .count(),
+            0
+        );
+        assert!(sink.path_of(&key).exists());
+    }
+}

@@ -1,0 +1,414 @@
+//! The storage conformance suite: the same tests, run once against a local-folder
+//! root and once against an S3 root on a real S3-compatible server (s3s-fs). Each
+//! test writes through a real mboxd and gRPC, then reads the root back through
+//! object_store (a local-folder or S3 client) and the parquet crate, and through
+//! GetMetrics / ListEvents.
+
+#![allow(clippy::unwrap_used)] // Tests panic on failure by design.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int32Type, UInt64Type};
+use arrow_array::{Array, RecordBatch};
+use bytes::Bytes;
+use common::s3::{S3Server, parquet_objects, spooled_files};
+use common::*;
+use mboxd::config::Config;
+use mboxd::proto;
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Local,
+    S3,
+}
+
+/// A config for `backend` and a client for the root it publishes to.
+struct Root {
+    dir: tempfile::TempDir,
+    config: Config,
+    store: Arc<dyn ObjectStore>,
+    s3: Option<S3Server>,
+}
+
+async fn root(backend: Backend, tune: impl FnOnce(&mut Config)) -> Root {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut config = Config::test_config(&data);
+    tune(&mut config);
+    match backend {
+        Backend::Local => {
+            std::fs::create_dir_all(&data).unwrap();
+            let store = Arc::new(LocalFileSystem::new_with_prefix(&data).unwrap());
+            Root {
+                dir,
+                config,
+                store,
+                s3: None,
+            }
+        }
+        Backend::S3 => {
+            let s3 = S3Server::start(&dir.path().join("s3")).await;
+            let multipart = config.storage.multipart_threshold_bytes;
+            config.storage = s3.storage("team/runs");
+            config.storage.multipart_threshold_bytes = multipart;
+            let store = s3.store("team/runs");
+            Root {
+                dir,
+                config,
+                store,
+                s3: Some(s3),
+            }
+        }
+    }
+}
+
+impl Root {
+    /// Waits until the root holds `rows` rows of `table`; returns its objects.
+    async fn wait_for_rows(&self, table: &str, rows: usize) -> Vec<(String, Bytes)> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let objects = parquet_objects(self.store.as_ref(), table).await;
+            let got: usize = objects.iter().map(|(_, b)| rows_in(b)).sum();
+            assert!(got <= rows, "{got} rows of {table}, expected {rows}");
+            if got == rows {
+                return objects;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out with {got}/{rows} rows of {table}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// With an S3 root, waits until the spool is empty (every file uploaded and
+    /// deleted locally).
+    async fn wait_for_empty_spool(&self) {
+        if self.s3.is_none() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while spooled_files(&self.config.data_dir) > 0 {
+            assert!(Instant::now() < deadline, "the spool never emptied");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn rows_in(bytes: &Bytes) -> usize {
+    ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
+        .unwrap()
+        .metadata()
+        .file_metadata()
+        .num_rows() as usize
+}
+
+fn batches(bytes: &Bytes) -> Vec<RecordBatch> {
+    ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect()
+}
+
+/// (experiment, key, step) → value of every metric row, checking each file's order.
+fn metric_rows(objects: &[(String, Bytes)]) -> BTreeMap<(String, String, u64), Option<f64>> {
+    let mut out = BTreeMap::new();
+    for (name, bytes) in objects {
+        let mut previous: Option<(String, String, u64)> = None;
+        for batch in batches(bytes) {
+            let dict = |col: &str| {
+                let d = batch
+                    .column_by_name(col)
+                    .unwrap()
+                    .as_dictionary::<Int32Type>();
+                let v = d.values().as_string::<i32>();
+                d.keys()
+                    .values()
+                    .iter()
+                    .map(|&k| v.value(k as usize).to_owned())
+                    .collect::<Vec<_>>()
+            };
+            let (ids, keys) = (dict("experiment_id"), dict("key"));
+            let steps = batch
+                .column_by_name("step")
+                .unwrap()
+                .as_primitive::<UInt64Type>();
+            let values = batch
+                .column_by_name("value_double")
+                .unwrap()
+                .as_primitive::<Float64Type>();
+            for row in 0..batch.num_rows() {
+                let at = (ids[row].clone(), keys[row].clone(), steps.value(row));
+                if let Some(p) = &previous {
+                    assert!(p < &at, "{name} is not sorted: {p:?} then {at:?}");
+                }
+                let value = values.is_valid(row).then(|| values.value(row));
+                assert!(out.insert(at.clone(), value).is_none(), "{at:?} twice");
+                previous = Some(at);
+            }
+        }
+    }
+    out
+}
+
+async fn get_metrics(c: &mut Client, id: &str) -> BTreeMap<(String, u64), f64> {
+    let metrics = c
+        .get_metrics(proto::GetMetricsRequest {
+            parent_id: id.into(),
+            full_precision: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .metrics;
+    let mut out = BTreeMap::new();
+    for m in metrics {
+        for v in m.values {
+            let value = match v.value {
+                Some(proto::metrics_value::Value::DVal(d)) => d,
+                Some(proto::metrics_value::Value::STensor(_)) => f64::NAN,
+                other => panic!("unexpected value {other:?}"),
+            };
+            assert!(out.insert((m.key.clone(), v.step), value).is_none());
+        }
+    }
+    out
+}
+
+fn today() -> String {
+    chrono::Utc::now().format("%Y-%m-%d").to_string()
+}
+
+async fn log(c: &mut Client, blocks: Vec<proto::MetricsBlock>) -> u64 {
+    c.log_metrics(proto::LogMetricsRequest {
+        blocks,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .points_accepted
+}
+
+/// Metrics and events go through a real mboxd into the root as whole, sorted,
+/// Hive-partitioned files named by the daemon, and read back the same through
+/// the root and through the API.
+async fn publishes_partitioned_sorted_files_that_read_back(backend: Backend) {
+    let root = root(backend, |_| {}).await;
+    let mut server = TestServer::start(root.config.clone()).await;
+    let mut c = server.client().await;
+    let a = create_experiment(&mut c, "vision", "a").await;
+    let b = create_experiment(&mut c, "vision", "b").await;
+    // Later steps first, and experiments interleaved: the writer sorts.
+    assert_eq!(
+        log(
+            &mut c,
+            vec![
+                numeric_block(&b, &["loss", "acc"], 3000, 3000),
+                numeric_block(&a, &["loss"], 2000, 2000)
+            ]
+        )
+        .await,
+        5000
+    );
+    let mut with_text = numeric_block(&a, &["loss"], 2000, 0);
+    with_text.string_rows = vec![7];
+    with_text.string_values = vec!["seven".into()];
+    assert_eq!(
+        log(
+            &mut c,
+            vec![numeric_block(&b, &["loss", "acc"], 3000, 0), with_text]
+        )
+        .await,
+        5000
+    );
+    let events: Vec<_> = (0..3)
+        .map(|i| proto::Event {
+            name: format!("epoch-{i}"),
+            source: Some(proto::EventSource {
+                name: "trainer".into(),
+            }),
+            wallclock_time: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000 + i,
+                nanos: 0,
+            }),
+            metadata: None,
+        })
+        .collect();
+    c.log_event(proto::LogEventRequest {
+        parent_id: a.clone(),
+        event: None,
+        events,
+    })
+    .await
+    .unwrap();
+
+    let objects = root.wait_for_rows("metrics", 10_000).await;
+    let event_objects = root.wait_for_rows("events", 3).await;
+    let partition = format!("metrics/namespace=vision/date={}/test-daemon-", today());
+    for (name, _) in &objects {
+        let id = name
+            .strip_prefix(&partition)
+            .and_then(|n| n.strip_suffix(".parquet"))
+            .unwrap_or_else(|| panic!("unexpected object {name}"));
+        assert!(
+            id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{name}"
+        );
+    }
+    assert!(
+        event_objects[0]
+            .0
+            .starts_with("events/namespace=vision/date=")
+    );
+
+    let rows = metric_rows(&objects);
+    assert_eq!(rows.len(), 10_000);
+    for ((exp, key, step), value) in &rows {
+        let expected_key = if exp == &a {
+            "loss"
+        } else if step % 2 == 0 {
+            "loss"
+        } else {
+            "acc"
+        };
+        assert_eq!(key, expected_key, "{exp} {step}");
+        if exp == &a && *step == 7 {
+            assert_eq!(*value, None, "the string row has no double");
+        } else {
+            assert_eq!(*value, Some(*step as f64 / 2.0));
+        }
+    }
+
+    let api = get_metrics(&mut c, &a).await;
+    assert_eq!(api.len(), 4000);
+    assert_eq!(api[&("loss".to_owned(), 3999)], 3999.0 / 2.0);
+    assert!(
+        api[&("loss".to_owned(), 7)].is_nan(),
+        "step 7 is the string"
+    );
+    let listed = c
+        .list_events(proto::ListEventsRequest {
+            parent_id: a.clone(),
+            since: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let names: Vec<_> = listed.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["epoch-0", "epoch-1", "epoch-2"]);
+    root.wait_for_empty_spool().await;
+    server.stop().await;
+}
+
+/// After a graceful stop everything is in the root (nothing left in a spool), and a
+/// restarted daemon reads it back from there and adds to it, each row once.
+async fn survives_restart_and_reads_back_from_the_root(backend: Backend) {
+    let root = root(backend, |_| {}).await;
+    let mut server = TestServer::start(root.config.clone()).await;
+    let mut c = server.client().await;
+    let id = create_experiment(&mut c, "nlp", "restart").await;
+    assert_eq!(
+        log(&mut c, vec![numeric_block(&id, &["ppl"], 5000, 0)]).await,
+        5000
+    );
+    server.stop().await;
+    if root.s3.is_some() {
+        assert_eq!(spooled_files(&root.config.data_dir), 0, "shutdown uploads");
+    }
+    assert_eq!(
+        metric_rows(&parquet_objects(root.store.as_ref(), "metrics").await).len(),
+        5000
+    );
+
+    let mut server = TestServer::start(root.config.clone()).await;
+    let mut c = server.client().await;
+    let api = get_metrics(&mut c, &id).await;
+    assert_eq!(api.len(), 5000);
+    assert!(api.iter().all(|((_, step), v)| *v == *step as f64 / 2.0));
+    assert_eq!(
+        log(&mut c, vec![numeric_block(&id, &["ppl"], 5000, 5000)]).await,
+        5000
+    );
+    server.stop().await;
+    let rows = metric_rows(&parquet_objects(root.store.as_ref(), "metrics").await);
+    assert_eq!(rows.len(), 10_000);
+    assert_eq!(
+        rows.keys().map(|k| k.2).collect::<Vec<_>>(),
+        (0..10_000).collect::<Vec<_>>()
+    );
+    drop(root.dir);
+}
+
+/// A file larger than the multipart threshold (and than one part) arrives as one
+/// whole object with every value intact.
+async fn large_files_arrive_whole(backend: Backend) {
+    let root = root(backend, |c| {
+        c.storage.multipart_threshold_bytes = 1 << 20;
+        c.roll.max_age = Duration::from_secs(3600);
+    })
+    .await;
+    let mut server = TestServer::start(root.config.clone()).await;
+    let mut c = server.client().await;
+    let id = create_experiment(&mut c, "big", "large").await;
+    // Random values, about 7 bytes a row compressed: more than one 5 MiB part.
+    let mut x = 0x9E37_79B9_7F4A_7C15_u64;
+    let mut noise = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        f64::from_bits((x >> 12) | 0x3FF0_0000_0000_0000)
+    };
+    let mut expected = Vec::new();
+    for third in 0..3_u64 {
+        let mut block = numeric_block(&id, &["noise"], 400_000, third * 400_000);
+        block.values = (0..400_000).map(|_| noise()).collect();
+        expected.extend(block.values.iter().copied());
+        assert_eq!(log(&mut c, vec![block]).await, 400_000);
+    }
+    server.stop().await;
+    let objects = parquet_objects(root.store.as_ref(), "metrics").await;
+    assert_eq!(objects.len(), 1, "one roll, one object");
+    assert!(objects[0].1.len() > 6 << 20, "{} bytes", objects[0].1.len());
+    let rows = metric_rows(&objects);
+    let values: Vec<f64> = rows.values().map(|v| v.unwrap()).collect();
+    assert_eq!(values, expected);
+}
+
+macro_rules! conformance {
+    ($($test:ident),* $(,)?) => {
+        mod local {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::Local).await
+                }
+            )*
+        }
+        mod s3 {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::S3).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    publishes_partitioned_sorted_files_that_read_back,
+    survives_restart_and_reads_back_from_the_root,
+    large_files_arrive_whole,
+);
