@@ -39,7 +39,7 @@ fn metadata(fields: Vec<(&str, Value)>) -> proto::Metadata {
 #[tokio::test]
 async fn create_experiment_is_idempotent_with_a_pinned_stable_id() {
     let (_dir, config) = temp_config();
-    let server = TestServer::start(config).await;
+    let mut server = TestServer::start(config).await;
     let mut c = server.client().await;
     let req = proto::CreateExperimentRequest {
         name: "yolo-v4".into(),
@@ -124,7 +124,7 @@ async fn create_experiment_is_idempotent_with_a_pinned_stable_id() {
 #[tokio::test]
 async fn update_metadata_merges_keys() {
     let (_dir, config) = temp_config();
-    let server = TestServer::start(config).await;
+    let mut server = TestServer::start(config).await;
     let mut c = server.client().await;
     let id = create_experiment(&mut c, "cv", "m").await;
     let r1 = c
@@ -199,7 +199,7 @@ async fn get_metrics(c: &mut Client, id: &str, full_precision: bool) -> Vec<prot
 #[tokio::test]
 async fn metrics_of_every_value_kind_round_trip_before_and_after_flush_and_restart() {
     let (_dir, config) = temp_config();
-    let server = TestServer::start(config.clone()).await;
+    let mut server = TestServer::start(config.clone()).await;
     let mut c = server.client().await;
     let id = create_experiment(&mut c, "cv", "kinds").await;
     let precise = 0.1_f64 + 0.2_f64;
@@ -259,7 +259,7 @@ async fn metrics_of_every_value_kind_round_trip_before_and_after_flush_and_resta
     check(get_metrics(&mut c, &id, true).await, true);
     server.stop().await;
     // And after a restart.
-    let server = TestServer::start(config).await;
+    let mut server = TestServer::start(config).await;
     let mut c = server.client().await;
     check(get_metrics(&mut c, &id, true).await, true);
     check(get_metrics(&mut c, &id, false).await, false);
@@ -269,7 +269,7 @@ async fn metrics_of_every_value_kind_round_trip_before_and_after_flush_and_resta
 #[tokio::test]
 async fn batches_of_10000_points_are_read_back_exactly_once() {
     let (_dir, config) = temp_config();
-    let server = TestServer::start(config.clone()).await;
+    let mut server = TestServer::start(config.clone()).await;
     let mut c = server.client().await;
     let a = create_experiment(&mut c, "cv", "batch-a").await;
     let b = create_experiment(&mut c, "cv", "batch-b").await;
@@ -337,7 +337,7 @@ async fn batches_of_10000_points_are_read_back_exactly_once() {
     assert_eq!(m[1].values.len(), 3344);
     server.stop().await;
 
-    let server = TestServer::start(config).await;
+    let mut server = TestServer::start(config).await;
     let mut c = server.client().await;
     let m = get_metrics(&mut c, &a, true).await;
     assert_eq!(m[1].values.len(), 3344);
@@ -362,7 +362,7 @@ fn event(name: &str, source: &str, wallclock_s: i64, md: proto::Metadata) -> pro
 #[tokio::test]
 async fn events_with_nested_metadata_round_trip_and_filter_by_since() {
     let (_dir, config) = temp_config();
-    let server = TestServer::start(config.clone()).await;
+    let mut server = TestServer::start(config.clone()).await;
     let mut c = server.client().await;
     let id = create_experiment(&mut c, "cv", "events").await;
     let nested = metadata(vec![
@@ -460,7 +460,7 @@ async fn events_with_nested_metadata_round_trip_and_filter_by_since() {
     wait_for_rows(server.data_dir(), "events", 3).await;
     check(list(None).await);
     server.stop().await;
-    let server = TestServer::start(config).await;
+    let mut server = TestServer::start(config).await;
     let mut c = server.client().await;
     let events = c
         .list_events(proto::ListEventsRequest {
@@ -479,7 +479,7 @@ async fn events_with_nested_metadata_round_trip_and_filter_by_since() {
 #[tokio::test]
 async fn out_of_scope_rpcs_answer_unimplemented() {
     let (_dir, config) = temp_config();
-    let server = TestServer::start(config).await;
+    let mut server = TestServer::start(config).await;
     let mut c = server.client().await;
     let err = c
         .create_model(proto::CreateModelRequest {})

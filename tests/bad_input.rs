@@ -70,7 +70,7 @@ fn expect<T: std::fmt::Debug>(
 async fn every_bad_input_gets_its_status_and_names_the_field() {
     let (_dir, mut config) = temp_config();
     config.limits.max_points_per_request = 50_000;
-    let server = TestServer::start(config).await;
+    let mut server = TestServer::start(config).await;
     let mut c = server.client().await;
     let id = create_experiment(&mut c, "cv", "target").await;
     let good = numeric_block(&id, &["loss"], 4, 0);
@@ -520,7 +520,7 @@ async fn invalid_utf8_and_oversized_messages() {
     let (_dir, mut config) = temp_config();
     config.limits.max_message_bytes = 1 << 20;
     config.max_buffered_bytes = 1 << 20;
-    let server = TestServer::start(config).await;
+    let mut server = TestServer::start(config).await;
     let mut c = server.client().await;
     let id = create_experiment(&mut c, "cv", "raw").await;
 
@@ -577,7 +577,7 @@ async fn full_buffers_answer_resource_exhausted_with_a_retry_hint_and_keep_acked
     config.when_full = WhenFull::Wait(Duration::from_millis(20));
     // Nothing is published while the test fills the buffers.
     config.roll.max_age = Duration::from_secs(3600);
-    let server = TestServer::start(config).await;
+    let mut server = TestServer::start(config).await;
     let mut c = server.client().await;
     let id = create_experiment(&mut c, "cv", "flood").await;
     let mut acked = 0u64;

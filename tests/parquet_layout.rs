@@ -18,7 +18,7 @@ use parquet::file::serialized_reader::ReadOptionsBuilder;
 #[tokio::test]
 async fn files_are_partitioned_sorted_and_encoded_as_documented() {
     let (_dir, config) = temp_config();
-    let server = TestServer::start(config).await;
+    let mut server = TestServer::start(config).await;
     let mut c = server.client().await;
     let a = create_experiment(&mut c, "vision", "a").await;
     let b = create_experiment(&mut c, "vision", "b").await;
