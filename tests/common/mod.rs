@@ -175,10 +175,15 @@ pub struct Process {
 
 impl Process {
     pub async fn start(data: &Path, extra: &[&str]) -> Self {
+        Self::start_as(data, "proc", extra).await
+    }
+
+    /// Starts mboxd with daemon id `daemon_id`.
+    pub async fn start_as(data: &Path, daemon_id: &str, extra: &[&str]) -> Self {
         let addr_file = data.with_extension("addr");
         let _ = std::fs::remove_file(&addr_file);
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_mboxd"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--daemon-id", "proc"])
+            .args(["serve", "--listen", "127.0.0.1:0", "--daemon-id", daemon_id])
             .args(["--metrics-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(data)

@@ -1,0 +1,316 @@
+//! S3 roots under failure, against a real S3-compatible server (s3s-fs): the
+//! server goes away during sustained ingest; mboxd is SIGKILLed with files in its
+//! spool; a full spool pushes back; three daemons share one bucket prefix.
+
+#![allow(clippy::unwrap_used)] // Tests panic on failure by design.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::s3::{S3Server, parquet_objects, spooled_files, steps_in_store};
+use common::*;
+use mboxd::config::{Config, WhenFull};
+use mboxd::proto;
+use object_store::ObjectStore;
+
+const BATCH: u64 = 500;
+const PREFIX: &str = "fleet/runs";
+
+/// Clients logging batches of `BATCH` points with steps unique to (`tag`, client,
+/// batch) until `stop`; each returns (first step, acknowledged?) per batch.
+fn spawn_clients(
+    c: &Client,
+    id: &str,
+    tag: u64,
+    clients: u64,
+    stop: &Arc<AtomicBool>,
+    acked_count: &Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<Vec<(u64, bool)>>> {
+    (0..clients)
+        .map(|client| {
+            let mut c = c.clone();
+            let id = id.to_owned();
+            let stop = Arc::clone(stop);
+            let acked_count = Arc::clone(acked_count);
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                for i in 0.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let first = (tag << 40) | (client << 32) | (i * BATCH);
+                    let req = proto::LogMetricsRequest {
+                        blocks: vec![numeric_block(&id, &["loss"], BATCH as usize, first)],
+                        ..Default::default()
+                    };
+                    let acked = c.log_metrics(req).await.is_ok();
+                    outcomes.push((first, acked));
+                    if acked {
+                        acked_count.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        break;
+                    }
+                    // Sustained, not flat out: leave the 2 cores some room.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                outcomes
+            })
+        })
+        .collect()
+}
+
+/// Every acknowledged step is in the store exactly once; unacknowledged batches
+/// are whole or absent.
+async fn assert_exactly_once(store: &dyn ObjectStore, sent: &[(u64, bool)]) {
+    let seen = steps_in_store(store).await;
+    let acked: Vec<u64> = sent.iter().filter(|(_, a)| *a).map(|(f, _)| *f).collect();
+    assert!(acked.len() > 10, "too little acknowledged: {}", acked.len());
+    let mut missing = 0;
+    for first in &acked {
+        for s in *first..*first + BATCH {
+            match seen.get(&s) {
+                None => missing += 1,
+                Some(&n) => assert_eq!(n, 1, "acknowledged step {s} is in the bucket {n} times"),
+            }
+        }
+    }
+    assert_eq!(
+        missing, 0,
+        "{missing} acknowledged points missing from the bucket"
+    );
+    for (first, _) in sent.iter().filter(|(_, a)| !*a) {
+        let present = (*first..*first + BATCH)
+            .filter(|s| seen.get(s) == Some(&1))
+            .count() as u64;
+        assert!(
+            present == 0 || present == BATCH,
+            "batch {first}: {present} of {BATCH} points"
+        );
+    }
+    let total: u32 = seen.values().sum();
+    let unacked_present = total as u64 - acked.len() as u64 * BATCH;
+    assert_eq!(unacked_present % BATCH, 0);
+}
+
+async fn wait_for_empty_spool(data: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while spooled_files(data) > 0 {
+        assert!(Instant::now() < deadline, "the spool never emptied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn s3_config(dir: &Path, s3: &S3Server) -> Config {
+    let mut config = Config::test_config(dir.join("data"));
+    config.storage = s3.storage(PREFIX);
+    config.roll.max_age = Duration::from_millis(200);
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_never_stops_ingest_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s3 = S3Server::start(&dir.path().join("s3")).await;
+    let config = s3_config(dir.path(), &s3);
+    let mut server = TestServer::start(config.clone()).await;
+    let mut c = server.client().await;
+    let id = create_experiment(&mut c, "ops", "outage").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let clients = spawn_clients(&c, &id, 1, 3, &stop, &acked);
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s3.stop();
+    let before_outage = acked.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let during_outage = acked.load(Ordering::Relaxed) - before_outage;
+    let spooled = spooled_files(&config.data_dir);
+    s3.resume().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut sent = Vec::new();
+    for t in clients {
+        sent.extend(t.await.unwrap());
+    }
+
+    assert!(
+        during_outage > 100,
+        "ingest stalled during the outage: {during_outage} batches acknowledged"
+    );
+    assert!(
+        spooled > 0,
+        "nothing was waiting in the spool during the outage"
+    );
+    assert!(sent.iter().all(|(_, a)| *a), "a request failed");
+    server.stop().await;
+    wait_for_empty_spool(&config.data_dir).await;
+    assert_exactly_once(s3.store(PREFIX).as_ref(), &sent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_spooled_at_a_sigkill_are_uploaded_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s3 = S3Server::start(&dir.path().join("s3")).await;
+    let data = dir.path().join("data");
+    let config_file = dir.path().join("mboxd.toml");
+    std::fs::write(
+        &config_file,
+        format!("{}[writer]\nmax_age_ms = 100\n", s3.storage_toml(PREFIX)),
+    )
+    .unwrap();
+    let args = ["--config", config_file.to_str().unwrap()];
+
+    let proc = Process::start(&data, &args).await;
+    let mut c = proc.client().await;
+    let id = create_experiment(&mut c, "ops", "restart").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let clients = spawn_clients(&c, &id, 2, 2, &stop, &acked);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The store goes away; files pile up in the spool; then mboxd is killed.
+    s3.stop();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while spooled_files(&data) < 3 {
+        assert!(Instant::now() < deadline, "files never reached the spool");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proc.kill().await;
+    stop.store(true, Ordering::Relaxed);
+    let mut sent = Vec::new();
+    for t in clients {
+        sent.extend(t.await.unwrap());
+    }
+    let left = spooled_files(&data);
+    assert!(left >= 3, "{left} files in the spool at the kill");
+
+    s3.resume().await;
+    let proc = Process::start(&data, &args).await;
+    wait_for_empty_spool(&data).await;
+    assert!(proc.terminate().await, "mboxd did not stop cleanly");
+    assert_eq!(spooled_files(&data), 0);
+    assert_exactly_once(s3.store(PREFIX).as_ref(), &sent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_pushes_back_until_uploads_make_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s3 = S3Server::start(&dir.path().join("s3")).await;
+    let mut config = s3_config(dir.path(), &s3);
+    // Any one file fills it.
+    config.storage.spool_max_bytes = 1;
+    config.when_full = WhenFull::Wait(Duration::from_millis(300));
+    let data = config.data_dir.clone();
+    let mut server = TestServer::start(config).await;
+    let mut c = server.client().await;
+    let id = create_experiment(&mut c, "ops", "full").await;
+    s3.stop();
+    let log = |c: &mut Client, first: u64| {
+        let mut c = c.clone();
+        let id = id.clone();
+        async move {
+            c.log_metrics(proto::LogMetricsRequest {
+                blocks: vec![numeric_block(&id, &["loss"], 100, first)],
+                ..Default::default()
+            })
+            .await
+        }
+    };
+    log(&mut c, 0).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while spooled_files(&data) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the file never reached the spool"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = log(&mut c, 100).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(refused.message().contains("upload spool"), "{refused:?}");
+    assert!(refused.metadata().get("grpc-retry-pushback-ms").is_some());
+    // Reads still work while writes are refused.
+    let got = c
+        .get_metrics(proto::GetMetricsRequest {
+            parent_id: id.clone(),
+            full_precision: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .metrics;
+    assert_eq!(got[0].values.len(), 100);
+
+    s3.resume().await;
+    wait_for_empty_spool(&data).await;
+    log(&mut c, 100).await.unwrap();
+    server.stop().await;
+    let seen = steps_in_store(s3.store(PREFIX).as_ref()).await;
+    assert_eq!(seen.len(), 200);
+    assert!(seen.values().all(|&n| n == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_daemons_share_one_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(&dir.path().join("s3")).await;
+    let config_file = dir.path().join("mboxd.toml");
+    std::fs::write(
+        &config_file,
+        format!("{}[writer]\nmax_age_ms = 200\n", s3.storage_toml(PREFIX)),
+    )
+    .unwrap();
+    let args = ["--config", config_file.to_str().unwrap()];
+    let names = ["fleet-a", "fleet-b", "fleet-c"];
+    let mut procs = Vec::new();
+    for name in names {
+        procs.push(Process::start_as(&dir.path().join(name), name, &args).await);
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut ids: Vec<(String, String)> = Vec::new();
+    let mut clients = Vec::new();
+    for (tag, proc) in procs.iter().enumerate() {
+        let mut c = proc.client().await;
+        // Every rank of one job, on every daemon, names the same experiments.
+        let shared = create_experiment(&mut c, "fleet", "job-1").await;
+        let other = create_experiment(&mut c, "fleet", "job-2").await;
+        ids.push((shared.clone(), other.clone()));
+        let id = if tag == 2 { other } else { shared };
+        clients.extend(spawn_clients(&c, &id, tag as u64 + 1, 2, &stop, &acked));
+    }
+    assert!(
+        ids.iter().all(|x| *x == ids[0]),
+        "experiment ids differ across daemons: {ids:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut sent = Vec::new();
+    for t in clients {
+        sent.extend(t.await.unwrap());
+    }
+    for proc in procs {
+        assert!(proc.terminate().await, "a daemon did not stop cleanly");
+    }
+    assert!(sent.iter().all(|(_, a)| *a), "a request failed");
+
+    let store = s3.store(PREFIX);
+    assert_exactly_once(store.as_ref(), &sent).await;
+    // Files from each daemon, all in the same partitions.
+    let mut per_daemon: HashMap<&str, usize> = HashMap::new();
+    for (key, _) in parquet_objects(store.as_ref(), "metrics").await {
+        assert!(key.starts_with("metrics/namespace=fleet/date="), "{key}");
+        let name = key.rsplit('/').next().unwrap();
+        let daemon = names
+            .iter()
+            .find(|d| name.starts_with(&format!("{d}-")))
+            .unwrap_or_else(|| panic!("{key} names no daemon"));
+        *per_daemon.entry(daemon).or_default() += 1;
+    }
+    assert_eq!(per_daemon.len(), 3, "{per_daemon:?}");
+}
