@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite from a fresh clone. Installs what the tests need (a Python
-# venv with the test packages), then runs format and lint checks, the Rust suite
-# and the Python suites against real mboxd processes.
+# The whole test suite from a fresh clone. Installs what the tests need (an
+# S3-compatible server, a Python venv with the test packages), then runs format
+# and lint checks, the Rust suite and the Python suites against real mboxd
+# processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,16 @@ VENV="${MBOX_VENV:-.venv}"
 echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
+
+echo "== S3-compatible test server (s3s-fs)"
+# Built from crates once and kept outside the clone; newer releases need a newer
+# Rust than this project's.
+TOOLS="${MBOXD_TOOLS:-/var/tmp/mboxd-tools}"
+S3S_VERSION=0.14.1
+if ! "$TOOLS/bin/s3s-fs" --version 2>/dev/null | grep -qx "s3s-fs $S3S_VERSION"; then
+  cargo install --locked --quiet --root "$TOOLS" --features binary "s3s-fs@$S3S_VERSION"
+fi
+export MBOXD_S3S_FS="$TOOLS/bin/s3s-fs"
 
 echo "== Rust tests"
 cargo test --locked

@@ -118,3 +118,63 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class S3Server:
+    """A real S3-compatible server (s3s-fs) on a loopback port, serving `root`, where
+    each sub-folder is a bucket. scripts/test.sh installs it and sets MBOXD_S3S_FS."""
+
+    ACCESS_KEY = "mboxd-test"
+    SECRET_KEY = "mboxd-test-secret"
+    BUCKET = "runs"
+
+    def __init__(self, root: pathlib.Path):
+        binary = os.environ.get("MBOXD_S3S_FS")
+        if not binary or not os.path.exists(binary):
+            pytest.fail("s3s-fs not found: run ./scripts/test.sh (it installs it) or set MBOXD_S3S_FS")
+        (root / self.BUCKET).mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [binary, "--host", "127.0.0.1", "--port", str(self.port),
+             "--access-key", self.ACCESS_KEY, "--secret-key", self.SECRET_KEY, str(root)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        _running.append(self.proc)
+        import socket
+
+        deadline = time.time() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("s3s-fs did not start")
+                time.sleep(0.02)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def storage_toml(self, prefix: str) -> str:
+        """The [storage] sections of an mboxd config writing to s3://runs/<prefix>."""
+        return (
+            f'[storage]\nroot = "s3://{self.BUCKET}/{prefix}"\n'
+            f'[storage.s3]\nendpoint = "{self.endpoint}"\nregion = "us-east-1"\n'
+            f'access_key_id = "{self.ACCESS_KEY}"\nsecret_access_key = "{self.SECRET_KEY}"\n'
+            "allow_http = true\nmax_retries = 1\nretry_timeout_ms = 2000\n"
+        )
+
+    def filesystem(self):
+        """pyarrow's S3 filesystem for this server."""
+        from pyarrow import fs
+
+        return fs.S3FileSystem(
+            access_key=self.ACCESS_KEY, secret_key=self.SECRET_KEY, region="us-east-1",
+            endpoint_override=f"127.0.0.1:{self.port}", scheme="http",
+        )
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
