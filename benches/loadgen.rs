@@ -5,6 +5,7 @@
 //! ```text
 //! cargo bench --bench loadgen -- --mode batch --clients 8 --batch 10000 --seconds 10
 //! cargo bench --bench loadgen -- --mode single --clients 16 --seconds 10
+//! cargo bench --bench loadgen -- --s3s-fs /var/tmp/mboxd-tools/bin/s3s-fs   # S3 root
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -63,6 +64,10 @@ struct Args {
     /// mboxd binary to spawn [default: the one cargo built with this bench].
     #[arg(long)]
     mboxd: Option<PathBuf>,
+    /// Publish to an S3 root on a local s3s-fs server started from this binary,
+    /// instead of the data folder.
+    #[arg(long)]
+    s3s_fs: Option<PathBuf>,
     /// cargo passes --bench to bench targets.
     #[arg(long, hide = true)]
     bench: bool,
@@ -71,6 +76,50 @@ struct Args {
 struct Spawned {
     child: Child,
     data: tempfile::TempDir,
+    s3: Option<Child>,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        for child in std::iter::once(&mut self.child).chain(self.s3.as_mut()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts s3s-fs serving `<dir>/runs` as bucket `runs`; returns it and the config
+/// file that points mboxd at `s3://runs/bench`.
+fn spawn_s3(bin: &Path, dir: &Path) -> anyhow::Result<(Child, PathBuf)> {
+    std::fs::create_dir_all(dir.join("s3").join("runs"))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = Command::new(bin)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--access-key", "bench", "--secret-key", "bench-secret"])
+        .arg(dir.join("s3"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("s3s-fs did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let config = dir.join("mboxd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nroot = \"s3://runs/bench\"\n[storage.s3]\n\
+             endpoint = \"http://127.0.0.1:{port}\"\nregion = \"us-east-1\"\n\
+             access_key_id = \"bench\"\nsecret_access_key = \"bench-secret\"\nallow_http = true\n"
+        ),
+    )?;
+    Ok((child, config))
 }
 
 fn spawn_mboxd(args: &Args) -> anyhow::Result<(Spawned, String)> {
@@ -80,7 +129,17 @@ fn spawn_mboxd(args: &Args) -> anyhow::Result<(Spawned, String)> {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_mboxd")));
     let data = tempfile::tempdir()?;
     let addr_file = data.path().join("addr");
+    let (s3, config) = match &args.s3s_fs {
+        Some(s3s) => {
+            let (child, config) = spawn_s3(s3s, data.path())?;
+            (Some(child), Some(config))
+        }
+        None => (None, None),
+    };
     let mut cmd = Command::new(&bin);
+    if let Some(config) = &config {
+        cmd.arg("--config").arg(config);
+    }
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--daemon-id", "loadgen"])
         .args(["--metrics-listen", "127.0.0.1:0"])
         .arg("--data-dir")
@@ -99,7 +158,7 @@ fn spawn_mboxd(args: &Args) -> anyhow::Result<(Spawned, String)> {
         if let Ok(a) = std::fs::read_to_string(&addr_file)
             && !a.is_empty()
         {
-            return Ok((Spawned { child, data }, a.trim().to_owned()));
+            return Ok((Spawned { child, data, s3 }, a.trim().to_owned()));
         }
         if Instant::now() > deadline {
             bail!("mboxd did not start");
@@ -323,6 +382,10 @@ fn main() -> anyhow::Result<()> {
         percentile(&lat, 1.0)
     );
     if let (Some(mut s), Some(pid)) = (spawned, pid) {
+        let root = match s.s3 {
+            Some(_) => s.data.path().join("s3/runs/bench"),
+            None => s.data.path().join("data"),
+        };
         let peak_running = peak_rss(pid).unwrap_or(0);
         // Graceful stop publishes everything, so the disk figure covers every point.
         let _ = Command::new("kill")
@@ -338,7 +401,8 @@ fn main() -> anyhow::Result<()> {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let bytes = dir_bytes(&s.data.path().join("data").join("metrics"));
+        // With an S3 root the figure is what reached the bucket.
+        let bytes = dir_bytes(&root.join("metrics"));
         println!(
             "mboxd peak RSS: {:.1} MiB; metrics on disk: {:.1} MiB = {:.2} bytes/point",
             peak as f64 / (1 << 20) as f64,
