@@ -137,9 +137,6 @@ fn spawn_mboxd(args: &Args) -> anyhow::Result<(Spawned, String)> {
         None => (None, None),
     };
     let mut cmd = Command::new(&bin);
-    if let Some(config) = &config {
-        cmd.arg("--config").arg(config);
-    }
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--daemon-id", "loadgen"])
         .args(["--metrics-listen", "127.0.0.1:0"])
         .arg("--data-dir")
@@ -147,6 +144,11 @@ fn spawn_mboxd(args: &Args) -> anyhow::Result<(Spawned, String)> {
         .arg("--addr-file")
         .arg(&addr_file)
         .args(["--durability", &args.durability])
+        .args(
+            config
+                .iter()
+                .flat_map(|c| [std::ffi::OsStr::new("--config"), c.as_os_str()]),
+        )
         .args(args.mboxd_args.split_whitespace())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null());

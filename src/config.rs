@@ -232,6 +232,18 @@ pub struct Storage {
     pub max_upload_backoff: Duration,
 }
 
+impl Storage {
+    /// Parts of one multipart upload in flight at once.
+    pub const PARTS_IN_FLIGHT: usize = 2;
+
+    /// The most memory one upload holds: a whole file below the multipart
+    /// threshold, else the parts in flight plus the one being read.
+    pub fn upload_buffer_bytes(&self) -> u64 {
+        self.multipart_threshold_bytes
+            .max((Self::PARTS_IN_FLIGHT as u64 + 1) * self.multipart_part_bytes as u64)
+    }
+}
+
 impl Default for Storage {
     fn default() -> Self {
         Self {
@@ -244,8 +256,8 @@ impl Default for Storage {
             },
             spool_max_bytes: 10 << 30,
             upload_concurrency: 4,
-            multipart_threshold_bytes: 64 << 20,
-            multipart_part_bytes: 16 << 20,
+            multipart_threshold_bytes: 16 << 20,
+            multipart_part_bytes: 8 << 20,
             max_upload_backoff: Duration::from_secs(30),
         }
     }
@@ -363,6 +375,25 @@ impl Config {
             file.apply(&mut config)?;
         }
         Ok(config)
+    }
+
+    /// The most memory mboxd uses under these settings, as documented in
+    /// `config/mboxd.toml`: buffered rows, request bodies being accepted (each about
+    /// three times its size: body, decoded arrays, WAL record), one roll's working
+    /// set, uploads in flight (S3 roots), and runtime overhead.
+    pub fn memory_bound_bytes(&self) -> u64 {
+        const OVERHEAD: u64 = 64 << 20;
+        let uploads = match self.storage.root {
+            StorageRoot::DataDir => 0,
+            StorageRoot::S3 { .. } => {
+                self.storage.upload_concurrency as u64 * self.storage.upload_buffer_bytes()
+            }
+        };
+        self.max_buffered_bytes as u64
+            + self.max_concurrent_requests as u64 * 3 * self.limits.max_message_bytes as u64
+            + self.roll.max_rows as u64 * 64
+            + uploads
+            + OVERHEAD
     }
 
     /// Checks settings that depend on each other.

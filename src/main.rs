@@ -27,6 +27,9 @@ struct Cli {
 enum Command {
     /// Serve the ModelStore gRPC API.
     Serve(ServeArgs),
+    /// Print the effective configuration (file, environment variables and flags
+    /// merged, then checked) as JSON, and exit. Takes the same options as `serve`.
+    Config(ServeArgs),
 }
 
 /// Flags override the config file; `MBOXD_*` environment variables stand in for flags.
@@ -123,9 +126,41 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
+/// The settings operators check against their deployment (ports, paths, time
+/// budgets, memory bound), as JSON.
+fn describe(config: &Config) -> serde_json::Value {
+    let storage_root = match &config.storage.root {
+        StorageRoot::DataDir => String::new(),
+        StorageRoot::S3 { bucket, prefix } => format!("s3://{bucket}/{prefix}"),
+    };
+    serde_json::json!({
+        "listen": config.listen.to_string(),
+        "metrics_listen": config.metrics_listen.map(|a| a.to_string()),
+        "data_dir": config.data_dir,
+        "daemon_id": config.daemon_id,
+        "durability": format!("{:?}", config.durability),
+        "storage_root": storage_root,
+        "spool_max_bytes": config.storage.spool_max_bytes,
+        "shutdown_timeout_ms": config.shutdown_timeout.as_millis() as u64,
+        "not_serving_grace_ms": config.not_serving_grace.as_millis() as u64,
+        "max_buffered_bytes": config.max_buffered_bytes,
+        "max_concurrent_requests": config.max_concurrent_requests,
+        "max_message_bytes": config.limits.max_message_bytes,
+        "max_rows": config.roll.max_rows,
+        "memory_bound_bytes": config.memory_bound_bytes(),
+    })
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Command::Serve(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Serve(args) => args,
+        Command::Config(args) => {
+            let (config, _) = args.into_config()?;
+            println!("{:#}", describe(&config));
+            return Ok(());
+        }
+    };
     let shutdown = shutdown_signal()?;
     let (config, addr_file) = args.into_config()?;
     mboxd::telemetry::init(config.log_format);

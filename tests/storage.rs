@@ -56,9 +56,10 @@ async fn root(backend: Backend, tune: impl FnOnce(&mut Config)) -> Root {
         }
         Backend::S3 => {
             let s3 = S3Server::start(&dir.path().join("s3")).await;
-            let multipart = config.storage.multipart_threshold_bytes;
+            let tuned = config.storage.clone();
             config.storage = s3.storage("team/runs");
-            config.storage.multipart_threshold_bytes = multipart;
+            config.storage.multipart_threshold_bytes = tuned.multipart_threshold_bytes;
+            config.storage.multipart_part_bytes = tuned.multipart_part_bytes;
             let store = s3.store("team/runs");
             Root {
                 dir,
@@ -355,6 +356,7 @@ async fn survives_restart_and_reads_back_from_the_root(backend: Backend) {
 async fn large_files_arrive_whole(backend: Backend) {
     let root = root(backend, |c| {
         c.storage.multipart_threshold_bytes = 1 << 20;
+        c.storage.multipart_part_bytes = 5 << 20;
         c.roll.max_age = Duration::from_secs(3600);
     })
     .await;

@@ -406,7 +406,7 @@ async fn upload_once(shared: &Shared, job: &Job) -> Result<(), UploadError> {
                 return Ok(());
             }
             writer
-                .wait_for_capacity(2)
+                .wait_for_capacity(Storage::PARTS_IN_FLIGHT)
                 .await
                 .map_err(remote("uploading a part of"))?;
             writer.put(Bytes::from(part));
