@@ -24,6 +24,14 @@ if ! "$TOOLS/bin/s3s-fs" --version 2>/dev/null | grep -qx "s3s-fs $S3S_VERSION";
 fi
 export MBOXD_S3S_FS="$TOOLS/bin/s3s-fs"
 
+if ! command -v kubectl >/dev/null; then
+  echo "== kubectl (Debian's kubernetes-client), to render deploy/kubernetes"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubernetes-client
+fi
+
 echo "== Rust tests"
 cargo test --locked
 

@@ -1,0 +1,169 @@
+"""deploy/kubernetes: every overlay renders with `kubectl kustomize`, every resource
+validates against the Kubernetes schemas (kubernetes-validate, strict), and the
+manifests agree with the configuration mboxd itself derives from them (`mboxd
+config` over the rendered ConfigMap, args and env): ports, probes, volumes, the
+termination grace period and the memory bound."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from harness import ROOT, mboxd_binary
+
+OVERLAYS = ["standalone", "sidecar", "s3", "servicemonitor"]
+# Native sidecars (init containers with restartPolicy: Always) are on by default
+# from Kubernetes 1.29.
+K8S_VERSION = "1.30.0"
+# deploy/Dockerfile's USER.
+IMAGE_UID = 10001
+
+
+def kubectl() -> str:
+    path = os.environ.get("MBOXD_KUBECTL") or shutil.which("kubectl")
+    if not path:
+        pytest.fail("kubectl not found: ./scripts/test.sh installs Debian's kubernetes-client")
+    return path
+
+
+def render(overlay: str) -> list[dict]:
+    out = subprocess.run(
+        [kubectl(), "kustomize", str(ROOT / "deploy/kubernetes/overlays" / overlay)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def quantity(q) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6, "G": 10**9}
+    q = str(q)
+    for suffix, factor in units.items():
+        if q.endswith(suffix):
+            return int(float(q[: -len(suffix)]) * factor)
+    return int(q)
+
+
+def port_of(addr: str) -> int:
+    return int(addr.rsplit(":", 1)[1])
+
+
+def find(docs, kind, name=None):
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert found, f"no {kind} {name or ''} rendered"
+    return found
+
+
+def pod_spec(docs) -> dict:
+    for d in docs:
+        if d["kind"] in ("Deployment", "Job"):
+            return d["spec"]["template"]
+    raise AssertionError("no workload rendered")
+
+
+def mboxd_container(spec: dict) -> dict:
+    containers = spec.get("containers", []) + spec.get("initContainers", [])
+    return next(c for c in containers if c["name"] == "mboxd")
+
+
+def effective_config(docs, spec: dict, container: dict, tmp_path: pathlib.Path) -> dict:
+    """What `mboxd config` makes of the container's args and env, with the rendered
+    ConfigMap standing in for its mounted file."""
+    args = list(container.get("args", []))
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    if "--config" in args:
+        i = args.index("--config") + 1
+        path = pathlib.PurePosixPath(args[i])
+        volume = volumes[mounts[str(path.parent)]]
+        configmap = find(docs, "ConfigMap", volume["configMap"]["name"])[0]
+        local = tmp_path / path.name
+        local.write_text(configmap["data"][path.name])
+        args[i] = str(local)
+    env = {"PATH": os.environ["PATH"]}
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    out = subprocess.run([mboxd_binary(), "config", *args], check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_validates_and_agrees_with_mboxd_config(overlay, tmp_path):
+    docs = render(overlay)
+
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # A CRD: no upstream schema; checked below.
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{overlay}: {doc['kind']} {doc['metadata']['name']}: {e.message} at {list(e.path)}")
+
+    template = pod_spec(docs)
+    spec = template["spec"]
+    mboxd = mboxd_container(spec)
+    cfg = effective_config(docs, spec, mboxd, tmp_path)
+    ports = {p["name"]: p["containerPort"] for p in mboxd["ports"]}
+
+    # Ports: what mboxd listens on, on every interface (the kubelet probes the pod IP).
+    assert cfg["listen"] == f"0.0.0.0:{ports['grpc']}"
+    assert cfg["metrics_listen"] == f"0.0.0.0:{ports['metrics']}"
+    # ...and the defaults the image and the README use.
+    assert ports == {"grpc": 8085, "metrics": 9185}
+
+    # Probes: gRPC health on the gRPC port, for start-up, readiness and liveness.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert mboxd[probe]["grpc"]["port"] == ports["grpc"], probe
+
+    # Volumes: the data folder is a mounted volume (the root file system is
+    # read-only), an emptyDir in a sidecar and a claim that exists otherwise.
+    assert mboxd["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in mboxd["volumeMounts"]}
+    data = {v["name"]: v for v in spec["volumes"]}[mounts[cfg["data_dir"]]]
+    if overlay == "sidecar":
+        assert quantity(data["emptyDir"]["sizeLimit"]) > cfg["spool_max_bytes"]
+    else:
+        claim = data["persistentVolumeClaim"]["claimName"]
+        find(docs, "PersistentVolumeClaim", claim)
+    assert spec["securityContext"]["runAsUser"] == IMAGE_UID
+    assert spec["securityContext"]["fsGroup"] == IMAGE_UID
+
+    # Time to drain: NOT_SERVING grace, then publishing and uploading.
+    assert spec["terminationGracePeriodSeconds"] * 1000 >= cfg["shutdown_timeout_ms"] + cfg["not_serving_grace_ms"]
+    # Memory: the limit covers mboxd's bound for these settings.
+    assert quantity(mboxd["resources"]["limits"]["memory"]) >= cfg["memory_bound_bytes"]
+
+    if overlay == "sidecar":
+        # A native sidecar, started before the trainer, which logs to it on localhost.
+        assert mboxd in spec["initContainers"] and mboxd["restartPolicy"] == "Always"
+        trainer = next(c for c in spec["containers"] if c["name"] == "trainer")
+        env = {e["name"]: e.get("value") for e in trainer["env"]}
+        assert env["MBOX_ADDR"] == f"localhost:{ports['grpc']}"
+        assert cfg["storage_root"].startswith("s3://")
+        assert any(e.get("secretRef", {}).get("name") == "mboxd-s3" for e in mboxd["envFrom"])
+    else:
+        deployment = find(docs, "Deployment")[0]
+        assert deployment["spec"]["strategy"]["type"] == "Recreate", "one writer per volume"
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= template["metadata"]["labels"].items()
+        service = find(docs, "Service")[0]
+        assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+        service_ports = {p["name"]: p for p in service["spec"]["ports"]}
+        for name, number in ports.items():
+            assert service_ports[name]["port"] == number
+            assert service_ports[name]["targetPort"] == name
+        if overlay == "s3":
+            assert cfg["storage_root"] == "s3://ml-tracking/runs"
+            assert any(e.get("secretRef", {}).get("name") == "mboxd-s3" for e in mboxd["envFrom"])
+        else:
+            assert cfg["storage_root"] == "", "standalone stores on its volume"
+        if overlay == "servicemonitor":
+            monitor = find(docs, "ServiceMonitor")[0]
+            assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+            assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+            (endpoint,) = monitor["spec"]["endpoints"]
+            assert endpoint["port"] in service_ports and service_ports[endpoint["port"]]["port"] == port_of(cfg["metrics_listen"])
+            assert endpoint["path"] == "/metrics"
