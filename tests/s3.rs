@@ -204,6 +204,8 @@ async fn a_full_spool_pushes_back_until_uploads_make_room() {
     // Any one file fills it.
     config.storage.spool_max_bytes = 1;
     config.when_full = WhenFull::Wait(Duration::from_millis(300));
+    let metrics = free_addr();
+    config.metrics_listen = Some(metrics);
     let data = config.data_dir.clone();
     let mut server = TestServer::start(config).await;
     let mut c = server.client().await;
@@ -244,9 +246,27 @@ async fn a_full_spool_pushes_back_until_uploads_make_room() {
         .into_inner()
         .metrics;
     assert_eq!(got[0].values.len(), 100);
+    let during = scrape(metrics).await;
+    assert_eq!(during["mboxd_spool_files"], 1.0);
+    assert!(during["mboxd_spool_bytes"] > 0.0);
+    assert_eq!(during["mboxd_uploads_total"], 0.0);
+    assert!(during["mboxd_upload_errors_total"] >= 1.0, "{during:?}");
+    assert_eq!(
+        during[r#"mboxd_points_rejected_total{reason="resource_exhausted"}"#],
+        100.0
+    );
 
     s3.resume().await;
     wait_for_empty_spool(&data).await;
+    let after = scrape(metrics).await;
+    assert_eq!(after["mboxd_spool_files"], 0.0);
+    assert_eq!(after["mboxd_spool_bytes"], 0.0);
+    assert_eq!(after["mboxd_uploads_total"], 1.0);
+    assert!(after["mboxd_upload_retries_total"] >= 1.0, "{after:?}");
+    assert_eq!(
+        after["mboxd_uploaded_bytes_total"],
+        during["mboxd_spool_bytes"]
+    );
     log(&mut c, 100).await.unwrap();
     server.stop().await;
     let seen = steps_in_store(s3.store(PREFIX).as_ref()).await;
