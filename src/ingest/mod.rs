@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use tokio::sync::futures::Notified;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
@@ -123,6 +124,36 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
         self.budget.released.notify_waiters();
+    }
+}
+
+/// Waits until `ready` yields a value, re-checking each time `changed` fires, for as
+/// long as `when_full` allows; `None` if it never did. The notification is armed
+/// before each check, so a change in between is not missed.
+async fn wait_until<'a, T>(
+    changed: impl Fn() -> Notified<'a>,
+    when_full: WhenFull,
+    mut ready: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = match when_full {
+        WhenFull::Wait(wait) => Instant::now().checked_add(wait),
+        WhenFull::Reject => Some(Instant::now()),
+    };
+    loop {
+        let notified = changed();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Some(value) = ready() {
+            return Some(value);
+        }
+        match deadline {
+            Some(deadline) => {
+                if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                    return ready();
+                }
+            }
+            None => notified.await,
+        }
     }
 }
 
@@ -379,31 +410,16 @@ impl Ingest {
         if !spool.is_full() {
             return Ok(());
         }
-        let deadline = match self.when_full {
-            WhenFull::Wait(wait) => Instant::now().checked_add(wait),
-            WhenFull::Reject => Some(Instant::now()),
-        };
-        loop {
-            let changed = spool.changed();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if !spool.is_full() {
-                return Ok(());
-            }
-            let timed_out = match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline, changed).await.is_err(),
-                None => {
-                    changed.await;
-                    false
-                }
-            };
-            if timed_out {
-                return Err(IngestError::Full {
-                    what: "upload spool",
-                    retry_after: RETRY_AFTER,
-                });
-            }
-        }
+        wait_until(
+            || spool.changed(),
+            self.when_full,
+            || (!spool.is_full()).then_some(()),
+        )
+        .await
+        .ok_or(IngestError::Full {
+            what: "upload spool",
+            retry_after: RETRY_AFTER,
+        })
     }
 
     /// Reserves room for `bytes`, waiting as `when_full` allows.
@@ -418,31 +434,16 @@ impl Ingest {
         if let Some(r) = self.budget.try_reserve(bytes) {
             return Ok(r);
         }
-        let deadline = match when_full {
-            WhenFull::Wait(wait) => Instant::now().checked_add(wait),
-            WhenFull::Reject => Some(Instant::now()),
-        };
-        loop {
-            let released = self.budget.released.notified();
-            tokio::pin!(released);
-            released.as_mut().enable();
-            if let Some(r) = self.budget.try_reserve(bytes) {
-                return Ok(r);
-            }
-            let timed_out = match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline, released).await.is_err(),
-                None => {
-                    released.await;
-                    false
-                }
-            };
-            if timed_out {
-                return Err(IngestError::Full {
-                    what: "memory budget",
-                    retry_after: RETRY_AFTER,
-                });
-            }
-        }
+        wait_until(
+            || self.budget.released.notified(),
+            when_full,
+            || self.budget.try_reserve(bytes),
+        )
+        .await
+        .ok_or(IngestError::Full {
+            what: "memory budget",
+            retry_after: RETRY_AFTER,
+        })
     }
 
     /// Queues a command for a writer. The byte budget already bounds what is queued,

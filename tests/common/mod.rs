@@ -277,25 +277,32 @@ impl Drop for Process {
 
 /// Every `step` value in the metrics files under `data`, with how often it occurs.
 pub fn steps_on_disk(data: &Path) -> std::collections::HashMap<u64, u32> {
+    let mut seen = std::collections::HashMap::new();
+    for f in parquet_files(data, "metrics") {
+        count_steps(std::fs::File::open(&f).expect("open"), &mut seen);
+    }
+    seen
+}
+
+/// Adds every `step` value of one metrics file to `seen`.
+pub fn count_steps<R: parquet::file::reader::ChunkReader + 'static>(
+    file: R,
+    seen: &mut std::collections::HashMap<u64, u32>,
+) {
     use arrow_array::cast::AsArray;
     use arrow_array::types::UInt64Type;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let mut seen = std::collections::HashMap::new();
-    for f in parquet_files(data, "metrics") {
-        let reader =
-            ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&f).expect("open"))
-                .expect("parquet")
-                .build()
-                .expect("reader");
-        for batch in reader {
-            let batch = batch.expect("batch");
-            let steps = batch.column_by_name("step").expect("step column");
-            for s in steps.as_primitive::<UInt64Type>().values() {
-                *seen.entry(*s).or_insert(0) += 1;
-            }
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .expect("a whole Parquet file")
+        .build()
+        .expect("reader");
+    for batch in reader {
+        let batch = batch.expect("batch");
+        let steps = batch.column_by_name("step").expect("step column");
+        for s in steps.as_primitive::<UInt64Type>().values() {
+            *seen.entry(*s).or_insert(0) += 1;
         }
     }
-    seen
 }
 
 /// A free loopback address for a listener the test configures.

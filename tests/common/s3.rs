@@ -180,22 +180,9 @@ pub async fn parquet_objects(store: &dyn ObjectStore, table: &str) -> Vec<(Strin
 
 /// Every `step` in the metrics objects under `store`, with how often it occurs.
 pub async fn steps_in_store(store: &dyn ObjectStore) -> std::collections::HashMap<u64, u32> {
-    use arrow_array::cast::AsArray;
-    use arrow_array::types::UInt64Type;
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let mut seen = std::collections::HashMap::new();
-    for (key, bytes) in parquet_objects(store, "metrics").await {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .unwrap_or_else(|e| panic!("{key} is not whole Parquet: {e}"))
-            .build()
-            .expect("reader");
-        for batch in reader {
-            let batch = batch.expect("batch");
-            let steps = batch.column_by_name("step").expect("step column");
-            for s in steps.as_primitive::<UInt64Type>().values() {
-                *seen.entry(*s).or_insert(0) += 1;
-            }
-        }
+    for (_, bytes) in parquet_objects(store, "metrics").await {
+        super::count_steps(bytes, &mut seen);
     }
     seen
 }
