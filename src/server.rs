@@ -182,7 +182,17 @@ pub async fn run(
             );
             (Some(uploader), Some(upload_loop))
         }
-        None => (None, None),
+        None => {
+            let stranded = index.spooled()?;
+            if !stranded.is_empty() {
+                tracing::error!(
+                    files = stranded.len(),
+                    "files wait in the spool for an S3 root that is no longer configured; \
+                     set storage.root back to upload them"
+                );
+            }
+            (None, None)
+        }
     };
     let (wal, replayed) = Wal::open(WalConfig {
         dir: config.data_dir.join("wal"),
