@@ -2,20 +2,25 @@
 //! the rows a writer still holds (see [`crate::ingest::Snapshot`]).
 //!
 //! Files are pruned by the experiment range recorded in the manifest, then row
-//! groups by their `experiment_id` statistics.
+//! groups by their `experiment_id` statistics. A file already uploaded to S3 is
+//! read in two ranged requests: its footer, then the span of row groups that may
+//! hold the experiment.
+
+use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int32Type, TimestampMicrosecondType, UInt64Type};
 use arrow_array::{Array, RecordBatch};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use bytes::{Buf, Bytes};
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
 use parquet::errors::ParquetError;
-use parquet::file::metadata::RowGroupMetaData;
-use parquet::file::reader::ChunkReader;
+use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader, RowGroupMetaData};
+use parquet::file::reader::{ChunkReader, Length};
 use parquet::file::statistics::Statistics;
 
 use crate::index::FileEntry;
 use crate::model::{EventPoint, EventRecord, MetricPoint, MetricValue};
-use crate::sink::{FileData, Files, SinkError};
+use crate::sink::{FileData, Files, RemoteObject, SinkError};
 
 /// Errors reading published files.
 #[derive(Debug, thiserror::Error)]
@@ -65,9 +70,124 @@ fn experiment_rows(
     file: &FileEntry,
     experiment_id: &str,
 ) -> Result<Vec<RecordBatch>, QueryError> {
-    match store.open(&file.object_key())? {
-        FileData::Local(f) => read_experiment_rows(f, &file.key, experiment_id),
-        FileData::Remote(bytes) => read_experiment_rows(bytes, &file.key, experiment_id),
+    let parquet_err = |source| QueryError::Parquet {
+        path: file.key.clone(),
+        source,
+    };
+    match store.open(&file.object_key(), file.bytes)? {
+        FileData::Local(f) => {
+            let builder = ParquetRecordBatchReaderBuilder::try_new(f).map_err(parquet_err)?;
+            read_experiment_rows(builder, &file.key, experiment_id)
+        }
+        FileData::Remote(object) => {
+            let Some(fetched) = fetch_remote(&object, experiment_id, &file.key)? else {
+                return Ok(Vec::new());
+            };
+            let (reader, metadata) = fetched;
+            let metadata = ArrowReaderMetadata::try_new(Arc::new(metadata), Default::default())
+                .map_err(parquet_err)?;
+            let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(reader, metadata);
+            read_experiment_rows(builder, &file.key, experiment_id)
+        }
+    }
+}
+
+/// How much of a remote file's end is fetched at first: the footer and, almost
+/// always, all of its metadata.
+const FOOTER_PREFETCH: u64 = 64 << 10;
+
+/// Fetches what reading `experiment_id` from a remote file needs: its metadata,
+/// then the one contiguous span of row groups that may hold the experiment (files
+/// are sorted by experiment). `None` when no row group can hold it.
+fn fetch_remote(
+    object: &RemoteObject,
+    experiment_id: &str,
+    key: &str,
+) -> Result<Option<(Fetched, ParquetMetaData)>, QueryError> {
+    let parquet_err = |source| QueryError::Parquet {
+        path: key.to_owned(),
+        source,
+    };
+    let size = object.size();
+    let mut tail_start = size.saturating_sub(FOOTER_PREFETCH);
+    let mut tail = object.get_range(tail_start..size)?;
+    // The footer's last 8 bytes: metadata length (u32 LE) and the magic "PAR1".
+    let footer = tail
+        .len()
+        .checked_sub(8)
+        .and_then(|at| tail.get(at..at + 4))
+        .ok_or_else(|| parquet_err(ParquetError::EOF(format!("{key} is too small"))))?;
+    let needed = u64::from(u32::from_le_bytes([
+        footer[0], footer[1], footer[2], footer[3],
+    ])) + 8;
+    if needed > tail.len() as u64 && needed <= size {
+        tail_start = size - needed;
+        tail = object.get_range(tail_start..size)?;
+    }
+    let mut fetched = Fetched {
+        size,
+        key: key.to_owned(),
+        parts: vec![(tail_start, tail)],
+    };
+    let metadata = ParquetMetaDataReader::new()
+        .parse_and_finish(&fetched)
+        .map_err(parquet_err)?;
+    let span = metadata
+        .row_groups()
+        .iter()
+        .filter(|rg| row_group_may_contain(rg, experiment_id))
+        .flat_map(|rg| rg.columns().iter().map(|c| c.byte_range()))
+        .map(|(start, len)| (start, start + len))
+        .reduce(|(a, b), (c, d)| (a.min(c), b.max(d)));
+    let Some((start, end)) = span else {
+        return Ok(None);
+    };
+    fetched.parts.push((start, object.get_range(start..end)?));
+    Ok(Some((fetched, metadata)))
+}
+
+/// Parts of a remote file fetched in advance, served to the Parquet reader.
+#[derive(Debug)]
+struct Fetched {
+    size: u64,
+    key: String,
+    /// (offset, bytes) of each fetched range.
+    parts: Vec<(u64, Bytes)>,
+}
+
+impl Fetched {
+    /// The fetched bytes from `start`, to the end of the part holding `length` of
+    /// them.
+    fn from(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        self.parts
+            .iter()
+            .find(|(at, bytes)| *at <= start && start + length as u64 <= at + bytes.len() as u64)
+            .map(|(at, bytes)| bytes.slice((start - at) as usize..))
+            .ok_or_else(|| {
+                ParquetError::General(format!(
+                    "bytes {start}..{} of {} were not fetched",
+                    start + length as u64,
+                    self.key
+                ))
+            })
+    }
+}
+
+impl Length for Fetched {
+    fn len(&self) -> u64 {
+        self.size
+    }
+}
+
+impl ChunkReader for Fetched {
+    type T = bytes::buf::Reader<Bytes>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        Ok(self.from(start, 0)?.reader())
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        Ok(self.from(start, length)?.slice(..length))
     }
 }
 
@@ -84,7 +204,7 @@ fn row_group_may_contain(rg: &RowGroupMetaData, experiment_id: &str) -> bool {
 
 /// The rows of `experiment_id` in one file, as Arrow batches.
 fn read_experiment_rows<R: ChunkReader + 'static>(
-    file: R,
+    builder: ParquetRecordBatchReaderBuilder<R>,
     display: &str,
     experiment_id: &str,
 ) -> Result<Vec<RecordBatch>, QueryError> {
@@ -92,7 +212,6 @@ fn read_experiment_rows<R: ChunkReader + 'static>(
         path: display.to_owned(),
         source,
     };
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_err)?;
     let groups: Vec<usize> = builder
         .metadata()
         .row_groups()

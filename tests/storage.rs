@@ -352,7 +352,8 @@ async fn survives_restart_and_reads_back_from_the_root(backend: Backend) {
 }
 
 /// A file larger than the multipart threshold (and than one part) arrives as one
-/// whole object with every value intact.
+/// whole object with every value intact; reads of one experiment fetch only the
+/// row groups that may hold it and return exactly its rows.
 async fn large_files_arrive_whole(backend: Backend) {
     let root = root(backend, |c| {
         c.storage.multipart_threshold_bytes = 1 << 20;
@@ -378,13 +379,35 @@ async fn large_files_arrive_whole(backend: Backend) {
         expected.extend(block.values.iter().copied());
         assert_eq!(log(&mut c, vec![block]).await, 400_000);
     }
+    // A small experiment in the same file: it shares an edge row group with `id`.
+    let small = create_experiment(&mut c, "big", "small").await;
+    assert_eq!(
+        log(&mut c, vec![numeric_block(&small, &["lr"], 10, 0)]).await,
+        10
+    );
     server.stop().await;
     let objects = parquet_objects(root.store.as_ref(), "metrics").await;
     assert_eq!(objects.len(), 1, "one roll, one object");
     assert!(objects[0].1.len() > 6 << 20, "{} bytes", objects[0].1.len());
     let rows = metric_rows(&objects);
-    let values: Vec<f64> = rows.values().map(|v| v.unwrap()).collect();
+    let values: Vec<f64> = rows
+        .iter()
+        .filter(|((exp, _, _), _)| exp == &id)
+        .map(|(_, v)| v.unwrap())
+        .collect();
     assert_eq!(values, expected);
+
+    // After a restart the file is read back from the root (on S3, from the bucket).
+    let mut server = TestServer::start(root.config.clone()).await;
+    let mut c = server.client().await;
+    let small_points = get_metrics(&mut c, &small).await;
+    let want: BTreeMap<_, _> = (0..10)
+        .map(|s| (("lr".to_owned(), s), s as f64 / 2.0))
+        .collect();
+    assert_eq!(small_points, want);
+    let big: Vec<f64> = get_metrics(&mut c, &id).await.into_values().collect();
+    assert_eq!(big, expected);
+    server.stop().await;
 }
 
 macro_rules! conformance {

@@ -178,11 +178,40 @@ pub struct Remote {
     pub runtime: tokio::runtime::Handle,
 }
 
-/// A published file's contents, for Parquet readers.
+/// A published file, for Parquet readers.
 #[derive(Debug)]
 pub enum FileData {
     Local(File),
-    Remote(Bytes),
+    /// An uploaded file, read in ranges.
+    Remote(RemoteObject),
+}
+
+/// An object in the remote store. Blocking: use it from a blocking thread.
+#[derive(Debug)]
+pub struct RemoteObject {
+    remote: Remote,
+    location: object_store::path::Path,
+    key: String,
+    size: u64,
+}
+
+impl RemoteObject {
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The bytes in `range`.
+    pub fn get_range(&self, range: std::ops::Range<u64>) -> Result<Bytes, SinkError> {
+        let Remote { store, runtime } = &self.remote;
+        runtime
+            .block_on(store.get_range(&self.location, range))
+            .map_err(|source| SinkError::Remote {
+                action: "reading",
+                key: self.key.clone(),
+                store: store.to_string(),
+                source: Box::new(source),
+            })
+    }
 }
 
 impl Files {
@@ -190,26 +219,19 @@ impl Files {
         Self { local, remote }
     }
 
-    /// Opens a published file. Blocking: call it from a blocking thread. A spooled
-    /// file is read locally; once uploaded (and deleted locally) it is fetched.
-    pub fn open(&self, key: &ObjectKey) -> Result<FileData, SinkError> {
+    /// Opens a published file of `size` bytes. A spooled file is read locally; once
+    /// uploaded (and deleted locally) it is read from the store.
+    pub fn open(&self, key: &ObjectKey, size: u64) -> Result<FileData, SinkError> {
         let path = self.local.path_of(key);
         match File::open(&path) {
             Ok(file) => Ok(FileData::Local(file)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => match &self.remote {
-                Some(remote) => {
-                    let location = object_path(key)?;
-                    let remote_err = |source| SinkError::Remote {
-                        action: "reading",
-                        key: key.to_string(),
-                        store: remote.store.to_string(),
-                        source: Box::new(source),
-                    };
-                    let bytes = remote
-                        .runtime
-                        .block_on(async { remote.store.get(&location).await?.bytes().await });
-                    bytes.map(FileData::Remote).map_err(remote_err)
-                }
+                Some(remote) => Ok(FileData::Remote(RemoteObject {
+                    remote: remote.clone(),
+                    location: object_path(key)?,
+                    key: key.to_string(),
+                    size,
+                })),
                 None => Err(io_err("opening", &path)(e)),
             },
             Err(e) => Err(io_err("opening", &path)(e)),
