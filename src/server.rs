@@ -172,6 +172,7 @@ pub async fn run(
                     "uploading files left in the spool"
                 );
             }
+            tokio::spawn(check_store(Arc::clone(store)));
             let (uploader, upload_loop) = Uploader::start(
                 Arc::clone(store),
                 sink.clone(),
@@ -406,6 +407,25 @@ pub async fn run(
             Ok(())
         }
         Err(_) => Err(ServerError::ShutdownTimeout),
+    }
+}
+
+/// Says at start-up whether the S3 root answers, so that wrong credentials, a
+/// missing bucket or an unreachable endpoint show in the log at once rather than at
+/// the first upload. Never fatal: an outage at start-up only means files wait in
+/// the spool.
+async fn check_store(store: Arc<dyn object_store::ObjectStore>) {
+    use object_store::ObjectStoreExt;
+    let probe = object_store::path::Path::from("_mboxd_probe");
+    match store.head(&probe).await {
+        Ok(_) | Err(object_store::Error::NotFound { .. }) => {
+            tracing::info!(store = %store, "S3 storage root reachable");
+        }
+        Err(e) => tracing::error!(
+            store = %store,
+            error = %e,
+            "S3 storage root not usable yet; files wait in the spool until it is"
+        ),
     }
 }
 
