@@ -30,6 +30,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use redb::{Database, ReadableTable, TableDefinition};
@@ -125,6 +126,9 @@ pub struct Index {
     db: Database,
     /// Experiments by id, for the per-request existence check on the hot path.
     known: RwLock<HashMap<String, ExperimentRef>>,
+    /// Bumped by every change to experiments or metadata, so the snapshot tables
+    /// are rewritten only when something changed.
+    generation: AtomicU64,
 }
 
 impl Index {
@@ -155,6 +159,7 @@ impl Index {
         Ok(Self {
             db,
             known: RwLock::new(known),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -215,6 +220,9 @@ impl Index {
         };
         write_metadata(&txn, &id, metadata, now)?;
         txn.commit().map_err(storage)?;
+        if !existed || !metadata.is_empty() {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
         if !existed {
             let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
             known.insert(id, experiment_ref(&record));
@@ -272,7 +280,38 @@ impl Index {
         }
         write_metadata(&txn, parent_id, entries, now)?;
         txn.commit().map_err(storage)?;
+        self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(now)
+    }
+
+    /// A number that changes whenever experiments or metadata change.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Every experiment, ordered by id.
+    pub fn all_experiments(&self) -> Result<Vec<ExperimentRecord>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let table = read.open_table(EXPERIMENTS).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(storage)? {
+            let (id, value) = row.map_err(storage)?;
+            out.push(decode(id.value(), value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Every metadata entry as (experiment id, key, entry), ordered by both.
+    pub fn all_metadata(&self) -> Result<Vec<(String, String, MetadataEntry)>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let table = read.open_table(METADATA).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(storage)? {
+            let (key, value) = row.map_err(storage)?;
+            let (parent, k) = key.value();
+            out.push((parent.to_owned(), k.to_owned(), decode(k, value.value())?));
+        }
+        Ok(out)
     }
 
     /// All metadata of `parent_id`, ordered by key.

@@ -25,6 +25,7 @@ use crate::sink::upload::{Uploader, s3_store};
 use crate::sink::{Files, LocalSink, Remote, SinkError};
 use crate::telemetry::{Metrics, log_summaries, serve_metrics};
 use crate::wal::{SyncMode, Wal, WalConfig, WalError};
+use crate::writer::snapshot::{SnapshotLoop, SnapshotTarget, Snapshots};
 use crate::writer::{self, WriterContext};
 
 /// Errors starting or running the server.
@@ -240,6 +241,23 @@ pub async fn run(
 
     recovery::replay(replayed, &index, &ingest, wal.tracker()).await?;
 
+    // The experiments/ and metadata/ snapshot tables, for joins in analytics.
+    let snapshots = SnapshotLoop::start(
+        Snapshots::new(
+            Arc::clone(&index),
+            match &remote {
+                Some(store) => SnapshotTarget::Remote {
+                    store: Arc::clone(store),
+                    runtime: tokio::runtime::Handle::current(),
+                },
+                None => SnapshotTarget::Local(sink.clone()),
+            },
+            Arc::clone(&daemon_id),
+            writer::schema::writer_properties(&config.roll),
+        ),
+        config.roll.max_age,
+    );
+
     let service = ModelStoreService::new(
         Arc::clone(&index),
         Arc::clone(&ingest),
@@ -378,6 +396,7 @@ pub async fn run(
         }
     });
     let drained = tokio::time::timeout(config.shutdown_timeout, joined).await;
+    snapshots.finish().await;
     if let Some(uploader) = &uploader {
         let left = config
             .shutdown_timeout

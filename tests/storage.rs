@@ -410,6 +410,123 @@ async fn large_files_arrive_whole(backend: Backend) {
     server.stop().await;
 }
 
+/// The rows of the one object `<table>/test-daemon.parquet`, as strings per column,
+/// once it satisfies `ready`.
+async fn snapshot_rows(
+    root: &Root,
+    table: &str,
+    ready: impl Fn(&[Vec<String>]) -> bool,
+) -> Vec<Vec<String>> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let objects = parquet_objects(root.store.as_ref(), table).await;
+        if let [(key, bytes)] = objects.as_slice() {
+            assert_eq!(key, &format!("{table}/test-daemon.parquet"));
+            let mut rows = Vec::new();
+            for batch in batches(bytes) {
+                for row in 0..batch.num_rows() {
+                    rows.push(
+                        batch
+                            .columns()
+                            .iter()
+                            .map(|c| match c.as_string_opt::<i32>() {
+                                Some(text) => text.value(row).to_owned(),
+                                None => c
+                                    .as_primitive::<arrow_array::types::TimestampMicrosecondType>()
+                                    .value(row)
+                                    .to_string(),
+                            })
+                            .collect(),
+                    );
+                }
+            }
+            if ready(&rows) {
+                return rows;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{table} snapshot never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn number(n: f64) -> prost_types::Value {
+    prost_types::Value {
+        kind: Some(prost_types::value::Kind::NumberValue(n)),
+    }
+}
+
+/// `experiments/` and `metadata/` hold a snapshot of the index for joins, replaced
+/// whole when it changes.
+async fn experiments_and_metadata_snapshots_follow_the_index(backend: Backend) {
+    let root = root(backend, |_| {}).await;
+    let mut server = TestServer::start(root.config.clone()).await;
+    let mut c = server.client().await;
+    let a = create_experiment(&mut c, "vision", "a").await;
+    let b = c
+        .create_experiment(proto::CreateExperimentRequest {
+            name: "b".into(),
+            owner: "ana".into(),
+            namespace: "nlp".into(),
+            framework: proto::MlFramework::Keras as i32,
+            external_id: "run-7".into(),
+            metadata: Some(proto::Metadata {
+                metadata: [("lr".to_owned(), number(0.1))].into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .experiment_id;
+    let experiments = snapshot_rows(&root, "experiments", |rows| rows.len() == 2).await;
+    let mut expected = vec![
+        [a.as_str(), "a", "vision", "tester", "PYTORCH", "", ""],
+        [b.as_str(), "b", "nlp", "ana", "KERAS", "", "run-7"],
+    ];
+    expected.sort();
+    let got: Vec<Vec<&str>> = experiments
+        .iter()
+        .map(|r| r[..7].iter().map(String::as_str).collect())
+        .collect();
+    assert_eq!(got, expected, "sorted by id, every field");
+    let after_2023 = |t: &String| t.parse::<i64>().unwrap() > 1_700_000_000_000_000;
+    assert!(
+        experiments
+            .iter()
+            .all(|r| after_2023(&r[7]) && after_2023(&r[8])),
+        "created_at and updated_at are times in µs"
+    );
+    let metadata = snapshot_rows(&root, "metadata", |rows| rows.len() == 1).await;
+    assert_eq!(metadata[0][..3], [b.clone(), "lr".into(), "0.1".into()]);
+
+    // A change replaces the snapshot.
+    c.update_metadata(proto::UpdateMetadataRequest {
+        parent_id: b.clone(),
+        metadata: Some(proto::Metadata {
+            metadata: [
+                ("lr".to_owned(), number(0.2)),
+                ("layers".to_owned(), number(12.0)),
+            ]
+            .into(),
+        }),
+    })
+    .await
+    .unwrap();
+    let metadata = snapshot_rows(&root, "metadata", |rows| rows.len() == 2).await;
+    let got: Vec<&[String]> = metadata.iter().map(|r| &r[..3]).collect();
+    assert_eq!(
+        got,
+        [
+            [b.clone(), "layers".into(), "12.0".into()].as_slice(),
+            [b.clone(), "lr".into(), "0.2".into()].as_slice()
+        ]
+    );
+    server.stop().await;
+}
+
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
         mod local {
@@ -435,4 +552,5 @@ conformance!(
     publishes_partitioned_sorted_files_that_read_back,
     survives_restart_and_reads_back_from_the_root,
     large_files_arrive_whole,
+    experiments_and_metadata_snapshots_follow_the_index,
 );

@@ -62,6 +62,12 @@ pub struct StagedFile {
     path: PathBuf,
 }
 
+impl StagedFile {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 impl LocalSink {
     /// Opens the root, creating it, and clears files a crash left half-written in the
     /// staging folder (they were never published, so nothing is lost).

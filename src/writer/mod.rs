@@ -7,6 +7,7 @@
 mod events;
 mod metrics;
 pub mod schema;
+pub mod snapshot;
 
 use std::collections::HashMap;
 use std::sync::Arc;

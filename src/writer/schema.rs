@@ -43,6 +43,31 @@ pub fn events_schema() -> SchemaRef {
     ]))
 }
 
+/// `experiments/`: one row per experiment this daemon knows, sorted by id.
+pub fn experiments_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("experiment_id", DataType::Utf8, false),
+        Field::new("name", DataType::Utf8, false),
+        Field::new("namespace", DataType::Utf8, false),
+        Field::new("owner", DataType::Utf8, false),
+        Field::new("framework", DataType::Utf8, false),
+        Field::new("task", DataType::Utf8, false),
+        Field::new("external_id", DataType::Utf8, false),
+        Field::new("created_at", utc_micros(), false),
+        Field::new("updated_at", utc_micros(), false),
+    ]))
+}
+
+/// `metadata/`: one row per (experiment, key), sorted by both; values as JSON text.
+pub fn metadata_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("experiment_id", DataType::Utf8, false),
+        Field::new("key", DataType::Utf8, false),
+        Field::new("value", DataType::Utf8, false),
+        Field::new("updated_at", utc_micros(), false),
+    ]))
+}
+
 /// zstd everywhere, dictionaries on the string columns, delta encoding on the
 /// monotone integer columns, and page-level statistics (which write the page index).
 pub fn writer_properties(roll: &RollPolicy) -> WriterProperties {

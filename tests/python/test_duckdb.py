@@ -62,6 +62,7 @@ def test_published_tables_read_back_exactly(full, tmp_path, backend):
     if backend == "local":
         metrics = f"read_parquet('{root}/metrics/**/*.parquet', hive_partitioning=true)"
         events = f"read_parquet('{root}/events/**/*.parquet', hive_partitioning=true)"
+        experiments = f"read_parquet('{root}/experiments/*.parquet')"
         files = [pq.read_table(p) for p in sorted(root.glob("metrics/**/*.parquet"))]
     else:
         # A graceful stop uploads everything: nothing is left in the spool.
@@ -79,10 +80,10 @@ def test_published_tables_read_back_exactly(full, tmp_path, backend):
                                 partitioning=pads.partitioning(flavor="hive"),
                                 partition_base_dir=base)
 
-        datasets = {table: dataset(table) for table in ("metrics", "events")}
+        datasets = {table: dataset(table) for table in ("metrics", "events", "experiments")}
         for table, ds in datasets.items():
             con.register(f"{table}_s3", ds.to_table())
-        metrics, events = "metrics_s3", "events_s3"
+        metrics, events, experiments = "metrics_s3", "events_s3", "experiments_s3"
         files = [f.to_table() for f in datasets["metrics"].get_fragments()]
         s3.stop()
     assert con.execute(f"SELECT count(*) FROM {metrics}").fetchone()[0] == 90_000
@@ -109,6 +110,12 @@ def test_published_tables_read_back_exactly(full, tmp_path, backend):
     types = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {metrics}").fetchall()}
     assert types["step"] == "UBIGINT" and types["value_double"] == "DOUBLE"
     assert types["ingested_at"] == "TIMESTAMP WITH TIME ZONE"
+
+    # The experiments snapshot joins names to the metric rows.
+    by_name = con.execute(
+        f"SELECT e.namespace, e.name, count(*) FROM {metrics} m JOIN {experiments} e "
+        "USING (experiment_id) GROUP BY ALL ORDER BY ALL").fetchall()
+    assert by_name == [("nlp", "n", 30_000), ("vision", "a", 30_000), ("vision", "b", 30_000)]
 
     # Every file is sorted by (experiment_id, key, step).
     assert files and sum(f.num_rows for f in files) == 90_000
