@@ -26,6 +26,10 @@ pub enum ConfigError {
     Invalid { key: &'static str, reason: String },
 }
 
+/// The HTTP/2 connection flow-control window mboxd grants: what one connection can
+/// send before mboxd reads it, so a term of the memory bound.
+pub const CONNECTION_WINDOW_BYTES: u32 = 2 << 20;
+
 /// When acknowledgements are sent, relative to making a batch durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -288,6 +292,9 @@ pub struct Config {
     /// Requests being received or served at once, across all connections; more wait
     /// unread. Bounds the memory of request bodies to this times max_message_bytes.
     pub max_concurrent_requests: usize,
+    /// Client connections open at once; more wait in the listen backlog. Each may
+    /// hold a connection window of unread request bytes.
+    pub max_connections: usize,
     /// Roll policy for metric and event files.
     pub roll: RollPolicy,
     /// Request limits.
@@ -330,6 +337,7 @@ impl Default for Config {
             when_full: WhenFull::Wait(Duration::from_millis(500)),
             writer_threads: 1,
             max_concurrent_requests: 64,
+            max_connections: 256,
             roll: RollPolicy::default(),
             limits: Limits::default(),
             shutdown_timeout: Duration::from_secs(30),
@@ -380,7 +388,8 @@ impl Config {
     /// The most memory mboxd uses under these settings, as documented in
     /// `config/mboxd.toml`: buffered rows, request bodies being accepted (each about
     /// three times its size: body, decoded arrays, WAL record), one roll's working
-    /// set, uploads in flight (S3 roots), and runtime overhead.
+    /// set, request bytes received but not yet read (a connection window per
+    /// connection), uploads in flight (S3 roots), and runtime overhead.
     pub fn memory_bound_bytes(&self) -> u64 {
         const OVERHEAD: u64 = 64 << 20;
         let uploads = match self.storage.root {
@@ -391,6 +400,7 @@ impl Config {
         };
         self.max_buffered_bytes as u64
             + self.max_concurrent_requests as u64 * 3 * self.limits.max_message_bytes as u64
+            + self.max_connections as u64 * u64::from(CONNECTION_WINDOW_BYTES)
             + self.roll.max_rows as u64 * 64
             + uploads
             + OVERHEAD
@@ -409,6 +419,9 @@ impl Config {
         }
         if self.wal_segment_bytes < 1 << 20 {
             return invalid("wal.segment_bytes", "must be at least 1 MiB");
+        }
+        if self.max_connections == 0 {
+            return invalid("server.max_connections", "must be at least 1");
         }
         if self.max_concurrent_requests == 0 {
             return invalid("ingest.max_concurrent_requests", "must be at least 1");
@@ -471,6 +484,7 @@ struct ServerSection {
     daemon_id: Option<String>,
     shutdown_timeout_ms: Option<u64>,
     not_serving_grace_ms: Option<u64>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -588,6 +602,7 @@ impl FileConfig {
             &mut c.not_serving_grace,
             self.server.not_serving_grace_ms.map(Duration::from_millis),
         );
+        set(&mut c.max_connections, self.server.max_connections);
         set(&mut c.durability, self.ingest.durability);
         set(&mut c.max_buffered_bytes, self.ingest.max_buffered_bytes);
         set(&mut c.queue_batches, self.ingest.queue_batches);

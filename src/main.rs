@@ -145,6 +145,7 @@ fn describe(config: &Config) -> serde_json::Value {
         "not_serving_grace_ms": config.not_serving_grace.as_millis() as u64,
         "max_buffered_bytes": config.max_buffered_bytes,
         "max_concurrent_requests": config.max_concurrent_requests,
+        "max_connections": config.max_connections,
         "max_message_bytes": config.limits.max_message_bytes,
         "max_rows": config.roll.max_rows,
         "memory_bound_bytes": config.memory_bound_bytes(),

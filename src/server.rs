@@ -64,9 +64,10 @@ pub enum ServerError {
     ShutdownTimeout,
 }
 
-/// HTTP/2 flow-control windows (see [`run`]).
+/// HTTP/2 flow-control windows (see [`run`]). A connection's window is also what a
+/// client can make mboxd buffer unread, so it is part of the memory bound.
 const STREAM_WINDOW: u32 = 1 << 20;
-const CONNECTION_WINDOW: u32 = 2 << 20;
+const CONNECTION_WINDOW: u32 = crate::config::CONNECTION_WINDOW_BYTES;
 
 /// The daemon id: configured, or generated once (host name plus a random suffix)
 /// and kept in the data folder so it is stable across restarts.
@@ -354,7 +355,10 @@ pub async fn run(
         "mboxd listening"
     );
     // Acks are small and latency-bound: no Nagle delay.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = limit_connections(
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        config.max_connections,
+    );
     let served = Server::builder()
         // h2's default 64 KiB windows make a 10,000-point batch (~240 KB) wait for
         // several WINDOW_UPDATE round trips; 1 MiB lets a typical batch arrive in one
@@ -426,6 +430,87 @@ pub async fn run(
             Ok(())
         }
         Err(_) => Err(ServerError::ShutdownTimeout),
+    }
+}
+
+/// Accepts at most `max` connections at once; further ones wait in the listen
+/// backlog until one closes. Each connection can make h2 buffer up to its window of
+/// request bytes before mboxd reads them, so this bounds that memory.
+fn limit_connections(
+    incoming: TcpIncoming,
+    max: usize,
+) -> impl futures::Stream<Item = std::io::Result<Limited>> {
+    use futures::StreamExt;
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    let accepted = futures::stream::unfold((incoming, slots), |(mut incoming, slots)| async move {
+        // A slot first, then accept: the next client waits in the kernel's backlog.
+        let slot = Arc::clone(&slots).acquire_owned().await.ok()?;
+        let next = incoming.next().await?;
+        Some((
+            next.map(|io| Limited { io, _slot: slot }),
+            (incoming, slots),
+        ))
+    });
+    Box::pin(accepted)
+}
+
+/// A connection holding one of [`limit_connections`]'s slots until it closes.
+struct Limited {
+    io: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tonic::transport::server::Connected for Limited {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for Limited {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Limited {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
+use mboxd::config::Config;
 use mboxd::proto;
 use tonic::Code;
 
@@ -19,9 +20,11 @@ const BUDGET: u64 = 32 * MIB;
 const CONCURRENT: u64 = 8;
 const MAX_MESSAGE: u64 = 2 * MIB;
 const MAX_ROWS: u64 = 200_000;
-/// Runtime, allocator slack, redb's cache and Parquet encoder buffers.
+/// Runtime, allocator slack, redb's cache and Parquet encoder buffers: the overhead
+/// term of mboxd's documented bound.
 const MARGIN: u64 = 64 * MIB;
 const BATCH: usize = 40_000; // about 1 MiB on the wire
+const CLIENTS: u64 = 32;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flooding_keeps_memory_bounded_and_loses_nothing_acknowledged() {
@@ -31,7 +34,8 @@ async fn flooding_keeps_memory_bounded_and_loses_nothing_acknowledged() {
     std::fs::write(
         &config,
         format!(
-            "[ingest]\nmax_buffered_bytes = {BUDGET}\nmax_concurrent_requests = {CONCURRENT}\nfull_wait_ms = 100\n\
+            "[server]\nmax_connections = {CLIENTS}\n\
+             [ingest]\nmax_buffered_bytes = {BUDGET}\nmax_concurrent_requests = {CONCURRENT}\nfull_wait_ms = 100\n\
              [limits]\nmax_message_bytes = {MAX_MESSAGE}\n[writer]\nmax_rows = {MAX_ROWS}\nmax_age_ms = 1000\n"
         ),
     )
@@ -51,7 +55,7 @@ async fn flooding_keeps_memory_bounded_and_loses_nothing_acknowledged() {
     let baseline = proc.peak_rss();
 
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks: Vec<_> = (0..32u64)
+    let tasks: Vec<_> = (0..CLIENTS)
         .map(|client| {
             let (id, stop) = (id.clone(), Arc::clone(&stop));
             let addr = proc.addr.clone();
@@ -97,9 +101,14 @@ async fn flooding_keeps_memory_bounded_and_loses_nothing_acknowledged() {
     peak = peak.max(proc.peak_rss());
     assert!(proc.terminate().await);
 
-    // The bound config/mboxd.toml documents: buffers, in-flight requests (body, then
-    // decoded arrays and WAL record: about 3x their size), one roll's working set.
-    let bound = BUDGET + CONCURRENT * 3 * MAX_MESSAGE + MAX_ROWS * 64;
+    // The bound config/mboxd.toml documents, computed by mboxd itself: buffers,
+    // in-flight requests (body, then decoded arrays and WAL record: about 3x their
+    // size), unread bytes in each connection's window, one roll's working set, and
+    // runtime overhead (the margin).
+    let bound = Config::from_file(Some(&config))
+        .unwrap()
+        .memory_bound_bytes()
+        - MARGIN;
     eprintln!(
         "flood: baseline RSS {} MiB, peak {} MiB, bound {} MiB + margin {} MiB; {} batches acked, {} refused",
         baseline / MIB,
@@ -130,4 +139,43 @@ async fn flooding_keeps_memory_bounded_and_loses_nothing_acknowledged() {
         acked.len() * BATCH,
         "only acknowledged points are written"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_wait_until_one_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("mboxd.toml");
+    std::fs::write(&config, "[server]\nmax_connections = 1\n").unwrap();
+    let proc = Process::start(&data, &["--config", config.to_str().unwrap()]).await;
+    let mut first = proc.client().await;
+    let list = |mut c: Client| async move {
+        c.list_experiments(proto::ListExperimentsRequest {
+            namespace: "x".into(),
+        })
+        .await
+    };
+    list(first.clone()).await.unwrap();
+    // A second connection is not accepted while the first is open...
+    let url = format!("http://{}", proc.addr);
+    let second = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect_lazy();
+    let waiting = tokio::spawn(list(
+        mboxd::proto::model_store_client::ModelStoreClient::new(second),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "the second connection was served");
+    // ...and is served once the first closes.
+    first
+        .list_experiments(proto::ListExperimentsRequest::default())
+        .await
+        .unwrap();
+    drop(first);
+    let served = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting connection was never served")
+        .unwrap();
+    assert!(served.is_ok(), "{served:?}");
+    assert!(proc.terminate().await);
 }
