@@ -457,15 +457,7 @@ async fn every_bad_input_gets_its_status_and_names_the_field() {
     );
 
     // Nothing of any rejected request was written: not in memory, not on disk.
-    let metrics = c
-        .get_metrics(proto::GetMetricsRequest {
-            parent_id: id.clone(),
-            full_precision: true,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .metrics;
+    let metrics = metrics_of(&mut c, &id).await;
     assert!(metrics.is_empty(), "rejected points leaked: {metrics:?}");
     let events = c
         .list_events(proto::ListEventsRequest {

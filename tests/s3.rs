@@ -237,15 +237,7 @@ async fn a_full_spool_pushes_back_until_uploads_make_room() {
     assert!(refused.message().contains("upload spool"), "{refused:?}");
     assert!(refused.metadata().get("grpc-retry-pushback-ms").is_some());
     // Reads still work while writes are refused.
-    let got = c
-        .get_metrics(proto::GetMetricsRequest {
-            parent_id: id.clone(),
-            full_precision: true,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .metrics;
+    let got = metrics_of(&mut c, &id).await;
     assert_eq!(got[0].values.len(), 100);
     let during = scrape(metrics).await;
     assert_eq!(during["mboxd_spool_files"], 1.0);

@@ -163,15 +163,7 @@ fn metric_rows(objects: &[(String, Bytes)]) -> BTreeMap<(String, String, u64), O
 }
 
 async fn get_metrics(c: &mut Client, id: &str) -> BTreeMap<(String, u64), f64> {
-    let metrics = c
-        .get_metrics(proto::GetMetricsRequest {
-            parent_id: id.into(),
-            full_precision: true,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .metrics;
+    let metrics = metrics_of(c, id).await;
     let mut out = BTreeMap::new();
     for m in metrics {
         for v in m.values {

@@ -340,3 +340,15 @@ pub async fn scrape(addr: std::net::SocketAddr) -> std::collections::HashMap<Str
         })
         .collect()
 }
+
+/// GetMetrics for `id`, with full precision.
+pub async fn metrics_of(c: &mut Client, id: &str) -> Vec<proto::Metrics> {
+    c.get_metrics(proto::GetMetricsRequest {
+        parent_id: id.to_owned(),
+        full_precision: true,
+    })
+    .await
+    .expect("GetMetrics")
+    .into_inner()
+    .metrics
+}
