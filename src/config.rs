@@ -591,9 +591,7 @@ impl FileConfig {
     fn apply(self, c: &mut Config) -> Result<(), ConfigError> {
         set(&mut c.listen, self.server.listen);
         set(&mut c.data_dir, self.server.data_dir);
-        if self.server.daemon_id.is_some() {
-            c.daemon_id = self.server.daemon_id;
-        }
+        set(&mut c.daemon_id, self.server.daemon_id.map(Some));
         set(
             &mut c.shutdown_timeout,
             self.server.shutdown_timeout_ms.map(Duration::from_millis),
@@ -641,9 +639,7 @@ impl FileConfig {
         set(&mut c.limits.max_metadata_bytes, l.max_metadata_bytes);
         set(&mut c.limits.max_name_bytes, l.max_name_bytes);
         set(&mut c.wal_segment_bytes, self.wal.segment_bytes);
-        if let Some(listen) = self.metrics.listen {
-            c.metrics_listen = Some(listen);
-        }
+        set(&mut c.metrics_listen, self.metrics.listen.map(Some));
         if self.metrics.enabled == Some(false) {
             c.metrics_listen = None;
         }
@@ -663,18 +659,16 @@ impl FileConfig {
             st.max_upload_backoff_ms.map(Duration::from_millis),
         );
         let s3 = &mut c.storage.s3;
-        if let Some(v) = non_empty(st.s3.endpoint) {
-            s3.endpoint = Some(v);
-        }
-        if let Some(v) = non_empty(st.s3.region) {
-            s3.region = Some(v);
-        }
-        if let Some(v) = non_empty(st.s3.access_key_id) {
-            s3.access_key_id = Some(v);
-        }
-        if let Some(v) = non_empty(st.s3.secret_access_key) {
-            s3.secret_access_key = Some(v);
-        }
+        set(&mut s3.endpoint, non_empty(st.s3.endpoint).map(Some));
+        set(&mut s3.region, non_empty(st.s3.region).map(Some));
+        set(
+            &mut s3.access_key_id,
+            non_empty(st.s3.access_key_id).map(Some),
+        );
+        set(
+            &mut s3.secret_access_key,
+            non_empty(st.s3.secret_access_key).map(Some),
+        );
         set(&mut s3.allow_http, st.s3.allow_http);
         set(&mut s3.virtual_hosted_style, st.s3.virtual_hosted_style);
         set(&mut s3.max_retries, st.s3.max_retries);

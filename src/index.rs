@@ -291,12 +291,20 @@ impl Index {
 
     /// Every experiment, ordered by id.
     pub fn all_experiments(&self) -> Result<Vec<ExperimentRecord>, IndexError> {
+        self.decode_all(EXPERIMENTS)
+    }
+
+    /// Every record of a table of JSON values keyed by string, in key order.
+    fn decode_all<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, IndexError> {
         let read = self.db.begin_read().map_err(storage)?;
-        let table = read.open_table(EXPERIMENTS).map_err(storage)?;
+        let table = read.open_table(table).map_err(storage)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(storage)? {
-            let (id, value) = row.map_err(storage)?;
-            out.push(decode(id.value(), value.value())?);
+            let (key, value) = row.map_err(storage)?;
+            out.push(decode(key.value(), value.value())?);
         }
         Ok(out)
     }
@@ -400,16 +408,7 @@ impl Index {
         exists: impl Fn(&str) -> bool,
         spooled: bool,
     ) -> Result<(usize, usize), IndexError> {
-        let intents: Vec<PublishIntent> = {
-            let read = self.db.begin_read().map_err(storage)?;
-            let table = read.open_table(INTENTS).map_err(storage)?;
-            let mut out = Vec::new();
-            for row in table.iter().map_err(storage)? {
-                let (key, value) = row.map_err(storage)?;
-                out.push(decode(key.value(), value.value())?);
-            }
-            out
-        };
+        let intents: Vec<PublishIntent> = self.decode_all(INTENTS)?;
         let (mut completed, mut dropped) = (0, 0);
         for intent in intents {
             if exists(&intent.entry.key) {

@@ -158,7 +158,7 @@ struct Fetched {
 impl Fetched {
     /// The fetched bytes from `start`, to the end of the part holding `length` of
     /// them.
-    fn from(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+    fn bytes_at(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
         self.parts
             .iter()
             .find(|(at, bytes)| *at <= start && start + length as u64 <= at + bytes.len() as u64)
@@ -183,11 +183,11 @@ impl ChunkReader for Fetched {
     type T = bytes::buf::Reader<Bytes>;
 
     fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
-        Ok(self.from(start, 0)?.reader())
+        Ok(self.bytes_at(start, 0)?.reader())
     }
 
     fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
-        Ok(self.from(start, length)?.slice(..length))
+        Ok(self.bytes_at(start, length)?.slice(..length))
     }
 }
 

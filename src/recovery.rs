@@ -6,7 +6,7 @@
 use crate::api::validate;
 use crate::config::Limits;
 use crate::index::{Index, IndexError};
-use crate::ingest::{Ingest, IngestError, record};
+use crate::ingest::{Batch, Ingest, IngestError, record};
 use crate::model::{EventRecord, EventsBatch, MetricsBatch};
 use crate::paths::{PartitionKey, Table, utc_date};
 use crate::wal::{RecordKind, Replayed, Seq, Tracker};
@@ -107,7 +107,7 @@ impl Replayer<'_> {
         let date = utc_date(at);
         let mut kept = Vec::new();
         for (i, b) in blocks.into_iter().enumerate() {
-            let block = validate::block(&format!("blocks[{i}]"), b, self.index, &self.limits)
+            let block = validate::block(format_args!("blocks[{i}]"), b, self.index, &self.limits)
                 .map_err(|e| Unusable(e.to_string()))?;
             let partition = PartitionKey {
                 table: Table::Metrics,
@@ -124,7 +124,7 @@ impl Replayer<'_> {
         if !kept.is_empty() {
             self.tracker.hold(seq, kept.len() as u32);
             self.ingest
-                .submit_replayed_metrics(MetricsBatch::from_validated(kept, at), seq)
+                .submit_replayed(Batch::Metrics(MetricsBatch::from_validated(kept, at)), seq)
                 .await
                 .map_err(RecoveryError::from)?;
         }
@@ -148,8 +148,12 @@ impl Replayer<'_> {
         self.tracker.hold(seq, 1);
         let events = r.events.into_iter().map(EventRecord::from).collect();
         self.ingest
-            .submit_replayed_events(
-                EventsBatch::from_validated(experiment, events, r.ingested_at),
+            .submit_replayed(
+                Batch::Events(EventsBatch::from_validated(
+                    experiment,
+                    events,
+                    r.ingested_at,
+                )),
                 seq,
             )
             .await

@@ -20,12 +20,12 @@ pub fn timestamp(at: Micros) -> Timestamp {
 
 /// A protobuf timestamp in microseconds, checked against protobuf's valid range
 /// (0001-01-01 to 9999-12-31, nanos in 0..1e9).
-pub fn micros(field: &str, ts: &Timestamp) -> Result<Micros, ApiError> {
+pub fn micros(field: impl std::fmt::Display, ts: &Timestamp) -> Result<Micros, ApiError> {
     if !(-62_135_596_800..=MAX_SECONDS).contains(&ts.seconds)
         || !(0..1_000_000_000).contains(&ts.nanos)
     {
         return Err(ApiError::invalid(
-            field,
+            field.to_string(),
             format!(
                 "timestamp out of range (seconds={}, nanos={})",
                 ts.seconds, ts.nanos
@@ -36,28 +36,31 @@ pub fn micros(field: &str, ts: &Timestamp) -> Result<Micros, ApiError> {
 }
 
 /// A protobuf `Value` as JSON. Non-finite numbers have no JSON form and are rejected.
-pub fn value_to_json(field: &str, value: Value) -> Result<serde_json::Value, ApiError> {
+/// `field` (the path, for errors) becomes a string only if the value is invalid.
+pub fn value_to_json(
+    field: &dyn std::fmt::Display,
+    value: Value,
+) -> Result<serde_json::Value, ApiError> {
     Ok(match value.kind {
         None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
         Some(Kind::BoolValue(b)) => serde_json::Value::Bool(b),
         Some(Kind::StringValue(s)) => serde_json::Value::String(s),
         Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(n)
             .map(serde_json::Value::Number)
-            .ok_or_else(|| ApiError::invalid(field, format!("number {n} is not finite")))?,
+            .ok_or_else(|| {
+                ApiError::invalid(field.to_string(), format!("number {n} is not finite"))
+            })?,
         Some(Kind::StructValue(s)) => serde_json::Value::Object(
             s.fields
                 .into_iter()
-                .map(|(k, v)| {
-                    let sub = format!("{field}.{k}");
-                    value_to_json(&sub, v).map(|v| (k, v))
-                })
+                .map(|(k, v)| value_to_json(&format_args!("{field}.{k}"), v).map(|v| (k, v)))
                 .collect::<Result<_, _>>()?,
         ),
         Some(Kind::ListValue(l)) => serde_json::Value::Array(
             l.values
                 .into_iter()
                 .enumerate()
-                .map(|(i, v)| value_to_json(&format!("{field}[{i}]"), v))
+                .map(|(i, v)| value_to_json(&format_args!("{field}[{i}]"), v))
                 .collect::<Result<_, _>>()?,
         ),
     })
@@ -89,7 +92,7 @@ mod tests {
     fn json_round_trip() {
         let j = json!({"a": [1.5, "x", true, null], "b": {"c": 2.0}});
         let v = json_to_value(j.clone());
-        assert_eq!(value_to_json("m", v).unwrap(), j);
+        assert_eq!(value_to_json(&"m", v).unwrap(), j);
     }
 
     #[test]
@@ -105,7 +108,7 @@ mod tests {
             },
         );
         let err = value_to_json(
-            "metadata.cfg",
+            &"metadata.cfg",
             Value {
                 kind: Some(Kind::StructValue(s)),
             },

@@ -12,11 +12,13 @@ pub mod validate;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Limits;
 use crate::index::Index;
-use crate::ingest::Ingest;
+use crate::ingest::{Batch, Ingest};
 use crate::model::{ExperimentRecord, MetricValue, now_micros};
 use crate::proto::{self, model_store_server::ModelStore};
 use crate::query;
@@ -53,14 +55,29 @@ impl ModelStoreService {
         }
     }
 
-    async fn log_metrics_inner(&self, req: proto::LogMetricsRequest) -> Result<usize, Status> {
-        let batch = validate::log_metrics(req, &self.index, &self.limits, now_micros())?;
-        Ok(self
-            .ingest
-            .submit_metrics(batch)
-            .await
-            .map_err(ApiError::from)?)
+    /// Submits a validated batch, or passes on why it is invalid.
+    async fn submit(&self, batch: Result<Batch, ApiError>) -> Result<usize, Status> {
+        Ok(self.ingest.submit(batch?).await.map_err(ApiError::from)?)
     }
+}
+
+/// Counts a write's `sent` points or events as accepted, or as rejected by the
+/// reason its status gives.
+fn tally(
+    result: Result<usize, Status>,
+    sent: usize,
+    accepted: &Counter,
+    rejected: &Family<ReasonLabel, Counter>,
+) -> Result<usize, Status> {
+    match &result {
+        Ok(n) => accepted.inc_by(*n as u64),
+        Err(status) => rejected
+            .get_or_create(&ReasonLabel {
+                reason: Reason::of(status.code()),
+            })
+            .inc_by(sent as u64),
+    };
+    result
 }
 
 /// Runs blocking work off the async runtime.
@@ -186,24 +203,17 @@ impl ModelStore for ModelStoreService {
         let req = req.into_inner();
         let sent = req.blocks.iter().map(|b| b.steps.len()).sum::<usize>()
             + usize::from(req.value.is_some());
-        match self.log_metrics_inner(req).await {
-            Ok(points) => {
-                self.metrics.points_accepted.inc_by(points as u64);
-                Ok(Response::new(proto::LogMetricsResponse {
-                    points_accepted: points as u64,
-                }))
-            }
-            Err(status) => {
-                let label = ReasonLabel {
-                    reason: Reason::of(status.code()),
-                };
-                self.metrics
-                    .points_rejected
-                    .get_or_create(&label)
-                    .inc_by(sent as u64);
-                Err(status)
-            }
-        }
+        let batch = validate::log_metrics(req, &self.index, &self.limits, now_micros());
+        let m = &self.metrics;
+        let points = tally(
+            self.submit(batch.map(Batch::Metrics)).await,
+            sent,
+            &m.points_accepted,
+            &m.points_rejected,
+        )?;
+        Ok(Response::new(proto::LogMetricsResponse {
+            points_accepted: points as u64,
+        }))
     }
 
     async fn get_metrics(
@@ -260,33 +270,18 @@ impl ModelStore for ModelStoreService {
         let req = req.into_inner();
         let sent = usize::from(req.event.is_some()) + req.events.len();
         let now = now_micros();
-        let result = match validate::log_event(req, &self.index, &self.limits, now) {
-            Ok(batch) => self
-                .ingest
-                .submit_events(batch)
-                .await
-                .map_err(|e| Status::from(ApiError::from(e))),
-            Err(e) => Err(e.into()),
-        };
-        match result {
-            Ok(n) => {
-                self.metrics.events_accepted.inc_by(n as u64);
-                Ok(Response::new(proto::LogEventResponse {
-                    created_at: Some(timestamp(now)),
-                    events_accepted: n as u64,
-                }))
-            }
-            Err(status) => {
-                let label = ReasonLabel {
-                    reason: Reason::of(status.code()),
-                };
-                self.metrics
-                    .events_rejected
-                    .get_or_create(&label)
-                    .inc_by(sent as u64);
-                Err(status)
-            }
-        }
+        let batch = validate::log_event(req, &self.index, &self.limits, now);
+        let m = &self.metrics;
+        let events = tally(
+            self.submit(batch.map(Batch::Events)).await,
+            sent,
+            &m.events_accepted,
+            &m.events_rejected,
+        )?;
+        Ok(Response::new(proto::LogEventResponse {
+            created_at: Some(timestamp(now)),
+            events_accepted: events as u64,
+        }))
     }
 
     async fn list_events(

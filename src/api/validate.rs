@@ -2,6 +2,8 @@
 //! the index and the writers accept. A request is accepted or rejected as a whole;
 //! errors name the field path.
 
+use std::fmt::Display;
+
 use crate::config::Limits;
 use crate::index::{Index, NewExperiment};
 use crate::model::{
@@ -16,26 +18,48 @@ use super::status::ApiError;
 
 type Entries = Vec<(String, serde_json::Value)>;
 
-fn required(field: &str, value: &str) -> Result<(), ApiError> {
+// Field paths are `impl Display` and become strings only in an error: callers pass
+// `format_args!`, so a valid request allocates nothing for them, however many
+// blocks, keys, string values or events it holds.
+
+fn required(field: impl Display, value: &str) -> Result<(), ApiError> {
     if value.is_empty() {
-        return Err(ApiError::invalid(field, "required"));
+        return Err(ApiError::invalid(field.to_string(), "required"));
     }
     Ok(())
 }
 
-fn bounded(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+fn bounded(field: impl Display, value: &str, max: usize) -> Result<(), ApiError> {
     if value.len() > max {
         return Err(ApiError::invalid(
-            field,
+            field.to_string(),
             format!("{} bytes, at most {max} allowed", value.len()),
         ));
     }
     Ok(())
 }
 
-fn name(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+fn name(field: impl Display + Copy, value: &str, max: usize) -> Result<(), ApiError> {
     required(field, value)?;
     bounded(field, value, max)
+}
+
+/// The length of `value` as JSON text, without building the text.
+fn json_len(value: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing a Value into a sink that cannot fail does not fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 /// The namespace to use: empty means [`DEFAULT_NAMESPACE`].
@@ -57,7 +81,7 @@ pub fn namespace(field: &str, ns: String, limits: &Limits) -> Result<String, Api
 
 /// A metadata map as JSON entries, within the size limits.
 pub fn metadata(
-    field: &str,
+    field: impl Display + Copy,
     md: Option<proto::Metadata>,
     limits: &Limits,
 ) -> Result<Entries, ApiError> {
@@ -65,15 +89,14 @@ pub fn metadata(
     let mut entries = Vec::with_capacity(md.metadata.len());
     let mut size = 0;
     for (key, value) in md.metadata {
-        let sub = format!("{field}.{key}");
-        name(&format!("{field} key"), &key, limits.max_key_bytes)?;
-        let json = value_to_json(&sub, value)?;
-        size += key.len() + json.to_string().len();
+        name(format_args!("{field} key"), &key, limits.max_key_bytes)?;
+        let json = value_to_json(&format_args!("{field}.{key}"), value)?;
+        size += key.len() + json_len(&json);
         entries.push((key, json));
     }
     if size > limits.max_metadata_bytes {
         return Err(ApiError::invalid(
-            field,
+            field.to_string(),
             format!(
                 "{size} bytes of metadata, at most {} allowed",
                 limits.max_metadata_bytes
@@ -86,7 +109,7 @@ pub fn metadata(
 
 /// JSON text of a metadata map (an object), for event rows.
 pub fn metadata_json(
-    field: &str,
+    field: impl Display + Copy,
     md: Option<proto::Metadata>,
     limits: &Limits,
 ) -> Result<String, ApiError> {
@@ -124,11 +147,15 @@ pub fn create_experiment(
 }
 
 /// The experiment `id` names, or NOT_FOUND.
-pub fn experiment(field: &str, id: &str, index: &Index) -> Result<ExperimentRef, ApiError> {
+pub fn experiment(
+    field: impl Display + Copy,
+    id: &str,
+    index: &Index,
+) -> Result<ExperimentRef, ApiError> {
     required(field, id)?;
     index
         .experiment_ref(id)
-        .ok_or_else(|| ApiError::experiment_not_found(field, id))
+        .ok_or_else(|| ApiError::experiment_not_found(&field.to_string(), id))
 }
 
 pub fn log_metrics(
@@ -164,7 +191,7 @@ pub fn log_metrics(
         .blocks
         .into_iter()
         .enumerate()
-        .map(|(i, b)| block(&format!("blocks[{i}]"), b, index, limits))
+        .map(|(i, b)| block(format_args!("blocks[{i}]"), b, index, limits))
         .collect::<Result<_, _>>()?;
     Ok(MetricsBatch::from_validated(blocks, now))
 }
@@ -228,12 +255,12 @@ fn single_point(
 
 /// Validates one columnar block (also used to re-check blocks replayed from the WAL).
 pub fn block(
-    field: &str,
+    field: impl Display + Copy,
     b: proto::MetricsBlock,
     index: &Index,
     limits: &Limits,
 ) -> Result<MetricBlock, ApiError> {
-    let experiment = experiment(&format!("{field}.parent_id"), &b.parent_id, index)?;
+    let experiment = experiment(format_args!("{field}.parent_id"), &b.parent_id, index)?;
     let n = b.steps.len();
     if n == 0 {
         return Err(ApiError::invalid(
@@ -254,7 +281,7 @@ pub fn block(
         }
     }
     for (i, key) in b.keys.iter().enumerate() {
-        name(&format!("{field}.keys[{i}]"), key, limits.max_key_bytes)?;
+        name(format_args!("{field}.keys[{i}]"), key, limits.max_key_bytes)?;
     }
     let max_index = b.key_index.iter().copied().max().unwrap_or(0);
     if max_index as usize >= b.keys.len() {
@@ -290,7 +317,7 @@ pub fn block(
     }
     for (i, s) in b.string_values.iter().enumerate() {
         bounded(
-            &format!("{field}.string_values[{i}]"),
+            format_args!("{field}.string_values[{i}]"),
             s,
             limits.max_value_bytes,
         )?;
@@ -378,41 +405,37 @@ pub fn log_event(
             ),
         ));
     }
-    let single = req.event.map(|e| ("event".to_owned(), e));
-    let batch = req
-        .events
-        .into_iter()
-        .enumerate()
-        .map(|(i, e)| (format!("events[{i}]"), e));
-    let events = single
-        .into_iter()
-        .chain(batch)
-        .map(|(field, e)| event(&field, e, limits, now))
-        .collect::<Result<_, _>>()?;
+    let mut events = Vec::with_capacity(count);
+    if let Some(e) = req.event {
+        events.push(event("event", e, limits, now)?);
+    }
+    for (i, e) in req.events.into_iter().enumerate() {
+        events.push(event(format_args!("events[{i}]"), e, limits, now)?);
+    }
     Ok(EventsBatch::from_validated(experiment, events, now))
 }
 
 fn event(
-    field: &str,
+    field: impl Display + Copy,
     e: proto::Event,
     limits: &Limits,
     now: Micros,
 ) -> Result<EventRecord, ApiError> {
-    name(&format!("{field}.name"), &e.name, limits.max_key_bytes)?;
+    name(format_args!("{field}.name"), &e.name, limits.max_key_bytes)?;
     let source = e.source.map(|s| s.name).unwrap_or_default();
     bounded(
-        &format!("{field}.source.name"),
+        format_args!("{field}.source.name"),
         &source,
         limits.max_key_bytes,
     )?;
     let wallclock = match &e.wallclock_time {
-        Some(ts) => micros(&format!("{field}.wallclock_time"), ts)?,
+        Some(ts) => micros(format_args!("{field}.wallclock_time"), ts)?,
         None => now,
     };
     Ok(EventRecord {
         name: e.name,
         source,
         wallclock,
-        metadata_json: metadata_json(&format!("{field}.metadata"), e.metadata, limits)?,
+        metadata_json: metadata_json(format_args!("{field}.metadata"), e.metadata, limits)?,
     })
 }

@@ -179,6 +179,35 @@ pub enum Command {
     Shutdown,
 }
 
+/// A validated batch on its way to the writers.
+#[derive(Debug)]
+pub enum Batch {
+    Metrics(MetricsBatch),
+    Events(EventsBatch),
+}
+
+impl Batch {
+    fn approx_bytes(&self) -> usize {
+        match self {
+            Batch::Metrics(b) => b.approx_bytes(),
+            Batch::Events(b) => b.approx_bytes(),
+        }
+    }
+
+    /// The WAL record: its kind, payload, and the pieces the writers release it by
+    /// (one per metrics block; an events batch goes to one writer whole).
+    fn wal_record(&self) -> (RecordKind, Vec<u8>, u32) {
+        match self {
+            Batch::Metrics(b) => (
+                RecordKind::Metrics,
+                record::encode_metrics(b),
+                b.blocks().len() as u32,
+            ),
+            Batch::Events(b) => (RecordKind::Events, record::encode_events(b), 1),
+        }
+    }
+}
+
 /// The API's handle on the write path. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Ingest {
@@ -246,16 +275,13 @@ impl Ingest {
         (hash % self.shards.len() as u64) as usize
     }
 
-    /// Submits a metrics batch; returns the number of points once they are accepted
-    /// under the durability mode. A batch is accepted whole or not at all.
+    /// Submits a batch; returns the number of points or events once they are
+    /// accepted under the durability mode. A batch is accepted whole or not at all.
     ///
     /// Once room is reserved, the WAL append and the hand-off to the writer run as
     /// their own task: a client that gives up mid-way (a deadline, a dropped
     /// connection) cannot leave a durable record that never reaches a writer.
-    pub async fn submit_metrics(
-        self: &Arc<Self>,
-        batch: MetricsBatch,
-    ) -> Result<usize, IngestError> {
+    pub async fn submit(self: &Arc<Self>, batch: Batch) -> Result<usize, IngestError> {
         self.refuse_if_closed()?;
         self.wait_for_spool().await?;
         let reservation = self.reserve(batch.approx_bytes(), self.when_full).await?;
@@ -263,13 +289,12 @@ impl Ingest {
         let accepted = tokio::spawn(async move {
             let seq = match &this.wal {
                 Some(wal) => {
-                    let blocks = batch.blocks().len() as u32;
-                    let payload = record::encode_metrics(&batch);
-                    Some(wal.append(RecordKind::Metrics, payload, blocks).await?)
+                    let (kind, payload, pieces) = batch.wal_record();
+                    Some(wal.append(kind, payload, pieces).await?)
                 }
                 None => None,
             };
-            this.dispatch_metrics(batch, reservation, seq).await
+            this.dispatch(batch, reservation, seq).await
         });
         accepted
             .await
@@ -277,16 +302,25 @@ impl Ingest {
     }
 
     /// Re-submits a batch read back from the WAL at start-up (already durable; its
-    /// record is held in the WAL tracker for each of its blocks). Waits for room.
-    pub async fn submit_replayed_metrics(
-        &self,
-        batch: MetricsBatch,
-        seq: Seq,
-    ) -> Result<usize, IngestError> {
+    /// record is held in the WAL tracker for each of its pieces). Waits for room,
+    /// however long: it was acknowledged before the restart.
+    pub async fn submit_replayed(&self, batch: Batch, seq: Seq) -> Result<usize, IngestError> {
         let reservation = self
             .reserve(batch.approx_bytes(), WhenFull::Wait(Duration::MAX))
             .await?;
-        self.dispatch_metrics(batch, reservation, Some(seq)).await
+        self.dispatch(batch, reservation, Some(seq)).await
+    }
+
+    async fn dispatch(
+        &self,
+        batch: Batch,
+        reservation: Reservation,
+        seq: Option<Seq>,
+    ) -> Result<usize, IngestError> {
+        match batch {
+            Batch::Metrics(batch) => self.dispatch_metrics(batch, reservation, seq).await,
+            Batch::Events(batch) => self.dispatch_events(batch, reservation, seq).await,
+        }
     }
 
     /// Hands a reserved (and, with a WAL, durable) batch to its writers.
@@ -324,40 +358,6 @@ impl Ingest {
                 .await?;
         }
         Ok(points)
-    }
-
-    /// Submits an events batch; returns the number of events accepted.
-    /// (Appended and handed off in a task of its own, as [`Self::submit_metrics`].)
-    pub async fn submit_events(self: &Arc<Self>, batch: EventsBatch) -> Result<usize, IngestError> {
-        self.refuse_if_closed()?;
-        self.wait_for_spool().await?;
-        let reservation = self.reserve(batch.approx_bytes(), self.when_full).await?;
-        let this = Arc::clone(self);
-        let accepted = tokio::spawn(async move {
-            let seq = match &this.wal {
-                Some(wal) => Some(
-                    wal.append(RecordKind::Events, record::encode_events(&batch), 1)
-                        .await?,
-                ),
-                None => None,
-            };
-            this.dispatch_events(batch, reservation, seq).await
-        });
-        accepted
-            .await
-            .map_err(|e| IngestError::Task(e.to_string()))?
-    }
-
-    /// Re-submits an events batch read back from the WAL at start-up.
-    pub async fn submit_replayed_events(
-        &self,
-        batch: EventsBatch,
-        seq: Seq,
-    ) -> Result<usize, IngestError> {
-        let reservation = self
-            .reserve(batch.approx_bytes(), WhenFull::Wait(Duration::MAX))
-            .await?;
-        self.dispatch_events(batch, reservation, Some(seq)).await
     }
 
     async fn dispatch_events(
