@@ -7,6 +7,7 @@ termination grace period and the memory bound."""
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 
@@ -20,8 +21,8 @@ OVERLAYS = ["standalone", "sidecar", "s3", "servicemonitor"]
 # Native sidecars (init containers with restartPolicy: Always) are on by default
 # from Kubernetes 1.29.
 K8S_VERSION = "1.30.0"
-# deploy/Dockerfile's USER.
-IMAGE_UID = 10001
+# The user the image runs as: deploy/Dockerfile's USER.
+IMAGE_UID = int(re.search(r"^USER (\d+)$", (ROOT / "deploy/Dockerfile").read_text(), re.M).group(1))
 
 
 def kubectl() -> str:
