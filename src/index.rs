@@ -19,7 +19,9 @@
 //! pieces and intent removal in one transaction. After a crash, an intent whose file
 //! exists is completed, and one whose file does not is dropped (its rows replay from
 //! the WAL). So every file on disk is in the manifest, and every WAL record's rows
-//! are published once.
+//! are published once. That needs WAL sequence numbers that are never reused while
+//! a piece names them: the log is opened numbering from at least
+//! [`Index::next_unreferenced_seq`], since it may hold no file to remember by.
 //!
 //! With an S3 root, "published" means finished in the spool: the manifest entry
 //! and a `spooled` entry are written together, the WAL records are released, and
@@ -441,6 +443,18 @@ impl Index {
         }
     }
 
+    /// One past the highest WAL sequence number a published piece names (1 if
+    /// none): the write-ahead log must number new records from at least here, or a
+    /// new record could be taken for a published one at replay.
+    pub fn next_unreferenced_seq(&self) -> Result<u64, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let table = read.open_table(PUBLISHED).map_err(storage)?;
+        Ok(match table.last().map_err(storage)? {
+            Some((key, _)) => key.value().0 + 1,
+            None => 1,
+        })
+    }
+
     /// Forgets published pieces of WAL records below `seq`.
     pub fn forget_published_below(&self, seq: u64) -> Result<(), IndexError> {
         let txn = self.db.begin_write().map_err(storage)?;
@@ -571,6 +585,7 @@ mod tests {
     fn interrupted_publications_complete_if_the_file_exists_else_drop() {
         let dir = tempfile::tempdir().unwrap();
         let index = Index::open(&dir.path().join("i.redb")).unwrap();
+        assert_eq!(index.next_unreferenced_seq().unwrap(), 1);
         index
             .begin_publish(&intent(
                 "metrics/namespace=a/date=2026-01-01/landed.parquet",
@@ -656,6 +671,8 @@ mod tests {
             index.commit_publish(&intent, 0, true).unwrap();
         }
         let index = Index::open(&path).unwrap();
+        // Pieces name WAL records 5 and 6: new records must be numbered from 7.
+        assert_eq!(index.next_unreferenced_seq().unwrap(), 7);
         let spooled = index.spooled().unwrap();
         assert_eq!(spooled.len(), 1);
         assert_eq!(spooled[0].1, 10);

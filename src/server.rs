@@ -199,6 +199,7 @@ pub async fn run(
     };
     let (wal, replayed) = Wal::open(WalConfig {
         dir: config.data_dir.join("wal"),
+        min_next_seq: index.next_unreferenced_seq()?,
         segment_bytes: config.wal_segment_bytes,
         sync: match config.durability {
             Durability::WalWrite => SyncMode::Write,

@@ -151,6 +151,11 @@ pub struct WalConfig {
     pub dir: PathBuf,
     pub segment_bytes: u64,
     pub sync: SyncMode,
+    /// The lowest sequence number new records may take. The log may hold no file
+    /// at all (every segment published and deleted), so it cannot always know the
+    /// numbers it used before; the caller passes one past any number still
+    /// referenced elsewhere (the index's published pieces), so none is reused.
+    pub min_next_seq: Seq,
     /// Counts appended records.
     pub appends: prometheus_client::metrics::counter::Counter,
     /// Times each group commit's fdatasync.
@@ -210,7 +215,10 @@ impl Wal {
         let tracker = Arc::new(Tracker::default());
         let mut replayed = Vec::new();
         let mut segments = VecDeque::new();
-        let mut next: Seq = names.first().map_or(1, |(first, _)| *first);
+        let mut next: Seq = names
+            .first()
+            .map_or(1, |(first, _)| *first)
+            .max(config.min_next_seq);
         let last = names.len().saturating_sub(1);
         for (i, (first, path)) in names.into_iter().enumerate() {
             let bytes = std::fs::read(&path).map_err(io_err("reading", &path))?;
@@ -610,6 +618,7 @@ mod tests {
     fn config(dir: &Path) -> WalConfig {
         WalConfig {
             dir: dir.to_owned(),
+            min_next_seq: 1,
             segment_bytes: 1 << 20,
             sync: SyncMode::Fsync,
             appends: Default::default(),

@@ -213,3 +213,59 @@ async fn a_full_data_folder_gets_a_clear_error_and_recovers_when_space_returns()
     assert_eq!(steps.len() as u64, acked.len() as u64 * BATCH);
     drop(fs);
 }
+
+fn wal_segments(data: &Path) -> usize {
+    std::fs::read_dir(data.join("wal"))
+        .map(|d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "wal"))
+            })
+            .count()
+        })
+        .unwrap_or(0)
+}
+
+/// WAL sequence numbers are never reused. Once every record a restart replayed is
+/// published, their segments are deleted and the log can be left with no file at
+/// all, while the index still records which (record, partition, experiment) pieces
+/// were published. If the next run numbered its records from 1 again, a record
+/// acked then and replayed after a crash would be taken for one already published,
+/// and skipped: an acknowledged batch lost.
+#[tokio::test]
+async fn a_record_acked_after_the_log_emptied_survives_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Run 1: two batches acked, not published; SIGKILL.
+    six_records_then_kill(&data).await;
+    // Run 2: replays and publishes them, deletes their segments, appends nothing.
+    let proc = Process::start(&data, &["--roll-max-age-ms", "50"]).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while wal_segments(&data) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "segments never deleted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    proc.kill().await;
+    assert_eq!(batches_on_disk(&data), [0, 1, 2, 3, 4, 5]);
+    // Run 3: more batches acked, not published; SIGKILL.
+    let proc = Process::start(&data, &["--roll-max-age-ms", "600000"]).await;
+    let mut c = proc.client().await;
+    let id = experiment(&mut c).await;
+    c.log_metrics(proto::LogMetricsRequest {
+        blocks: vec![numeric_block(&id, &["loss"], BATCH as usize, 100_000)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    proc.kill().await;
+    // Run 4 replays it.
+    let proc = Process::start(&data, &[]).await;
+    assert!(proc.terminate().await);
+    let steps = steps_on_disk(&data);
+    for s in 100_000..100_000 + BATCH {
+        assert_eq!(steps.get(&s), Some(&1), "acknowledged step {s}");
+    }
+}
