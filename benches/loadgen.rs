@@ -277,6 +277,7 @@ async fn run_client(
                     value: Some(proto::metrics_value::Value::FVal(0.5)),
                 }),
                 blocks: Vec::new(),
+                ..Default::default()
             },
         };
         let t = Instant::now();

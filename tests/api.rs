@@ -97,6 +97,7 @@ async fn create_experiment_is_idempotent_with_a_pinned_stable_id() {
     let listed = c
         .list_experiments(proto::ListExperimentsRequest {
             namespace: "cv".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -182,6 +183,7 @@ fn single(parent: &str, key: &str, step: u64, value: V) -> proto::LogMetricsRequ
             value: Some(value),
         }),
         blocks: Vec::new(),
+        ..Default::default()
     }
 }
 
@@ -189,6 +191,7 @@ async fn get_metrics(c: &mut Client, id: &str, full_precision: bool) -> Vec<prot
     c.get_metrics(proto::GetMetricsRequest {
         parent_id: id.into(),
         full_precision,
+        ..Default::default()
     })
     .await
     .unwrap()
@@ -397,6 +400,7 @@ async fn events_with_nested_metadata_round_trip_and_filter_by_since() {
                 nested.clone(),
             )),
             events: Vec::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -416,6 +420,7 @@ async fn events_with_nested_metadata_round_trip_and_filter_by_since() {
                 ),
                 event("eval", "evaluator", 11_000, metadata(vec![])),
             ],
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -25,6 +25,7 @@ fn point(parent: &str, key: &str, value: Option<V>) -> proto::LogMetricsRequest 
             value,
         }),
         blocks: Vec::new(),
+        ..Default::default()
     }
 }
 
@@ -153,6 +154,7 @@ async fn every_bad_input_gets_its_status_and_names_the_field() {
         "list bad ns",
         c.list_experiments(proto::ListExperimentsRequest {
             namespace: "a b".into(),
+            ..Default::default()
         })
         .await,
         Code::InvalidArgument,
@@ -364,6 +366,7 @@ async fn every_bad_input_gets_its_status_and_names_the_field() {
         parent_id: parent.into(),
         event,
         events: Vec::new(),
+        ..Default::default()
     };
     let bad_ts = Timestamp {
         seconds: 1,
@@ -421,6 +424,7 @@ async fn every_bad_input_gets_its_status_and_names_the_field() {
                         }),
                     ),
                 ],
+                ..Default::default()
             },
             Code::InvalidArgument,
             "events[1].wallclock_time",
@@ -481,6 +485,7 @@ async fn every_bad_input_gets_its_status_and_names_the_field() {
     let listed = c
         .list_experiments(proto::ListExperimentsRequest {
             namespace: "cv".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -552,6 +557,7 @@ async fn invalid_utf8_and_oversized_messages() {
         .get_metrics(proto::GetMetricsRequest {
             parent_id: id,
             full_precision: false,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -102,6 +102,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing_acknowledged() {
         .get_metrics(proto::GetMetricsRequest {
             parent_id: id,
             full_precision: true,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -152,6 +152,7 @@ async fn connections_beyond_the_limit_wait_until_one_closes() {
     let list = |mut c: Client| async move {
         c.list_experiments(proto::ListExperimentsRequest {
             namespace: "x".into(),
+            ..Default::default()
         })
         .await
     };

@@ -242,6 +242,7 @@ async fn publishes_partitioned_sorted_files_that_read_back(backend: Backend) {
         parent_id: a.clone(),
         event: None,
         events,
+        ..Default::default()
     })
     .await
     .unwrap();

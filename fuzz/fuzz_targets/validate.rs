@@ -115,6 +115,7 @@ fuzz_target!(|input: Input| {
                     metadata,
                 }),
                 events: Vec::new(),
+                ..Default::default()
             };
             if let Ok(batch) = validate::log_event(req, &f.index, &limits, 0) {
                 let r = record::decode_events(&record::encode_events(&batch)).expect("own events record decodes");

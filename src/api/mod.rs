@@ -101,6 +101,7 @@ fn experiment_proto(r: ExperimentRecord) -> proto::Experiment {
         external_id: r.external_id,
         created_at: Some(timestamp(r.created_at)),
         updated_at: Some(timestamp(r.updated_at)),
+        ..Default::default()
     }
 }
 
@@ -160,6 +161,7 @@ impl ModelStore for ModelStoreService {
         let records = blocking(move || Ok(index.list_experiments(&ns)?)).await?;
         Ok(Response::new(proto::ListExperimentsResponse {
             experiments: records.into_iter().map(experiment_proto).collect(),
+            ..Default::default()
         }))
     }
 
@@ -213,6 +215,7 @@ impl ModelStore for ModelStoreService {
         )?;
         Ok(Response::new(proto::LogMetricsResponse {
             points_accepted: points as u64,
+            ..Default::default()
         }))
     }
 
@@ -257,10 +260,17 @@ impl ModelStore for ModelStoreService {
                         }),
                     })
                     .collect();
-                proto::Metrics { key, values }
+                proto::Metrics {
+                    key,
+                    values,
+                    ..Default::default()
+                }
             })
             .collect();
-        Ok(Response::new(proto::GetMetricsResponse { metrics }))
+        Ok(Response::new(proto::GetMetricsResponse {
+            metrics,
+            ..Default::default()
+        }))
     }
 
     async fn log_event(
@@ -281,6 +291,7 @@ impl ModelStore for ModelStoreService {
         Ok(Response::new(proto::LogEventResponse {
             created_at: Some(timestamp(now)),
             events_accepted: events as u64,
+            ..Default::default()
         }))
     }
 

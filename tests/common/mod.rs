@@ -346,6 +346,7 @@ pub async fn metrics_of(c: &mut Client, id: &str) -> Vec<proto::Metrics> {
     c.get_metrics(proto::GetMetricsRequest {
         parent_id: id.to_owned(),
         full_precision: true,
+        ..Default::default()
     })
     .await
     .expect("GetMetrics")
