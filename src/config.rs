@@ -103,17 +103,19 @@ impl Default for Limits {
     }
 }
 
-/// When a partition's buffer becomes a Parquet file.
+/// How a partition's rows become row groups and files.
 #[derive(Debug, Clone)]
 pub struct RollPolicy {
-    /// Roll when a partition holds this many rows.
+    /// Publish a partition's file once it holds this many rows.
     pub max_rows: usize,
-    /// Roll when a partition's buffer holds about this many bytes.
+    /// Publish a partition's file once it is this large (encoded bytes).
     pub max_bytes: usize,
-    /// Roll when a partition's oldest row is this old.
+    /// Publish a partition's file once its oldest row is this old.
     pub max_age: Duration,
-    /// Rows per Parquet row group.
+    /// Rows a partition buffers before encoding them as a row group.
     pub row_group_rows: usize,
+    /// Bytes a partition buffers before encoding them as a row group.
+    pub row_group_bytes: usize,
     /// zstd level for Parquet pages.
     pub zstd_level: i32,
 }
@@ -124,8 +126,78 @@ impl Default for RollPolicy {
             max_rows: 4_000_000,
             max_bytes: 128 << 20,
             max_age: Duration::from_secs(5),
-            row_group_rows: 256 * 1024,
+            row_group_rows: 128 * 1024,
+            row_group_bytes: 16 << 20,
             zstd_level: 1,
+        }
+    }
+}
+
+/// Background compaction and retention ([`crate::compact`]).
+#[derive(Debug, Clone)]
+pub struct Compaction {
+    pub enabled: bool,
+    /// Time between passes.
+    pub interval: Duration,
+    /// Compacted files grow to about this size.
+    pub target_file_bytes: u64,
+    /// Files of about the same size merged at once in a partition still being
+    /// written (closed partitions are merged whole).
+    pub min_files: usize,
+    /// Rows per row group of a compacted file; row groups follow experiment
+    /// boundaries, so small experiments share one and large ones span several.
+    pub row_group_rows: usize,
+    /// Partitions older than this many days are deleted (0: kept forever).
+    pub retention_days: u32,
+    /// Per-namespace retention, overriding `retention_days`.
+    pub retention_by_namespace: std::collections::BTreeMap<String, u32>,
+}
+
+impl Default for Compaction {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(60),
+            target_file_bytes: 256 << 20,
+            min_files: 8,
+            row_group_rows: 1 << 20,
+            retention_days: 0,
+            retention_by_namespace: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl Compaction {
+    /// The retention of a namespace, in days (0: forever).
+    pub fn retention_days_of(&self, namespace: &str) -> u32 {
+        self.retention_by_namespace
+            .get(namespace)
+            .copied()
+            .unwrap_or(self.retention_days)
+    }
+}
+
+/// The read path's limits.
+#[derive(Debug, Clone)]
+pub struct Reads {
+    /// Series reads served at once; more wait.
+    pub max_concurrent: usize,
+    /// Points one read gathers at once (a longer single series is read whole).
+    pub read_points: usize,
+    /// A GetMetrics page that asks for no size is cut at about this many bytes, so
+    /// it fits a standard 4 MiB client limit.
+    pub default_page_bytes: usize,
+    /// The largest page a client may ask for.
+    pub max_page_bytes: usize,
+}
+
+impl Default for Reads {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 4,
+            read_points: 1 << 20,
+            default_page_bytes: 3 << 20,
+            max_page_bytes: 64 << 20,
         }
     }
 }
@@ -283,12 +355,14 @@ pub struct Config {
     pub wal_segment_bytes: u64,
     /// Upper bound on bytes held in queues and writer buffers.
     pub max_buffered_bytes: usize,
-    /// Capacity, in batches, of each writer's queue.
-    pub queue_batches: usize,
     /// Policy when the budget or a queue is full.
     pub when_full: WhenFull,
-    /// Number of writer threads (experiments are sharded across them).
+    /// Writer threads (batches go to them in turn); 0: one per available core.
     pub writer_threads: usize,
+    /// How long client batch ids are remembered to recognise retries.
+    pub batch_id_window: Duration,
+    /// Most client batch ids remembered at once.
+    pub batch_ids_max: usize,
     /// Requests being received or served at once, across all connections; more wait
     /// unread. Bounds the memory of request bodies to this times max_message_bytes.
     pub max_concurrent_requests: usize,
@@ -312,6 +386,10 @@ pub struct Config {
     pub log_summary_interval: Duration,
     /// Where Parquet files are published.
     pub storage: Storage,
+    /// Compaction and retention.
+    pub compaction: Compaction,
+    /// The read path's limits.
+    pub reads: Reads,
 }
 
 /// Log output format.
@@ -333,9 +411,10 @@ impl Default for Config {
             durability: Durability::WalFsync,
             wal_segment_bytes: 64 << 20,
             max_buffered_bytes: 1 << 30,
-            queue_batches: 1024,
             when_full: WhenFull::Wait(Duration::from_millis(500)),
-            writer_threads: 1,
+            writer_threads: 0,
+            batch_id_window: Duration::from_secs(600),
+            batch_ids_max: 200_000,
             max_concurrent_requests: 64,
             max_connections: 256,
             roll: RollPolicy::default(),
@@ -346,11 +425,21 @@ impl Default for Config {
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9185))),
             log_summary_interval: Duration::from_secs(60),
             storage: Storage::default(),
+            compaction: Compaction::default(),
+            reads: Reads::default(),
         }
     }
 }
 
 impl Config {
+    /// Writer threads to run: as configured, or one per available core.
+    pub fn writer_threads(&self) -> usize {
+        match self.writer_threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
+    }
+
     /// A configuration for tests: everything under `data_dir`, a loopback port chosen
     /// by the caller's listener, and quick rolls.
     pub fn test_config(data_dir: impl Into<PathBuf>) -> Self {
@@ -414,8 +503,25 @@ impl Config {
                 reason: reason.to_owned(),
             })
         };
-        if self.writer_threads == 0 {
-            return invalid("ingest.writer_threads", "must be at least 1");
+        if self.batch_ids_max == 0 {
+            return invalid("ingest.batch_ids_max", "must be at least 1");
+        }
+        if self.compaction.min_files < 2 {
+            return invalid("compaction.min_files", "must be at least 2");
+        }
+        if self.compaction.row_group_rows == 0 || self.compaction.target_file_bytes == 0 {
+            return invalid("compaction.row_group_rows", "sizes must be at least 1");
+        }
+        if self.reads.max_concurrent == 0 || self.reads.read_points == 0 {
+            return invalid("reads.max_concurrent", "must be at least 1");
+        }
+        if self.reads.default_page_bytes == 0
+            || self.reads.default_page_bytes > self.reads.max_page_bytes
+        {
+            return invalid(
+                "reads.default_page_bytes",
+                "must be at least 1 and at most reads.max_page_bytes",
+            );
         }
         if self.wal_segment_bytes < 1 << 20 {
             return invalid("wal.segment_bytes", "must be at least 1 MiB");
@@ -425,9 +531,6 @@ impl Config {
         }
         if self.max_concurrent_requests == 0 {
             return invalid("ingest.max_concurrent_requests", "must be at least 1");
-        }
-        if self.queue_batches == 0 {
-            return invalid("ingest.queue_batches", "must be at least 1");
         }
         if self.roll.max_rows == 0 || self.roll.row_group_rows == 0 {
             return invalid("writer.max_rows", "row counts must be at least 1");
@@ -474,6 +577,10 @@ pub struct FileConfig {
     log: LogSection,
     #[serde(default)]
     storage: StorageSection,
+    #[serde(default)]
+    compaction: CompactionSection,
+    #[serde(default)]
+    reads: ReadsSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -492,11 +599,12 @@ struct ServerSection {
 struct IngestSection {
     durability: Option<Durability>,
     max_buffered_bytes: Option<usize>,
-    queue_batches: Option<usize>,
     when_full: Option<WhenFullName>,
     full_wait_ms: Option<u64>,
     writer_threads: Option<usize>,
     max_concurrent_requests: Option<usize>,
+    batch_id_window_s: Option<u64>,
+    batch_ids_max: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -513,7 +621,30 @@ struct WriterSection {
     max_bytes: Option<usize>,
     max_age_ms: Option<u64>,
     row_group_rows: Option<usize>,
+    row_group_bytes: Option<usize>,
     zstd_level: Option<i32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompactionSection {
+    enabled: Option<bool>,
+    interval_s: Option<u64>,
+    target_file_bytes: Option<u64>,
+    min_files: Option<usize>,
+    row_group_rows: Option<usize>,
+    retention_days: Option<u32>,
+    #[serde(default)]
+    retention_days_by_namespace: std::collections::BTreeMap<String, u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadsSection {
+    max_concurrent: Option<usize>,
+    read_points: Option<usize>,
+    default_page_bytes: Option<usize>,
+    max_page_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -603,8 +734,12 @@ impl FileConfig {
         set(&mut c.max_connections, self.server.max_connections);
         set(&mut c.durability, self.ingest.durability);
         set(&mut c.max_buffered_bytes, self.ingest.max_buffered_bytes);
-        set(&mut c.queue_batches, self.ingest.queue_batches);
         set(&mut c.writer_threads, self.ingest.writer_threads);
+        set(
+            &mut c.batch_id_window,
+            self.ingest.batch_id_window_s.map(Duration::from_secs),
+        );
+        set(&mut c.batch_ids_max, self.ingest.batch_ids_max);
         set(
             &mut c.max_concurrent_requests,
             self.ingest.max_concurrent_requests,
@@ -623,6 +758,25 @@ impl FileConfig {
         set(&mut c.roll.max_bytes, w.max_bytes);
         set(&mut c.roll.max_age, w.max_age_ms.map(Duration::from_millis));
         set(&mut c.roll.row_group_rows, w.row_group_rows);
+        set(&mut c.roll.row_group_bytes, w.row_group_bytes);
+        let cp = self.compaction;
+        set(&mut c.compaction.enabled, cp.enabled);
+        set(
+            &mut c.compaction.interval,
+            cp.interval_s.map(Duration::from_secs),
+        );
+        set(&mut c.compaction.target_file_bytes, cp.target_file_bytes);
+        set(&mut c.compaction.min_files, cp.min_files);
+        set(&mut c.compaction.row_group_rows, cp.row_group_rows);
+        set(&mut c.compaction.retention_days, cp.retention_days);
+        for (ns, days) in cp.retention_days_by_namespace {
+            c.compaction.retention_by_namespace.insert(ns, days);
+        }
+        let r = self.reads;
+        set(&mut c.reads.max_concurrent, r.max_concurrent);
+        set(&mut c.reads.read_points, r.read_points);
+        set(&mut c.reads.default_page_bytes, r.default_page_bytes);
+        set(&mut c.reads.max_page_bytes, r.max_page_bytes);
         set(&mut c.roll.zstd_level, w.zstd_level);
         let l = self.limits;
         set(&mut c.limits.max_message_bytes, l.max_message_bytes);
@@ -758,14 +912,22 @@ mod tests {
         assert_eq!(c.when_full, WhenFull::Reject);
         assert_eq!(c.writer_threads, 3);
 
-        let file: FileConfig = toml::from_str("[ingest]\nwriter_threads = 0\n").unwrap();
+        let file: FileConfig = toml::from_str("[compaction]\nmin_files = 1\n").unwrap();
         let err = file.apply(&mut Config::default()).unwrap_err();
         assert!(matches!(
             err,
             ConfigError::Invalid {
-                key: "ingest.writer_threads",
+                key: "compaction.min_files",
                 ..
             }
         ));
+        let file: FileConfig = toml::from_str(
+            "[compaction]\nretention_days = 30\n[compaction.retention_days_by_namespace]\nscratch = 2\n",
+        )
+        .unwrap();
+        let mut c = Config::default();
+        file.apply(&mut c).unwrap();
+        assert_eq!(c.compaction.retention_days_of("scratch"), 2);
+        assert_eq!(c.compaction.retention_days_of("cv"), 30);
     }
 }

@@ -15,6 +15,10 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 /// Microseconds since the Unix epoch, UTC.
 pub type Micros = i64;
 
+/// The largest step or wallclock a metric point may carry: both are int64 in
+/// storage (Spark, Delta Lake and Iceberg have no unsigned 64-bit type).
+pub const MAX_STEP: u64 = i64::MAX as u64;
+
 /// The current time in microseconds since the Unix epoch.
 pub fn now_micros() -> Micros {
     chrono::Utc::now().timestamp_micros()
@@ -167,6 +171,100 @@ impl MetricsBatch {
     }
 }
 
+/// When the rows of a chunk were ingested.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ingested {
+    /// Every row at once (a request).
+    At(Micros),
+    /// Row by row (rows read back from files by compaction).
+    PerRow(Vec<Micros>),
+}
+
+/// One block of metric points as it arrived, with its ingest time.
+#[derive(Debug)]
+pub struct MetricChunk {
+    pub block: MetricBlock,
+    pub ingested: Ingested,
+}
+
+impl MetricChunk {
+    pub fn new(block: MetricBlock, ingested_at: Micros) -> Self {
+        Self {
+            block,
+            ingested: Ingested::At(ingested_at),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.block.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.block.is_empty()
+    }
+
+    pub fn ingested_at(&self, row: usize) -> Micros {
+        match &self.ingested {
+            Ingested::At(at) => *at,
+            Ingested::PerRow(at) => at[row],
+        }
+    }
+
+    pub(crate) fn sparse<T>(column: &SparseColumn<T>, row: u32) -> Option<&T> {
+        if column.rows.is_empty() {
+            return None;
+        }
+        column
+            .rows
+            .binary_search(&row)
+            .ok()
+            .map(|j| &column.values[j])
+    }
+
+    /// Whether the row holds a number (not a string or bytes value).
+    pub fn is_numeric(&self, row: usize) -> bool {
+        Self::sparse(&self.block.strings, row as u32).is_none()
+            && Self::sparse(&self.block.bytes, row as u32).is_none()
+    }
+
+    pub fn value(&self, row: usize) -> MetricValue {
+        if let Some(s) = Self::sparse(&self.block.strings, row as u32) {
+            return MetricValue::String(s.clone());
+        }
+        if let Some(b) = Self::sparse(&self.block.bytes, row as u32) {
+            return MetricValue::Bytes(b.clone());
+        }
+        MetricValue::Double(self.block.values[row])
+    }
+
+    /// The memory the chunk holds, for the byte budget.
+    pub fn approx_bytes(&self) -> usize {
+        self.block.approx_bytes()
+            + match &self.ingested {
+                Ingested::At(_) => 0,
+                Ingested::PerRow(v) => v.capacity() * 8,
+            }
+    }
+}
+
+/// Events of one experiment that arrived together.
+#[derive(Debug)]
+pub struct EventChunk {
+    pub experiment: Arc<str>,
+    pub experiment_namespace: Arc<str>,
+    pub events: Vec<EventRecord>,
+    pub ingested_at: Micros,
+}
+
+impl EventChunk {
+    pub fn approx_bytes(&self) -> usize {
+        self.events
+            .iter()
+            .map(|e| e.name.len() + e.source.len() + e.metadata_json.len() + 64)
+            .sum()
+    }
+}
+
 /// One event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventRecord {
@@ -235,10 +333,104 @@ pub enum MetricValue {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricPoint {
     pub key: String,
-    pub step: u64,
-    pub wallclock: u64,
+    pub step: i64,
+    pub wallclock: i64,
     pub value: MetricValue,
     pub ingested_at: Micros,
+}
+
+/// A numeric series in brief: its last value (by step; among equal steps the
+/// latest ingested), extremes and count. Summaries of disjoint sets of points merge
+/// into the summary of their union, in any order.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MetricSummary {
+    #[serde(with = "json_float")]
+    pub last: f64,
+    pub last_step: i64,
+    /// When the last point was ingested, breaking ties between equal steps.
+    pub last_at: Micros,
+    #[serde(with = "json_float")]
+    pub min: f64,
+    #[serde(with = "json_float")]
+    pub max: f64,
+    pub count: u64,
+}
+
+impl MetricSummary {
+    /// The summary of one point.
+    pub fn of(step: i64, value: f64, at: Micros) -> Self {
+        Self {
+            last: value,
+            last_step: step,
+            last_at: at,
+            // NaN takes no part in the extremes (f64::min/max ignore it).
+            min: if value.is_nan() { f64::INFINITY } else { value },
+            max: if value.is_nan() {
+                f64::NEG_INFINITY
+            } else {
+                value
+            },
+            count: 1,
+        }
+    }
+
+    /// Adds one point.
+    pub fn add(&mut self, step: i64, value: f64, at: Micros) {
+        self.merge(&Self::of(step, value, at));
+    }
+
+    /// Merges another summary into this one. Commutative and associative: the last
+    /// point is the one with the largest (step, ingest time, value).
+    pub fn merge(&mut self, other: &Self) {
+        self.count += other.count;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        let mine = (self.last_step, self.last_at);
+        let theirs = (other.last_step, other.last_at);
+        if theirs > mine || (theirs == mine && other.last.total_cmp(&self.last).is_gt()) {
+            self.last = other.last;
+            self.last_step = other.last_step;
+            self.last_at = other.last_at;
+        }
+    }
+}
+
+/// JSON has no NaN or infinities; store them as strings.
+mod json_float {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else if v.is_nan() {
+            s.serialize_str("NaN")
+        } else if *v > 0.0 {
+            s.serialize_str("Infinity")
+        } else {
+            s.serialize_str("-Infinity")
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Number(f64),
+        Text(String),
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        match Repr::deserialize(d)? {
+            Repr::Number(v) => Ok(v),
+            Repr::Text(t) => match t.as_str() {
+                "NaN" => Ok(f64::NAN),
+                "Infinity" => Ok(f64::INFINITY),
+                "-Infinity" => Ok(f64::NEG_INFINITY),
+                other => Err(serde::de::Error::custom(format!(
+                    "{other:?} is not a number"
+                ))),
+            },
+        }
+    }
 }
 
 /// One event read back.
@@ -270,6 +462,26 @@ mod tests {
         c.sort_by_row();
         assert_eq!(c.rows, [2, 5, 9]);
         assert_eq!(c.values, ["two", "five", "nine"]);
+    }
+
+    #[test]
+    fn summaries_merge_in_any_order() {
+        let points = [(3, 1.0, 10), (1, -2.0, 11), (3, 5.0, 12), (2, f64::NAN, 13)];
+        let mut forward = MetricSummary::of(points[0].0, points[0].1, points[0].2);
+        for &(s, v, at) in &points[1..] {
+            forward.add(s, v, at);
+        }
+        let mut backward = MetricSummary::of(points[3].0, points[3].1, points[3].2);
+        for &(s, v, at) in points[..3].iter().rev() {
+            backward.add(s, v, at);
+        }
+        assert_eq!(forward, backward);
+        // Step 3 twice: the later ingest (value 5) is last.
+        assert_eq!((forward.last, forward.last_step), (5.0, 3));
+        assert_eq!((forward.min, forward.max, forward.count), (-2.0, 5.0, 4));
+        let json = serde_json::to_string(&MetricSummary::of(1, f64::NAN, 0)).unwrap();
+        let back: MetricSummary = serde_json::from_str(&json).unwrap();
+        assert!(back.last.is_nan() && back.min == f64::INFINITY, "{json}");
     }
 
     #[test]

@@ -103,7 +103,10 @@ impl Replayer<'_> {
     }
 
     async fn metrics(&mut self, seq: Seq, payload: &[u8]) -> Result<(), Unusable> {
-        let (at, blocks) = record::decode_metrics(payload).map_err(|e| Unusable(e.to_string()))?;
+        let r = record::decode_metrics(payload).map_err(|e| Unusable(e.to_string()))?;
+        let (at, blocks) = (r.ingested_at, r.blocks);
+        let client_batch = client_batch(r.client_batch_id);
+        let points: u64 = blocks.iter().map(|b| b.steps.len() as u64).sum();
         let date = utc_date(at);
         let mut kept = Vec::new();
         for (i, b) in blocks.into_iter().enumerate() {
@@ -121,10 +124,21 @@ impl Replayer<'_> {
             }
         }
         self.report.replayed_blocks += kept.len();
+        if let Some(id) = &client_batch {
+            // Remembered whole, even if some of its blocks are published: a retry
+            // of the batch is a duplicate either way.
+            self.ingest
+                .recent_batches()
+                .remember(std::sync::Arc::clone(id), at, points);
+        }
         if !kept.is_empty() {
             self.tracker.hold(seq, kept.len() as u32);
             self.ingest
-                .submit_replayed(Batch::Metrics(MetricsBatch::from_validated(kept, at)), seq)
+                .submit_replayed(
+                    Batch::Metrics(MetricsBatch::from_validated(kept, at)),
+                    seq,
+                    client_batch,
+                )
                 .await
                 .map_err(RecoveryError::from)?;
         }
@@ -135,6 +149,14 @@ impl Replayer<'_> {
         let r = record::decode_events(payload).map_err(|e| Unusable(e.to_string()))?;
         let experiment = validate::experiment("parent_id", &r.parent_id, self.index)
             .map_err(|e| Unusable(e.to_string()))?;
+        let client_batch = client_batch(r.client_batch_id);
+        if let Some(id) = &client_batch {
+            self.ingest.recent_batches().remember(
+                std::sync::Arc::clone(id),
+                r.ingested_at,
+                r.events.len() as u64,
+            );
+        }
         let partition = PartitionKey {
             table: Table::Events,
             namespace: experiment.namespace.clone(),
@@ -155,9 +177,14 @@ impl Replayer<'_> {
                     r.ingested_at,
                 )),
                 seq,
+                client_batch,
             )
             .await
             .map_err(RecoveryError::from)?;
         Ok(())
     }
+}
+
+fn client_batch(id: String) -> Option<std::sync::Arc<str>> {
+    (!id.is_empty()).then(|| std::sync::Arc::from(id))
 }

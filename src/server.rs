@@ -17,9 +17,14 @@ use tonic_health::ServingStatus;
 use crate::api::ModelStoreService;
 use crate::config::{Config, Durability, StorageRoot};
 use crate::index::{Index, IndexError};
-use crate::ingest::{Ingest, MemoryBudget};
-use crate::paths::{ObjectKey, valid_daemon_id};
+use crate::ingest::dedup::RecentBatches;
+use crate::ingest::{Ingest, MemoryBudget, Policy};
+use crate::live::LiveView;
+use crate::model::now_micros;
+use crate::paths::valid_daemon_id;
+use crate::persist::Persister;
 use crate::proto::model_store_server::ModelStoreServer;
+use crate::query::Reader;
 use crate::recovery::{self, RecoveryError};
 use crate::sink::upload::{Uploader, s3_store};
 use crate::sink::{Files, LocalSink, Remote, SinkError};
@@ -62,6 +67,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("writers did not finish within the shutdown timeout")]
     ShutdownTimeout,
+    #[error("a start-up task failed: {0}")]
+    Task(String),
 }
 
 /// HTTP/2 flow-control windows (see [`run`]). A connection's window is also what a
@@ -139,22 +146,47 @@ pub async fn run(
     };
     let sink = LocalSink::open(&publish_root, &config.data_dir.join("_staging"))?;
 
-    // Recovery, before anything is served: finish interrupted publications, then
-    // read the WAL back (it is always opened, so records a previous run left are
-    // replayed even if durability has since been set to memory).
-    let (completed, dropped) = index.recover_intents(
-        |key| {
-            sink.path_of(&ObjectKey::from_manifest(key.to_owned()))
-                .exists()
+    let files = Files::new(
+        sink.clone(),
+        remote.as_ref().map(|store| Remote {
+            store: Arc::clone(store),
+            runtime: tokio::runtime::Handle::current(),
+        }),
+    );
+    let (wal, replayed) = Wal::open(WalConfig {
+        dir: config.data_dir.join("wal"),
+        min_next_seq: index.next_unreferenced_seq()?,
+        segment_bytes: config.wal_segment_bytes,
+        sync: match config.durability {
+            Durability::WalWrite => SyncMode::Write,
+            Durability::WalFsync | Durability::Memory => SyncMode::Fsync,
         },
-        remote.is_some(),
-    )?;
-    if completed + dropped > 0 {
-        tracing::warn!(
-            completed,
-            dropped,
-            "finished publications a crash interrupted"
-        );
+        appends: metrics.wal_appends.clone(),
+        fsync_seconds: metrics.wal_fsync_seconds.clone(),
+    })?;
+    let wal = Arc::new(wal);
+    index.forget_published_below(wal.retained_from())?;
+    let mut persister = Persister {
+        index: Arc::clone(&index),
+        sink: sink.clone(),
+        uploader: None,
+        remote: remote.as_ref().map(|store| Remote {
+            store: Arc::clone(store),
+            runtime: tokio::runtime::Handle::current(),
+        }),
+        wal: Some((Arc::clone(wal.tracker()), wal.retained_from_handle())),
+        batch_id_window: config.batch_id_window,
+        metrics: metrics.clone(),
+    };
+    // Recovery, before anything is served: finish interrupted publications and
+    // replacements, then read the WAL back (it is always opened, so records a
+    // previous run left are replayed even if durability has since been set to
+    // memory).
+    {
+        let persister = persister.clone();
+        tokio::task::spawn_blocking(move || persister.recover())
+            .await
+            .map_err(|e| ServerError::Task(e.to_string()))??;
     }
     let (uploader, upload_loop) = match &remote {
         Some(store) => {
@@ -197,28 +229,26 @@ pub async fn run(
             (None, None)
         }
     };
-    let (wal, replayed) = Wal::open(WalConfig {
-        dir: config.data_dir.join("wal"),
-        min_next_seq: index.next_unreferenced_seq()?,
-        segment_bytes: config.wal_segment_bytes,
-        sync: match config.durability {
-            Durability::WalWrite => SyncMode::Write,
-            Durability::WalFsync | Durability::Memory => SyncMode::Fsync,
-        },
-        appends: metrics.wal_appends.clone(),
-        fsync_seconds: metrics.wal_fsync_seconds.clone(),
-    })?;
-    let wal = Arc::new(wal);
-    index.forget_published_below(wal.retained_from())?;
+    persister.uploader = uploader.clone();
 
+    let recent = RecentBatches::new(config.batch_id_window, config.batch_ids_max);
+    let since = now_micros().saturating_sub(config.batch_id_window.as_micros() as i64);
+    for (id, at, points) in index.batch_ids_since(since)? {
+        recent.remember(Arc::from(id), at, points);
+    }
+    let writer_threads = config.writer_threads();
     let budget = MemoryBudget::new(config.max_buffered_bytes);
+    let live = LiveView::new(writer_threads);
     let (ingest, receivers) = Ingest::new(
-        config.writer_threads,
-        config.queue_batches,
+        Policy {
+            writers: writer_threads,
+            when_full: config.when_full,
+            durability: config.durability,
+        },
         Arc::clone(&budget),
-        config.when_full,
-        config.durability,
         Some(Arc::clone(&wal)),
+        recent,
+        live.clone(),
         metrics.clone(),
     );
     let ingest = Arc::new(match &uploader {
@@ -226,18 +256,15 @@ pub async fn run(
         None => ingest,
     });
     let ctx = WriterContext {
-        index: Arc::clone(&index),
-        sink: sink.clone(),
-        uploader: uploader.clone(),
+        persister: persister.clone(),
         daemon_id: Arc::clone(&daemon_id),
         roll: config.roll.clone(),
-        wal: Some((Arc::clone(wal.tracker()), wal.retained_from_handle())),
-        metrics: metrics.clone(),
+        budget: Arc::clone(&budget),
     };
     let writers = receivers
         .into_iter()
         .enumerate()
-        .map(|(i, rx)| writer::spawn(i, ctx.clone(), rx))
+        .map(|(i, rx)| writer::spawn(i, ctx.clone(), live.writer(i), rx))
         .collect::<Result<Vec<_>, _>>()
         .map_err(ServerError::Thread)?;
 
@@ -260,17 +287,13 @@ pub async fn run(
         config.roll.max_age,
     );
 
+    let reader = Reader::new(Arc::clone(&index), files, live);
     let service = ModelStoreService::new(
         Arc::clone(&index),
         Arc::clone(&ingest),
-        Files::new(
-            sink,
-            remote.map(|store| Remote {
-                store,
-                runtime: tokio::runtime::Handle::current(),
-            }),
-        ),
+        reader,
         config.limits.clone(),
+        config.reads.clone(),
         metrics.clone(),
     );
     let grpc = ModelStoreServer::new(service)

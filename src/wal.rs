@@ -162,11 +162,16 @@ pub struct WalConfig {
     pub fsync_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
-#[derive(Debug)]
+/// Runs on the commit thread once a record is durable, before its caller hears.
+pub type OnDurable = Box<dyn FnOnce(Seq) + Send>;
+
 struct Append {
     kind: RecordKind,
     payload: Vec<u8>,
+    /// The payload's checksum, computed on the caller's thread.
+    payload_crc: crc32fast::Hasher,
     blocks: u32,
+    then: OnDurable,
     reply: oneshot::Sender<Result<Seq, WalError>>,
 }
 
@@ -305,14 +310,20 @@ impl Wal {
         Arc::clone(&self.retained_from)
     }
 
-    /// Appends a record of `blocks` blocks; returns its sequence number once durable.
-    /// The record stays held in the tracker until every block is released.
+    /// Appends a record of `blocks` blocks; once it is durable, `then` runs on the
+    /// commit thread with its sequence number, and then the sequence number is
+    /// returned. `then` runs even if this future is dropped meanwhile, so what it
+    /// does cannot be cancelled half-way. The record stays held in the tracker until
+    /// every block is released.
     pub async fn append(
         &self,
         kind: RecordKind,
         payload: Vec<u8>,
         blocks: u32,
+        then: OnDurable,
     ) -> Result<Seq, WalError> {
+        let mut payload_crc = crc32fast::Hasher::new();
+        payload_crc.update(&payload);
         let (reply, rx) = oneshot::channel();
         {
             let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
@@ -320,7 +331,9 @@ impl Wal {
             tx.send(Append {
                 kind,
                 payload,
+                payload_crc,
                 blocks,
+                then,
                 reply,
             })
             .map_err(|_| WalError::Closed)?;
@@ -337,31 +350,43 @@ impl Wal {
     }
 }
 
-/// The checksum of a frame: everything but the checksum field itself.
-fn frame_crc(header: &[u8], payload: &[u8]) -> u32 {
+/// The checksum of a frame: everything but the checksum field itself, the
+/// payload's part computed beforehand.
+fn frame_crc(header: &[u8], payload_crc: &crc32fast::Hasher) -> u32 {
     let mut crc = crc32fast::Hasher::new();
     crc.update(&header[..12]);
     crc.update(&header[16..24]);
-    crc.update(payload);
+    crc.combine(payload_crc);
     crc.finalize()
 }
 
-/// The header of record `seq` holding `payload`.
-fn frame_header(seq: Seq, kind: RecordKind, payload: &[u8]) -> [u8; HEADER] {
+/// The header of record `seq` holding `len` payload bytes with checksum `payload_crc`.
+fn frame_header(
+    seq: Seq,
+    kind: RecordKind,
+    len: usize,
+    payload_crc: &crc32fast::Hasher,
+) -> [u8; HEADER] {
     let mut h = [0u8; HEADER];
     h[..4].copy_from_slice(MAGIC);
     h[4] = VERSION;
     h[5] = kind as u8;
-    h[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    h[8..12].copy_from_slice(&(len as u32).to_le_bytes());
     h[16..24].copy_from_slice(&seq.to_le_bytes());
-    let crc = frame_crc(&h, payload);
+    let crc = frame_crc(&h, payload_crc);
     h[12..16].copy_from_slice(&crc.to_le_bytes());
     h
 }
 
+fn crc_of(payload: &[u8]) -> crc32fast::Hasher {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(payload);
+    crc
+}
+
 /// Frames `payload` as record `seq` onto `out`.
 pub fn encode_frame(out: &mut Vec<u8>, seq: Seq, kind: RecordKind, payload: &[u8]) {
-    out.extend_from_slice(&frame_header(seq, kind, payload));
+    out.extend_from_slice(&frame_header(seq, kind, payload.len(), &crc_of(payload)));
     out.extend_from_slice(payload);
 }
 
@@ -391,7 +416,7 @@ fn frame_at(bytes: &[u8]) -> Option<(Replayed, usize)> {
     let crc = u32::from_le_bytes(header[12..16].try_into().ok()?);
     let seq_bytes: [u8; 8] = header[16..24].try_into().ok()?;
     let payload = bytes.get(HEADER..HEADER + len)?;
-    if frame_crc(header, payload) != crc {
+    if frame_crc(header, &crc_of(payload)) != crc {
         return None;
     }
     let record = Replayed {
@@ -481,8 +506,9 @@ impl Committer {
             Ok(()) => {
                 for (i, a) in group.into_iter().enumerate() {
                     let seq = first_seq + i as u64;
-                    // Held before the caller hears of it, so no release can come first.
+                    // Held before anyone hears of it, so no release can come first.
                     self.tracker.hold(seq, a.blocks);
+                    (a.then)(seq);
                     let _ = a.reply.send(Ok(seq));
                 }
                 self.next = first_seq + count;
@@ -554,7 +580,12 @@ impl Committer {
         let written = (|| {
             let mut out = io::BufWriter::with_capacity(WRITE_BUFFER, &mut *file);
             for (i, a) in group.iter().enumerate() {
-                out.write_all(&frame_header(first_seq + i as u64, a.kind, &a.payload))?;
+                out.write_all(&frame_header(
+                    first_seq + i as u64,
+                    a.kind,
+                    a.payload.len(),
+                    &a.payload_crc,
+                ))?;
                 out.write_all(&a.payload)?;
                 bytes += (HEADER + a.payload.len()) as u64;
             }
@@ -615,6 +646,10 @@ impl Committer {
 mod tests {
     use super::*;
 
+    fn noop() -> OnDurable {
+        Box::new(|_| {})
+    }
+
     fn config(dir: &Path) -> WalConfig {
         WalConfig {
             dir: dir.to_owned(),
@@ -640,7 +675,7 @@ mod tests {
         let mut seqs = Vec::new();
         for i in 0..n {
             seqs.push(
-                wal.append(RecordKind::Metrics, vec![i as u8; 100], 1)
+                wal.append(RecordKind::Metrics, vec![i as u8; 100], 1, noop())
                     .await
                     .unwrap(),
             );
@@ -660,7 +695,12 @@ mod tests {
         assert_eq!(replayed.iter().map(|r| r.seq).collect::<Vec<_>>(), seqs);
         assert_eq!(replayed[3].payload, vec![3u8; 100]);
         // New appends continue the sequence.
-        assert_eq!(wal.append(RecordKind::Events, vec![], 1).await.unwrap(), 6);
+        assert_eq!(
+            wal.append(RecordKind::Events, vec![], 1, noop())
+                .await
+                .unwrap(),
+            6
+        );
     }
 
     #[tokio::test]
@@ -672,7 +712,7 @@ mod tests {
             .map(|i| {
                 let wal = Arc::clone(&wal);
                 tokio::spawn(async move {
-                    wal.append(RecordKind::Metrics, vec![i; 10], 1)
+                    wal.append(RecordKind::Metrics, vec![i; 10], 1, noop())
                         .await
                         .unwrap()
                 })
@@ -698,7 +738,9 @@ mod tests {
             wal.tracker().release(s, 1);
         }
         // The next commit runs the clean-up, just after answering.
-        wal.append(RecordKind::Metrics, vec![], 0).await.unwrap();
+        wal.append(RecordKind::Metrics, vec![], 0, noop())
+            .await
+            .unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while segments(dir.path()).len() >= 4 && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -735,7 +777,9 @@ mod tests {
             2 * (HEADER as u64 + 100)
         );
         assert_eq!(
-            wal.append(RecordKind::Metrics, vec![9], 1).await.unwrap(),
+            wal.append(RecordKind::Metrics, vec![9], 1, noop())
+                .await
+                .unwrap(),
             3
         );
         assert!(!dir.path().join("corrupt").exists());
@@ -763,7 +807,12 @@ mod tests {
             bytes,
             "the damaged segment is kept as it was"
         );
-        assert_eq!(wal.append(RecordKind::Metrics, vec![], 1).await.unwrap(), 6);
+        assert_eq!(
+            wal.append(RecordKind::Metrics, vec![], 1, noop())
+                .await
+                .unwrap(),
+            6
+        );
     }
 
     #[test]

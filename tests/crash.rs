@@ -98,16 +98,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing_acknowledged() {
     let proc = Process::start(&data, &args).await;
     let mut c = proc.client().await;
     let id = experiment.unwrap();
-    let served = c
-        .get_metrics(proto::GetMetricsRequest {
-            parent_id: id,
-            full_precision: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .metrics;
+    let served = metrics_of(&mut c, &id).await;
     assert!(proc.terminate().await, "mboxd did not stop cleanly");
 
     let on_disk = steps_on_disk(&data);

@@ -1,13 +1,13 @@
 //! The published files honour the storage contract: Hive partitions, unique names,
-//! rows sorted by (experiment_id, key, step), dictionary-encoded ids and keys, delta
-//! encoded steps, zstd, and a page index.
+//! row groups sorted by (experiment_id, key, step), int64 steps and wallclocks,
+//! dictionary-encoded ids and keys, delta encoded steps, zstd, and a page index.
 
 #![allow(clippy::unwrap_used)] // Tests panic on failure by design.
 
 mod common;
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Int32Type, UInt64Type};
+use arrow_array::types::{Int32Type, Int64Type};
 use common::*;
 use mboxd::proto;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -46,7 +46,7 @@ async fn files_are_partitioned_sorted_and_encoded_as_documented() {
         .date_naive()
         .format("%Y-%m-%d")
         .to_string();
-    let dirs: Vec<_> = files
+    let mut dirs: Vec<_> = files
         .iter()
         .map(|f| {
             f.parent()
@@ -57,6 +57,7 @@ async fn files_are_partitioned_sorted_and_encoded_as_documented() {
                 .into_owned()
         })
         .collect();
+    dirs.dedup();
     assert_eq!(
         dirs,
         [
@@ -69,67 +70,84 @@ async fn files_are_partitioned_sorted_and_encoded_as_documented() {
         assert!(name.starts_with("test-daemon-"), "{name}");
     }
 
-    let vision = &files[1];
-    let file = std::fs::File::open(vision).unwrap();
-    let reader = SerializedFileReader::new_with_options(
-        file.try_clone().unwrap(),
-        ReadOptionsBuilder::new().with_page_index().build(),
-    )
-    .unwrap();
-    let meta = reader.metadata();
-    assert_eq!(meta.file_metadata().num_rows(), 2 * 15_000);
-    assert!(
-        meta.offset_index().is_some_and(|o| !o.is_empty()),
-        "page index missing"
-    );
-    for rg in meta.row_groups() {
-        for col in rg.columns() {
-            assert!(
-                matches!(col.compression(), Compression::ZSTD(_)),
-                "{} not zstd",
-                col.column_path()
-            );
-        }
-        let enc = |name: &str| {
-            rg.columns()
-                .iter()
-                .find(|c| c.column_path().string() == name)
-                .unwrap()
-                .encodings()
-                .collect::<Vec<_>>()
-        };
-        assert!(enc("experiment_id").contains(&Encoding::RLE_DICTIONARY));
-        assert!(enc("key").contains(&Encoding::RLE_DICTIONARY));
-        assert!(enc("step").contains(&Encoding::DELTA_BINARY_PACKED));
-        assert!(enc("wallclock_time").contains(&Encoding::DELTA_BINARY_PACKED));
-    }
-
-    let batches: Vec<_> = ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    // Each writer thread writes its own files; every file honours the contract.
+    let vision: Vec<_> = files
+        .iter()
+        .filter(|f| f.to_string_lossy().contains("namespace=vision"))
+        .collect();
     let mut rows = Vec::new();
-    for batch in &batches {
-        let ids = batch.column(0).as_dictionary::<Int32Type>();
-        let id_values = ids.values().as_string::<i32>();
-        let keys = batch.column(1).as_dictionary::<Int32Type>();
-        let key_values = keys.values().as_string::<i32>();
-        let steps = batch.column(2).as_primitive::<UInt64Type>();
-        for r in 0..batch.num_rows() {
-            rows.push((
-                id_values.value(ids.keys().value(r) as usize).to_owned(),
-                key_values.value(keys.keys().value(r) as usize).to_owned(),
-                steps.value(r),
-            ));
+    for path in vision {
+        let file = std::fs::File::open(path).unwrap();
+        let reader = SerializedFileReader::new_with_options(
+            file.try_clone().unwrap(),
+            ReadOptionsBuilder::new().with_page_index().build(),
+        )
+        .unwrap();
+        let meta = reader.metadata();
+        assert!(
+            meta.offset_index().is_some_and(|o| !o.is_empty()),
+            "page index missing"
+        );
+        for rg in meta.row_groups() {
+            for col in rg.columns() {
+                assert!(
+                    matches!(col.compression(), Compression::ZSTD(_)),
+                    "{} not zstd",
+                    col.column_path()
+                );
+            }
+            let enc = |name: &str| {
+                rg.columns()
+                    .iter()
+                    .find(|c| c.column_path().string() == name)
+                    .unwrap()
+                    .encodings()
+                    .collect::<Vec<_>>()
+            };
+            assert!(enc("experiment_id").contains(&Encoding::RLE_DICTIONARY));
+            assert!(enc("key").contains(&Encoding::RLE_DICTIONARY));
+            assert!(enc("step").contains(&Encoding::DELTA_BINARY_PACKED));
+            assert!(enc("wallclock_time").contains(&Encoding::DELTA_BINARY_PACKED));
+        }
+        let groups = meta.num_row_groups();
+        for group in 0..groups {
+            let batches: Vec<_> =
+                ParquetRecordBatchReaderBuilder::try_new(file.try_clone().unwrap())
+                    .unwrap()
+                    .with_row_groups(vec![group])
+                    .build()
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+            let mut group_rows = Vec::new();
+            for batch in &batches {
+                let ids = batch.column(0).as_dictionary::<Int32Type>();
+                let id_values = ids.values().as_string::<i32>();
+                let keys = batch.column(1).as_dictionary::<Int32Type>();
+                let key_values = keys.values().as_string::<i32>();
+                let steps = batch.column(2).as_primitive::<Int64Type>();
+                let wallclocks = batch.column(3).as_primitive::<Int64Type>();
+                for r in 0..batch.num_rows() {
+                    assert!(wallclocks.value(r) > 0);
+                    group_rows.push((
+                        id_values.value(ids.keys().value(r) as usize).to_owned(),
+                        key_values.value(keys.keys().value(r) as usize).to_owned(),
+                        steps.value(r),
+                    ));
+                }
+            }
+            assert!(
+                group_rows.windows(2).all(|w| w[0] <= w[1]),
+                "a row group is not sorted by (experiment_id, key, step)"
+            );
+            rows.extend(group_rows);
         }
     }
     assert_eq!(rows.len(), 30_000);
-    assert!(
-        rows.windows(2).all(|w| w[0] <= w[1]),
-        "rows are not sorted by (experiment_id, key, step)"
-    );
+    rows.sort();
+    let distinct = rows.len();
+    rows.dedup();
+    assert_eq!(rows.len(), distinct, "no row twice");
     let mut ids: Vec<_> = rows.iter().map(|r| r.0.clone()).collect();
     ids.dedup();
     let mut want = vec![a, b];

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::UInt64Type;
+use arrow_array::types::Int64Type;
 use common::*;
 use mboxd::proto;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -75,8 +75,8 @@ async fn sigterm_during_ingest_loses_nothing_acknowledged() {
             .unwrap();
         for batch in reader {
             let batch = batch.unwrap();
-            for s in batch.column(2).as_primitive::<UInt64Type>().values() {
-                assert!(written.insert(*s), "step {s} written twice");
+            for s in batch.column(2).as_primitive::<Int64Type>().values() {
+                assert!(written.insert(*s as u64), "step {s} written twice");
             }
         }
     }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Float64Type, Int32Type, UInt64Type};
+use arrow_array::types::{Float64Type, Int32Type, Int64Type};
 use arrow_array::{Array, RecordBatch};
 use bytes::Bytes;
 use common::s3::{S3Server, parquet_objects, spooled_files};
@@ -112,50 +112,67 @@ fn rows_in(bytes: &Bytes) -> usize {
         .num_rows() as usize
 }
 
-fn batches(bytes: &Bytes) -> Vec<RecordBatch> {
-    ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
+/// The rows of each row group, as batches.
+fn row_groups(bytes: &Bytes) -> Vec<Vec<RecordBatch>> {
+    let groups = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
         .unwrap()
-        .build()
-        .unwrap()
-        .map(|b| b.unwrap())
+        .metadata()
+        .num_row_groups();
+    (0..groups)
+        .map(|g| {
+            ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
+                .unwrap()
+                .with_row_groups(vec![g])
+                .build()
+                .unwrap()
+                .map(|b| b.unwrap())
+                .collect()
+        })
         .collect()
 }
 
-/// (experiment, key, step) → value of every metric row, checking each file's order.
-fn metric_rows(objects: &[(String, Bytes)]) -> BTreeMap<(String, String, u64), Option<f64>> {
+fn batches(bytes: &Bytes) -> Vec<RecordBatch> {
+    row_groups(bytes).into_iter().flatten().collect()
+}
+
+/// (experiment, key, step) → value of every metric row, checking each row
+/// group's order.
+fn metric_rows(objects: &[(String, Bytes)]) -> BTreeMap<(String, String, i64), Option<f64>> {
     let mut out = BTreeMap::new();
     for (name, bytes) in objects {
-        let mut previous: Option<(String, String, u64)> = None;
-        for batch in batches(bytes) {
-            let dict = |col: &str| {
-                let d = batch
-                    .column_by_name(col)
+        for group in row_groups(bytes) {
+            let mut previous: Option<(String, String, i64)> = None;
+            for batch in group {
+                let dict = |col: &str| {
+                    let d = batch
+                        .column_by_name(col)
+                        .unwrap()
+                        .as_dictionary::<Int32Type>();
+                    let v = d.values().as_string::<i32>();
+                    d.keys()
+                        .values()
+                        .iter()
+                        .map(|&k| v.value(k as usize).to_owned())
+                        .collect::<Vec<_>>()
+                };
+                let (ids, keys) = (dict("experiment_id"), dict("key"));
+                let steps = batch
+                    .column_by_name("step")
                     .unwrap()
-                    .as_dictionary::<Int32Type>();
-                let v = d.values().as_string::<i32>();
-                d.keys()
-                    .values()
-                    .iter()
-                    .map(|&k| v.value(k as usize).to_owned())
-                    .collect::<Vec<_>>()
-            };
-            let (ids, keys) = (dict("experiment_id"), dict("key"));
-            let steps = batch
-                .column_by_name("step")
-                .unwrap()
-                .as_primitive::<UInt64Type>();
-            let values = batch
-                .column_by_name("value_double")
-                .unwrap()
-                .as_primitive::<Float64Type>();
-            for row in 0..batch.num_rows() {
-                let at = (ids[row].clone(), keys[row].clone(), steps.value(row));
-                if let Some(p) = &previous {
-                    assert!(p < &at, "{name} is not sorted: {p:?} then {at:?}");
+                    .as_primitive::<Int64Type>();
+                let values = batch
+                    .column_by_name("value_double")
+                    .unwrap()
+                    .as_primitive::<Float64Type>();
+                for row in 0..batch.num_rows() {
+                    let at = (ids[row].clone(), keys[row].clone(), steps.value(row));
+                    if let Some(p) = &previous {
+                        assert!(p < &at, "{name} is not sorted: {p:?} then {at:?}");
+                    }
+                    let value = values.is_valid(row).then(|| values.value(row));
+                    assert!(out.insert(at.clone(), value).is_none(), "{at:?} twice");
+                    previous = Some(at);
                 }
-                let value = values.is_valid(row).then(|| values.value(row));
-                assert!(out.insert(at.clone(), value).is_none(), "{at:?} twice");
-                previous = Some(at);
             }
         }
     }
@@ -352,6 +369,8 @@ async fn large_files_arrive_whole(backend: Backend) {
         c.storage.multipart_threshold_bytes = 1 << 20;
         c.storage.multipart_part_bytes = 5 << 20;
         c.roll.max_age = Duration::from_secs(3600);
+        // One writer, so every batch lands in one large file.
+        c.writer_threads = 1;
     })
     .await;
     let mut server = TestServer::start(root.config.clone()).await;

@@ -9,20 +9,18 @@ pub mod convert;
 pub mod status;
 pub mod validate;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::config::Limits;
+use crate::config::{Limits, Reads};
 use crate::index::Index;
-use crate::ingest::{Batch, Ingest};
+use crate::ingest::{Accepted, Batch, Ingest};
 use crate::model::{ExperimentRecord, MetricValue, now_micros};
 use crate::proto::{self, model_store_server::ModelStore};
-use crate::query;
-use crate::sink::Files;
+use crate::query::Reader;
 use crate::telemetry::{Metrics, Reason, ReasonLabel};
 
 use convert::{json_to_value, micros, timestamp};
@@ -33,8 +31,11 @@ use status::ApiError;
 pub struct ModelStoreService {
     index: Arc<Index>,
     ingest: Arc<Ingest>,
-    files: Files,
+    reader: Reader,
     limits: Limits,
+    reads: Reads,
+    /// Bounds the series reads served at once (each holds up to a read's points).
+    read_slots: Arc<tokio::sync::Semaphore>,
     metrics: Metrics,
 }
 
@@ -42,40 +43,57 @@ impl ModelStoreService {
     pub fn new(
         index: Arc<Index>,
         ingest: Arc<Ingest>,
-        files: Files,
+        reader: Reader,
         limits: Limits,
+        reads: Reads,
         metrics: Metrics,
     ) -> Self {
         Self {
             index,
             ingest,
-            files,
+            reader,
             limits,
+            read_slots: Arc::new(tokio::sync::Semaphore::new(reads.max_concurrent)),
+            reads,
             metrics,
         }
     }
 
     /// Submits a validated batch, or passes on why it is invalid.
-    async fn submit(&self, batch: Result<Batch, ApiError>) -> Result<usize, Status> {
-        Ok(self.ingest.submit(batch?).await.map_err(ApiError::from)?)
+    async fn submit(
+        &self,
+        batch: Result<Batch, ApiError>,
+        client_batch_id: &str,
+    ) -> Result<Accepted, Status> {
+        let id = (!client_batch_id.is_empty()).then_some(client_batch_id);
+        Ok(self
+            .ingest
+            .submit(batch?, id)
+            .await
+            .map_err(ApiError::from)?)
     }
 }
 
 /// Counts a write's `sent` points or events as accepted, or as rejected by the
-/// reason its status gives.
+/// reason its status gives. A duplicate is acknowledged, not counted again.
 fn tally(
-    result: Result<usize, Status>,
+    result: Result<Accepted, Status>,
     sent: usize,
     accepted: &Counter,
     rejected: &Family<ReasonLabel, Counter>,
-) -> Result<usize, Status> {
+) -> Result<Accepted, Status> {
     match &result {
-        Ok(n) => accepted.inc_by(*n as u64),
-        Err(status) => rejected
-            .get_or_create(&ReasonLabel {
-                reason: Reason::of(status.code()),
-            })
-            .inc_by(sent as u64),
+        Ok(a) if a.duplicate => {}
+        Ok(a) => {
+            accepted.inc_by(a.count as u64);
+        }
+        Err(status) => {
+            rejected
+                .get_or_create(&ReasonLabel {
+                    reason: Reason::of(status.code()),
+                })
+                .inc_by(sent as u64);
+        }
     };
     result
 }
@@ -202,20 +220,23 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::LogMetricsRequest>,
     ) -> Reply<proto::LogMetricsResponse> {
-        let req = req.into_inner();
+        let mut req = req.into_inner();
         let sent = req.blocks.iter().map(|b| b.steps.len()).sum::<usize>()
             + usize::from(req.value.is_some());
+        let client_batch_id = std::mem::take(&mut req.client_batch_id);
+        validate::client_batch_id(&client_batch_id, &self.limits)?;
         let batch = validate::log_metrics(req, &self.index, &self.limits, now_micros());
         let m = &self.metrics;
-        let points = tally(
-            self.submit(batch.map(Batch::Metrics)).await,
+        let accepted = tally(
+            self.submit(batch.map(Batch::Metrics), &client_batch_id)
+                .await,
             sent,
             &m.points_accepted,
             &m.points_rejected,
         )?;
         Ok(Response::new(proto::LogMetricsResponse {
-            points_accepted: points as u64,
-            ..Default::default()
+            points_accepted: accepted.count as u64,
+            duplicate: accepted.duplicate,
         }))
     }
 
@@ -225,51 +246,46 @@ impl ModelStore for ModelStoreService {
     ) -> Reply<proto::GetMetricsResponse> {
         let req = req.into_inner();
         let experiment = validate::experiment("parent_id", &req.parent_id, &self.index)?;
-        let snapshot = self
-            .ingest
-            .snapshot(&experiment)
+        let query = validate::series_query(&req, &self.limits, &self.reads)?;
+        let _slot = self
+            .read_slots
+            .acquire()
             .await
-            .map_err(ApiError::from)?;
-        let files = self.files.clone();
-        let points = blocking(move || {
-            let mut points = query::read_metrics(&files, &snapshot.metric_files, &experiment.id)?;
-            points.extend(snapshot.metrics);
-            Ok(points)
-        })
-        .await?;
-        let mut by_key: BTreeMap<String, Vec<_>> = BTreeMap::new();
-        for p in points {
-            by_key.entry(p.key.clone()).or_default().push(p);
-        }
+            .map_err(|e| ApiError::Task(e.to_string()))?;
+        let reader = self.reader.clone();
+        let page = blocking(move || Ok(reader.series(&experiment, &query)?)).await?;
         use proto::metrics_value::Value as V;
-        let metrics = by_key
+        let value = |v: MetricValue| match v {
+            MetricValue::Double(d) if req.full_precision => V::DVal(d),
+            MetricValue::Double(d) => V::FVal(d as f32),
+            MetricValue::String(s) => V::STensor(s),
+            MetricValue::Bytes(b) => V::BTensor(b),
+        };
+        let metrics = page
+            .series
             .into_iter()
-            .map(|(key, mut points)| {
-                // Stable: equal steps keep the order they were ingested in.
-                points.sort_by_key(|p| p.step);
-                let values = points
-                    .into_iter()
-                    .map(|p| proto::MetricsValue {
-                        step: p.step,
-                        wallclock_time: p.wallclock,
-                        value: Some(match p.value {
-                            MetricValue::Double(d) if req.full_precision => V::DVal(d),
-                            MetricValue::Double(d) => V::FVal(d as f32),
-                            MetricValue::String(s) => V::STensor(s),
-                            MetricValue::Bytes(b) => V::BTensor(b),
-                        }),
+            .map(|s| proto::Metrics {
+                values: s
+                    .steps
+                    .iter()
+                    .zip(&s.wallclocks)
+                    .zip(s.values)
+                    .map(|((&step, &wallclock), v)| proto::MetricsValue {
+                        step: step.max(0) as u64,
+                        wallclock_time: wallclock.max(0) as u64,
+                        value: Some(value(v)),
                     })
-                    .collect();
-                proto::Metrics {
-                    key,
-                    values,
-                    ..Default::default()
-                }
+                    .collect(),
+                key: s.key,
+                bucketed: s.bucketed,
+                min: s.min,
+                max: s.max,
+                total_points: s.total_points,
             })
             .collect();
         Ok(Response::new(proto::GetMetricsResponse {
             metrics,
-            ..Default::default()
+            next_page_token: page.next.map(|c| c.encode()).unwrap_or_default(),
         }))
     }
 
@@ -277,21 +293,24 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::LogEventRequest>,
     ) -> Reply<proto::LogEventResponse> {
-        let req = req.into_inner();
+        let mut req = req.into_inner();
         let sent = usize::from(req.event.is_some()) + req.events.len();
         let now = now_micros();
+        let client_batch_id = std::mem::take(&mut req.client_batch_id);
+        validate::client_batch_id(&client_batch_id, &self.limits)?;
         let batch = validate::log_event(req, &self.index, &self.limits, now);
         let m = &self.metrics;
-        let events = tally(
-            self.submit(batch.map(Batch::Events)).await,
+        let accepted = tally(
+            self.submit(batch.map(Batch::Events), &client_batch_id)
+                .await,
             sent,
             &m.events_accepted,
             &m.events_rejected,
         )?;
         Ok(Response::new(proto::LogEventResponse {
             created_at: Some(timestamp(now)),
-            events_accepted: events as u64,
-            ..Default::default()
+            events_accepted: accepted.count as u64,
+            duplicate: accepted.duplicate,
         }))
     }
 
@@ -306,22 +325,11 @@ impl ModelStore for ModelStoreService {
             .as_ref()
             .map(|ts| micros("since", ts))
             .transpose()?;
-        let snapshot = self
-            .ingest
-            .snapshot(&experiment)
-            .await
-            .map_err(ApiError::from)?;
-        let files = self.files.clone();
-        let mut events = blocking(move || {
-            let mut events = query::read_events(&files, &snapshot.event_files, &experiment.id)?;
-            events.extend(snapshot.events);
-            Ok(events)
-        })
-        .await?;
+        let reader = self.reader.clone();
+        let mut events = blocking(move || Ok(reader.events(&experiment)?)).await?;
         if let Some(since) = since {
             events.retain(|e| e.event.wallclock >= since);
         }
-        events.sort_by_key(|e| e.event.wallclock);
         let events = events
             .into_iter()
             .map(|e| {

@@ -75,6 +75,9 @@ impl From<ApiError> for Status {
             ApiError::Ingest(IngestError::Wal(e)) => {
                 Status::unavailable(format!("storage is failing: {e}"))
             }
+            ApiError::Query(QueryError::Token(reason)) => {
+                Status::invalid_argument(format!("page_token: {reason}"))
+            }
             // A file already uploaded cannot be fetched: the store is unreachable.
             ApiError::Query(QueryError::Open(SinkError::Remote { .. })) => {
                 Status::unavailable(format!("reading from the remote store failed: {err}"))

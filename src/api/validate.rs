@@ -7,8 +7,8 @@ use std::fmt::Display;
 use crate::config::Limits;
 use crate::index::{Index, NewExperiment};
 use crate::model::{
-    DEFAULT_NAMESPACE, EventRecord, EventsBatch, ExperimentRef, MetricBlock, MetricsBatch, Micros,
-    SparseColumn,
+    DEFAULT_NAMESPACE, EventRecord, EventsBatch, ExperimentRef, MAX_STEP, MetricBlock,
+    MetricsBatch, Micros, SparseColumn,
 };
 use crate::paths::valid_namespace;
 use crate::proto;
@@ -34,6 +34,17 @@ fn bounded(field: impl Display, value: &str, max: usize) -> Result<(), ApiError>
         return Err(ApiError::invalid(
             field.to_string(),
             format!("{} bytes, at most {max} allowed", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// A step or wallclock: stored as int64, so at most 2^63 - 1.
+fn int64(field: &str, value: u64) -> Result<(), ApiError> {
+    if value > MAX_STEP {
+        return Err(ApiError::invalid(
+            field,
+            format!("{value} exceeds the largest allowed value {MAX_STEP} (2^63 - 1)"),
         ));
     }
     Ok(())
@@ -154,7 +165,7 @@ pub fn experiment(
 ) -> Result<ExperimentRef, ApiError> {
     required(field, id)?;
     index
-        .experiment_ref(id)
+        .experiment_ref(id)?
         .ok_or_else(|| ApiError::experiment_not_found(&field.to_string(), id))
 }
 
@@ -206,6 +217,8 @@ fn single_point(
     let value = req
         .value
         .ok_or_else(|| ApiError::invalid("value", "required"))?;
+    int64("value.step", value.step)?;
+    int64("value.wallclock_time", value.wallclock_time)?;
     let mut block = MetricBlock {
         experiment,
         keys: vec![req.key],
@@ -282,6 +295,18 @@ pub fn block(
     }
     for (i, key) in b.keys.iter().enumerate() {
         name(format_args!("{field}.keys[{i}]"), key, limits.max_key_bytes)?;
+    }
+    // Storage is int64 (Spark, Delta Lake and Iceberg have no unsigned type).
+    for (column, values) in [("steps", &b.steps), ("wallclock_times", &b.wallclock_times)] {
+        if let Some(at) = values.iter().position(|&v| v > MAX_STEP) {
+            return Err(ApiError::invalid(
+                format!("{field}.{column}[{at}]"),
+                format!(
+                    "{} exceeds the largest allowed value {MAX_STEP} (2^63 - 1)",
+                    values[at]
+                ),
+            ));
+        }
     }
     let max_index = b.key_index.iter().copied().max().unwrap_or(0);
     if max_index as usize >= b.keys.len() {
@@ -380,6 +405,64 @@ pub fn block(
     };
     block.compact();
     Ok(block)
+}
+
+/// A client batch id: optional, at most `max_key_bytes` long.
+pub fn client_batch_id(id: &str, limits: &Limits) -> Result<(), ApiError> {
+    bounded("client_batch_id", id, limits.max_key_bytes)
+}
+
+/// The series a GetMetrics request asks for.
+pub fn series_query(
+    req: &proto::GetMetricsRequest,
+    limits: &Limits,
+    reads: &crate::config::Reads,
+) -> Result<crate::query::SeriesQuery, ApiError> {
+    for (i, key) in req.keys.iter().enumerate() {
+        name(format_args!("keys[{i}]"), key, limits.max_key_bytes)?;
+    }
+    let keys = (!req.keys.is_empty()).then(|| {
+        let mut keys = req.keys.clone();
+        keys.sort();
+        keys.dedup();
+        keys
+    });
+    if let (Some(start), Some(end)) = (req.start_step, req.end_step)
+        && start > end
+    {
+        return Err(ApiError::invalid(
+            "end_step",
+            format!("{end} is before start_step {start}"),
+        ));
+    }
+    const MAX_BUCKETS: u32 = 1_000_000;
+    if req.max_points > MAX_BUCKETS {
+        return Err(ApiError::invalid(
+            "max_points",
+            format!("{}, at most {MAX_BUCKETS} allowed", req.max_points),
+        ));
+    }
+    let cursor = match req.page_token.as_str() {
+        "" => None,
+        token => Some(
+            crate::query::Cursor::decode(token)
+                .map_err(|e| ApiError::invalid("page_token", e.to_string()))?,
+        ),
+    };
+    let (page_points, page_bytes) = match req.page_size {
+        0 => (usize::MAX, reads.default_page_bytes),
+        n => (n as usize, reads.max_page_bytes),
+    };
+    Ok(crate::query::SeriesQuery {
+        keys,
+        start_step: req.start_step,
+        end_step: req.end_step,
+        max_points: (req.max_points > 0).then_some(req.max_points as usize),
+        page_points,
+        page_bytes,
+        cursor,
+        read_points: reads.read_points,
+    })
 }
 
 pub fn log_event(

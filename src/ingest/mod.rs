@@ -2,28 +2,32 @@
 //!
 //! A request's batch first reserves room in the [`MemoryBudget`] (bytes held in
 //! queues and writer buffers), then is made durable as the [`Durability`] mode asks,
-//! then goes onto its writer's bounded queue. The reservation travels with the batch
-//! and is released when the writer has published its rows, so memory stays bounded
-//! whatever clients do. When the budget or a queue is full, [`WhenFull`] decides:
-//! wait a little, then [`IngestError::Full`] (RESOURCE_EXHAUSTED at the edge).
+//! then goes onto a writer's queue, the writers taking batches in turn. The
+//! reservation travels with the batch and is released once the writer has encoded
+//! its rows, so memory stays bounded whatever clients do. When the budget is full,
+//! [`WhenFull`] decides: wait a little, then [`IngestError::Full`]
+//! (RESOURCE_EXHAUSTED at the edge). A client batch id makes a retried batch an
+//! acknowledged duplicate ([`dedup`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
+use tokio::sync::Notify;
 use tokio::sync::futures::Notified;
-use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
+pub mod dedup;
 pub mod record;
 
 use crate::config::{Durability, WhenFull};
-use crate::index::{FileEntry, IndexError};
-use crate::model::{EventPoint, EventsBatch, ExperimentRef, MetricPoint, MetricsBatch};
+use crate::live::{LiveView, WriterView};
+use crate::model::{EventChunk, EventsBatch, MetricChunk, MetricsBatch, Micros};
 use crate::sink::upload::Spool;
 use crate::telemetry::Metrics;
 use crate::wal::{RecordKind, Seq, Wal, WalError};
+use dedup::{Admission, RecentBatches};
 
 /// Errors submitting to the write path.
 #[derive(Debug, thiserror::Error)]
@@ -42,17 +46,11 @@ pub enum IngestError {
     #[error("mboxd is shutting down")]
     ShuttingDown,
     /// A writer thread stopped (it logged why).
-    #[error("writer {0} has stopped")]
-    WriterGone(usize),
-    /// Reading the file manifest for a snapshot failed.
-    #[error(transparent)]
-    Index(#[from] IndexError),
+    #[error("a writer thread has stopped")]
+    WriterGone,
     /// The write-ahead log could not make the batch durable; nothing was accepted.
     #[error(transparent)]
     Wal(#[from] WalError),
-    /// The task accepting the batch failed (a bug; it is logged).
-    #[error("accepting the batch failed: {0}")]
-    Task(String),
 }
 
 /// A byte budget shared by everything a batch passes through before publication.
@@ -157,24 +155,29 @@ async fn wait_until<'a, T>(
     }
 }
 
-/// What a writer holds for one experiment that is not yet in a published file,
-/// with the published files that may hold its other rows, taken at one instant.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    pub metrics: Vec<MetricPoint>,
-    pub events: Vec<EventPoint>,
-    pub metric_files: Vec<FileEntry>,
-    pub event_files: Vec<FileEntry>,
+/// A batch on its way to a writer, with what the writer must account for it.
+#[derive(Debug)]
+pub struct Work<T> {
+    /// The batch's rows, already visible to reads in the writer's live view.
+    pub chunks: T,
+    /// The batch's share of the memory budget, released once its rows are encoded.
+    pub reservation: Reservation,
+    /// Its WAL record (none without a WAL).
+    pub seq: Option<Seq>,
+    /// The client's batch id, recorded in the index with the file.
+    pub client_batch: Option<Arc<str>>,
+    /// Its hand-off id in the writer's live view.
+    pub handoff: u64,
+    pub ingested_at: Micros,
+    /// Points or events in the batch.
+    pub count: u64,
 }
 
 /// Messages to a writer thread.
 #[derive(Debug)]
 pub enum Command {
-    /// A batch, its memory reservation, and its WAL record (none without a WAL).
-    Metrics(MetricsBatch, Reservation, Option<Seq>),
-    Events(EventsBatch, Reservation, Option<Seq>),
-    /// Answer with a [`Snapshot`] of one experiment.
-    Snapshot(ExperimentRef, oneshot::Sender<Result<Snapshot, IndexError>>),
+    Metrics(Work<Vec<Arc<MetricChunk>>>),
+    Events(Work<Arc<EventChunk>>),
     /// Publish every buffered row and stop.
     Shutdown,
 }
@@ -194,24 +197,109 @@ impl Batch {
         }
     }
 
+    /// Points or events in the batch.
+    pub fn count(&self) -> usize {
+        match self {
+            Batch::Metrics(b) => b.points(),
+            Batch::Events(b) => b.events().len(),
+        }
+    }
+
+    fn ingested_at(&self) -> Micros {
+        match self {
+            Batch::Metrics(b) => b.ingested_at(),
+            Batch::Events(b) => b.ingested_at(),
+        }
+    }
+
     /// The WAL record: its kind, payload, and the pieces the writers release it by
     /// (one per metrics block; an events batch goes to one writer whole).
-    fn wal_record(&self) -> (RecordKind, Vec<u8>, u32) {
+    fn wal_record(&self, client_batch_id: &str) -> (RecordKind, Vec<u8>, u32) {
         match self {
             Batch::Metrics(b) => (
                 RecordKind::Metrics,
-                record::encode_metrics(b),
+                record::encode_metrics(b, client_batch_id),
                 b.blocks().len() as u32,
             ),
-            Batch::Events(b) => (RecordKind::Events, record::encode_events(b), 1),
+            Batch::Events(b) => (
+                RecordKind::Events,
+                record::encode_events(b, client_batch_id),
+                1,
+            ),
         }
     }
+
+    /// The batch as chunks, made visible to reads in `view` as hand-off
+    /// `handoff`, and the command that hands them to the writer.
+    fn into_command(
+        self,
+        view: &WriterView,
+        handoff: u64,
+        reservation: Reservation,
+        seq: Option<Seq>,
+        client_batch: Option<Arc<str>>,
+    ) -> Command {
+        let ingested_at = self.ingested_at();
+        let count = self.count() as u64;
+        match self {
+            Batch::Metrics(batch) => {
+                let chunks: Vec<Arc<MetricChunk>> = batch
+                    .into_blocks()
+                    .into_iter()
+                    .map(|b| Arc::new(MetricChunk::new(b, ingested_at)))
+                    .collect();
+                view.queue_metrics(handoff, chunks.clone());
+                Command::Metrics(Work {
+                    chunks,
+                    reservation,
+                    seq,
+                    client_batch,
+                    handoff,
+                    ingested_at,
+                    count,
+                })
+            }
+            Batch::Events(batch) => {
+                let chunk = Arc::new(EventChunk {
+                    experiment: Arc::clone(&batch.experiment().id),
+                    experiment_namespace: Arc::clone(&batch.experiment().namespace),
+                    ingested_at,
+                    events: batch.into_events(),
+                });
+                view.queue_events(handoff, Arc::clone(&chunk));
+                Command::Events(Work {
+                    chunks: chunk,
+                    reservation,
+                    seq,
+                    client_batch,
+                    handoff,
+                    ingested_at,
+                    count,
+                })
+            }
+        }
+    }
+}
+
+/// A batch accepted under the durability mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// Points or events.
+    pub count: usize,
+    /// The client's batch id was seen before: nothing new was written.
+    pub duplicate: bool,
 }
 
 /// The API's handle on the write path. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Ingest {
-    shards: Vec<Sender<Command>>,
+    /// One unbounded queue per writer: the memory budget bounds what they hold.
+    writers: Vec<Sender<Command>>,
+    /// Batches go to the writers in turn (a WAL record to one writer whole).
+    next_writer: AtomicUsize,
+    /// The writers' live views, where handed-off rows become visible.
+    live: LiveView,
+    next_handoff: AtomicU64,
     budget: Arc<MemoryBudget>,
     when_full: WhenFull,
     wal: Option<Arc<Wal>>,
@@ -219,28 +307,45 @@ pub struct Ingest {
     metrics: Metrics,
     /// With an S3 root: new data waits while the upload spool is full.
     spool: Option<Arc<Spool>>,
+    recent: Arc<RecentBatches>,
+}
+
+/// How batches are taken in.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Writer threads.
+    pub writers: usize,
+    pub when_full: WhenFull,
+    pub durability: Durability,
 }
 
 /// How long a client is told to wait before retrying after [`IngestError::Full`].
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 
 impl Ingest {
-    /// Creates the handle and one bounded queue per writer; the receivers go to the
-    /// writer threads.
+    /// Creates the handle and one queue per writer; the receivers go to the writer
+    /// threads.
     pub fn new(
-        writers: usize,
-        queue_batches: usize,
+        policy: Policy,
         budget: Arc<MemoryBudget>,
-        when_full: WhenFull,
-        durability: Durability,
         wal: Option<Arc<Wal>>,
+        recent: Arc<RecentBatches>,
+        live: LiveView,
         metrics: Metrics,
     ) -> (Self, Vec<Receiver<Command>>) {
-        let (shards, receivers) = (0..writers.max(1))
-            .map(|_| crossbeam_channel::bounded(queue_batches))
+        let Policy {
+            writers,
+            when_full,
+            durability,
+        } = policy;
+        let (writers, receivers) = (0..writers.max(1))
+            .map(|_| crossbeam_channel::unbounded())
             .unzip();
         let ingest = Self {
-            shards,
+            writers,
+            next_writer: AtomicUsize::new(0),
+            live,
+            next_handoff: AtomicU64::new(0),
             budget,
             when_full,
             wal: if durability == Durability::Memory {
@@ -251,6 +356,7 @@ impl Ingest {
             closed: AtomicBool::new(false),
             metrics,
             spool: None,
+            recent,
         };
         (ingest, receivers)
     }
@@ -261,135 +367,130 @@ impl Ingest {
         self
     }
 
-    /// The writer that owns an experiment's rows.
-    fn shard_of(&self, experiment_id: &str) -> usize {
-        if self.shards.len() == 1 {
-            return 0;
-        }
-        // FNV-1a: stable and cheap; ids are already uniform hex.
-        let hash = experiment_id
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            });
-        (hash % self.shards.len() as u64) as usize
+    pub fn recent_batches(&self) -> &Arc<RecentBatches> {
+        &self.recent
     }
 
-    /// Submits a batch; returns the number of points or events once they are
-    /// accepted under the durability mode. A batch is accepted whole or not at all.
+    /// The next writer in turn, and a hand-off id.
+    fn writer(&self) -> (usize, u64) {
+        let i = self.next_writer.fetch_add(1, Ordering::Relaxed) % self.writers.len();
+        (i, self.next_handoff.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Submits a batch; returns once it is accepted under the durability mode. A
+    /// batch is accepted whole or not at all. With a client batch id, a batch seen
+    /// before is acknowledged again without being written.
     ///
-    /// Once room is reserved, the WAL append and the hand-off to the writer run as
-    /// their own task: a client that gives up mid-way (a deadline, a dropped
-    /// connection) cannot leave a durable record that never reaches a writer.
-    pub async fn submit(self: &Arc<Self>, batch: Batch) -> Result<usize, IngestError> {
+    /// Once the batch is handed to the WAL's commit thread, the rest happens there
+    /// (the hand-off to a writer right after the fsync): a client that gives up
+    /// mid-way (a deadline, a dropped connection) cannot leave a durable record
+    /// that never reaches a writer.
+    pub async fn submit(
+        &self,
+        batch: Batch,
+        client_batch_id: Option<&str>,
+    ) -> Result<Accepted, IngestError> {
         self.refuse_if_closed()?;
+        let ticket = match client_batch_id {
+            Some(id) => loop {
+                match self.recent.admit(id) {
+                    Admission::New(ticket) => break Some(ticket),
+                    Admission::Duplicate { points } => {
+                        return Ok(Accepted {
+                            count: points as usize,
+                            duplicate: true,
+                        });
+                    }
+                    Admission::Wait(mut rx) => {
+                        let _ = rx.changed().await;
+                    }
+                }
+            },
+            None => None,
+        };
         self.wait_for_spool().await?;
         let reservation = self.reserve(batch.approx_bytes(), self.when_full).await?;
-        let this = Arc::clone(self);
-        let accepted = tokio::spawn(async move {
-            let seq = match &this.wal {
-                Some(wal) => {
-                    let (kind, payload, pieces) = batch.wal_record();
-                    Some(wal.append(kind, payload, pieces).await?)
-                }
-                None => None,
-            };
-            this.dispatch(batch, reservation, seq).await
-        });
-        accepted
-            .await
-            .map_err(|e| IngestError::Task(e.to_string()))?
+        let count = batch.count();
+        let at = batch.ingested_at();
+        let client_batch = ticket.as_ref().map(|t| Arc::clone(t.id()));
+        let record = self
+            .wal
+            .as_ref()
+            .map(|_| batch.wal_record(client_batch_id.unwrap_or("")));
+        let (i, handoff) = self.writer();
+        let writer = self.writers[i].clone();
+        let view = self.live.writer(i);
+        let pushes = self.metrics.queue_pushes.clone();
+        let hand_off = move |seq: Option<Seq>| {
+            // Visible to reads before anyone hears of the batch. An unbounded send
+            // never blocks; it fails only once the writer has stopped, at shutdown,
+            // and then the WAL replays the record.
+            let command = batch.into_command(&view, handoff, reservation, seq, client_batch);
+            if writer.send(command).is_ok() {
+                pushes.inc();
+            }
+            if let Some(ticket) = ticket {
+                ticket.complete(count as u64, at);
+            }
+        };
+        match (&self.wal, record) {
+            // Encoded above, on this (the request's) thread; the commit thread only
+            // writes, syncs and hands off.
+            (Some(wal), Some((kind, payload, pieces))) => {
+                wal.append(
+                    kind,
+                    payload,
+                    pieces,
+                    Box::new(move |seq| hand_off(Some(seq))),
+                )
+                .await?;
+            }
+            _ => hand_off(None),
+        }
+        Ok(Accepted {
+            count,
+            duplicate: false,
+        })
     }
 
     /// Re-submits a batch read back from the WAL at start-up (already durable; its
     /// record is held in the WAL tracker for each of its pieces). Waits for room,
     /// however long: it was acknowledged before the restart.
-    pub async fn submit_replayed(&self, batch: Batch, seq: Seq) -> Result<usize, IngestError> {
+    pub async fn submit_replayed(
+        &self,
+        batch: Batch,
+        seq: Seq,
+        client_batch_id: Option<Arc<str>>,
+    ) -> Result<usize, IngestError> {
         let reservation = self
             .reserve(batch.approx_bytes(), WhenFull::Wait(Duration::MAX))
             .await?;
-        self.dispatch(batch, reservation, Some(seq)).await
-    }
-
-    async fn dispatch(
-        &self,
-        batch: Batch,
-        reservation: Reservation,
-        seq: Option<Seq>,
-    ) -> Result<usize, IngestError> {
-        match batch {
-            Batch::Metrics(batch) => self.dispatch_metrics(batch, reservation, seq).await,
-            Batch::Events(batch) => self.dispatch_events(batch, reservation, seq).await,
+        let count = batch.count();
+        if let Some(id) = &client_batch_id {
+            self.recent
+                .remember(Arc::clone(id), batch.ingested_at(), count as u64);
         }
-    }
-
-    /// Hands a reserved (and, with a WAL, durable) batch to its writers.
-    async fn dispatch_metrics(
-        &self,
-        batch: MetricsBatch,
-        mut reservation: Reservation,
-        seq: Option<Seq>,
-    ) -> Result<usize, IngestError> {
-        let points = batch.points();
-        if self.shards.len() == 1 {
-            self.send(0, Command::Metrics(batch, reservation, seq))
-                .await?;
-            return Ok(points);
-        }
-        // Split the blocks by owning writer; each part is one whole batch for it.
-        let ingested_at = batch.ingested_at();
-        let mut parts: Vec<Vec<_>> = (0..self.shards.len()).map(|_| Vec::new()).collect();
-        for block in batch.into_blocks() {
-            parts[self.shard_of(&block.experiment.id)].push(block);
-        }
-        let mut parts: Vec<_> = parts
-            .into_iter()
-            .enumerate()
-            .filter(|(_, blocks)| !blocks.is_empty())
-            .map(|(shard, blocks)| (shard, MetricsBatch::from_validated(blocks, ingested_at)))
-            .collect();
-        let last = parts.pop();
-        for (shard, part) in parts {
-            let r = reservation.split(part.approx_bytes());
-            self.send(shard, Command::Metrics(part, r, seq)).await?;
-        }
-        if let Some((shard, part)) = last {
-            self.send(shard, Command::Metrics(part, reservation, seq))
-                .await?;
-        }
-        Ok(points)
-    }
-
-    async fn dispatch_events(
-        &self,
-        batch: EventsBatch,
-        reservation: Reservation,
-        seq: Option<Seq>,
-    ) -> Result<usize, IngestError> {
-        let n = batch.events().len();
-        let shard = self.shard_of(&batch.experiment().id);
-        self.send(shard, Command::Events(batch, reservation, seq))
-            .await?;
-        Ok(n)
-    }
-
-    /// Everything not yet published for one experiment, plus its published files.
-    /// Every batch acknowledged before this call is included.
-    pub async fn snapshot(&self, experiment: &ExperimentRef) -> Result<Snapshot, IngestError> {
-        let shard = self.shard_of(&experiment.id);
-        let (tx, rx) = oneshot::channel();
-        self.send(shard, Command::Snapshot(experiment.clone(), tx))
-            .await?;
-        Ok(rx.await.map_err(|_| IngestError::WriterGone(shard))??)
+        let (i, handoff) = self.writer();
+        let command = batch.into_command(
+            self.live.part(i),
+            handoff,
+            reservation,
+            Some(seq),
+            client_batch_id,
+        );
+        self.writers[i]
+            .send(command)
+            .map_err(|_| IngestError::WriterGone)?;
+        self.metrics.queue_pushes.inc();
+        Ok(count)
     }
 
     /// Refuses new data from now on and tells every writer to publish and stop.
     /// Batches already queued are written first (queues are FIFO).
     pub fn shutdown(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        for shard in &self.shards {
-            // A full queue drains on its own; block until the stop is queued.
-            let _ = shard.send(Command::Shutdown);
+        for writer in &self.writers {
+            let _ = writer.send(Command::Shutdown);
         }
     }
 
@@ -445,33 +546,11 @@ impl Ingest {
             retry_after: RETRY_AFTER,
         })
     }
-
-    /// Queues a command for a writer. The byte budget already bounds what is queued,
-    /// so a queue full of small batches is waited out rather than refused: a batch
-    /// that reached here may already be in the WAL and must not be dropped.
-    async fn send(&self, shard: usize, mut command: Command) -> Result<(), IngestError> {
-        let data = matches!(command, Command::Metrics(..) | Command::Events(..));
-        loop {
-            match self.shards[shard].try_send(command) {
-                Ok(()) => {
-                    if data {
-                        self.metrics.queue_pushes.inc();
-                    }
-                    return Ok(());
-                }
-                Err(TrySendError::Disconnected(_)) => return Err(IngestError::WriterGone(shard)),
-                Err(TrySendError::Full(back)) => {
-                    command = back;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
-        }
-    }
 }
 
 impl Reservation {
     /// Moves `bytes` (at most all) of this reservation into a new one.
-    fn split(&mut self, bytes: usize) -> Reservation {
+    pub(crate) fn split(&mut self, bytes: usize) -> Reservation {
         let bytes = bytes.min(self.bytes);
         self.bytes -= bytes;
         Reservation {
@@ -502,12 +581,15 @@ mod tests {
     async fn full_budget_waits_then_reports_full() {
         let budget = MemoryBudget::new(100);
         let (ingest, _rx) = Ingest::new(
-            1,
-            4,
+            Policy {
+                writers: 1,
+                when_full: WhenFull::Wait(Duration::from_millis(30)),
+                durability: Durability::Memory,
+            },
             Arc::clone(&budget),
-            WhenFull::Wait(Duration::from_millis(30)),
-            Durability::Memory,
             None,
+            RecentBatches::new(Duration::from_secs(1), 10),
+            LiveView::new(1),
             Metrics::new(),
         );
         let wait = WhenFull::Wait(Duration::from_millis(30));

@@ -1,14 +1,15 @@
 //! Batches as write-ahead log payloads, and back.
 //!
-//! A metrics record is a protobuf message with the batch's ingest time (field 1) and
-//! its blocks as `modelbox.MetricsBlock` (field 2), so it decodes with the same
-//! generated code as requests. It is encoded straight from the validated batch's
+//! A metrics record is a protobuf message with the batch's ingest time (field 1),
+//! its blocks as `modelbox.MetricsBlock` (field 2) and the client's batch id, if
+//! any (field 3), so it decodes with the same generated code as requests. Records
+//! written before batch ids existed decode with an empty id. It is encoded straight from the validated batch's
 //! slices, without building protobuf structs first.
 
 use prost::Message;
 use prost::encoding::{self, WireType};
 
-use crate::model::{EventRecord, EventsBatch, MetricBlock, MetricsBatch, Micros};
+use crate::model::{EventRecord, EventsBatch, MetricBlock, MetricsBatch};
 use crate::proto;
 
 /// A decoded metrics record.
@@ -18,6 +19,8 @@ pub struct MetricsRecord {
     pub ingested_at: i64,
     #[prost(message, repeated, tag = "2")]
     pub blocks: Vec<proto::MetricsBlock>,
+    #[prost(string, tag = "3")]
+    pub client_batch_id: String,
 }
 
 /// A decoded events record.
@@ -29,6 +32,8 @@ pub struct EventsRecord {
     pub parent_id: String,
     #[prost(message, repeated, tag = "3")]
     pub events: Vec<EventEntry>,
+    #[prost(string, tag = "4")]
+    pub client_batch_id: String,
 }
 
 /// One event in an [`EventsRecord`].
@@ -79,13 +84,13 @@ fn block_len(b: &MetricBlock) -> usize {
 }
 
 /// Encodes a metrics batch as a [`MetricsRecord`].
-pub fn encode_metrics(batch: &MetricsBatch) -> Vec<u8> {
+pub fn encode_metrics(batch: &MetricsBatch, client_batch_id: &str) -> Vec<u8> {
     let lens: Vec<usize> = batch.blocks().iter().map(block_len).collect();
     let total: usize = lens
         .iter()
         .map(|l| 1 + encoding::encoded_len_varint(*l as u64) + l)
         .sum();
-    let mut buf = Vec::with_capacity(total + 11);
+    let mut buf = Vec::with_capacity(total + 11 + str_len(3, client_batch_id));
     encoding::int64::encode(1, &batch.ingested_at(), &mut buf);
     for (b, len) in batch.blocks().iter().zip(lens) {
         encoding::encode_key(2, WireType::LengthDelimited, &mut buf);
@@ -101,11 +106,14 @@ pub fn encode_metrics(batch: &MetricsBatch) -> Vec<u8> {
         encoding::uint32::encode_packed(9, &b.bytes.rows, &mut buf);
         encoding::bytes::encode_repeated(10, &b.bytes.values, &mut buf);
     }
+    if !client_batch_id.is_empty() {
+        encode_str(3, client_batch_id, &mut buf);
+    }
     buf
 }
 
 /// Encodes an events batch as an [`EventsRecord`].
-pub fn encode_events(batch: &EventsBatch) -> Vec<u8> {
+pub fn encode_events(batch: &EventsBatch, client_batch_id: &str) -> Vec<u8> {
     EventsRecord {
         ingested_at: batch.ingested_at(),
         parent_id: batch.experiment().id.to_string(),
@@ -119,16 +127,14 @@ pub fn encode_events(batch: &EventsBatch) -> Vec<u8> {
                 metadata_json: e.metadata_json.clone(),
             })
             .collect(),
+        client_batch_id: client_batch_id.to_owned(),
     }
     .encode_to_vec()
 }
 
 /// Decodes a metrics record.
-pub fn decode_metrics(
-    payload: &[u8],
-) -> Result<(Micros, Vec<proto::MetricsBlock>), prost::DecodeError> {
-    let r = MetricsRecord::decode(payload)?;
-    Ok((r.ingested_at, r.blocks))
+pub fn decode_metrics(payload: &[u8]) -> Result<MetricsRecord, prost::DecodeError> {
+    MetricsRecord::decode(payload)
 }
 
 /// Decodes an events record.
@@ -163,9 +169,19 @@ mod tests {
             },
         };
         let batch = MetricsBatch::from_validated(vec![block.clone(), block], 123);
-        let bytes = encode_metrics(&batch);
-        let (at, blocks) = decode_metrics(&bytes).unwrap();
-        assert_eq!(at, 123);
+        let bytes = encode_metrics(&batch, "batch-7");
+        let MetricsRecord {
+            ingested_at: at,
+            blocks,
+            client_batch_id,
+        } = decode_metrics(&bytes).unwrap();
+        assert_eq!((at, client_batch_id.as_str()), (123, "batch-7"));
+        assert!(
+            decode_metrics(&encode_metrics(&batch, ""))
+                .unwrap()
+                .client_batch_id
+                .is_empty()
+        );
         assert_eq!(blocks.len(), 2);
         let b = &blocks[1];
         assert_eq!(b.parent_id, "exp");
@@ -197,8 +213,9 @@ mod tests {
             }],
             9,
         );
-        let r = decode_events(&encode_events(&batch)).unwrap();
+        let r = decode_events(&encode_events(&batch, "b1")).unwrap();
         assert_eq!((r.ingested_at, r.parent_id.as_str()), (9, "e"));
+        assert_eq!(r.client_batch_id, "b1");
         assert_eq!(EventRecord::from(r.events[0].clone()), batch.events()[0]);
     }
 }

@@ -40,6 +40,19 @@ pub enum SinkError {
     },
 }
 
+impl SinkError {
+    /// Whether the file or object does not exist (any more).
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            SinkError::Io { source, .. } => source.kind() == io::ErrorKind::NotFound,
+            SinkError::Remote { source, .. } => {
+                matches!(**source, object_store::Error::NotFound { .. })
+            }
+            SinkError::Key { .. } => false,
+        }
+    }
+}
+
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SinkError + 'a {
     move |source| SinkError::Io {
         action,

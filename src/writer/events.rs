@@ -1,5 +1,6 @@
-//! The buffer of one events partition. Events are few next to metrics, so they are
-//! kept as rows and turned into columns at roll time.
+//! The buffer of one events partition. Events are few next to metrics, so a
+//! partition keeps them as rows until its file rolls, and turns them into columns
+//! then. Chunks are shared (`Arc`) with the writer's live view for reads.
 
 use std::sync::Arc;
 
@@ -8,81 +9,67 @@ use arrow_array::types::Int32Type;
 use arrow_array::{RecordBatch, StringArray, TimestampMicrosecondArray};
 use arrow_schema::ArrowError;
 
-use crate::model::{EventPoint, EventRecord, Micros};
+use crate::model::{EventChunk, EventRecord};
 
+use super::metrics::SortedRows;
 use super::schema::events_schema;
 
-#[derive(Debug)]
-struct Row {
-    experiment: Arc<str>,
-    event: EventRecord,
-    ingested_at: Micros,
-}
-
 #[derive(Debug, Default)]
-pub(super) struct EventsBuffer {
-    rows: Vec<Row>,
+pub(crate) struct EventsBuffer {
+    chunks: Vec<Arc<EventChunk>>,
+    rows: usize,
     bytes: usize,
 }
 
 impl EventsBuffer {
-    pub(super) fn len(&self) -> usize {
-        self.rows.len()
+    pub(crate) fn len(&self) -> usize {
+        self.rows
     }
 
-    pub(super) fn approx_bytes(&self) -> usize {
+    pub(crate) fn approx_bytes(&self) -> usize {
         self.bytes
     }
 
-    pub(super) fn append(&mut self, experiment: &Arc<str>, events: Vec<EventRecord>, at: Micros) {
-        self.bytes += events
-            .iter()
-            .map(|e| e.name.len() + e.source.len() + e.metadata_json.len() + 64)
-            .sum::<usize>();
-        self.rows.extend(events.into_iter().map(|event| Row {
-            experiment: Arc::clone(experiment),
-            event,
-            ingested_at: at,
-        }));
+    pub(crate) fn append(&mut self, chunk: Arc<EventChunk>) {
+        self.rows += chunk.events.len();
+        self.bytes += chunk.approx_bytes();
+        self.chunks.push(chunk);
     }
 
-    pub(super) fn points_of(&self, experiment_id: &str) -> Vec<EventPoint> {
-        self.rows
+    /// The rows sorted by (experiment_id, wallclock), arrival order breaking ties,
+    /// with each experiment's row count.
+    pub(crate) fn to_record_batch(&self) -> Result<SortedRows, ArrowError> {
+        let mut perm: Vec<(&EventChunk, &EventRecord)> = self
+            .chunks
             .iter()
-            .filter(|r| &*r.experiment == experiment_id)
-            .map(|r| EventPoint {
-                event: r.event.clone(),
-                ingested_at: r.ingested_at,
-            })
-            .collect()
-    }
-
-    /// The rows sorted by (experiment_id, wallclock), arrival order breaking ties.
-    pub(super) fn to_record_batch(&self) -> Result<(RecordBatch, String, String), ArrowError> {
-        let mut perm: Vec<usize> = (0..self.rows.len()).collect();
-        perm.sort_by(|&a, &b| {
-            let (a, b) = (&self.rows[a], &self.rows[b]);
-            (&a.experiment, a.event.wallclock).cmp(&(&b.experiment, b.event.wallclock))
+            .flat_map(|c| c.events.iter().map(move |e| (&**c, e)))
+            .collect();
+        // Stable: equal (experiment, wallclock) keep their arrival order.
+        perm.sort_by(|(ca, a), (cb, b)| {
+            (&ca.experiment, a.wallclock).cmp(&(&cb.experiment, b.wallclock))
         });
+        let mut experiments: Vec<(Arc<str>, u64)> = Vec::new();
         let mut experiment = StringDictionaryBuilder::<Int32Type>::new();
         let mut name = StringDictionaryBuilder::<Int32Type>::new();
         let mut source = StringDictionaryBuilder::<Int32Type>::new();
-        for &i in &perm {
-            let r = &self.rows[i];
-            experiment.append_value(&r.experiment);
-            name.append_value(&r.event.name);
-            source.append_value(&r.event.source);
+        for (c, e) in &perm {
+            match experiments.last_mut() {
+                Some((id, n)) if *id == c.experiment => *n += 1,
+                _ => experiments.push((Arc::clone(&c.experiment), 1)),
+            }
+            experiment.append_value(&c.experiment);
+            name.append_value(&e.name);
+            source.append_value(&e.source);
         }
         let wallclock: TimestampMicrosecondArray = perm
             .iter()
-            .map(|&i| self.rows[i].event.wallclock)
+            .map(|(_, e)| e.wallclock)
             .collect::<Vec<_>>()
             .into();
-        let metadata =
-            StringArray::from_iter_values(perm.iter().map(|&i| &self.rows[i].event.metadata_json));
+        let metadata = StringArray::from_iter_values(perm.iter().map(|(_, e)| &e.metadata_json));
         let ingested: TimestampMicrosecondArray = perm
             .iter()
-            .map(|&i| self.rows[i].ingested_at)
+            .map(|(c, _)| c.ingested_at)
             .collect::<Vec<_>>()
             .into();
         let batch = RecordBatch::try_new(
@@ -96,14 +83,10 @@ impl EventsBuffer {
                 Arc::new(ingested.with_timezone("UTC")),
             ],
         )?;
-        let min = perm
-            .first()
-            .map(|&i| self.rows[i].experiment.to_string())
-            .unwrap_or_default();
-        let max = perm
-            .last()
-            .map(|&i| self.rows[i].experiment.to_string())
-            .unwrap_or_default();
-        Ok((batch, min, max))
+        Ok(SortedRows {
+            batch,
+            experiments,
+            series: Vec::new(),
+        })
     }
 }

@@ -1,9 +1,15 @@
-//! The columnar buffer of one metrics partition.
+//! The columnar buffer of one metrics partition: the rows that are not yet in a
+//! row group.
 //!
-//! Blocks arrive whole from the API and are kept as they came ("chunks"): their packed
-//! columns move in without a copy, and their key dictionary is mapped to series ids
-//! once. No per-point allocation, lock or copy on the way in. At roll time the rows of
-//! all chunks are ordered by (experiment_id, key, step) and gathered into Arrow arrays.
+//! Blocks arrive whole from the API and are kept as they came ("chunks"): their
+//! packed columns move in without a copy, and their key dictionary is mapped to
+//! series ids once. No per-point allocation, lock or copy on the way in. When the
+//! buffer is encoded, its rows are ordered by (experiment_id, key, step) and
+//! gathered into Arrow arrays. Compaction uses the same buffer to merge rows read
+//! back from files.
+//!
+//! Chunks are shared (`Arc`) with the writer's live view, so reads see buffered
+//! rows without going through the writer thread.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,13 +17,13 @@ use std::sync::Arc;
 use arrow_array::builder::{BinaryBuilder, StringBuilder};
 use arrow_array::types::Int32Type;
 use arrow_array::{
-    ArrayRef, DictionaryArray, Float64Array, Int32Array, RecordBatch, StringArray,
-    TimestampMicrosecondArray, UInt64Array, new_null_array,
+    ArrayRef, DictionaryArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray, new_null_array,
 };
 use arrow_buffer::{BooleanBuffer, NullBuffer};
 use arrow_schema::{ArrowError, DataType};
 
-use crate::model::{MetricBlock, MetricPoint, MetricValue, Micros};
+use crate::model::{MetricChunk, MetricSummary};
 
 use super::schema::metrics_schema;
 
@@ -28,36 +34,17 @@ struct Series {
     key: Arc<str>,
 }
 
-/// One appended block and what the buffer learned about it.
+/// One appended chunk and what the buffer learned about it.
 #[derive(Debug)]
-struct Chunk {
-    block: MetricBlock,
+struct Entry {
+    chunk: Arc<MetricChunk>,
     /// Series id of each entry of the block's key dictionary.
     series_of_key: Vec<u32>,
-    ingested_at: Micros,
 }
 
-impl Chunk {
+impl Entry {
     fn series(&self, row: usize) -> u32 {
-        self.series_of_key[self.block.key_index[row] as usize]
-    }
-
-    fn sparse<T>(column: &crate::model::SparseColumn<T>, row: u32) -> Option<&T> {
-        column
-            .rows
-            .binary_search(&row)
-            .ok()
-            .map(|j| &column.values[j])
-    }
-
-    fn value(&self, row: u32) -> MetricValue {
-        if let Some(s) = Self::sparse(&self.block.strings, row) {
-            return MetricValue::String(s.clone());
-        }
-        if let Some(b) = Self::sparse(&self.block.bytes, row) {
-            return MetricValue::Bytes(b.clone());
-        }
-        MetricValue::Double(self.block.values[row as usize])
+        self.series_of_key[self.chunk.block.key_index[row] as usize]
     }
 }
 
@@ -68,18 +55,38 @@ fn row_ref(chunk: usize, row: usize) -> RowRef {
     ((chunk as u64) << 32) | row as u64
 }
 
+/// The buffer encoded: rows sorted by (experiment_id, key, step), and how many rows
+/// each experiment has, in that order.
+#[derive(Debug)]
+pub(crate) struct SortedRows {
+    pub batch: RecordBatch,
+    pub experiments: Vec<(Arc<str>, u64)>,
+    /// (experiment, key, rows) in the same order; empty for events.
+    pub series: Vec<(Arc<str>, Arc<str>, u64)>,
+}
+
 #[derive(Debug, Default)]
-pub(super) struct MetricsBuffer {
+pub(crate) struct MetricsBuffer {
     series: Vec<Series>,
     /// experiment id → key → series id.
     series_ids: HashMap<Arc<str>, HashMap<Arc<str>, u32>>,
-    chunks: Vec<Chunk>,
+    entries: Vec<Entry>,
     rows: usize,
+    bytes: usize,
 }
 
 impl MetricsBuffer {
-    pub(super) fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.rows
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// The memory the buffered chunks hold.
+    pub(crate) fn approx_bytes(&self) -> usize {
+        self.bytes
     }
 
     fn series_id(&mut self, experiment: &Arc<str>, key: &str) -> u32 {
@@ -97,43 +104,63 @@ impl MetricsBuffer {
         id
     }
 
-    /// Appends a validated block (its sparse rows sorted, as validation leaves them).
-    pub(super) fn append(&mut self, block: MetricBlock, ingested_at: Micros) {
-        let series_of_key = block
+    /// Appends a validated chunk (its sparse rows sorted, as validation leaves them).
+    pub(crate) fn append(&mut self, chunk: Arc<MetricChunk>) {
+        let series_of_key = chunk
+            .block
             .keys
             .iter()
-            .map(|k| self.series_id(&block.experiment.id, k))
+            .map(|k| self.series_id(&chunk.block.experiment.id, k))
             .collect();
-        self.rows += block.len();
-        self.chunks.push(Chunk {
-            block,
+        self.rows += chunk.len();
+        self.bytes += chunk.approx_bytes();
+        self.entries.push(Entry {
+            chunk,
             series_of_key,
-            ingested_at,
         });
     }
 
-    /// The buffered points of one experiment, in arrival order.
-    pub(super) fn points_of(&self, experiment_id: &str) -> Vec<MetricPoint> {
-        let mut out = Vec::new();
-        for chunk in self
-            .chunks
-            .iter()
-            .filter(|c| &*c.block.experiment.id == experiment_id)
-        {
-            let b = &chunk.block;
-            out.extend((0..b.len()).map(|row| MetricPoint {
-                key: b.keys[b.key_index[row] as usize].clone(),
-                step: b.steps[row],
-                wallclock: b.wallclocks[row],
-                value: chunk.value(row as u32),
-                ingested_at: chunk.ingested_at,
-            }));
+    /// The experiments with rows in the buffer.
+    pub(crate) fn experiments(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.series_ids.keys()
+    }
+
+    /// Empties the buffer.
+    pub(crate) fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Summaries per (experiment, key): every point counts; a string or bytes value
+    /// counts as NaN (no part in the extremes, and the last value when it is last).
+    pub(crate) fn summaries(&self) -> Vec<(Arc<str>, Arc<str>, MetricSummary)> {
+        let mut by_series: Vec<Option<MetricSummary>> = vec![None; self.series.len()];
+        for e in &self.entries {
+            let b = &e.chunk.block;
+            let all_numeric = b.strings.is_empty() && b.bytes.is_empty();
+            for row in 0..b.len() {
+                let value = if all_numeric || e.chunk.is_numeric(row) {
+                    b.values[row]
+                } else {
+                    f64::NAN
+                };
+                let (step, at) = (b.steps[row] as i64, e.chunk.ingested_at(row));
+                match &mut by_series[e.series(row) as usize] {
+                    Some(s) => s.add(step, value, at),
+                    slot => *slot = Some(MetricSummary::of(step, value, at)),
+                }
+            }
         }
-        out
+        by_series
+            .into_iter()
+            .zip(&self.series)
+            .filter_map(|(s, series)| {
+                s.map(|s| (Arc::clone(&series.experiment), Arc::clone(&series.key), s))
+            })
+            .collect()
     }
 
     fn step(&self, r: RowRef) -> u64 {
-        self.chunks[(r >> 32) as usize].block.steps[(r & 0xffff_ffff) as usize]
+        self.entries[(r >> 32) as usize].chunk.block.steps[(r & 0xffff_ffff) as usize]
     }
 
     /// Rows ordered by (series rank, step), arrival order breaking ties.
@@ -144,9 +171,9 @@ impl MetricsBuffer {
     /// merges.
     fn sort_permutation(&self, rank: &[u32]) -> Vec<RowRef> {
         let mut starts = vec![0usize; rank.len() + 1];
-        for chunk in &self.chunks {
-            for row in 0..chunk.block.len() {
-                starts[rank[chunk.series(row) as usize] as usize + 1] += 1;
+        for e in &self.entries {
+            for row in 0..e.chunk.len() {
+                starts[rank[e.series(row) as usize] as usize + 1] += 1;
             }
         }
         for i in 1..starts.len() {
@@ -154,9 +181,9 @@ impl MetricsBuffer {
         }
         let mut next = starts.clone();
         let mut perm = vec![0; self.rows];
-        for (c, chunk) in self.chunks.iter().enumerate() {
-            for row in 0..chunk.block.len() {
-                let slot = &mut next[rank[chunk.series(row) as usize] as usize];
+        for (c, e) in self.entries.iter().enumerate() {
+            for row in 0..e.chunk.len() {
+                let slot = &mut next[rank[e.series(row) as usize] as usize];
                 perm[*slot] = row_ref(c, row);
                 *slot += 1;
             }
@@ -171,7 +198,7 @@ impl MetricsBuffer {
             scratch.extend(rows.iter().map(|&r| (self.step(r), r)));
             // (step, row) pairs are distinct and row refs grow with arrival, so the
             // sort keeps arrival order among equal steps.
-            scratch.sort();
+            scratch.sort_unstable();
             for (dst, &(_, r)) in rows.iter_mut().zip(&scratch) {
                 *dst = r;
             }
@@ -179,9 +206,9 @@ impl MetricsBuffer {
         perm
     }
 
-    /// The buffer as one Arrow batch sorted by (experiment_id, key, step), with the
-    /// smallest and largest experiment id.
-    pub(super) fn to_record_batch(&self) -> Result<(RecordBatch, String, String), ArrowError> {
+    /// The buffer as one Arrow batch sorted by (experiment_id, key, step), with each
+    /// experiment's row count.
+    pub(crate) fn to_record_batch(&self) -> Result<SortedRows, ArrowError> {
         let n = self.rows;
         // Rank series by (experiment, key); dictionaries hold sorted distinct values.
         let mut order: Vec<u32> = (0..self.series.len() as u32).collect();
@@ -196,60 +223,87 @@ impl MetricsBuffer {
         let (experiment_values, experiment_of_series) = dictionary(&self.series, |s| &s.experiment);
         let (key_values, key_of_series) = dictionary(&self.series, |s| &s.key);
         let perm = self.sort_permutation(&rank);
+        let mut rows_of_series = vec![0u64; self.series.len()];
+        for e in &self.entries {
+            for row in 0..e.chunk.len() {
+                rows_of_series[e.series(row) as usize] += 1;
+            }
+        }
+        let series: Vec<(Arc<str>, Arc<str>, u64)> = order
+            .iter()
+            .map(|&s| {
+                let x = &self.series[s as usize];
+                (
+                    Arc::clone(&x.experiment),
+                    Arc::clone(&x.key),
+                    rows_of_series[s as usize],
+                )
+            })
+            .collect();
 
-        let chunk = |r: RowRef| &self.chunks[(r >> 32) as usize];
+        let entry = |r: RowRef| &self.entries[(r >> 32) as usize];
         let row = |r: RowRef| (r & 0xffff_ffff) as usize;
-        let gather_series = |of_series: &[i32]| -> Int32Array {
-            perm.iter()
-                .map(|&r| of_series[chunk(r).series(row(r)) as usize])
-                .collect::<Vec<i32>>()
-                .into()
-        };
+        let experiment_keys: Vec<i32> = perm
+            .iter()
+            .map(|&r| experiment_of_series[entry(r).series(row(r)) as usize])
+            .collect();
+        let mut experiments: Vec<(Arc<str>, u64)> = Vec::new();
+        for &e in &experiment_keys {
+            match experiments.last_mut() {
+                Some((id, n)) if **id == **experiment_values[e as usize] => *n += 1,
+                _ => experiments.push((Arc::clone(experiment_values[e as usize]), 1)),
+            }
+        }
         let experiment_id = DictionaryArray::<Int32Type>::try_new(
-            gather_series(&experiment_of_series),
+            Int32Array::from(experiment_keys),
             Arc::new(StringArray::from_iter_values(
                 experiment_values.iter().map(|s| &**s),
             )),
         )?;
         let key = DictionaryArray::<Int32Type>::try_new(
-            gather_series(&key_of_series),
+            perm.iter()
+                .map(|&r| key_of_series[entry(r).series(row(r)) as usize])
+                .collect::<Vec<i32>>()
+                .into(),
             Arc::new(StringArray::from_iter_values(
                 key_values.iter().map(|s| &**s),
             )),
         )?;
-        let step: UInt64Array = perm
+        let step: Int64Array = perm
             .iter()
-            .map(|&r| self.step(r))
+            .map(|&r| self.step(r) as i64)
             .collect::<Vec<_>>()
             .into();
-        let wallclock: UInt64Array = perm
+        let wallclock: Int64Array = perm
             .iter()
-            .map(|&r| chunk(r).block.wallclocks[row(r)])
+            .map(|&r| entry(r).chunk.block.wallclocks[row(r)] as i64)
             .collect::<Vec<_>>()
             .into();
         let doubles: Vec<f64> = perm
             .iter()
-            .map(|&r| chunk(r).block.values[row(r)])
+            .map(|&r| entry(r).chunk.block.values[row(r)])
             .collect();
-        let any_strings = self.chunks.iter().any(|c| !c.block.strings.is_empty());
-        let any_bytes = self.chunks.iter().any(|c| !c.block.bytes.is_empty());
+        let any_strings = self
+            .entries
+            .iter()
+            .any(|e| !e.chunk.block.strings.is_empty());
+        let any_bytes = self.entries.iter().any(|e| !e.chunk.block.bytes.is_empty());
         let value_double = if !any_strings && !any_bytes {
             Float64Array::from(doubles)
         } else {
             let valid: BooleanBuffer = perm
                 .iter()
-                .map(|&r| {
-                    let (c, i) = (chunk(r), row(r) as u32);
-                    Chunk::sparse(&c.block.strings, i).is_none()
-                        && Chunk::sparse(&c.block.bytes, i).is_none()
-                })
+                .map(|&r| entry(r).chunk.is_numeric(row(r)))
                 .collect();
             Float64Array::new(doubles.into(), Some(NullBuffer::new(valid)))
         };
         let value_string: ArrayRef = if any_strings {
             let mut b = StringBuilder::new();
             for &r in &perm {
-                b.append_option(Chunk::sparse(&chunk(r).block.strings, row(r) as u32));
+                b.append_option(MetricChunk::sparse(
+                    &entry(r).chunk.block.strings,
+                    row(r) as u32,
+                ));
             }
             Arc::new(b.finish())
         } else {
@@ -258,7 +312,10 @@ impl MetricsBuffer {
         let value_bytes: ArrayRef = if any_bytes {
             let mut b = BinaryBuilder::new();
             for &r in &perm {
-                b.append_option(Chunk::sparse(&chunk(r).block.bytes, row(r) as u32));
+                b.append_option(MetricChunk::sparse(
+                    &entry(r).chunk.block.bytes,
+                    row(r) as u32,
+                ));
             }
             Arc::new(b.finish())
         } else {
@@ -266,7 +323,7 @@ impl MetricsBuffer {
         };
         let ingested_at = TimestampMicrosecondArray::from(
             perm.iter()
-                .map(|&r| chunk(r).ingested_at)
+                .map(|&r| entry(r).chunk.ingested_at(row(r)))
                 .collect::<Vec<_>>(),
         )
         .with_timezone("UTC");
@@ -284,15 +341,11 @@ impl MetricsBuffer {
                 Arc::new(ingested_at),
             ],
         )?;
-        let min = experiment_values
-            .first()
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        let max = experiment_values
-            .last()
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        Ok((batch, min, max))
+        Ok(SortedRows {
+            batch,
+            experiments,
+            series,
+        })
     }
 }
 
@@ -315,10 +368,14 @@ fn dictionary<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ExperimentRef, SparseColumn};
+    use crate::model::{ExperimentRef, MetricBlock, Micros, SparseColumn};
     use arrow_array::Array;
     use arrow_array::cast::AsArray;
-    use arrow_array::types::{Float64Type, UInt64Type};
+    use arrow_array::types::{Float64Type, Int64Type};
+
+    fn chunk(block: MetricBlock, at: Micros) -> Arc<MetricChunk> {
+        Arc::new(MetricChunk::new(block, at))
+    }
 
     fn block(exp: &str, keys: &[&str], key_index: Vec<u32>, steps: Vec<u64>) -> MetricBlock {
         let n = steps.len();
@@ -340,18 +397,24 @@ mod tests {
     #[test]
     fn rows_sort_by_experiment_key_step_and_keep_values() {
         let mut buf = MetricsBuffer::default();
-        buf.append(
+        buf.append(chunk(
             block("e2", &["loss", "acc"], vec![0, 1, 0, 1], vec![5, 5, 1, 1]),
             100,
-        );
+        ));
         let mut b = block("e1", &["loss"], vec![0, 0], vec![9, 3]);
         b.strings = SparseColumn {
             rows: vec![1],
             values: vec!["s".into()],
         };
-        buf.append(b, 200);
-        let (batch, min, max) = buf.to_record_batch().unwrap();
-        assert_eq!((min.as_str(), max.as_str()), ("e1", "e2"));
+        buf.append(chunk(b, 200));
+        let sorted = buf.to_record_batch().unwrap();
+        let batch = sorted.batch;
+        let counts: Vec<_> = sorted
+            .experiments
+            .iter()
+            .map(|(e, n)| (e.to_string(), *n))
+            .collect();
+        assert_eq!(counts, [("e1".to_owned(), 2), ("e2".to_owned(), 4)]);
         let exp = batch.column(0).as_dictionary::<Int32Type>();
         let exp_values = exp.values().as_string::<i32>();
         let exps: Vec<_> = exp
@@ -372,7 +435,7 @@ mod tests {
         assert_eq!(keys, ["loss", "loss", "acc", "acc", "loss", "loss"]);
         let steps = batch
             .column(2)
-            .as_primitive::<UInt64Type>()
+            .as_primitive::<Int64Type>()
             .values()
             .to_vec();
         assert_eq!(steps, [3, 9, 1, 5, 1, 5]);
@@ -392,12 +455,12 @@ mod tests {
     #[test]
     fn equal_steps_keep_arrival_order_within_an_unordered_series() {
         let mut buf = MetricsBuffer::default();
-        buf.append(block("e", &["k"], vec![0, 0], vec![3, 1]), 1);
-        buf.append(block("e", &["k"], vec![0, 0], vec![3, 1]), 2);
-        let (batch, _, _) = buf.to_record_batch().unwrap();
+        buf.append(chunk(block("e", &["k"], vec![0, 0], vec![3, 1]), 1));
+        buf.append(chunk(block("e", &["k"], vec![0, 0], vec![3, 1]), 2));
+        let batch = buf.to_record_batch().unwrap().batch;
         let steps = batch
             .column(2)
-            .as_primitive::<UInt64Type>()
+            .as_primitive::<Int64Type>()
             .values()
             .to_vec();
         assert_eq!(steps, [1, 1, 3, 3]);
@@ -411,13 +474,22 @@ mod tests {
     }
 
     #[test]
-    fn points_of_one_experiment_in_arrival_order() {
+    fn summaries_count_every_point_and_take_numbers_for_extremes() {
         let mut buf = MetricsBuffer::default();
-        buf.append(block("e1", &["a"], vec![0, 0], vec![2, 1]), 7);
-        buf.append(block("e2", &["a"], vec![0], vec![1]), 8);
-        let pts = buf.points_of("e1");
-        assert_eq!(pts.iter().map(|p| p.step).collect::<Vec<_>>(), [2, 1]);
-        assert_eq!(pts[1].value, MetricValue::Double(1.0));
-        assert!(buf.points_of("e3").is_empty());
+        let mut b = block("e1", &["loss"], vec![0, 0, 0], vec![2, 1, 3]);
+        b.strings = SparseColumn {
+            rows: vec![2],
+            values: vec!["text".into()],
+        };
+        buf.append(chunk(b, 7));
+        buf.append(chunk(block("e1", &["loss"], vec![0], vec![2]), 8));
+        let sums = buf.summaries();
+        assert_eq!(sums.len(), 1);
+        let (e, k, s) = &sums[0];
+        assert_eq!((&**e, &**k), ("e1", "loss"));
+        // Rows: step 2 = 0.0 (at 7), step 1 = 1.0, step 3 is text, step 2 = 0.0 (at 8).
+        assert_eq!((s.count, s.min, s.max), (4, 0.0, 1.0));
+        assert_eq!((s.last_step, s.last_at), (3, 7));
+        assert!(s.last.is_nan(), "the last point is text");
     }
 }

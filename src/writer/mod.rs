@@ -1,38 +1,43 @@
 //! Writer threads. Each owns a set of partitions (one table, namespace and UTC date
-//! each) with columnar buffers, rolls them into Parquet files by rows, bytes or age,
-//! publishes the files atomically and records them in the index. Requests reach a
-//! writer through its bounded queue ([`crate::ingest::Command`]); since the queue is
-//! FIFO, a snapshot request sees every batch acknowledged before it.
+//! each). A metrics partition buffers rows until it holds a row group's worth,
+//! then encodes them, sorted by (experiment_id, key, step), as the next row group
+//! of a Parquet file in the staging folder; the file is published once it is old
+//! or large enough. So an open partition costs one row group of memory, and the
+//! global sort of a partition is compaction's job ([`crate::compact`]). Events are
+//! few: an events partition keeps its rows until its file rolls.
+//!
+//! Every buffered chunk and every staged row group is visible to reads through the
+//! writer's [`WriterView`]; reads never pass through a writer's queue.
+//! Publication itself is [`Persister`]'s.
 
-mod events;
-mod metrics;
+pub mod events;
+mod file;
+pub mod metrics;
 pub mod schema;
 pub mod snapshot;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use arrow_array::RecordBatch;
 use arrow_schema::ArrowError;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use parquet::arrow::ArrowWriter;
 use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
 
 use crate::config::RollPolicy;
-use crate::index::{FileEntry, Index, IndexError, PublishIntent};
-use crate::ingest::{Command, Reservation, Snapshot};
-use crate::model::{EventsBatch, ExperimentRef, MetricsBatch, now_micros};
+use crate::index::IndexError;
+use crate::ingest::{Command, MemoryBudget, Reservation, Work};
+use crate::live::WriterView;
+use crate::model::{EventChunk, MetricChunk, MetricSummary, Micros};
 use crate::paths::{ObjectKey, PartitionKey, Table, utc_date};
-use crate::sink::upload::Uploader;
-use crate::sink::{LocalSink, SinkError};
-use crate::telemetry::{Metrics, TableLabel, TableName};
-use crate::wal::{Seq, Tracker};
+use crate::persist::{Persister, Publication};
+use crate::sink::SinkError;
+use crate::wal::Seq;
 
 use events::EventsBuffer;
+use file::StreamingFile;
 use metrics::MetricsBuffer;
 
 /// Errors writing a file.
@@ -52,16 +57,11 @@ pub enum WriterError {
 /// What every writer thread shares.
 #[derive(Debug, Clone)]
 pub struct WriterContext {
-    pub index: Arc<Index>,
-    /// Where files are published: the storage root, or the spool of an S3 root.
-    pub sink: LocalSink,
-    /// With an S3 root: takes each file published into the spool.
-    pub uploader: Option<Arc<Uploader>>,
+    pub persister: Persister,
     pub daemon_id: Arc<str>,
     pub roll: RollPolicy,
-    /// Where published WAL records are released, and the oldest record still on disk.
-    pub wal: Option<(Arc<Tracker>, Arc<AtomicU64>)>,
-    pub metrics: Metrics,
+    /// The ingest memory budget: under pressure, writers encode buffers early.
+    pub budget: Arc<MemoryBudget>,
 }
 
 /// Starts writer thread `id` reading `rx`. It returns once told to shut down (or
@@ -69,358 +69,540 @@ pub struct WriterContext {
 pub fn spawn(
     id: usize,
     ctx: WriterContext,
+    view: Arc<WriterView>,
     rx: Receiver<Command>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("mboxd-writer-{id}"))
-        .spawn(move || Writer::new(ctx).run(&rx))
+        .spawn(move || Writer::new(ctx, view).run(&rx))
 }
 
-/// A partition's buffer and the memory reservations of the batches in it.
-#[derive(Debug)]
-struct Partition<B> {
-    buffer: B,
-    reservations: Vec<Reservation>,
-    bytes: usize,
-    /// (WAL seq, experiment) of every block appended, for exactly-once bookkeeping.
-    wal: Vec<(Seq, Arc<str>)>,
-    /// When the oldest buffered row arrived (or the last failed publish).
-    since: Instant,
+/// What a file (or the rows on their way into one) owes the manifest.
+#[derive(Debug, Default)]
+struct Owed {
+    /// (WAL seq, experiment) of every block.
+    pieces: Vec<(Seq, Arc<str>)>,
+    /// (client batch id, accepted at, points) of every batch.
+    batch_ids: Vec<(Arc<str>, Micros, u64)>,
 }
 
-impl<B: Default> Partition<B> {
-    fn new() -> Self {
-        Self {
-            buffer: B::default(),
-            reservations: Vec::new(),
-            bytes: 0,
-            wal: Vec::new(),
-            since: Instant::now(),
+impl Owed {
+    fn take_into(&mut self, other: &mut Owed) {
+        other.pieces.append(&mut self.pieces);
+        other.batch_ids.append(&mut self.batch_ids);
+    }
+
+    fn record(
+        &mut self,
+        seq: Option<Seq>,
+        experiment: &Arc<str>,
+        client_batch: &Option<Arc<str>>,
+        at: Micros,
+        points: u64,
+    ) {
+        if let Some(seq) = seq {
+            self.pieces.push((seq, Arc::clone(experiment)));
+        }
+        if let Some(id) = client_batch
+            && !self.batch_ids.iter().any(|(b, _, _)| b == id)
+        {
+            self.batch_ids.push((Arc::clone(id), at, points));
         }
     }
+}
 
-    fn hold(&mut self, reservation: Reservation) {
-        self.bytes += reservation.bytes();
-        self.reservations.push(reservation);
-    }
+/// One metrics partition: the buffer of rows not yet encoded, and the staged file
+/// their row groups go into.
+#[derive(Debug)]
+struct MetricsPartition {
+    buffer: MetricsBuffer,
+    /// Tags the buffer's chunks in the live view; new after each row group.
+    tag: u64,
+    /// The key of the file the buffered rows will be in.
+    key: Arc<ObjectKey>,
+    buffer_owes: Owed,
+    reservations: Vec<Reservation>,
+    file: Option<StreamingFile>,
+    file_owes: Owed,
+    summaries: HashMap<(Arc<str>, Arc<str>), MetricSummary>,
+    /// When the oldest unpublished row arrived.
+    since: Instant,
+    /// After a failed write, when to try again.
+    retry_at: Option<Instant>,
+}
+
+/// One events partition.
+#[derive(Debug)]
+struct EventsPartition {
+    buffer: EventsBuffer,
+    tag: u64,
+    key: Arc<ObjectKey>,
+    owes: Owed,
+    reservations: Vec<Reservation>,
+    since: Instant,
 }
 
 #[derive(Debug)]
 struct Writer {
     ctx: WriterContext,
     props: WriterProperties,
-    metrics: HashMap<PartitionKey, Partition<MetricsBuffer>>,
-    events: HashMap<PartitionKey, Partition<EventsBuffer>>,
+    view: Arc<WriterView>,
+    metrics: HashMap<PartitionKey, MetricsPartition>,
+    events: HashMap<PartitionKey, EventsPartition>,
+    /// Finished files whose publication failed, retried each tick.
+    unpublished: Vec<Publication>,
+    next_tag: u64,
 }
 
+/// How long to wait after a failed write before trying again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Under memory pressure, buffers at least this large are encoded early.
+const MIN_EARLY_ROWS: usize = 4096;
+
 impl Writer {
-    fn new(ctx: WriterContext) -> Self {
+    fn new(ctx: WriterContext, view: Arc<WriterView>) -> Self {
         let props = schema::writer_properties(&ctx.roll);
         Self {
             ctx,
             props,
+            view,
             metrics: HashMap::new(),
             events: HashMap::new(),
+            unpublished: Vec::new(),
+            next_tag: 0,
         }
+    }
+
+    fn tag(&mut self) -> u64 {
+        self.next_tag += 1;
+        self.next_tag
+    }
+
+    fn new_key(&self, partition: &PartitionKey) -> Arc<ObjectKey> {
+        Arc::new(ObjectKey::new_file(partition, &self.ctx.daemon_id))
     }
 
     fn run(mut self, rx: &Receiver<Command>) {
         let tick =
             (self.ctx.roll.max_age / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut next_tick = Instant::now() + tick;
         loop {
-            match rx.recv_timeout(tick) {
-                Ok(Command::Metrics(batch, reservation, seq)) => {
-                    self.ctx.metrics.queue_pops.inc();
-                    self.add_metrics(batch, reservation, seq)
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(Command::Metrics(work)) => {
+                    self.ctx.persister.metrics.queue_pops.inc();
+                    self.add_metrics(work);
                 }
-                Ok(Command::Events(batch, reservation, seq)) => {
-                    self.ctx.metrics.queue_pops.inc();
-                    self.add_events(batch, reservation, seq)
-                }
-                Ok(Command::Snapshot(experiment, reply)) => {
-                    let _ = reply.send(self.snapshot(&experiment));
+                Ok(Command::Events(work)) => {
+                    self.ctx.persister.metrics.queue_pops.inc();
+                    self.add_events(work);
                 }
                 Ok(Command::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
                     self.roll(|_| true);
-                    let left = self.metrics.len() + self.events.len();
+                    self.retry_unpublished();
+                    let left = self.metrics.len() + self.events.len() + self.unpublished.len();
                     if left > 0 {
                         tracing::error!(
                             partitions = left,
-                            "writer stopped with unpublished partitions"
+                            "writer stopped with unpublished rows; they replay from the write-ahead log"
                         );
                     }
                     return;
                 }
                 Err(RecvTimeoutError::Timeout) => {}
             }
-            let max_age = self.ctx.roll.max_age;
-            self.roll(|since| since.elapsed() >= max_age);
+            if Instant::now() >= next_tick {
+                let max_age = self.ctx.roll.max_age;
+                self.roll(|since| since.elapsed() >= max_age);
+                self.retry_unpublished();
+                next_tick = Instant::now() + tick;
+            }
         }
     }
 
-    fn add_metrics(&mut self, batch: MetricsBatch, reservation: Reservation, seq: Option<Seq>) {
-        let at = batch.ingested_at();
+    fn add_metrics(&mut self, work: Work<Vec<Arc<MetricChunk>>>) {
+        let Work {
+            chunks,
+            mut reservation,
+            seq,
+            client_batch,
+            handoff,
+            ingested_at: at,
+            count: points,
+        } = work;
         let date = utc_date(at);
-        let mut reservation = Some(reservation);
-        let mut touched = Vec::new();
-        for block in batch.into_blocks() {
+        let mut touched: Vec<PartitionKey> = Vec::new();
+        let mut claims = Vec::with_capacity(chunks.len());
+        let last = chunks.len().saturating_sub(1);
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let experiment = &chunk.block.experiment;
             let key = PartitionKey {
                 table: Table::Metrics,
-                namespace: Arc::clone(&block.experiment.namespace),
+                namespace: Arc::clone(&experiment.namespace),
                 date,
             };
-            let partition = self
-                .metrics
-                .entry(key.clone())
-                .or_insert_with(Partition::new);
-            if let Some(seq) = seq {
-                partition.wal.push((seq, Arc::clone(&block.experiment.id)));
+            if !self.metrics.contains_key(&key) {
+                let partition = MetricsPartition {
+                    buffer: MetricsBuffer::default(),
+                    tag: self.tag(),
+                    key: self.new_key(&key),
+                    buffer_owes: Owed::default(),
+                    reservations: Vec::new(),
+                    file: None,
+                    file_owes: Owed::default(),
+                    summaries: HashMap::new(),
+                    since: Instant::now(),
+                    retry_at: None,
+                };
+                self.metrics.insert(key.clone(), partition);
             }
-            partition.buffer.append(block, at);
-            if let Some(r) = reservation.take() {
-                partition.hold(r);
+            let Some(p) = self.metrics.get_mut(&key) else {
+                continue;
+            };
+            // Each partition holds the reservation of what it buffers; the last
+            // chunk takes what is left (rounding).
+            let share = if i == last {
+                reservation.split(usize::MAX)
+            } else {
+                reservation.split(chunk.approx_bytes())
+            };
+            p.reservations.push(share);
+            p.buffer_owes
+                .record(seq, &experiment.id, &client_batch, at, points);
+            claims.push((Arc::clone(&chunk), p.tag, Arc::clone(&p.key)));
+            p.buffer.append(chunk);
+            if !touched.contains(&key) {
+                touched.push(key);
             }
-            touched.push(key);
         }
-        let (max_rows, max_bytes) = (self.ctx.roll.max_rows, self.ctx.roll.max_bytes);
+        self.view.claim_metrics(handoff, claims);
+        let rg_rows = self.ctx.roll.row_group_rows;
+        let rg_bytes = self.ctx.roll.row_group_bytes;
+        for key in &touched {
+            let full = self.metrics.get(key).is_some_and(|p| {
+                p.retry_at.is_none()
+                    && (p.buffer.len() >= rg_rows || p.buffer.approx_bytes() >= rg_bytes)
+            });
+            if full {
+                self.encode(key);
+            }
+        }
+        self.relieve_pressure();
+        let (max_rows, max_bytes) = (
+            self.ctx.roll.max_rows as u64,
+            self.ctx.roll.max_bytes as u64,
+        );
         for key in touched {
-            if self
-                .metrics
-                .get(&key)
-                .is_some_and(|p| p.buffer.len() >= max_rows || p.bytes >= max_bytes)
-            {
-                self.publish_metrics(&key);
+            let large = self.metrics.get(&key).is_some_and(|p| {
+                p.file
+                    .as_ref()
+                    .is_some_and(|f| f.rows() >= max_rows || f.bytes() >= max_bytes)
+            });
+            if large {
+                self.roll_metrics(&key);
             }
         }
     }
 
-    fn add_events(&mut self, batch: EventsBatch, reservation: Reservation, seq: Option<Seq>) {
-        let at = batch.ingested_at();
+    /// Encodes the largest buffers early while the memory budget is nearly full, so
+    /// waiting requests get room before any file rolls.
+    fn relieve_pressure(&mut self) {
+        let budget = &self.ctx.budget;
+        if budget.used() * 4 < budget.limit() * 3 {
+            return;
+        }
+        let largest = self
+            .metrics
+            .iter()
+            .filter(|(_, p)| p.retry_at.is_none() && p.buffer.len() >= MIN_EARLY_ROWS)
+            .max_by_key(|(_, p)| p.buffer.approx_bytes())
+            .map(|(k, _)| k.clone());
+        if let Some(key) = largest {
+            self.encode(&key);
+        }
+    }
+
+    /// Encodes a partition's buffer as the next row group of its staged file.
+    fn encode(&mut self, key: &PartitionKey) {
+        let new_tag = self.tag();
+        let Some(p) = self.metrics.get_mut(key) else {
+            return;
+        };
+        if p.buffer.is_empty() {
+            return;
+        }
+        let encoded = (|| -> Result<(), WriterError> {
+            let sorted = p.buffer.to_record_batch()?;
+            if p.file.is_none() {
+                p.file = Some(StreamingFile::create(
+                    &self.ctx.persister.sink,
+                    Arc::clone(&p.key),
+                    schema::metrics_schema(),
+                    &self.props,
+                )?);
+            }
+            let Some(file) = p.file.as_mut() else {
+                return Ok(());
+            };
+            file.append_row_group(&sorted)?;
+            if let Some(staged) = file.view() {
+                self.view.encoded(
+                    p.tag,
+                    sorted.experiments.iter().map(|(e, _)| e),
+                    Arc::clone(staged),
+                );
+            }
+            for (experiment, key, s) in p.buffer.summaries() {
+                p.summaries
+                    .entry((experiment, key))
+                    .and_modify(|old| old.merge(&s))
+                    .or_insert(s);
+            }
+            Ok(())
+        })();
+        match encoded {
+            Ok(()) => {
+                p.buffer_owes.take_into(&mut p.file_owes);
+                p.buffer.clear();
+                p.reservations.clear();
+                p.tag = new_tag;
+                p.retry_at = None;
+            }
+            Err(e) => {
+                tracing::error!(partition = %key.dir(), error = %e, "encoding a row group failed; keeping the rows and retrying");
+                p.retry_at = Some(Instant::now() + RETRY_AFTER);
+                let failed = p.file.as_ref().is_some_and(StreamingFile::is_failed);
+                if failed {
+                    // Publish what the file holds; the buffered rows go to a new one.
+                    let old_key = Arc::clone(&p.key);
+                    let new_key = self.new_key(key);
+                    if let Some(p) = self.metrics.get_mut(key) {
+                        p.key = Arc::clone(&new_key);
+                    }
+                    self.rekey_buffer(key, &old_key, &new_key);
+                    self.finish_file(key);
+                }
+            }
+        }
+    }
+
+    /// Points the live view's chunks of a partition's buffer at their new file.
+    fn rekey_buffer(&mut self, key: &PartitionKey, _old: &Arc<ObjectKey>, new: &Arc<ObjectKey>) {
+        let new_tag = self.tag();
+        let Some(p) = self.metrics.get_mut(key) else {
+            return;
+        };
+        let experiments: Vec<Arc<str>> = p.buffer.experiments().cloned().collect();
+        self.view
+            .retag_metrics(p.tag, new_tag, new, experiments.iter());
+        p.tag = new_tag;
+    }
+
+    /// Finishes a partition's staged file (if any) and publishes it.
+    fn finish_file(&mut self, key: &PartitionKey) {
+        let Some(p) = self.metrics.get_mut(key) else {
+            return;
+        };
+        let Some(file) = p.file.take() else {
+            return;
+        };
+        let staged_view = file.view().cloned();
+        let file_key = Arc::clone(file.key());
+        let owes = std::mem::take(&mut p.file_owes);
+        let summaries = std::mem::take(&mut p.summaries);
+        match file.finish(&self.ctx.persister.sink) {
+            Ok(Some(finished)) => {
+                let mut publication = Publication::new(
+                    finished.staged,
+                    finished.key,
+                    Table::Metrics,
+                    key.dir(),
+                    finished.rows,
+                    finished.bytes,
+                    finished.experiments,
+                );
+                publication.pieces = owes.pieces;
+                publication.batch_ids = owes.batch_ids;
+                publication.summaries =
+                    summaries.into_iter().map(|((e, k), s)| (e, k, s)).collect();
+                self.publish(publication);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                // The file is lost to this run, its rows not: they are in the WAL
+                // (never released) and replay at the next start.
+                tracing::error!(file = %file_key, error = %e, "finishing a staged file failed; its rows replay from the write-ahead log at the next start");
+                if staged_view.is_some() {
+                    self.view.published(&file_key);
+                }
+            }
+        }
+    }
+
+    fn publish(&mut self, mut publication: Publication) {
+        match self.ctx.persister.publish(&mut publication) {
+            Ok(()) => self.view.published(&publication.key),
+            Err(e) => {
+                tracing::error!(file = %publication.key, error = %e, "publishing failed; keeping the file and retrying");
+                self.unpublished.push(publication);
+            }
+        }
+    }
+
+    fn retry_unpublished(&mut self) {
+        for mut publication in std::mem::take(&mut self.unpublished) {
+            match self.ctx.persister.publish(&mut publication) {
+                Ok(()) => match publication.table {
+                    Table::Metrics => self.view.published(&publication.key),
+                    Table::Events => self
+                        .view
+                        .events_published(publication.tag, publication.experiments.keys()),
+                },
+                Err(_) => self.unpublished.push(publication),
+            }
+        }
+    }
+
+    /// Encodes what is buffered and publishes the partition's file.
+    fn roll_metrics(&mut self, key: &PartitionKey) {
+        let waiting = self
+            .metrics
+            .get(key)
+            .is_some_and(|p| p.retry_at.is_some_and(|t| Instant::now() < t));
+        if waiting {
+            return;
+        }
+        self.encode(key);
+        self.finish_file(key);
+        let empty = self
+            .metrics
+            .get(key)
+            .is_some_and(|p| p.buffer.is_empty() && p.file.is_none());
+        if empty {
+            self.metrics.remove(key);
+        } else if let Some(p) = self.metrics.get_mut(key) {
+            p.since = Instant::now();
+        }
+    }
+
+    fn add_events(&mut self, work: Work<Arc<EventChunk>>) {
+        let Work {
+            chunks: chunk,
+            reservation,
+            seq,
+            client_batch,
+            handoff,
+            ingested_at: at,
+            count,
+        } = work;
         let key = PartitionKey {
             table: Table::Events,
-            namespace: Arc::clone(&batch.experiment().namespace),
+            namespace: Arc::clone(&chunk.experiment_namespace),
             date: utc_date(at),
         };
-        let experiment = Arc::clone(&batch.experiment().id);
-        let partition = self
-            .events
-            .entry(key.clone())
-            .or_insert_with(Partition::new);
-        if let Some(seq) = seq {
-            partition.wal.push((seq, Arc::clone(&experiment)));
+        if !self.events.contains_key(&key) {
+            let partition = EventsPartition {
+                buffer: EventsBuffer::default(),
+                tag: self.tag(),
+                key: self.new_key(&key),
+                owes: Owed::default(),
+                reservations: Vec::new(),
+                since: Instant::now(),
+            };
+            self.events.insert(key.clone(), partition);
         }
-        partition
-            .buffer
-            .append(&experiment, batch.into_events(), at);
-        partition.hold(reservation);
-        if partition.buffer.len() >= self.ctx.roll.max_rows
-            || partition.buffer.approx_bytes() >= self.ctx.roll.max_bytes
+        let Some(p) = self.events.get_mut(&key) else {
+            return;
+        };
+        p.owes
+            .record(seq, &chunk.experiment, &client_batch, at, count);
+        self.view
+            .claim_events(handoff, Arc::clone(&chunk), p.tag, Arc::clone(&p.key));
+        p.buffer.append(chunk);
+        p.reservations.push(reservation);
+        if p.buffer.len() >= self.ctx.roll.max_rows
+            || p.buffer.approx_bytes() >= self.ctx.roll.row_group_bytes
         {
-            self.publish_events(&key);
+            self.roll_events(&key);
         }
     }
 
-    /// Publishes every partition whose age passes `due`.
+    /// Writes an events partition's rows as one file and publishes it.
+    fn roll_events(&mut self, key: &PartitionKey) {
+        let Some(p) = self.events.get_mut(key) else {
+            return;
+        };
+        let written = (|| -> Result<Option<file::Finished>, WriterError> {
+            let sorted = p.buffer.to_record_batch()?;
+            let mut file = StreamingFile::create(
+                &self.ctx.persister.sink,
+                Arc::clone(&p.key),
+                schema::events_schema(),
+                &self.props,
+            )?;
+            if let Err(e) = file.append_row_group(&sorted) {
+                let _ = file.finish(&self.ctx.persister.sink);
+                return Err(e);
+            }
+            file.finish(&self.ctx.persister.sink)
+        })();
+        match written {
+            Ok(finished) => {
+                let Some(p) = self.events.remove(key) else {
+                    return;
+                };
+                let Some(finished) = finished else {
+                    return;
+                };
+                let mut publication = Publication::new(
+                    finished.staged,
+                    finished.key,
+                    Table::Events,
+                    key.dir(),
+                    finished.rows,
+                    finished.bytes,
+                    finished.experiments,
+                );
+                publication.tag = p.tag;
+                publication.pieces = p.owes.pieces;
+                publication.batch_ids = p.owes.batch_ids;
+                match self.ctx.persister.publish(&mut publication) {
+                    Ok(()) => self
+                        .view
+                        .events_published(publication.tag, publication.experiments.keys()),
+                    Err(e) => {
+                        tracing::error!(file = %publication.key, error = %e, "publishing failed; keeping the file and retrying");
+                        self.unpublished.push(publication);
+                    }
+                }
+                drop(p.reservations);
+            }
+            Err(e) => {
+                tracing::error!(partition = %key.dir(), error = %e, "writing an events file failed; keeping the rows and retrying");
+                p.since = Instant::now();
+            }
+        }
+    }
+
+    /// Publishes every partition whose oldest row passes `due`.
     fn roll(&mut self, due: impl Fn(Instant) -> bool) {
-        publish_due(&self.ctx, &self.props, &mut self.metrics, &due);
-        publish_due(&self.ctx, &self.props, &mut self.events, &due);
-    }
-
-    fn publish_metrics(&mut self, key: &PartitionKey) {
-        publish(&self.ctx, &self.props, &mut self.metrics, key);
-    }
-
-    fn publish_events(&mut self, key: &PartitionKey) {
-        publish(&self.ctx, &self.props, &mut self.events, key);
-    }
-
-    fn snapshot(&self, experiment: &ExperimentRef) -> Result<Snapshot, IndexError> {
-        let mut snapshot = Snapshot::default();
-        let mut metric_keys: Vec<_> = self
+        let keys: Vec<_> = self
             .metrics
-            .keys()
-            .filter(|k| k.namespace == experiment.namespace)
+            .iter()
+            .filter(|(_, p)| due(p.since))
+            .map(|(k, _)| k.clone())
             .collect();
-        metric_keys.sort();
-        for key in metric_keys {
-            snapshot
-                .metrics
-                .extend(self.metrics[key].buffer.points_of(&experiment.id));
+        for key in keys {
+            self.roll_metrics(&key);
         }
-        let mut event_keys: Vec<_> = self
+        let keys: Vec<_> = self
             .events
-            .keys()
-            .filter(|k| k.namespace == experiment.namespace)
+            .iter()
+            .filter(|(_, p)| due(p.since))
+            .map(|(k, _)| k.clone())
             .collect();
-        event_keys.sort();
-        for key in event_keys {
-            snapshot
-                .events
-                .extend(self.events[key].buffer.points_of(&experiment.id));
-        }
-        // Read in this thread, which is the only one that publishes this experiment's
-        // files: no file can move from the buffers to the manifest in between.
-        let index = &self.ctx.index;
-        snapshot.metric_files = index.files(Table::Metrics, &experiment.namespace)?;
-        snapshot.event_files = index.files(Table::Events, &experiment.namespace)?;
-        snapshot
-            .metric_files
-            .retain(|f| f.may_contain(&experiment.id));
-        snapshot
-            .event_files
-            .retain(|f| f.may_contain(&experiment.id));
-        Ok(snapshot)
-    }
-}
-
-/// A partition buffer that can become one sorted Arrow batch.
-trait RollBuffer {
-    /// The rows as one batch, with the smallest and largest experiment id.
-    fn to_record_batch(&self) -> Result<(RecordBatch, String, String), ArrowError>;
-}
-
-impl RollBuffer for MetricsBuffer {
-    fn to_record_batch(&self) -> Result<(RecordBatch, String, String), ArrowError> {
-        MetricsBuffer::to_record_batch(self)
-    }
-}
-
-impl RollBuffer for EventsBuffer {
-    fn to_record_batch(&self) -> Result<(RecordBatch, String, String), ArrowError> {
-        EventsBuffer::to_record_batch(self)
-    }
-}
-
-/// Publishes the partitions of `map` whose age passes `due`.
-fn publish_due<B: RollBuffer>(
-    ctx: &WriterContext,
-    props: &WriterProperties,
-    map: &mut HashMap<PartitionKey, Partition<B>>,
-    due: &impl Fn(Instant) -> bool,
-) {
-    let keys: Vec<_> = map
-        .iter()
-        .filter(|(_, p)| due(p.since))
-        .map(|(k, _)| k.clone())
-        .collect();
-    for key in keys {
-        publish(ctx, props, map, &key);
-    }
-}
-
-/// Publishes one partition. On success it is removed (releasing its memory
-/// reservations); on failure its rows stay and the publish is retried after
-/// `max_age`.
-fn publish<B: RollBuffer>(
-    ctx: &WriterContext,
-    props: &WriterProperties,
-    map: &mut HashMap<PartitionKey, Partition<B>>,
-    key: &PartitionKey,
-) {
-    let Some(partition) = map.get_mut(key) else {
-        return;
-    };
-    let written = partition
-        .buffer
-        .to_record_batch()
-        .map_err(WriterError::from)
-        .and_then(|(batch, min, max)| {
-            write_file(ctx, props, key, &batch, min, max, &partition.wal)
-        });
-    match written {
-        Ok(_) => drop(map.remove(key)),
-        Err(e) => {
-            tracing::error!(partition = %key.dir(), error = %e, "publishing failed; keeping the rows and retrying");
-            partition.since = Instant::now();
+        for key in keys {
+            self.roll_events(&key);
         }
     }
-}
-
-/// Encodes `batch` into a staged file and publishes it exactly once: a durable
-/// intent, the atomic rename, then the manifest entry with the WAL pieces the file
-/// holds (see [`crate::index`]). Then the pieces are released from the WAL.
-fn write_file(
-    ctx: &WriterContext,
-    props: &WriterProperties,
-    partition: &PartitionKey,
-    batch: &RecordBatch,
-    min_experiment: String,
-    max_experiment: String,
-    wal_blocks: &[(Seq, Arc<str>)],
-) -> Result<FileEntry, WriterError> {
-    let started = Instant::now();
-    let mut staged = ctx.sink.stage()?;
-    let encoded = (|| -> Result<u64, ParquetError> {
-        let mut writer =
-            ArrowWriter::try_new(&mut staged.file, batch.schema(), Some(props.clone()))?;
-        writer.write(batch)?;
-        writer.finish()?;
-        Ok(writer.bytes_written() as u64)
-    })();
-    let bytes = match encoded {
-        Ok(bytes) => bytes,
-        Err(e) => {
-            ctx.sink.discard(staged);
-            return Err(e.into());
-        }
-    };
-    let key = ObjectKey::new_file(partition, &ctx.daemon_id);
-    let mut pieces: Vec<(u64, String)> = wal_blocks
-        .iter()
-        .map(|(s, e)| (*s, e.to_string()))
-        .collect();
-    pieces.sort();
-    pieces.dedup();
-    let intent = PublishIntent {
-        entry: FileEntry {
-            key: key.as_str().to_owned(),
-            rows: batch.num_rows() as u64,
-            bytes,
-            min_experiment,
-            max_experiment,
-            created_at: now_micros(),
-        },
-        partition: partition.dir(),
-        pieces,
-    };
-    if let Err(e) = ctx.index.begin_publish(&intent) {
-        ctx.sink.discard(staged);
-        return Err(e.into());
-    }
-    ctx.sink.publish(staged, &key)?;
-    let forget_below = ctx
-        .wal
-        .as_ref()
-        .map_or(0, |(_, from)| from.load(Ordering::Acquire));
-    ctx.index
-        .commit_publish(&intent, forget_below, ctx.uploader.is_some())?;
-    if let Some(uploader) = &ctx.uploader {
-        uploader.enqueue(key.clone(), bytes);
-    }
-    if let Some((tracker, _)) = &ctx.wal {
-        for (seq, _) in wal_blocks {
-            tracker.release(*seq, 1);
-        }
-    }
-    let label = TableLabel {
-        table: match partition.table {
-            Table::Metrics => TableName::metrics,
-            Table::Events => TableName::events,
-        },
-    };
-    let m = &ctx.metrics;
-    m.files_published.get_or_create(&label).inc();
-    m.published_bytes.get_or_create(&label).inc_by(bytes);
-    m.published_rows
-        .get_or_create(&label)
-        .inc_by(intent.entry.rows);
-    m.publish_seconds.observe(started.elapsed().as_secs_f64());
-    tracing::debug!(
-        file = %key,
-        rows = intent.entry.rows,
-        bytes,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "published"
-    );
-    Ok(intent.entry)
 }

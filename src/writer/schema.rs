@@ -22,8 +22,8 @@ pub fn metrics_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("experiment_id", dict(), false),
         Field::new("key", dict(), false),
-        Field::new("step", DataType::UInt64, false),
-        Field::new("wallclock_time", DataType::UInt64, false),
+        Field::new("step", DataType::Int64, false),
+        Field::new("wallclock_time", DataType::Int64, false),
         Field::new("value_double", DataType::Float64, true),
         Field::new("value_string", DataType::Utf8, true),
         Field::new("value_bytes", DataType::Binary, true),
@@ -74,7 +74,9 @@ pub fn writer_properties(roll: &RollPolicy) -> WriterProperties {
     let level = ZstdLevel::try_new(roll.zstd_level).unwrap_or_default();
     let mut props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(level))
-        .set_max_row_group_size(roll.row_group_rows)
+        // Writers end each row group themselves (a sorted buffer, or an
+        // experiment-aligned group in compaction); never split one.
+        .set_max_row_group_size(usize::MAX)
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_dictionary_enabled(true)
         .set_created_by(format!("mboxd {}", env!("CARGO_PKG_VERSION")));

@@ -290,7 +290,7 @@ pub fn count_steps<R: parquet::file::reader::ChunkReader + 'static>(
     seen: &mut std::collections::HashMap<u64, u32>,
 ) {
     use arrow_array::cast::AsArray;
-    use arrow_array::types::UInt64Type;
+    use arrow_array::types::Int64Type;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .expect("a whole Parquet file")
@@ -299,8 +299,8 @@ pub fn count_steps<R: parquet::file::reader::ChunkReader + 'static>(
     for batch in reader {
         let batch = batch.expect("batch");
         let steps = batch.column_by_name("step").expect("step column");
-        for s in steps.as_primitive::<UInt64Type>().values() {
-            *seen.entry(*s).or_insert(0) += 1;
+        for s in steps.as_primitive::<Int64Type>().values() {
+            *seen.entry(*s as u64).or_insert(0) += 1;
         }
     }
 }
@@ -342,14 +342,31 @@ pub async fn scrape(addr: std::net::SocketAddr) -> std::collections::HashMap<Str
 }
 
 /// GetMetrics for `id`, with full precision.
+/// Every series of an experiment, following page tokens to the end; a series cut
+/// across pages comes back joined.
 pub async fn metrics_of(c: &mut Client, id: &str) -> Vec<proto::Metrics> {
-    c.get_metrics(proto::GetMetricsRequest {
-        parent_id: id.to_owned(),
-        full_precision: true,
-        ..Default::default()
-    })
-    .await
-    .expect("GetMetrics")
-    .into_inner()
-    .metrics
+    let mut out: Vec<proto::Metrics> = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .get_metrics(proto::GetMetricsRequest {
+                parent_id: id.to_owned(),
+                full_precision: true,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .expect("GetMetrics")
+            .into_inner();
+        for m in page.metrics {
+            match out.last_mut() {
+                Some(last) if last.key == m.key => last.values.extend(m.values),
+                _ => out.push(m),
+            }
+        }
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        token = page.next_page_token;
+    }
 }

@@ -1,0 +1,371 @@
+//! The catalog: experiments, their metadata, metric summaries and recent client
+//! batch ids.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use redb::{ReadableTable, WriteTransaction};
+
+use super::{
+    BATCH_IDS, EXPERIMENTS, EXPERIMENTS_BY_NS, Index, IndexError, METADATA, MetadataEntry,
+    SUMMARIES, decode, encode, storage,
+};
+use crate::model::{
+    ExperimentRecord, ExperimentRef, MetricSummary, Micros, experiment_id, now_micros,
+};
+
+/// Experiments kept in the cache at most.
+pub(super) const CACHE_ENTRIES: usize = 65_536;
+const CACHE_SHARDS: usize = 16;
+
+/// A bounded cache of experiment handles, for the existence check every write
+/// makes. When a shard is full it is emptied: simple, O(1), and a cold entry costs
+/// only one index lookup to bring back.
+#[derive(Debug)]
+pub struct ExperimentCache {
+    shards: Vec<RwLock<HashMap<Box<str>, ExperimentRef>>>,
+    per_shard: usize,
+}
+
+impl ExperimentCache {
+    pub fn new(entries: usize) -> Self {
+        Self {
+            shards: (0..CACHE_SHARDS)
+                .map(|_| RwLock::new(HashMap::new()))
+                .collect(),
+            per_shard: (entries / CACHE_SHARDS).max(1),
+        }
+    }
+
+    fn shard(&self, id: &str) -> &RwLock<HashMap<Box<str>, ExperimentRef>> {
+        let h = id
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        &self.shards[h as usize % CACHE_SHARDS]
+    }
+
+    fn get(&self, id: &str) -> Option<ExperimentRef> {
+        let shard = self.shard(id).read().unwrap_or_else(|p| p.into_inner());
+        shard.get(id).cloned()
+    }
+
+    fn insert(&self, r: ExperimentRef) {
+        let mut shard = self.shard(&r.id).write().unwrap_or_else(|p| p.into_inner());
+        if shard.len() >= self.per_shard {
+            shard.clear();
+        }
+        shard.insert(Box::from(&*r.id), r);
+    }
+}
+
+/// Fields of a CreateExperiment request, validated.
+#[derive(Debug, Clone)]
+pub struct NewExperiment {
+    pub name: String,
+    pub namespace: String,
+    pub owner: String,
+    pub framework: i32,
+    pub task: String,
+    pub external_id: String,
+}
+
+fn experiment_ref(record: &ExperimentRecord) -> ExperimentRef {
+    ExperimentRef {
+        id: Arc::from(record.id.as_str()),
+        namespace: Arc::from(record.namespace.as_str()),
+    }
+}
+
+impl Index {
+    /// The write path's view of an experiment: from the cache, else the index.
+    pub fn experiment_ref(&self, id: &str) -> Result<Option<ExperimentRef>, IndexError> {
+        if let Some(r) = self.cache.get(id) {
+            return Ok(Some(r));
+        }
+        let Some(record) = self.get_experiment(id)? else {
+            return Ok(None);
+        };
+        let r = experiment_ref(&record);
+        self.cache.insert(r.clone());
+        Ok(Some(r))
+    }
+
+    /// Creates the experiment unless it exists; writes `metadata` either way.
+    /// Returns the record and whether it already existed.
+    pub fn create_experiment(
+        &self,
+        new: NewExperiment,
+        metadata: &[(String, serde_json::Value)],
+    ) -> Result<(ExperimentRecord, bool), IndexError> {
+        let id = experiment_id(&new.namespace, &new.name, &new.owner, &new.external_id);
+        let now = now_micros();
+        let txn = self.db.begin_write().map_err(storage)?;
+        let (record, existed) = {
+            let mut experiments = txn.open_table(EXPERIMENTS).map_err(storage)?;
+            let existing = match experiments.get(id.as_str()).map_err(storage)? {
+                Some(v) => Some(decode::<ExperimentRecord>(&id, v.value())?),
+                None => None,
+            };
+            match existing {
+                Some(mut record) => {
+                    if !metadata.is_empty() {
+                        record.updated_at = now;
+                        experiments
+                            .insert(id.as_str(), encode(&record).as_slice())
+                            .map_err(storage)?;
+                    }
+                    (record, true)
+                }
+                None => {
+                    let record = ExperimentRecord {
+                        id: id.clone(),
+                        name: new.name,
+                        namespace: new.namespace,
+                        owner: new.owner,
+                        framework: new.framework,
+                        task: new.task,
+                        external_id: new.external_id,
+                        created_at: now,
+                        updated_at: now,
+                    };
+                    experiments
+                        .insert(id.as_str(), encode(&record).as_slice())
+                        .map_err(storage)?;
+                    txn.open_table(EXPERIMENTS_BY_NS)
+                        .map_err(storage)?
+                        .insert((record.namespace.as_str(), id.as_str()), ())
+                        .map_err(storage)?;
+                    (record, false)
+                }
+            }
+        };
+        write_metadata(&txn, &id, metadata, now)?;
+        txn.commit().map_err(storage)?;
+        if !existed || !metadata.is_empty() {
+            self.bump_generation();
+        }
+        self.cache.insert(experiment_ref(&record));
+        Ok((record, existed))
+    }
+
+    pub fn get_experiment(&self, id: &str) -> Result<Option<ExperimentRecord>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let table = read.open_table(EXPERIMENTS).map_err(storage)?;
+        match table.get(id).map_err(storage)? {
+            Some(v) => Ok(Some(decode(id, v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Experiments of a namespace, ordered by id.
+    pub fn list_experiments(&self, namespace: &str) -> Result<Vec<ExperimentRecord>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let by_ns = read.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
+        let experiments = read.open_table(EXPERIMENTS).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in by_ns.range((namespace, "")..).map_err(storage)? {
+            let (key, _) = row.map_err(storage)?;
+            let (ns, id) = key.value();
+            if ns != namespace {
+                break;
+            }
+            if let Some(v) = experiments.get(id).map_err(storage)? {
+                out.push(decode(id, v.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every namespace that has an experiment, sorted.
+    pub fn namespaces(&self) -> Result<Vec<String>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let by_ns = read.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
+        let mut out: Vec<String> = Vec::new();
+        let mut from = String::new();
+        // Skip from namespace to namespace instead of walking every experiment.
+        loop {
+            let next = by_ns
+                .range((from.as_str(), "")..)
+                .map_err(storage)?
+                .next()
+                .transpose()
+                .map_err(storage)?;
+            let Some((key, _)) = next else { break };
+            let ns = key.value().0.to_owned();
+            from = format!("{ns}\u{0}");
+            out.push(ns);
+        }
+        Ok(out)
+    }
+
+    /// Merges `entries` into the metadata of `parent_id`, which must be an
+    /// experiment. Returns the update time.
+    pub fn update_metadata(
+        &self,
+        parent_id: &str,
+        entries: &[(String, serde_json::Value)],
+    ) -> Result<Micros, IndexError> {
+        let now = now_micros();
+        let txn = self.db.begin_write().map_err(storage)?;
+        {
+            let mut experiments = txn.open_table(EXPERIMENTS).map_err(storage)?;
+            let mut record: ExperimentRecord = match experiments.get(parent_id).map_err(storage)? {
+                Some(v) => decode(parent_id, v.value())?,
+                None => return Err(IndexError::ExperimentNotFound(parent_id.to_owned())),
+            };
+            record.updated_at = now;
+            experiments
+                .insert(parent_id, encode(&record).as_slice())
+                .map_err(storage)?;
+        }
+        write_metadata(&txn, parent_id, entries, now)?;
+        txn.commit().map_err(storage)?;
+        self.bump_generation();
+        Ok(now)
+    }
+
+    /// Every experiment, ordered by id.
+    pub fn all_experiments(&self) -> Result<Vec<ExperimentRecord>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let table = read.open_table(EXPERIMENTS).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(storage)? {
+            let (key, value) = row.map_err(storage)?;
+            out.push(decode(key.value(), value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Every metadata entry as (experiment id, key, entry), ordered by both.
+    pub fn all_metadata(&self) -> Result<Vec<(String, String, MetadataEntry)>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let table = read.open_table(METADATA).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(storage)? {
+            let (key, value) = row.map_err(storage)?;
+            let (parent, k) = key.value();
+            out.push((parent.to_owned(), k.to_owned(), decode(k, value.value())?));
+        }
+        Ok(out)
+    }
+
+    /// All metadata of `parent_id`, ordered by key.
+    pub fn list_metadata(
+        &self,
+        parent_id: &str,
+    ) -> Result<Vec<(String, MetadataEntry)>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let table = read.open_table(METADATA).map_err(storage)?;
+        prefix_rows(&table, parent_id, |k, v| Ok((k.to_owned(), decode(k, v)?)))
+    }
+
+    /// The metric summaries of one experiment, ordered by key.
+    pub fn summaries(&self, experiment: &str) -> Result<Vec<(String, MetricSummary)>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let table = read.open_table(SUMMARIES).map_err(storage)?;
+        prefix_rows(&table, experiment, |k, v| Ok((k.to_owned(), decode(k, v)?)))
+    }
+
+    /// Client batch ids accepted at or after `since`, with their point counts.
+    pub fn batch_ids_since(&self, since: Micros) -> Result<Vec<(String, Micros, u64)>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let table = read.open_table(BATCH_IDS).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in table.range((since, "")..).map_err(storage)? {
+            let (key, points) = row.map_err(storage)?;
+            let (at, id) = key.value();
+            out.push((id.to_owned(), at, points.value()));
+        }
+        Ok(out)
+    }
+}
+
+/// The rows of a `(parent, key)` table under one parent, decoded by `f`.
+fn prefix_rows<T>(
+    table: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    parent: &str,
+    f: impl Fn(&str, &[u8]) -> Result<T, IndexError>,
+) -> Result<Vec<T>, IndexError> {
+    let mut out = Vec::new();
+    for row in table.range((parent, "")..).map_err(storage)? {
+        let (key, value) = row.map_err(storage)?;
+        let (p, k) = key.value();
+        if p != parent {
+            break;
+        }
+        out.push(f(k, value.value())?);
+    }
+    Ok(out)
+}
+
+fn write_metadata(
+    txn: &WriteTransaction,
+    parent_id: &str,
+    entries: &[(String, serde_json::Value)],
+    now: Micros,
+) -> Result<(), IndexError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut table = txn.open_table(METADATA).map_err(storage)?;
+    for (key, value) in entries {
+        let entry = MetadataEntry {
+            value: value.clone(),
+            updated_at: now,
+        };
+        table
+            .insert((parent_id, key.as_str()), encode(&entry).as_slice())
+            .map_err(storage)?;
+    }
+    Ok(())
+}
+
+/// Merges per-file summaries into the stored ones, within a publish transaction.
+pub(super) fn merge_summaries(
+    txn: &WriteTransaction,
+    summaries: &[(String, String, MetricSummary)],
+) -> Result<(), IndexError> {
+    if summaries.is_empty() {
+        return Ok(());
+    }
+    let mut table = txn.open_table(SUMMARIES).map_err(storage)?;
+    for (experiment, key, s) in summaries {
+        let merged = match table
+            .get((experiment.as_str(), key.as_str()))
+            .map_err(storage)?
+        {
+            Some(v) => {
+                let mut old: MetricSummary = decode(key, v.value())?;
+                old.merge(s);
+                old
+            }
+            None => *s,
+        };
+        table
+            .insert(
+                (experiment.as_str(), key.as_str()),
+                encode(&merged).as_slice(),
+            )
+            .map_err(storage)?;
+    }
+    Ok(())
+}
+
+/// Records accepted client batch ids within a publish transaction, and forgets
+/// those accepted before `forget_before`.
+pub(super) fn record_batch_ids(
+    txn: &WriteTransaction,
+    ids: &[(String, Micros, u64)],
+    forget_before: Micros,
+) -> Result<(), IndexError> {
+    let mut table = txn.open_table(BATCH_IDS).map_err(storage)?;
+    for (id, at, points) in ids {
+        table.insert((*at, id.as_str()), *points).map_err(storage)?;
+    }
+    if forget_before > i64::MIN {
+        table
+            .retain_in((i64::MIN, "")..(forget_before, ""), |_, _| false)
+            .map_err(storage)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,505 @@
+//! The embedded index (redb): the catalog (experiments, metadata, metric summaries)
+//! and the manifest (published files, the experiment → file index, WAL pieces,
+//! spool, deletions). Small and transactional; the metric and event firehose never
+//! touches it point by point.
+//!
+//! Catalog tables ([`catalog`]):
+//! - `experiments`: id → [`ExperimentRecord`]
+//! - `experiments_by_namespace`: (namespace, id) → ()
+//! - `metadata`: (parent id, key) → [`MetadataEntry`]
+//! - `summaries`: (experiment id, metric key) → [`MetricSummary`]
+//! - `batch_ids`: (accepted at, client batch id) → points, for recognising retries
+//!
+//! Manifest tables ([`manifest`]):
+//! - `files`: object key → [`FileEntry`]; keys start with the partition folder, so a
+//!   prefix scan lists one table's files for one namespace.
+//! - `file_experiments`: (experiment id, object key) → [`FilePart`] (with the
+//!   file's entry): which row groups of which files hold an experiment, so a read
+//!   opens only those; `file_experiments_by_file` is its reverse, for removal.
+//! - `unindexed_files`: object key → (): files published before the experiment
+//!   index existed; reads prune them by their experiment range until compaction
+//!   rewrites them.
+//! - `publish_intents`: object key → [`PublishIntent`], written before a file is
+//!   renamed into place and removed with the manifest entry.
+//! - `published_pieces`: (WAL seq, partition folder) → experiment ids whose rows of
+//!   that record are in a published file; replay skips them. Entries below the
+//!   oldest WAL segment on disk are forgotten.
+//! - `spooled`: object key → size, for files published into the local spool and not
+//!   yet confirmed uploaded to the remote store (S3 roots only).
+//! - `replace_intents`: id → [`ReplaceIntent`]: a compaction or retention swap in
+//!   progress (new files staged, old files to go).
+//! - `deletions`: object key → (): objects no longer in the manifest, still to be
+//!   deleted from storage.
+//!
+//! Exactly-once publication: intent (durable) → rename → manifest entry, published
+//! pieces, summaries, batch ids and intent removal in one transaction. After a
+//! crash, an intent whose file exists is completed, and one whose file does not is
+//! dropped (its rows replay from the WAL). So every file on disk is in the
+//! manifest, every WAL record's rows are published once, and the metric summaries
+//! count every published point once. That needs WAL sequence numbers that are never
+//! reused while a piece names them: the log is opened numbering from at least
+//! [`Index::next_unreferenced_seq`], since it may hold no file to remember by.
+//!
+//! With an S3 root, "published" means finished in the spool: the manifest entry
+//! and a `spooled` entry are written together, the WAL records are released, and
+//! the upload happens later. The object key is fixed at that moment, so an upload
+//! retried after any failure overwrites the same object with the same bytes: never a
+//! duplicate. The `spooled` entry is removed only after the upload is confirmed, and
+//! the local file only after that.
+//!
+//! Values are stored as JSON: small, self-describing, and readable with any redb
+//! tool when something goes wrong.
+
+mod catalog;
+mod manifest;
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+pub use catalog::{ExperimentCache, NewExperiment};
+pub use manifest::{
+    FileEntry, FilePart, FileRef, Forget, PublishIntent, ReplaceIntent, SCHEMA_INT64, SCHEMA_UINT64,
+};
+
+use crate::model::Micros;
+
+const EXPERIMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("experiments");
+const EXPERIMENTS_BY_NS: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("experiments_by_namespace");
+const METADATA: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("metadata");
+const SUMMARIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("summaries");
+const BATCH_IDS: TableDefinition<(i64, &str), u64> = TableDefinition::new("batch_ids");
+const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
+const FILE_EXPERIMENTS: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("file_experiments");
+const FILE_EXPERIMENTS_REV: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("file_experiments_by_file");
+const UNINDEXED: TableDefinition<&str, ()> = TableDefinition::new("unindexed_files");
+const INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("publish_intents");
+const PUBLISHED: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("published_pieces");
+const SPOOLED: TableDefinition<&str, u64> = TableDefinition::new("spooled");
+const REPLACE_INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("replace_intents");
+const DELETIONS: TableDefinition<&str, ()> = TableDefinition::new("deletions");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The index layout version; see [`Index::open`] for what each step migrates.
+const LAYOUT_VERSION: u64 = 2;
+
+/// Errors from the index.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IndexError {
+    #[error("index storage: {0}")]
+    Storage(#[from] Box<redb::Error>),
+    #[error("index record {what} is corrupt: {source}")]
+    Corrupt {
+        what: String,
+        source: serde_json::Error,
+    },
+    #[error("experiment {0} not found")]
+    ExperimentNotFound(String),
+}
+
+fn storage<E: Into<redb::Error>>(e: E) -> IndexError {
+    IndexError::Storage(Box::new(e.into()))
+}
+
+/// One stored metadata value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetadataEntry {
+    pub value: serde_json::Value,
+    pub updated_at: Micros,
+}
+
+/// The embedded index. Cheap to share behind an `Arc`; every method is blocking
+/// (call it from a blocking thread when on the async runtime).
+#[derive(Debug)]
+pub struct Index {
+    db: Database,
+    /// Recently used experiments, for the per-request existence check on the hot
+    /// path. Bounded: the catalog itself stays on disk.
+    cache: ExperimentCache,
+    /// Bumped by every change to experiments or metadata, so the snapshot tables
+    /// are rewritten only when something changed.
+    generation: AtomicU64,
+    /// Serialises read-modify-write transactions on summaries with the publishes
+    /// that merge into them (redb has one writer at a time anyway; this keeps the
+    /// lock order obvious).
+    publish: Mutex<()>,
+}
+
+impl Index {
+    /// Opens (or creates) the index at `path`, creating every table and migrating an
+    /// older layout: an index from before the experiment → file index lists its
+    /// files in `unindexed_files`, which reads prune by experiment range.
+    pub fn open(path: &Path) -> Result<Self, IndexError> {
+        let db = Database::create(path).map_err(storage)?;
+        let txn = db.begin_write().map_err(storage)?;
+        {
+            // Create every table so read transactions never meet a missing one.
+            txn.open_table(EXPERIMENTS).map_err(storage)?;
+            txn.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
+            txn.open_table(METADATA).map_err(storage)?;
+            txn.open_table(SUMMARIES).map_err(storage)?;
+            txn.open_table(BATCH_IDS).map_err(storage)?;
+            txn.open_table(FILE_EXPERIMENTS).map_err(storage)?;
+            txn.open_table(FILE_EXPERIMENTS_REV).map_err(storage)?;
+            txn.open_table(INTENTS).map_err(storage)?;
+            txn.open_table(PUBLISHED).map_err(storage)?;
+            txn.open_table(SPOOLED).map_err(storage)?;
+            txn.open_table(REPLACE_INTENTS).map_err(storage)?;
+            txn.open_table(DELETIONS).map_err(storage)?;
+            let files = txn.open_table(FILES).map_err(storage)?;
+            let mut unindexed = txn.open_table(UNINDEXED).map_err(storage)?;
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let version = meta
+                .get("layout_version")
+                .map_err(storage)?
+                .map(|v| v.value());
+            if version.is_none_or(|v| v < LAYOUT_VERSION) {
+                for row in files.iter().map_err(storage)? {
+                    let (key, _) = row.map_err(storage)?;
+                    unindexed.insert(key.value(), ()).map_err(storage)?;
+                }
+                meta.insert("layout_version", LAYOUT_VERSION)
+                    .map_err(storage)?;
+            }
+        }
+        txn.commit().map_err(storage)?;
+        Ok(Self {
+            db,
+            cache: ExperimentCache::new(catalog::CACHE_ENTRIES),
+            generation: AtomicU64::new(0),
+            publish: Mutex::new(()),
+        })
+    }
+
+    /// A number that changes whenever experiments or metadata change.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn bump_generation(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing these plain structs (strings, numbers, JSON values) cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, IndexError> {
+    serde_json::from_slice(bytes).map_err(|source| IndexError::Corrupt {
+        what: what.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::MetricSummary;
+    use crate::paths::Table;
+    use serde_json::json;
+
+    fn intent(key: &str, seq: u64) -> PublishIntent {
+        PublishIntent {
+            entry: FileEntry {
+                key: key.into(),
+                rows: 1,
+                bytes: 10,
+                min_experiment: "e".into(),
+                max_experiment: "e".into(),
+                created_at: 0,
+                schema: SCHEMA_INT64,
+                compacted: false,
+            },
+            partition: "metrics/namespace=a/date=2026-01-01".into(),
+            pieces: vec![(seq, "e".into())],
+            experiments: vec![(
+                "e".into(),
+                FilePart {
+                    row_groups: vec![0],
+                    rows: 1,
+                },
+            )],
+            summaries: vec![(
+                "e".into(),
+                "loss".into(),
+                MetricSummary::of(seq as i64, seq as f64, 0),
+            )],
+            batch_ids: vec![(format!("b{seq}"), 1_000 + seq as i64, 1)],
+        }
+    }
+
+    #[test]
+    fn interrupted_publications_complete_if_the_file_exists_else_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("i.redb")).unwrap();
+        assert_eq!(index.next_unreferenced_seq().unwrap(), 1);
+        index
+            .begin_publish(&intent(
+                "metrics/namespace=a/date=2026-01-01/landed.parquet",
+                1,
+            ))
+            .unwrap();
+        index
+            .begin_publish(&intent(
+                "metrics/namespace=a/date=2026-01-01/lost.parquet",
+                2,
+            ))
+            .unwrap();
+        let (completed, dropped) = index
+            .recover_intents(|k| k.ends_with("landed.parquet"), true)
+            .unwrap();
+        assert_eq!((completed, dropped), (1, 1));
+        // A completed publication into the spool is queued for upload.
+        assert_eq!(
+            index.spooled().unwrap(),
+            [(
+                "metrics/namespace=a/date=2026-01-01/landed.parquet".to_owned(),
+                10
+            )]
+        );
+        let files: Vec<_> = index
+            .files(Table::Metrics, "a")
+            .unwrap()
+            .into_iter()
+            .map(|f| f.key)
+            .collect();
+        assert_eq!(
+            files,
+            ["metrics/namespace=a/date=2026-01-01/landed.parquet"]
+        );
+        let part = "metrics/namespace=a/date=2026-01-01";
+        assert_eq!(index.published_experiments(1, part).unwrap(), ["e"]);
+        assert!(index.published_experiments(2, part).unwrap().is_empty());
+        assert_eq!(index.recover_intents(|_| true, true).unwrap(), (0, 0));
+    }
+
+    fn new_exp(name: &str) -> NewExperiment {
+        NewExperiment {
+            name: name.into(),
+            namespace: "cv".into(),
+            owner: "o".into(),
+            framework: 1,
+            task: String::new(),
+            external_id: String::new(),
+        }
+    }
+
+    #[test]
+    fn experiments_metadata_and_files_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        let id;
+        {
+            let index = Index::open(&path).unwrap();
+            let (rec, existed) = index
+                .create_experiment(new_exp("a"), &[("lr".into(), json!(0.1))])
+                .unwrap();
+            assert!(!existed);
+            id = rec.id.clone();
+            let (again, existed) = index.create_experiment(new_exp("a"), &[]).unwrap();
+            assert!(existed);
+            assert_eq!(again.id, id);
+            index
+                .update_metadata(&id, &[("opt".into(), json!({"name": "adam"}))])
+                .unwrap();
+            let intent = PublishIntent {
+                entry: FileEntry {
+                    key: "metrics/namespace=cv/date=2026-01-01/x.parquet".into(),
+                    rows: 3,
+                    bytes: 10,
+                    min_experiment: id.clone(),
+                    max_experiment: id.clone(),
+                    created_at: 1,
+                    schema: SCHEMA_INT64,
+                    compacted: false,
+                },
+                partition: "metrics/namespace=cv/date=2026-01-01".into(),
+                pieces: vec![(5, id.clone()), (6, id.clone())],
+                experiments: vec![],
+                summaries: vec![],
+                batch_ids: vec![],
+            };
+            index.begin_publish(&intent).unwrap();
+            index
+                .commit_publish(&intent, Forget::default(), true)
+                .unwrap();
+        }
+        let index = Index::open(&path).unwrap();
+        // Pieces name WAL records 5 and 6: new records must be numbered from 7.
+        assert_eq!(index.next_unreferenced_seq().unwrap(), 7);
+        let spooled = index.spooled().unwrap();
+        assert_eq!(spooled.len(), 1);
+        assert_eq!(spooled[0].1, 10);
+        index.mark_uploaded(&spooled[0].0).unwrap();
+        assert!(index.spooled().unwrap().is_empty());
+        // The manifest keeps the file: it is now read from the remote store.
+        assert_eq!(index.files(Table::Metrics, "cv").unwrap().len(), 1);
+        assert!(index.experiment_ref(&id).unwrap().is_some());
+        let md = index.list_metadata(&id).unwrap();
+        let keys: Vec<_> = md.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["lr", "opt"]);
+        assert_eq!(md[1].1.value, json!({"name": "adam"}));
+        assert_eq!(index.list_experiments("cv").unwrap().len(), 1);
+        assert!(index.list_experiments("c").unwrap().is_empty());
+        assert_eq!(index.files(Table::Metrics, "cv").unwrap().len(), 1);
+        assert!(index.files(Table::Metrics, "c").unwrap().is_empty());
+        assert!(index.files(Table::Events, "cv").unwrap().is_empty());
+        let part = "metrics/namespace=cv/date=2026-01-01";
+        assert_eq!(index.published_experiments(5, part).unwrap(), [id.as_str()]);
+        assert!(
+            index
+                .published_experiments(5, "events/namespace=cv/date=2026-01-01")
+                .unwrap()
+                .is_empty()
+        );
+        index.forget_published_below(6).unwrap();
+        assert!(index.published_experiments(5, part).unwrap().is_empty());
+        assert_eq!(index.published_experiments(6, part).unwrap(), [id.as_str()]);
+        assert!(matches!(
+            index.update_metadata("nope", &[]),
+            Err(IndexError::ExperimentNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn the_experiment_index_names_files_and_row_groups_and_follows_replacements() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("i.redb")).unwrap();
+        let a = intent("metrics/namespace=a/date=2026-01-01/f1.parquet", 1);
+        let b = intent("metrics/namespace=a/date=2026-01-01/f2.parquet", 2);
+        for i in [&a, &b] {
+            index.begin_publish(i).unwrap();
+            index.commit_publish(i, Forget::default(), false).unwrap();
+        }
+        let files = |exp: &str| -> Vec<(String, Option<Vec<u32>>)> {
+            index
+                .experiment_files(Table::Metrics, "a", exp)
+                .unwrap()
+                .into_iter()
+                .map(|f| (f.entry.key, f.row_groups))
+                .collect()
+        };
+        assert_eq!(
+            files("e"),
+            [
+                (a.entry.key.clone(), Some(vec![0])),
+                (b.entry.key.clone(), Some(vec![0]))
+            ]
+        );
+        assert!(files("other").is_empty());
+        assert!(
+            index
+                .experiment_files(Table::Events, "a", "e")
+                .unwrap()
+                .is_empty()
+        );
+        // Summaries of both files merged: steps 1 and 2, the last is step 2.
+        let s = index.summaries("e").unwrap();
+        assert_eq!(s.len(), 1);
+        assert_eq!((s[0].1.count, s[0].1.last_step, s[0].1.last), (2, 2, 2.0));
+        // Batch ids are remembered, and forgotten past their window.
+        assert_eq!(index.batch_ids_since(0).unwrap().len(), 2);
+        let c = intent("metrics/namespace=a/date=2026-01-01/f3.parquet", 3);
+        index.begin_publish(&c).unwrap();
+        index
+            .commit_publish(
+                &c,
+                Forget {
+                    pieces_below: 0,
+                    batch_ids_before: 1_002,
+                },
+                false,
+            )
+            .unwrap();
+        let ids: Vec<_> = index
+            .batch_ids_since(0)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _, _)| id)
+            .collect();
+        assert_eq!(ids, ["b2", "b3"]);
+
+        // A compaction replaces f1..f3 by one file.
+        let mut merged = a.entry.clone();
+        merged.key = "metrics/namespace=a/date=2026-01-01/big.parquet".into();
+        merged.compacted = true;
+        let replace = ReplaceIntent {
+            id: "r1".into(),
+            outputs: vec![(
+                merged.clone(),
+                vec![(
+                    "e".into(),
+                    FilePart {
+                        row_groups: vec![0, 1],
+                        rows: 3,
+                    },
+                )],
+            )],
+            inputs: vec![
+                a.entry.key.clone(),
+                b.entry.key.clone(),
+                c.entry.key.clone(),
+            ],
+        };
+        index.begin_replace(&replace).unwrap();
+        assert_eq!(
+            index.replace_intents().unwrap(),
+            std::slice::from_ref(&replace)
+        );
+        let removed = index.commit_replace(&replace, false).unwrap();
+        assert_eq!(removed.len(), 3);
+        assert_eq!(files("e"), [(merged.key.clone(), Some(vec![0, 1]))]);
+        assert!(index.replace_intents().unwrap().is_empty());
+        assert_eq!(index.deletions().unwrap().len(), 3);
+        index.deleted(&a.entry.key).unwrap();
+        assert_eq!(index.deletions().unwrap().len(), 2);
+        // Summaries are untouched by a compaction.
+        assert_eq!(index.summaries("e").unwrap()[0].1.count, 3);
+    }
+
+    #[test]
+    fn files_from_before_the_experiment_index_are_found_by_their_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.redb");
+        {
+            // An index as the previous release left it: files, no layout version.
+            let db = redb::Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut files = txn.open_table(FILES).unwrap();
+                let entry = serde_json::json!({
+                    "key": "metrics/namespace=a/date=2026-01-01/old.parquet",
+                    "rows": 5, "bytes": 100, "min_experiment": "a1",
+                    "max_experiment": "a9", "created_at": 1
+                });
+                files
+                    .insert(
+                        "metrics/namespace=a/date=2026-01-01/old.parquet",
+                        serde_json::to_vec(&entry).unwrap().as_slice(),
+                    )
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let index = Index::open(&path).unwrap();
+        let found = index.experiment_files(Table::Metrics, "a", "a5").unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].row_groups, None);
+        assert_eq!(found[0].entry.schema, SCHEMA_UINT64);
+        assert!(
+            index
+                .experiment_files(Table::Metrics, "a", "b")
+                .unwrap()
+                .is_empty()
+        );
+    }
+}

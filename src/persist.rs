@@ -1,0 +1,336 @@
+//! Publication: the one owner of stage → intent → rename → manifest → WAL release →
+//! upload, of replacements (compaction, retention) and of their recovery.
+//!
+//! A new file: its intent is recorded durably, the staged file is renamed into its
+//! partition (under the storage root, or into the spool of an S3 root), then one
+//! index transaction records it in the manifest with its experiment index, WAL
+//! pieces, metric summaries and client batch ids. Only then are its WAL records
+//! released and, on S3, its upload queued. After a crash at any step,
+//! [`Persister::recover`] finishes or drops what was under way (see
+//! [`crate::index`]).
+//!
+//! A replacement: the new files are staged, its intent recorded, the files renamed
+//! into place, then one transaction swaps the old files for the new ones in the
+//! manifest and queues the old ones for deletion; they are deleted right after. A
+//! crash before the swap drops the new files; after it, the deletions finish at
+//! start-up.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use object_store::ObjectStoreExt;
+
+use crate::index::{FileEntry, FilePart, Forget, Index, IndexError, PublishIntent, ReplaceIntent};
+use crate::model::{MetricSummary, Micros, now_micros};
+use crate::paths::{ObjectKey, Table};
+use crate::sink::upload::Uploader;
+use crate::sink::{LocalSink, Remote, SinkError, StagedFile, object_path};
+use crate::telemetry::{Metrics, TableLabel, TableName};
+use crate::wal::{Seq, Tracker};
+use crate::writer::WriterError;
+
+/// A finished file and what its publication records.
+#[derive(Debug)]
+pub struct Publication {
+    /// `None` once renamed into place (a retry then only commits).
+    staged: Option<StagedFile>,
+    pub key: Arc<ObjectKey>,
+    pub table: Table,
+    pub partition: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub experiments: BTreeMap<Arc<str>, FilePart>,
+    /// (WAL seq, experiment) of every block in the file.
+    pub pieces: Vec<(Seq, Arc<str>)>,
+    pub summaries: Vec<(Arc<str>, Arc<str>, MetricSummary)>,
+    /// (client batch id, accepted at, points) of the batches in the file.
+    pub batch_ids: Vec<(Arc<str>, Micros, u64)>,
+    /// The writer's tag of the buffer the rows came from (for its live view).
+    pub tag: u64,
+    intent: Option<PublishIntent>,
+}
+
+impl Publication {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        staged: StagedFile,
+        key: Arc<ObjectKey>,
+        table: Table,
+        partition: String,
+        rows: u64,
+        bytes: u64,
+        experiments: BTreeMap<Arc<str>, FilePart>,
+    ) -> Self {
+        Self {
+            staged: Some(staged),
+            key,
+            table,
+            partition,
+            rows,
+            bytes,
+            experiments,
+            pieces: Vec::new(),
+            summaries: Vec::new(),
+            batch_ids: Vec::new(),
+            tag: 0,
+            intent: None,
+        }
+    }
+
+    fn intent(&mut self) -> &PublishIntent {
+        self.intent.get_or_insert_with(|| {
+            let mut pieces: Vec<(u64, String)> = self
+                .pieces
+                .iter()
+                .map(|(s, e)| (*s, e.to_string()))
+                .collect();
+            pieces.sort();
+            pieces.dedup();
+            let min = self.experiments.keys().next().map(|e| e.to_string());
+            let max = self.experiments.keys().next_back().map(|e| e.to_string());
+            PublishIntent {
+                entry: FileEntry {
+                    key: self.key.as_str().to_owned(),
+                    rows: self.rows,
+                    bytes: self.bytes,
+                    min_experiment: min.unwrap_or_default(),
+                    max_experiment: max.unwrap_or_default(),
+                    created_at: now_micros(),
+                    schema: crate::index::SCHEMA_INT64,
+                    compacted: false,
+                },
+                partition: self.partition.clone(),
+                pieces,
+                experiments: self
+                    .experiments
+                    .iter()
+                    .map(|(e, p)| (e.to_string(), p.clone()))
+                    .collect(),
+                summaries: self
+                    .summaries
+                    .iter()
+                    .map(|(e, k, s)| (e.to_string(), k.to_string(), *s))
+                    .collect(),
+                batch_ids: self
+                    .batch_ids
+                    .iter()
+                    .map(|(id, at, n)| (id.to_string(), *at, *n))
+                    .collect(),
+            }
+        })
+    }
+}
+
+/// A new file of a replacement: staged, with its manifest entry and experiment
+/// index.
+#[derive(Debug)]
+pub struct Replacement {
+    pub staged: StagedFile,
+    pub entry: FileEntry,
+    pub experiments: Vec<(String, FilePart)>,
+}
+
+/// What publication needs, shared by the writer threads and compaction.
+#[derive(Debug, Clone)]
+pub struct Persister {
+    pub index: Arc<Index>,
+    /// Where files are published: the storage root, or the spool of an S3 root.
+    pub sink: LocalSink,
+    /// With an S3 root: takes each file published into the spool.
+    pub uploader: Option<Arc<Uploader>>,
+    /// With an S3 root: the bucket, for deleting replaced objects.
+    pub remote: Option<Remote>,
+    /// Where published WAL records are released, and the oldest record still on disk.
+    pub wal: Option<(Arc<Tracker>, Arc<AtomicU64>)>,
+    /// How long client batch ids are remembered.
+    pub batch_id_window: Duration,
+    pub metrics: Metrics,
+}
+
+fn label(table: Table) -> TableLabel {
+    TableLabel {
+        table: match table {
+            Table::Metrics => TableName::metrics,
+            Table::Events => TableName::events,
+        },
+    }
+}
+
+impl Persister {
+    /// Whether files publish into a spool for upload (an S3 root).
+    fn spooled(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// Publishes `p` exactly once. On failure `p` keeps its progress, and calling
+    /// again resumes where it stopped.
+    pub fn publish(&self, p: &mut Publication) -> Result<(), WriterError> {
+        let started = Instant::now();
+        let intent = p.intent().clone();
+        if let Some(staged) = p.staged.take() {
+            if let Err(e) = self.index.begin_publish(&intent) {
+                p.staged = Some(staged);
+                return Err(e.into());
+            }
+            // The rename consumes the staged file whatever happens; a failed rename
+            // leaves it in staging, which is cleared at the next start (its rows are
+            // still in the WAL).
+            self.sink.publish(staged, &p.key)?;
+        }
+        let forget = Forget {
+            pieces_below: self
+                .wal
+                .as_ref()
+                .map_or(0, |(_, from)| from.load(Ordering::Acquire)),
+            batch_ids_before: now_micros().saturating_sub(self.batch_id_window.as_micros() as i64),
+        };
+        self.index.commit_publish(&intent, forget, self.spooled())?;
+        if let Some(uploader) = &self.uploader {
+            uploader.enqueue((*p.key).clone(), p.bytes);
+        }
+        if let Some((tracker, _)) = &self.wal {
+            for (seq, _) in &p.pieces {
+                tracker.release(*seq, 1);
+            }
+        }
+        let label = label(p.table);
+        let m = &self.metrics;
+        m.files_published.get_or_create(&label).inc();
+        m.published_bytes.get_or_create(&label).inc_by(p.bytes);
+        m.published_rows.get_or_create(&label).inc_by(p.rows);
+        m.publish_seconds.observe(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            file = %p.key,
+            rows = p.rows,
+            bytes = p.bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "published"
+        );
+        Ok(())
+    }
+
+    /// Swaps `inputs` for the staged `outputs` (compaction), or drops `inputs`
+    /// (retention, with no outputs). Returns the keys removed from the manifest.
+    pub fn replace(
+        &self,
+        id: String,
+        outputs: Vec<Replacement>,
+        inputs: Vec<String>,
+    ) -> Result<Vec<String>, WriterError> {
+        let intent = ReplaceIntent {
+            id,
+            outputs: outputs
+                .iter()
+                .map(|r| (r.entry.clone(), r.experiments.clone()))
+                .collect(),
+            inputs,
+        };
+        if let Err(e) = self.index.begin_replace(&intent) {
+            for r in outputs {
+                self.sink.discard(r.staged);
+            }
+            return Err(e.into());
+        }
+        for r in outputs {
+            if let Err(e) = self.sink.publish(r.staged, &r.entry.object_key()) {
+                // Outputs already in place are deleted with the intent.
+                self.index.abandon_replace(&intent)?;
+                self.finish_deletions();
+                return Err(e.into());
+            }
+        }
+        let removed = self.index.commit_replace(&intent, self.spooled())?;
+        if let Some(uploader) = &self.uploader {
+            for (entry, _) in &intent.outputs {
+                uploader.enqueue(entry.object_key(), entry.bytes);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Deletes every object queued for deletion; failures stay queued.
+    pub fn finish_deletions(&self) -> usize {
+        let keys = match self.index.deletions() {
+            Ok(keys) => keys,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the deletion queue");
+                return 0;
+            }
+        };
+        let mut deleted = 0;
+        for key in keys {
+            match self.delete_object(&ObjectKey::from_manifest(key.clone())) {
+                Ok(()) => match self.index.deleted(&key) {
+                    Ok(()) => deleted += 1,
+                    Err(e) => tracing::error!(error = %e, "cannot record a deletion"),
+                },
+                Err(e) => {
+                    tracing::warn!(object = %key, error = %e, "cannot delete a replaced object yet; retrying later");
+                }
+            }
+        }
+        deleted
+    }
+
+    /// Deletes an object wherever it is (the local root or spool, and the bucket);
+    /// one already gone is fine.
+    fn delete_object(&self, key: &ObjectKey) -> Result<(), SinkError> {
+        self.sink.remove(key);
+        if let Some(Remote { store, runtime }) = &self.remote {
+            let location = object_path(key)?;
+            match runtime.block_on(store.delete(&location)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(source) => {
+                    return Err(SinkError::Remote {
+                        action: "deleting",
+                        key: key.to_string(),
+                        store: store.to_string(),
+                        source: Box::new(source),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Finishes what a crash interrupted, before anything is served: publications
+    /// whose file landed are committed (others dropped), replacements whose
+    /// outputs all landed are swapped (others dropped with their outputs), and
+    /// queued deletions are carried out.
+    pub fn recover(&self) -> Result<(), IndexError> {
+        let exists = |key: &str| {
+            self.sink
+                .path_of(&ObjectKey::from_manifest(key.to_owned()))
+                .exists()
+        };
+        let (completed, dropped) = self.index.recover_intents(exists, self.spooled())?;
+        if completed + dropped > 0 {
+            tracing::warn!(
+                completed,
+                dropped,
+                "finished publications a crash interrupted"
+            );
+        }
+        for intent in self.index.replace_intents()? {
+            if intent.outputs.iter().all(|(e, _)| exists(&e.key)) {
+                self.index.commit_replace(&intent, self.spooled())?;
+                if let Some(uploader) = &self.uploader {
+                    for (entry, _) in &intent.outputs {
+                        uploader.enqueue(entry.object_key(), entry.bytes);
+                    }
+                }
+                tracing::warn!(id = %intent.id, "finished a replacement a crash interrupted");
+            } else {
+                self.index.abandon_replace(&intent)?;
+                tracing::warn!(id = %intent.id, "dropped a replacement a crash interrupted");
+            }
+        }
+        let deleted = self.finish_deletions();
+        if deleted > 0 {
+            tracing::info!(deleted, "deleted replaced files");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,326 @@
+//! The read path: metric series and events of one experiment, from the files the
+//! manifest's experiment index names, the writers' staged row groups and their
+//! buffered chunks ([`crate::live`]). Reads never pass through the ingest queues or
+//! the writer threads.
+//!
+//! Series come back per key in (step, ingest time) order, a page at a time: keys
+//! are read a group at a time, sized by the points the index and the writers say
+//! they hold, so a read holds about one page of points (or one series, if a single
+//! series is longer). With `max_points`, a longer series comes back as step buckets
+//! with min, max and last value.
+
+mod parquet;
+mod series;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use ::parquet::errors::ParquetError;
+use arrow_array::cast::AsArray;
+use arrow_array::types::TimestampMicrosecondType;
+use arrow_array::{Array, RecordBatch};
+
+use crate::index::{FileRef, Index, IndexError};
+use crate::live::{LiveRows, LiveView};
+use crate::model::{EventPoint, EventRecord, ExperimentRef};
+use crate::paths::Table;
+use crate::sink::{FileData, Files, SinkError};
+
+use self::parquet::{
+    PositionalFile, RowsWanted, StrColumn, fetch_remote, local_metadata, metadata_from, read_rows,
+};
+pub use series::{Cursor, SeriesOut, SeriesPage, SeriesQuery};
+
+/// Errors reading.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueryError {
+    #[error(transparent)]
+    Open(#[from] SinkError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error("reading {path}: {source}")]
+    Parquet { path: String, source: ParquetError },
+    #[error("file {path} does not have the expected schema: {reason}")]
+    Schema { path: String, reason: String },
+    #[error("invalid page token: {0}")]
+    Token(String),
+}
+
+impl QueryError {
+    /// A file the manifest named was gone when opened (compacted away meanwhile).
+    fn is_vanished(&self) -> bool {
+        matches!(self, QueryError::Open(e) if e.is_not_found())
+    }
+}
+
+/// How many times a read starts over when a file it was about to read has been
+/// replaced by compaction meanwhile.
+const ATTEMPTS: usize = 4;
+
+/// Reads published files and the writers' unpublished rows.
+#[derive(Debug, Clone)]
+pub struct Reader {
+    index: Arc<Index>,
+    files: Files,
+    live: LiveView,
+}
+
+impl Reader {
+    pub fn new(index: Arc<Index>, files: Files, live: LiveView) -> Self {
+        Self { index, files, live }
+    }
+
+    /// Every source of `experiment`'s rows in `table`, at one instant: the files
+    /// the manifest lists, and what the writers hold that is not in them.
+    fn sources(
+        &self,
+        table: Table,
+        experiment: &ExperimentRef,
+    ) -> Result<(Vec<FileRef>, LiveRows), QueryError> {
+        // The live view first, the manifest second (see `crate::live`).
+        let live = self.live.snapshot(&experiment.id);
+        let files = self
+            .index
+            .experiment_files(table, &experiment.namespace, &experiment.id)?;
+        let published: HashSet<&str> = files.iter().map(|f| f.entry.key.as_str()).collect();
+        let live = live.without(&published);
+        Ok((files, live))
+    }
+
+    /// Reads the wanted rows of every file and staged file, in that order.
+    fn read_files(
+        &self,
+        files: &[FileRef],
+        live: &LiveRows,
+        want: &RowsWanted,
+        sink: &mut dyn FnMut(RecordBatch) -> Result<(), QueryError>,
+    ) -> Result<(), QueryError> {
+        for file in files {
+            let path = file.entry.key.as_str();
+            let groups = file.row_groups.as_deref();
+            match self
+                .files
+                .open(&file.entry.object_key(), file.entry.bytes)?
+            {
+                FileData::Local(f) => {
+                    let len = f.metadata().map(|m| m.len()).unwrap_or(file.entry.bytes);
+                    let reader = PositionalFile::new(Arc::new(f), len);
+                    let metadata = local_metadata(&reader, path)?;
+                    read_rows(reader, metadata, path, groups, want, sink)?;
+                }
+                FileData::Remote(object) => {
+                    if let Some((fetched, metadata)) = fetch_remote(&object, path, groups, want)? {
+                        read_rows(fetched, metadata, path, groups, want, sink)?;
+                    }
+                }
+            }
+        }
+        for (staged, groups) in &live.staged {
+            let path = staged.key.as_str();
+            let end = staged
+                .metadata
+                .row_groups()
+                .iter()
+                .flat_map(|rg| rg.columns())
+                .map(|c| {
+                    let (start, len) = c.byte_range();
+                    start + len
+                })
+                .max()
+                .unwrap_or(0);
+            let reader = PositionalFile::new(Arc::clone(&staged.file), end);
+            let metadata = metadata_from(Arc::clone(&staged.metadata), path)?;
+            read_rows(reader, metadata, path, Some(groups), want, sink)?;
+        }
+        Ok(())
+    }
+
+    /// Metric keys of an experiment with about how many points each holds, sorted.
+    fn keys_with_counts(
+        &self,
+        experiment: &ExperimentRef,
+        live: &LiveRows,
+    ) -> Result<BTreeMap<String, u64>, QueryError> {
+        let mut keys: BTreeMap<String, u64> = self
+            .index
+            .summaries(&experiment.id)?
+            .into_iter()
+            .map(|(k, s)| (k, s.count))
+            .collect();
+        for (key, n) in &live.staged_keys {
+            *keys.entry(key.to_string()).or_default() += n;
+        }
+        for (_, chunk) in &live.metrics {
+            let b = &chunk.block;
+            let mut counts = vec![0u64; b.keys.len()];
+            for &k in &b.key_index {
+                counts[k as usize] += 1;
+            }
+            for (key, n) in b.keys.iter().zip(counts) {
+                if n > 0 {
+                    *keys.entry(key.clone()).or_default() += n;
+                }
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Metric keys of an experiment, sorted.
+    pub fn keys(&self, experiment: &ExperimentRef) -> Result<Vec<String>, QueryError> {
+        let live = self.live.snapshot(&experiment.id);
+        Ok(self
+            .keys_with_counts(experiment, &live)?
+            .into_keys()
+            .collect())
+    }
+
+    /// One page of an experiment's series. Blocking.
+    pub fn series(
+        &self,
+        experiment: &ExperimentRef,
+        query: &SeriesQuery,
+    ) -> Result<SeriesPage, QueryError> {
+        let live = self.live.snapshot(&experiment.id);
+        let counts = self.keys_with_counts(experiment, &live)?;
+        drop(live);
+        let mut page = series::PageBuilder::new(query);
+        let mut keys: Vec<(String, u64)> = counts
+            .into_iter()
+            .filter(|(k, _)| query.wants_key(k))
+            .collect();
+        keys.reverse();
+        while !keys.is_empty() && !page.is_full() {
+            // A group of keys whose points fit a read's budget (at least one key).
+            let mut group: Vec<String> = Vec::new();
+            let mut points = 0u64;
+            while let Some((key, n)) = keys.last() {
+                if !group.is_empty() && points + n > query.read_points as u64 {
+                    break;
+                }
+                points += n;
+                group.push(key.clone());
+                keys.pop();
+            }
+            let gathered = self.gather_series(experiment, &group, query)?;
+            for key in &group {
+                if page.is_full() {
+                    page.stop_at(key);
+                    break;
+                }
+                let points = gathered.get(key.as_str()).cloned().unwrap_or_default();
+                page.add(key, points);
+            }
+        }
+        if page.is_full()
+            && let Some((key, _)) = keys.last()
+        {
+            page.stop_at(key);
+        }
+        Ok(page.finish())
+    }
+
+    /// Every point of the `keys` series within the step range, from every source.
+    fn gather_series(
+        &self,
+        experiment: &ExperimentRef,
+        keys: &[String],
+        query: &SeriesQuery,
+    ) -> Result<BTreeMap<String, series::Gathered>, QueryError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut out: BTreeMap<String, series::Gathered> = BTreeMap::new();
+            let (files, live) = self.sources(Table::Metrics, experiment)?;
+            let want = RowsWanted {
+                experiment: &experiment.id,
+                keys: Some(keys),
+                steps: query.steps(),
+                columns: query.columns(),
+            };
+            let read = self.read_files(&files, &live, &want, &mut |batch| {
+                series::gather_batch(&batch, &mut out, query)
+            });
+            match read {
+                Err(e) if e.is_vanished() && attempt < ATTEMPTS => continue,
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+            for (_, chunk) in &live.metrics {
+                series::gather_chunk(chunk, keys, &mut out, query);
+            }
+            return Ok(out);
+        }
+    }
+
+    /// Every event of an experiment, ordered by wallclock (arrival order among
+    /// equal times). Blocking.
+    pub fn events(&self, experiment: &ExperimentRef) -> Result<Vec<EventPoint>, QueryError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (files, live) = self.sources(Table::Events, experiment)?;
+            let want = RowsWanted {
+                experiment: &experiment.id,
+                keys: None,
+                steps: (i64::MIN, i64::MAX),
+                columns: &["name", "source", "wallclock", "metadata", "ingested_at"],
+            };
+            let mut out = Vec::new();
+            let read = self.read_files(&files, &live, &want, &mut |batch| {
+                event_points(&batch, &mut out)
+            });
+            match read {
+                Err(e) if e.is_vanished() && attempt < ATTEMPTS => continue,
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+            for (_, chunk) in &live.events {
+                out.extend(chunk.events.iter().map(|e| EventPoint {
+                    event: e.clone(),
+                    ingested_at: chunk.ingested_at,
+                }));
+            }
+            out.sort_by_key(|e| e.event.wallclock);
+            return Ok(out);
+        }
+    }
+}
+
+fn schema_err(column: &str) -> QueryError {
+    QueryError::Schema {
+        path: String::new(),
+        reason: format!("column {column} is missing or has the wrong type"),
+    }
+}
+
+fn event_points(batch: &RecordBatch, out: &mut Vec<EventPoint>) -> Result<(), QueryError> {
+    let col = |name: &str| batch.column_by_name(name).ok_or_else(|| schema_err(name));
+    let names = StrColumn::of(col("name")?).ok_or_else(|| schema_err("name"))?;
+    let sources = StrColumn::of(col("source")?).ok_or_else(|| schema_err("source"))?;
+    let wallclock = col("wallclock")?
+        .as_primitive_opt::<TimestampMicrosecondType>()
+        .ok_or_else(|| schema_err("wallclock"))?;
+    let metadata = col("metadata")?
+        .as_string_opt::<i32>()
+        .ok_or_else(|| schema_err("metadata"))?;
+    let ingested = col("ingested_at")?
+        .as_primitive_opt::<TimestampMicrosecondType>()
+        .ok_or_else(|| schema_err("ingested_at"))?;
+    for row in 0..batch.num_rows() {
+        out.push(EventPoint {
+            event: EventRecord {
+                name: names.value(row).to_owned(),
+                source: sources.value(row).to_owned(),
+                wallclock: wallclock.value(row),
+                metadata_json: if metadata.is_valid(row) {
+                    metadata.value(row).to_owned()
+                } else {
+                    "{}".to_owned()
+                },
+            },
+            ingested_at: ingested.value(row),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,436 @@
+//! Reading one experiment's rows out of a Parquet file: a published file (local,
+//! or in the bucket in byte ranges), or a staged file still being written.
+//!
+//! Row groups come from the manifest's experiment index (or, for files without
+//! one, from their statistics). Within a row group, a row filter on
+//! `experiment_id` runs first, then one on key and step, so the other columns are
+//! decoded only for the rows that match (and whole pages are skipped where the
+//! page index allows).
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Int32Type, Int64Type, UInt64Type};
+use arrow_array::{Array, ArrayRef, BooleanArray, RecordBatch};
+use arrow_schema::{ArrowError, DataType};
+use bytes::{Buf, Bytes};
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{
+    ArrowPredicateFn, ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+    RowFilter,
+};
+use parquet::errors::ParquetError;
+use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader, RowGroupMetaData};
+use parquet::file::reader::{ChunkReader, Length};
+use parquet::file::statistics::Statistics;
+
+use super::QueryError;
+use crate::sink::RemoteObject;
+
+/// A local file read with positional reads only, so any number of readers (and
+/// the writer appending to a staged file) share it safely.
+#[derive(Debug, Clone)]
+pub(crate) struct PositionalFile {
+    file: Arc<File>,
+    len: u64,
+}
+
+impl PositionalFile {
+    pub(crate) fn new(file: Arc<File>, len: u64) -> Self {
+        Self { file, len }
+    }
+}
+
+impl Length for PositionalFile {
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+/// A sequential reader over a [`PositionalFile`].
+#[derive(Debug)]
+pub(crate) struct PositionalRead {
+    file: Arc<File>,
+    pos: u64,
+}
+
+impl Read for PositionalRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl ChunkReader for PositionalFile {
+    type T = PositionalRead;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        Ok(PositionalRead {
+            file: Arc::clone(&self.file),
+            pos: start,
+        })
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        let mut buf = vec![0; length];
+        self.file.read_exact_at(&mut buf, start)?;
+        Ok(buf.into())
+    }
+}
+
+/// What to read of an experiment.
+#[derive(Debug, Clone)]
+pub(crate) struct RowsWanted<'a> {
+    pub experiment: &'a str,
+    /// Only these keys (sorted); `None`: every key.
+    pub keys: Option<&'a [String]>,
+    /// Inclusive step range (ignored for events).
+    pub steps: (i64, i64),
+    /// Columns to read besides the filter columns, by name.
+    pub columns: &'a [&'a str],
+}
+
+fn parquet_err(path: &str) -> impl Fn(ParquetError) -> QueryError + '_ {
+    move |source| QueryError::Parquet {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A string column, dictionary-encoded (as mboxd writes it) or plain (as a file
+/// read without its Arrow schema comes back).
+pub(crate) enum StrColumn<'a> {
+    Dict {
+        keys: &'a arrow_array::PrimitiveArray<Int32Type>,
+        values: &'a arrow_array::StringArray,
+    },
+    Plain(&'a arrow_array::StringArray),
+}
+
+impl<'a> StrColumn<'a> {
+    pub(crate) fn of(array: &'a ArrayRef) -> Option<Self> {
+        match array.data_type() {
+            DataType::Dictionary(_, _) => {
+                let d = array.as_dictionary_opt::<Int32Type>()?;
+                Some(Self::Dict {
+                    keys: d.keys(),
+                    values: d.values().as_string_opt::<i32>()?,
+                })
+            }
+            DataType::Utf8 => Some(Self::Plain(array.as_string_opt::<i32>()?)),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn value(&self, row: usize) -> &'a str {
+        match self {
+            Self::Dict { keys, values } => values.value(keys.value(row) as usize),
+            Self::Plain(a) => a.value(row),
+        }
+    }
+
+    /// Rows equal to `wanted`, without comparing strings row by row.
+    fn eq_mask(&self, wanted: &str) -> BooleanArray {
+        match self {
+            Self::Dict { keys, values } => {
+                let Some(k) = (0..values.len()).find(|&i| values.value(i) == wanted) else {
+                    return BooleanArray::from(vec![false; keys.len()]);
+                };
+                keys.values().iter().map(|&v| Some(v == k as i32)).collect()
+            }
+            Self::Plain(a) => a.iter().map(|v| Some(v == Some(wanted))).collect(),
+        }
+    }
+
+    /// Which dictionary entries (or rows) are wanted keys.
+    fn in_mask(&self, wanted: &[String]) -> BooleanArray {
+        let hit = |s: &str| wanted.binary_search_by(|w| w.as_str().cmp(s)).is_ok();
+        match self {
+            Self::Dict { keys, values } => {
+                let ok: Vec<bool> = (0..values.len()).map(|i| hit(values.value(i))).collect();
+                keys.values()
+                    .iter()
+                    .map(|&v| Some(ok[v as usize]))
+                    .collect()
+            }
+            Self::Plain(a) => a.iter().map(|v| Some(v.is_some_and(hit))).collect(),
+        }
+    }
+}
+
+/// A 64-bit integer column as i64 (files from before the int64 schema hold uint64;
+/// values past i64::MAX, which mboxd never accepted, saturate).
+pub(crate) enum IntColumn<'a> {
+    Signed(&'a arrow_array::PrimitiveArray<Int64Type>),
+    Unsigned(&'a arrow_array::PrimitiveArray<UInt64Type>),
+}
+
+impl<'a> IntColumn<'a> {
+    pub(crate) fn of(array: &'a ArrayRef) -> Option<Self> {
+        match array.data_type() {
+            DataType::Int64 => Some(Self::Signed(array.as_primitive_opt()?)),
+            DataType::UInt64 => Some(Self::Unsigned(array.as_primitive_opt()?)),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn value(&self, row: usize) -> i64 {
+        match self {
+            Self::Signed(a) => a.value(row),
+            Self::Unsigned(a) => i64::try_from(a.value(row)).unwrap_or(i64::MAX),
+        }
+    }
+}
+
+fn filter_err(column: &str) -> ArrowError {
+    ArrowError::SchemaError(format!("column {column} is missing or has the wrong type"))
+}
+
+/// Whether a row group's statistics admit the experiment (and, for metrics, the
+/// step range).
+fn row_group_may_match(
+    rg: &RowGroupMetaData,
+    id_column: usize,
+    step_column: Option<usize>,
+    want: &RowsWanted,
+) -> bool {
+    if let Some(Statistics::ByteArray(stats)) = rg.column(id_column).statistics()
+        && let (Some(min), Some(max)) = (stats.min_opt(), stats.max_opt())
+    {
+        let id = want.experiment.as_bytes();
+        if id < min.data() || max.data() < id {
+            return false;
+        }
+    }
+    if let Some(c) = step_column {
+        let (lo, hi) = want.steps;
+        if let Some(Statistics::Int64(s)) = rg.column(c).statistics()
+            && let (Some(min), Some(max)) = (s.min_opt(), s.max_opt())
+            && (*max < lo || *min > hi)
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// Reads the wanted rows of one file, handing each non-empty batch to `sink`.
+/// `row_groups`: the experiment index's list, or `None` for every row group the
+/// statistics admit.
+pub(crate) fn read_rows<R: ChunkReader + 'static>(
+    reader: R,
+    metadata: ArrowReaderMetadata,
+    path: &str,
+    row_groups: Option<&[u32]>,
+    want: &RowsWanted,
+    sink: &mut dyn FnMut(RecordBatch) -> Result<(), QueryError>,
+) -> Result<(), QueryError> {
+    let perr = parquet_err(path);
+    let parquet_schema = metadata.metadata().file_metadata().schema_descr_ptr();
+    let arrow_schema = Arc::clone(metadata.schema());
+    let index_of = |name: &str| {
+        arrow_schema.index_of(name).map_err(|_| QueryError::Schema {
+            path: path.to_owned(),
+            reason: format!("column {name} is missing"),
+        })
+    };
+    let id_col = index_of("experiment_id")?;
+    let key_col = arrow_schema.index_of("key").ok();
+    let step_col = arrow_schema.index_of("step").ok();
+    let groups: Vec<usize> = metadata
+        .metadata()
+        .row_groups()
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| row_groups.is_none_or(|g| g.contains(&(*i as u32))))
+        .filter(|(_, rg)| {
+            row_group_may_match(rg, id_col, step_col.filter(|_| key_col.is_some()), want)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if groups.is_empty() {
+        return Ok(());
+    }
+    let mut columns = vec![id_col];
+    for name in want.columns {
+        columns.push(index_of(name)?);
+    }
+    columns.sort_unstable();
+    columns.dedup();
+    let projection = ProjectionMask::roots(&parquet_schema, columns);
+
+    let experiment = want.experiment.to_owned();
+    let by_experiment = ArrowPredicateFn::new(
+        ProjectionMask::roots(&parquet_schema, [id_col]),
+        move |batch: RecordBatch| {
+            let ids = StrColumn::of(batch.column(0)).ok_or_else(|| filter_err("experiment_id"))?;
+            Ok(ids.eq_mask(&experiment))
+        },
+    );
+    let mut predicates: Vec<Box<dyn parquet::arrow::arrow_reader::ArrowPredicate>> =
+        vec![Box::new(by_experiment)];
+    if let (Some(key_col), Some(step_col)) = (key_col, step_col) {
+        let keys = want.keys.map(<[String]>::to_vec);
+        let (lo, hi) = want.steps;
+        if keys.is_some() || lo > i64::MIN || hi < i64::MAX {
+            let by_key_and_step = ArrowPredicateFn::new(
+                ProjectionMask::roots(&parquet_schema, [key_col, step_col]),
+                move |batch: RecordBatch| {
+                    let key = StrColumn::of(batch.column(0)).ok_or_else(|| filter_err("key"))?;
+                    let step = IntColumn::of(batch.column(1)).ok_or_else(|| filter_err("step"))?;
+                    let in_keys = keys.as_deref().map(|k| key.in_mask(k));
+                    Ok((0..batch.num_rows())
+                        .map(|r| {
+                            let s = step.value(r);
+                            Some(lo <= s && s <= hi && in_keys.as_ref().is_none_or(|m| m.value(r)))
+                        })
+                        .collect())
+                },
+            );
+            predicates.push(Box::new(by_key_and_step));
+        }
+    }
+    let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(reader, metadata)
+        .with_row_groups(groups)
+        .with_projection(projection)
+        .with_row_filter(RowFilter::new(predicates))
+        .with_batch_size(64 * 1024)
+        .build()
+        .map_err(&perr)?;
+    for batch in reader {
+        let batch = batch.map_err(|e| perr(ParquetError::from(e)))?;
+        if batch.num_rows() > 0 {
+            sink(batch)?;
+        }
+    }
+    Ok(())
+}
+
+/// The metadata of a local file, with its page index.
+pub(crate) fn local_metadata(
+    file: &PositionalFile,
+    path: &str,
+) -> Result<ArrowReaderMetadata, QueryError> {
+    ArrowReaderMetadata::load(file, ArrowReaderOptions::new().with_page_index(true))
+        .map_err(parquet_err(path))
+}
+
+/// Reader metadata for given Parquet metadata (a staged file's).
+pub(crate) fn metadata_from(
+    metadata: Arc<ParquetMetaData>,
+    path: &str,
+) -> Result<ArrowReaderMetadata, QueryError> {
+    ArrowReaderMetadata::try_new(metadata, ArrowReaderOptions::new()).map_err(parquet_err(path))
+}
+
+/// How much of a remote file's end is fetched at first: the footer and, almost
+/// always, all of its metadata.
+const FOOTER_PREFETCH: u64 = 64 << 10;
+
+/// Fetches what reading some row groups of a remote file needs: its metadata, then
+/// the one contiguous span of those row groups. `None` when no row group can
+/// match.
+pub(crate) fn fetch_remote(
+    object: &RemoteObject,
+    path: &str,
+    row_groups: Option<&[u32]>,
+    want: &RowsWanted,
+) -> Result<Option<(Fetched, ArrowReaderMetadata)>, QueryError> {
+    let perr = parquet_err(path);
+    let size = object.size();
+    let mut tail_start = size.saturating_sub(FOOTER_PREFETCH);
+    let mut tail = object.get_range(tail_start..size)?;
+    // The footer's last 8 bytes: metadata length (u32 LE) and the magic "PAR1".
+    let footer = tail
+        .len()
+        .checked_sub(8)
+        .and_then(|at| tail.get(at..at + 4))
+        .ok_or_else(|| perr(ParquetError::EOF(format!("{path} is too small"))))?;
+    let needed = u64::from(u32::from_le_bytes([
+        footer[0], footer[1], footer[2], footer[3],
+    ])) + 8;
+    if needed > tail.len() as u64 && needed <= size {
+        tail_start = size - needed;
+        tail = object.get_range(tail_start..size)?;
+    }
+    let mut fetched = Fetched {
+        size,
+        key: path.to_owned(),
+        parts: vec![(tail_start, tail)],
+    };
+    let metadata = ParquetMetaDataReader::new()
+        .parse_and_finish(&fetched)
+        .map_err(&perr)?;
+    let reader_metadata =
+        ArrowReaderMetadata::try_new(Arc::new(metadata), Default::default()).map_err(&perr)?;
+    let schema = reader_metadata.schema();
+    let id_col = schema.index_of("experiment_id").unwrap_or(0);
+    let step_col = schema
+        .index_of("step")
+        .ok()
+        .filter(|_| schema.index_of("key").is_ok());
+    let span = reader_metadata
+        .metadata()
+        .row_groups()
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| row_groups.is_none_or(|g| g.contains(&(*i as u32))))
+        .filter(|(_, rg)| row_group_may_match(rg, id_col, step_col, want))
+        .flat_map(|(_, rg)| rg.columns().iter().map(|c| c.byte_range()))
+        .map(|(start, len)| (start, start + len))
+        .reduce(|(a, b), (c, d)| (a.min(c), b.max(d)));
+    let Some((start, end)) = span else {
+        return Ok(None);
+    };
+    fetched.parts.push((start, object.get_range(start..end)?));
+    Ok(Some((fetched, reader_metadata)))
+}
+
+/// Parts of a remote file fetched in advance, served to the Parquet reader.
+#[derive(Debug)]
+pub(crate) struct Fetched {
+    size: u64,
+    key: String,
+    /// (offset, bytes) of each fetched range.
+    parts: Vec<(u64, Bytes)>,
+}
+
+impl Fetched {
+    /// The fetched bytes from `start`, to the end of the part holding `length` of
+    /// them.
+    fn bytes_at(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        self.parts
+            .iter()
+            .find(|(at, bytes)| *at <= start && start + length as u64 <= at + bytes.len() as u64)
+            .map(|(at, bytes)| bytes.slice((start - at) as usize..))
+            .ok_or_else(|| {
+                ParquetError::General(format!(
+                    "bytes {start}..{} of {} were not fetched",
+                    start + length as u64,
+                    self.key
+                ))
+            })
+    }
+}
+
+impl Length for Fetched {
+    fn len(&self) -> u64 {
+        self.size
+    }
+}
+
+impl ChunkReader for Fetched {
+    type T = bytes::buf::Reader<Bytes>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        Ok(self.bytes_at(start, 0)?.reader())
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        Ok(self.bytes_at(start, length)?.slice(..length))
+    }
+}

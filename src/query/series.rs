@@ -1,0 +1,570 @@
+//! Series reads: gathering one experiment's points per key from every source,
+//! ordering them, and cutting them into pages, exact or bucketed.
+
+use std::collections::BTreeMap;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, TimestampMicrosecondType};
+use arrow_array::{Array, RecordBatch};
+
+use super::QueryError;
+use super::parquet::{IntColumn, StrColumn};
+use crate::model::{MetricChunk, MetricValue};
+
+/// What a series read asks for.
+#[derive(Debug, Clone)]
+pub struct SeriesQuery {
+    /// Only these keys, sorted and distinct; `None`: every key.
+    pub keys: Option<Vec<String>>,
+    pub start_step: Option<i64>,
+    pub end_step: Option<i64>,
+    /// Series longer than this come back as at most this many step buckets.
+    pub max_points: Option<usize>,
+    /// Most points in a page.
+    pub page_points: usize,
+    /// About the most bytes a page takes on the wire.
+    pub page_bytes: usize,
+    /// Where the previous page stopped.
+    pub cursor: Option<Cursor>,
+    /// Points read at once (a group of keys; a longer single series is read whole).
+    pub read_points: usize,
+}
+
+impl SeriesQuery {
+    /// Every point of every key, in pages of the given size.
+    pub fn all(page_points: usize, page_bytes: usize) -> Self {
+        Self {
+            keys: None,
+            start_step: None,
+            end_step: None,
+            max_points: None,
+            page_points,
+            page_bytes,
+            cursor: None,
+            read_points: 1 << 20,
+        }
+    }
+
+    pub(crate) fn wants_key(&self, key: &str) -> bool {
+        self.keys
+            .as_ref()
+            .is_none_or(|k| k.binary_search_by(|w| w.as_str().cmp(key)).is_ok())
+            && self.cursor.as_ref().is_none_or(|c| key >= c.key.as_str())
+    }
+
+    pub(crate) fn steps(&self) -> (i64, i64) {
+        (
+            self.start_step.unwrap_or(i64::MIN),
+            self.end_step.unwrap_or(i64::MAX),
+        )
+    }
+
+    pub(crate) fn columns(&self) -> &'static [&'static str] {
+        if self.max_points.is_some() {
+            &[
+                "key",
+                "step",
+                "wallclock_time",
+                "value_double",
+                "ingested_at",
+            ]
+        } else {
+            &[
+                "key",
+                "step",
+                "wallclock_time",
+                "value_double",
+                "value_string",
+                "value_bytes",
+                "ingested_at",
+            ]
+        }
+    }
+}
+
+/// Where a page stopped: the next point is the `skip`-th (from 0) of `key`'s
+/// points at `step`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub key: String,
+    pub step: i64,
+    pub skip: u64,
+}
+
+impl Cursor {
+    /// The page token: versioned, the key hex-encoded so any key round-trips.
+    pub fn encode(&self) -> String {
+        let hex: String = self.key.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("s1.{}.{}.{hex}", self.step, self.skip)
+    }
+
+    pub fn decode(token: &str) -> Result<Self, QueryError> {
+        let bad = || QueryError::Token(format!("{token:?} is not a page token from mboxd"));
+        let mut parts = token.splitn(4, '.');
+        if parts.next() != Some("s1") {
+            return Err(bad());
+        }
+        let step = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+        let skip = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+        let hex = parts.next().ok_or_else(bad)?;
+        if hex.len() % 2 != 0 {
+            return Err(bad());
+        }
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .map_err(|_| bad())?;
+        let key = String::from_utf8(bytes).map_err(|_| bad())?;
+        Ok(Self { key, step, skip })
+    }
+}
+
+/// One series in a page.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SeriesOut {
+    pub key: String,
+    pub bucketed: bool,
+    /// Points of the series in the step range (before bucketing).
+    pub total_points: u64,
+    pub steps: Vec<i64>,
+    pub wallclocks: Vec<i64>,
+    pub values: Vec<MetricValue>,
+    /// Per bucket, when bucketed.
+    pub min: Vec<f64>,
+    pub max: Vec<f64>,
+}
+
+/// A page of series, and where the next one starts.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SeriesPage {
+    pub series: Vec<SeriesOut>,
+    pub next: Option<Cursor>,
+}
+
+/// One series' points from every source, in arrival order.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Gathered {
+    steps: Vec<i64>,
+    wallclocks: Vec<i64>,
+    /// NaN for a string or bytes value (kept in `other`).
+    values: Vec<f64>,
+    ingested: Vec<i64>,
+    other: Vec<(u32, MetricValue)>,
+}
+
+impl Gathered {
+    fn push(&mut self, step: i64, wallclock: i64, value: f64, ingested: i64) {
+        self.steps.push(step);
+        self.wallclocks.push(wallclock);
+        self.values.push(value);
+        self.ingested.push(ingested);
+    }
+
+    fn push_other(&mut self, step: i64, wallclock: i64, value: MetricValue, ingested: i64) {
+        self.other.push((self.steps.len() as u32, value));
+        self.push(step, wallclock, f64::NAN, ingested);
+    }
+
+    fn value(&self, i: usize, other: &BTreeMap<u32, &MetricValue>) -> MetricValue {
+        match other.get(&(i as u32)) {
+            Some(v) => (*v).clone(),
+            None => MetricValue::Double(self.values[i]),
+        }
+    }
+}
+
+fn schema_err(column: &str) -> QueryError {
+    QueryError::Schema {
+        path: String::new(),
+        reason: format!("column {column} is missing or has the wrong type"),
+    }
+}
+
+/// Adds a batch of one experiment's rows (already filtered by key and step) to
+/// the per-key gatherings.
+pub(crate) fn gather_batch(
+    batch: &RecordBatch,
+    out: &mut BTreeMap<String, Gathered>,
+    query: &SeriesQuery,
+) -> Result<(), QueryError> {
+    let col = |name: &str| batch.column_by_name(name).ok_or_else(|| schema_err(name));
+    let keys = StrColumn::of(col("key")?).ok_or_else(|| schema_err("key"))?;
+    let steps = IntColumn::of(col("step")?).ok_or_else(|| schema_err("step"))?;
+    let wallclocks =
+        IntColumn::of(col("wallclock_time")?).ok_or_else(|| schema_err("wallclock_time"))?;
+    let doubles = col("value_double")?
+        .as_primitive_opt::<Float64Type>()
+        .ok_or_else(|| schema_err("value_double"))?;
+    let ingested = col("ingested_at")?
+        .as_primitive_opt::<TimestampMicrosecondType>()
+        .ok_or_else(|| schema_err("ingested_at"))?;
+    let exact = query.max_points.is_none();
+    let strings = match exact {
+        true => Some(
+            col("value_string")?
+                .as_string_opt::<i32>()
+                .ok_or_else(|| schema_err("value_string"))?,
+        ),
+        false => None,
+    };
+    let bytes = match exact {
+        true => Some(
+            col("value_bytes")?
+                .as_binary_opt::<i32>()
+                .ok_or_else(|| schema_err("value_bytes"))?,
+        ),
+        false => None,
+    };
+    let n = batch.num_rows();
+    let mut start = 0;
+    // Rows come in runs of one key (files are sorted): one lookup per run.
+    while start < n {
+        let key = keys.value(start);
+        let mut end = start + 1;
+        while end < n && keys.value(end) == key {
+            end += 1;
+        }
+        if !out.contains_key(key) {
+            out.insert(key.to_owned(), Gathered::default());
+        }
+        let Some(g) = out.get_mut(key) else {
+            break;
+        };
+        for row in start..end {
+            let (step, wallclock, at) =
+                (steps.value(row), wallclocks.value(row), ingested.value(row));
+            if doubles.is_valid(row) {
+                g.push(step, wallclock, doubles.value(row), at);
+            } else if let Some(s) = strings.filter(|s| s.is_valid(row)) {
+                g.push_other(
+                    step,
+                    wallclock,
+                    MetricValue::String(s.value(row).to_owned()),
+                    at,
+                );
+            } else if let Some(b) = bytes.filter(|b| b.is_valid(row)) {
+                g.push_other(
+                    step,
+                    wallclock,
+                    MetricValue::Bytes(b.value(row).to_vec()),
+                    at,
+                );
+            } else {
+                g.push(step, wallclock, f64::NAN, at);
+            }
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+/// Adds a buffered chunk's rows of the wanted keys within the step range.
+pub(crate) fn gather_chunk(
+    chunk: &MetricChunk,
+    keys: &[String],
+    out: &mut BTreeMap<String, Gathered>,
+    query: &SeriesQuery,
+) {
+    let b = &chunk.block;
+    let wanted: Vec<bool> = b
+        .keys
+        .iter()
+        .map(|k| keys.binary_search(k).is_ok())
+        .collect();
+    if !wanted.iter().any(|&w| w) {
+        return;
+    }
+    let (lo, hi) = query.steps();
+    for row in 0..b.len() {
+        let k = b.key_index[row] as usize;
+        let step = b.steps[row] as i64;
+        if !wanted[k] || step < lo || step > hi {
+            continue;
+        }
+        let g = out.entry(b.keys[k].clone()).or_default();
+        let (wallclock, at) = (b.wallclocks[row] as i64, chunk.ingested_at(row));
+        match chunk.value(row) {
+            MetricValue::Double(v) => g.push(step, wallclock, v, at),
+            other if query.max_points.is_none() => g.push_other(step, wallclock, other, at),
+            _ => g.push(step, wallclock, f64::NAN, at),
+        }
+    }
+}
+
+/// About the bytes one point takes in a GetMetrics response.
+const POINT_BYTES: usize = 32;
+const BUCKET_EXTRA_BYTES: usize = 18;
+
+/// Builds a page from series offered in key order.
+#[derive(Debug)]
+pub(crate) struct PageBuilder<'q> {
+    query: &'q SeriesQuery,
+    page: SeriesPage,
+    points: usize,
+    bytes: usize,
+}
+
+impl<'q> PageBuilder<'q> {
+    pub(crate) fn new(query: &'q SeriesQuery) -> Self {
+        Self {
+            query,
+            page: SeriesPage::default(),
+            points: 0,
+            bytes: 0,
+        }
+    }
+
+    pub(crate) fn is_full(&self) -> bool {
+        self.page.next.is_some()
+            || self.points >= self.query.page_points
+            || self.bytes >= self.query.page_bytes
+    }
+
+    /// The page stops before `key` (unless it stopped already).
+    pub(crate) fn stop_at(&mut self, key: &str) {
+        if self.page.next.is_none() {
+            self.page.next = Some(Cursor {
+                key: key.to_owned(),
+                step: i64::MIN,
+                skip: 0,
+            });
+        }
+    }
+
+    pub(crate) fn finish(self) -> SeriesPage {
+        self.page
+    }
+
+    /// Adds as much of one series as the page takes.
+    pub(crate) fn add(&mut self, key: &str, g: Gathered) {
+        let mut order: Vec<u32> = (0..g.steps.len() as u32).collect();
+        // Stable: among equal (step, ingest time), arrival order (file order, then
+        // staged, then buffered).
+        order.sort_by_key(|&i| (g.steps[i as usize], g.ingested[i as usize]));
+        // Resume inside this series where the previous page stopped.
+        let mut start = 0;
+        let mut skipped_at_step = 0;
+        if let Some(c) = &self.query.cursor
+            && c.key == key
+        {
+            start = order.partition_point(|&i| g.steps[i as usize] < c.step);
+            let run = order[start..]
+                .iter()
+                .take_while(|&&i| g.steps[i as usize] == c.step)
+                .count();
+            let skip = (c.skip as usize).min(run);
+            start += skip;
+            skipped_at_step = skip;
+        }
+        let order = &order[start..];
+        if order.is_empty() {
+            return;
+        }
+        let other: BTreeMap<u32, &MetricValue> = g.other.iter().map(|(i, v)| (*i, v)).collect();
+        let total = order.len() as u64;
+        match self.query.max_points {
+            Some(max) if order.len() > max => {
+                let out = bucketed(key, &g, order, max, self.query, total);
+                if self.points > 0
+                    && (self.points + out.steps.len() > self.query.page_points
+                        || self.bytes + out.steps.len() * (POINT_BYTES + BUCKET_EXTRA_BYTES)
+                            > self.query.page_bytes)
+                {
+                    self.stop_at(key);
+                    return;
+                }
+                self.points += out.steps.len();
+                self.bytes += out.steps.len() * (POINT_BYTES + BUCKET_EXTRA_BYTES) + key.len();
+                self.page.series.push(out);
+            }
+            _ => {
+                let mut out = SeriesOut {
+                    key: key.to_owned(),
+                    bucketed: false,
+                    total_points: total,
+                    ..SeriesOut::default()
+                };
+                self.bytes += key.len() + 8;
+                let mut taken = 0;
+                for &i in order {
+                    if self.points >= self.query.page_points || self.bytes >= self.query.page_bytes
+                    {
+                        break;
+                    }
+                    let i = i as usize;
+                    let value = g.value(i, &other);
+                    self.bytes += POINT_BYTES
+                        + match &value {
+                            MetricValue::Double(_) => 0,
+                            MetricValue::String(s) => s.len(),
+                            MetricValue::Bytes(b) => b.len(),
+                        };
+                    out.steps.push(g.steps[i]);
+                    out.wallclocks.push(g.wallclocks[i]);
+                    out.values.push(value);
+                    self.points += 1;
+                    taken += 1;
+                }
+                if taken < order.len() {
+                    let next_step = g.steps[order[taken] as usize];
+                    let before = order[..taken]
+                        .iter()
+                        .rev()
+                        .take_while(|&&i| g.steps[i as usize] == next_step)
+                        .count();
+                    let carried = match &self.query.cursor {
+                        Some(c) if c.key == key && c.step == next_step && before == taken => {
+                            skipped_at_step
+                        }
+                        _ => 0,
+                    };
+                    self.page.next = Some(Cursor {
+                        key: key.to_owned(),
+                        step: next_step,
+                        skip: (before + carried) as u64,
+                    });
+                }
+                if !out.steps.is_empty() {
+                    self.page.series.push(out);
+                }
+            }
+        }
+    }
+}
+
+/// A series as at most `max` step buckets with min, max and last value.
+fn bucketed(
+    key: &str,
+    g: &Gathered,
+    order: &[u32],
+    max: usize,
+    query: &SeriesQuery,
+    total: u64,
+) -> SeriesOut {
+    let first = g.steps[order[0] as usize];
+    let last = g.steps[order[order.len() - 1] as usize];
+    let lo = query.start_step.unwrap_or(first).min(first);
+    let hi = query.end_step.unwrap_or(last).max(last);
+    let width = (hi as i128 - lo as i128 + 1).max(1);
+    let bucket_of = |step: i64| -> usize {
+        (((step as i128 - lo as i128) * max as i128) / width).clamp(0, max as i128 - 1) as usize
+    };
+    let mut out = SeriesOut {
+        key: key.to_owned(),
+        bucketed: true,
+        total_points: total,
+        ..SeriesOut::default()
+    };
+    let mut current: Option<usize> = None;
+    for &i in order {
+        let i = i as usize;
+        let (step, value) = (g.steps[i], g.values[i]);
+        let b = bucket_of(step);
+        if current != Some(b) {
+            current = Some(b);
+            out.steps.push(step);
+            out.wallclocks.push(g.wallclocks[i]);
+            out.values.push(MetricValue::Double(value));
+            out.min.push(f64::NAN);
+            out.max.push(f64::NAN);
+        }
+        // Points come in step order: the last one seen is the bucket's last.
+        let at = out.steps.len() - 1;
+        out.steps[at] = step;
+        out.wallclocks[at] = g.wallclocks[i];
+        out.values[at] = MetricValue::Double(value);
+        if !value.is_nan() {
+            out.min[at] = if out.min[at].is_nan() {
+                value
+            } else {
+                out.min[at].min(value)
+            };
+            out.max[at] = if out.max[at].is_nan() {
+                value
+            } else {
+                out.max[at].max(value)
+            };
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gathered(points: &[(i64, f64, i64)]) -> Gathered {
+        let mut g = Gathered::default();
+        for &(s, v, at) in points {
+            g.push(s, s * 10, v, at);
+        }
+        g
+    }
+
+    #[test]
+    fn tokens_round_trip_any_key() {
+        for key in ["loss", "a.b.c", "ünï/😀", ""] {
+            let c = Cursor {
+                key: key.into(),
+                step: -3,
+                skip: 7,
+            };
+            assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
+        }
+        for bad in ["", "s1", "s2.1.2.61", "s1.x.2.61", "s1.1.2.6", "s1.1.2.zz"] {
+            assert!(Cursor::decode(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pages_split_inside_runs_of_equal_steps_and_resume_exactly() {
+        // Step 2 three times (ingested at 1, 2, 3), then steps 3 and 4.
+        let points = [
+            (2, 0.0, 1),
+            (4, 4.0, 9),
+            (2, 1.0, 2),
+            (3, 3.0, 5),
+            (2, 2.0, 3),
+        ];
+        let mut query = SeriesQuery::all(2, usize::MAX);
+        let mut seen = Vec::new();
+        loop {
+            let mut page = PageBuilder::new(&query);
+            page.add("k", gathered(&points));
+            let page = page.finish();
+            for s in &page.series {
+                seen.extend(s.values.iter().cloned());
+            }
+            match page.next {
+                Some(c) => query.cursor = Some(c),
+                None => break,
+            }
+        }
+        let want: Vec<_> = [0.0, 1.0, 2.0, 3.0, 4.0]
+            .into_iter()
+            .map(MetricValue::Double)
+            .collect();
+        assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn buckets_hold_min_max_and_last() {
+        let points: Vec<(i64, f64, i64)> = (0..100).map(|s| (s, (s % 7) as f64, s)).collect();
+        let mut query = SeriesQuery::all(usize::MAX, usize::MAX);
+        query.max_points = Some(10);
+        let mut page = PageBuilder::new(&query);
+        page.add("k", gathered(&points));
+        let s = &page.finish().series[0];
+        assert!(s.bucketed);
+        assert_eq!((s.steps.len(), s.total_points), (10, 100));
+        for b in 0..10 {
+            let range: Vec<_> = points[b * 10..b * 10 + 10].to_vec();
+            let min = range.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+            let max = range.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+            assert_eq!((s.min[b], s.max[b]), (min, max), "bucket {b}");
+            assert_eq!(s.steps[b], range[9].0);
+            assert_eq!(s.values[b], MetricValue::Double(range[9].1));
+        }
+    }
+}
