@@ -111,7 +111,7 @@ impl S3Server {
                 allow_http: true,
                 max_retries: 1,
                 retry_timeout: Duration::from_secs(2),
-                request_timeout: Duration::from_secs(10),
+                request_timeout: Some(Duration::from_secs(10)),
                 ..S3Options::default()
             },
             max_upload_backoff: Duration::from_millis(500),
