@@ -247,28 +247,39 @@ impl StorageRoot {
     }
 }
 
-/// S3 connection settings. Unset ones come from the standard AWS environment
-/// variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
-/// `AWS_REGION`, `AWS_ENDPOINT`, `AWS_ALLOW_HTTP`, ...).
+/// S3 connection settings from the config file. What they leave unset comes from
+/// the standard AWS environment variables (`AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL`,
+/// `AWS_ALLOW_HTTP`, proxies, web identity, ...); see [`crate::sink::s3`] for how
+/// the two are layered.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct S3Options {
     /// Custom endpoint for S3-compatible stores (MinIO, Ceph, s3s), e.g.
     /// `http://127.0.0.1:9000`.
     pub endpoint: Option<String>,
     pub region: Option<String>,
+    /// A static key pair; both or neither (see [`Config::validate`]).
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
-    /// Allow plain `http://` endpoints (local testing).
+    /// Allow plain `http://` endpoints (local testing). Only `true` is a setting:
+    /// `false` is the documented default and leaves `AWS_ALLOW_HTTP` in charge.
     pub allow_http: bool,
     /// Virtual-hosted-style requests (`bucket.host/key`) instead of path-style
-    /// (`host/bucket/key`, which S3-compatible stores expect).
+    /// (`host/bucket/key`, which S3-compatible stores expect). As with
+    /// `allow_http`, `false` leaves `AWS_VIRTUAL_HOSTED_STYLE_REQUEST` in charge.
     pub virtual_hosted_style: bool,
     /// Retries of one request inside object_store before an upload attempt fails.
     pub max_retries: usize,
     /// Longest time object_store keeps retrying one request.
     pub retry_timeout: Duration,
-    /// Time limit of one HTTP request.
-    pub request_timeout: Duration,
+    /// Time limit of one HTTP request. `None`: `AWS_TIMEOUT`, else
+    /// [`S3Options::DEFAULT_REQUEST_TIMEOUT`].
+    pub request_timeout: Option<Duration>,
+}
+
+impl S3Options {
+    /// The request time limit when neither the file nor `AWS_TIMEOUT` sets one.
+    pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 }
 
 impl std::fmt::Debug for S3Options {
@@ -327,7 +338,6 @@ impl Default for Storage {
             s3: S3Options {
                 max_retries: 3,
                 retry_timeout: Duration::from_secs(30),
-                request_timeout: Duration::from_secs(60),
                 ..S3Options::default()
             },
             spool_max_bytes: 10 << 30,
@@ -545,6 +555,15 @@ impl Config {
             return invalid(
                 "storage.multipart_part_bytes",
                 "must be at least 5 MiB (S3's smallest part)",
+            );
+        }
+        let s3 = &self.storage.s3;
+        if s3.access_key_id.is_some() != s3.secret_access_key.is_some() {
+            // Half a key pair from the file and half from the environment would be
+            // two identities mixed; say so instead of failing every upload.
+            return invalid(
+                "storage.s3.access_key_id",
+                "set it together with storage.s3.secret_access_key, or neither to use the AWS environment",
             );
         }
         if self.max_buffered_bytes < self.limits.max_message_bytes {
@@ -832,7 +851,9 @@ impl FileConfig {
         );
         set(
             &mut s3.request_timeout,
-            st.s3.request_timeout_ms.map(Duration::from_millis),
+            st.s3
+                .request_timeout_ms
+                .map(|ms| Some(Duration::from_millis(ms))),
         );
         set(&mut c.log_format, self.log.format);
         set(
@@ -884,17 +905,52 @@ mod tests {
             assert!(StorageRoot::parse(bad).is_err(), "{bad}");
         }
         let file: FileConfig = toml::from_str(
-            "[storage]\nroot = \"s3://b/p\"\n[storage.s3]\nendpoint = \"http://127.0.0.1:9\"\nsecret_access_key = \"shh\"\nallow_http = true\n",
+            "[storage]\nroot = \"s3://b/p\"\n[storage.s3]\nendpoint = \"http://127.0.0.1:9\"\naccess_key_id = \"k\"\nsecret_access_key = \"shh\"\nallow_http = true\nrequest_timeout_ms = 2500\n",
         )
         .unwrap();
         let mut c = Config::default();
         file.apply(&mut c).unwrap();
         assert_eq!(c.storage.s3.endpoint.as_deref(), Some("http://127.0.0.1:9"));
         assert!(c.storage.s3.allow_http);
+        assert_eq!(
+            c.storage.s3.request_timeout,
+            Some(Duration::from_millis(2500))
+        );
         assert!(
             !format!("{c:?}").contains("shh"),
             "secrets never reach logs"
         );
+    }
+
+    #[test]
+    fn s3_settings_left_out_stay_unset_for_the_environment() {
+        // Empty strings and the shipped defaults leave every S3 setting to the
+        // AWS environment.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mboxd.toml");
+        let s3 = Config::from_file(Some(&path)).unwrap().storage.s3;
+        assert_eq!(s3.endpoint, None);
+        assert_eq!(s3.region, None);
+        assert_eq!(s3.access_key_id, None);
+        assert_eq!(s3.secret_access_key, None);
+        assert!(!s3.allow_http && !s3.virtual_hosted_style);
+        assert_eq!(s3.request_timeout, None);
+
+        // Half a key pair in the file would mix two identities.
+        for half in ["access_key_id = \"k\"", "secret_access_key = \"shh\""] {
+            let file: FileConfig = toml::from_str(&format!("[storage.s3]\n{half}\n")).unwrap();
+            let err = file.apply(&mut Config::default()).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::Invalid {
+                        key: "storage.s3.access_key_id",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert!(!err.to_string().contains("shh"), "{err}");
+        }
     }
 
     #[test]

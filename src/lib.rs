@@ -27,7 +27,9 @@
 //! - [`writer`]: writer threads with per-partition columnar buffers, the roll policy,
 //!   and Parquet encoding.
 //! - [`paths`]: the storage layout (the contract with analytics) in one place.
-//! - [`sink`]: atomic publication of finished files.
+//! - [`sink`]: atomic publication of finished files; for S3 roots, the spool, its
+//!   uploader, and the S3 client configured from the config file over the AWS
+//!   environment.
 //! - [`query`]: the read path, merging published files with unflushed buffers.
 //! - [`recovery`]: start-up replay of the write-ahead log, exactly once.
 //! - [`wal`]: the write-ahead log: framed segments, group commit, replay, truncation.

@@ -26,7 +26,8 @@ use crate::persist::Persister;
 use crate::proto::model_store_server::ModelStoreServer;
 use crate::query::Reader;
 use crate::recovery::{self, RecoveryError};
-use crate::sink::upload::{Uploader, s3_store};
+use crate::sink::s3::S3Settings;
+use crate::sink::upload::Uploader;
 use crate::sink::{Files, LocalSink, Remote, SinkError};
 use crate::telemetry::{Metrics, log_summaries, serve_metrics};
 use crate::wal::{SyncMode, Wal, WalConfig, WalError};
@@ -139,10 +140,12 @@ pub async fn run(
     // Files are published under the data folder, or into the spool of an S3 root.
     let (publish_root, remote) = match &config.storage.root {
         StorageRoot::DataDir => (config.data_dir.clone(), None),
-        StorageRoot::S3 { bucket, prefix } => (
-            config.data_dir.join("spool"),
-            Some(s3_store(bucket, prefix, &config.storage.s3)?),
-        ),
+        StorageRoot::S3 { bucket, prefix } => {
+            let s3 = S3Settings::resolve(bucket, prefix, &config.storage.s3, std::env::vars_os());
+            // Before building, so a setting object_store rejects is explained too.
+            tracing::info!("{}", s3.describe());
+            (config.data_dir.join("spool"), Some(s3.build()?))
+        }
     };
     let sink = LocalSink::open(&publish_root, &config.data_dir.join("_staging"))?;
 

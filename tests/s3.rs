@@ -1,6 +1,8 @@
 //! S3 roots under failure, against a real S3-compatible server (s3s-fs): the
 //! server goes away during sustained ingest; mboxd is SIGKILLed with files in its
-//! spool; a full spool pushes back; three daemons share one bucket prefix.
+//! spool; a full spool pushes back; three daemons share one bucket prefix. And how
+//! S3 is configured: through the AWS environment alone, and with the config file
+//! overriding the environment.
 
 #![allow(clippy::unwrap_used)] // Tests panic on failure by design.
 
@@ -12,7 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::s3::{S3Server, parquet_objects, spooled_files, steps_in_store};
+use common::s3::{
+    ACCESS_KEY, BUCKET, S3Server, SECRET_KEY, numeric_points, parquet_objects, spooled_files,
+    steps_in_store, wait_for_points,
+};
 use common::*;
 use mboxd::config::{Config, WhenFull};
 use mboxd::proto;
@@ -329,4 +334,128 @@ async fn three_daemons_share_one_prefix() {
         *per_daemon.entry(daemon).or_default() += 1;
     }
     assert_eq!(per_daemon.len(), 3, "{per_daemon:?}");
+}
+
+/// Starts mboxd on `s3`'s bucket with `env` as its only `AWS_*` variables (and
+/// `extra` flags), logging at info into `<dir>/mboxd.log`; logs two requests of
+/// points, checks every one of them in the bucket, stops mboxd and returns its log.
+async fn log_points_and_read_them_back(
+    dir: &Path,
+    s3: &S3Server,
+    prefix: &str,
+    extra: &[&str],
+    env: &[(&str, String)],
+) -> String {
+    let data = dir.join("data");
+    let log = dir.join("mboxd.log");
+    let stderr = std::fs::File::create(&log).unwrap();
+    let proc = Process::start_with(&data, "env-test", extra, |command| {
+        command
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(stderr);
+    })
+    .await;
+    let mut c = proc.client().await;
+    let id = create_experiment(&mut c, "env", "aws-environment").await;
+    let keys = ["loss", "accuracy", "lr"];
+    let mut sent = Vec::new();
+    for first in [0, 700] {
+        let accepted = c
+            .log_metrics(proto::LogMetricsRequest {
+                blocks: vec![numeric_block(&id, &keys, 700, first)],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .points_accepted;
+        assert_eq!(accepted, 700);
+        sent.extend(numeric_points(&id, &keys, 700, first));
+    }
+    sent.sort_by(|a, b| (&a.0, &a.1, a.2).cmp(&(&b.0, &b.1, b.2)));
+
+    let stored = wait_for_points(s3.store(prefix).as_ref(), sent.len()).await;
+    assert_eq!(stored, sent, "the bucket holds other rows than were logged");
+    assert!(proc.terminate().await, "mboxd did not stop cleanly");
+    assert_eq!(spooled_files(&data), 0, "files left in the spool");
+    std::fs::read_to_string(&log).unwrap()
+}
+
+/// Issue 14: `AWS_ALLOW_HTTP` (and every other client option) from the
+/// environment used to be replaced by mboxd's own client options, so an
+/// environment-only setup against a plain-http endpoint never uploaded anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_root_configured_only_through_the_aws_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(&dir.path().join("s3")).await;
+    let prefix = "env/only";
+    let root = format!("s3://{BUCKET}/{prefix}");
+    // No config file at all: the root from the flag, S3 from the environment.
+    let env = [
+        ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.to_owned()),
+        ("AWS_REGION", "us-east-1".to_owned()),
+        ("AWS_ENDPOINT_URL", s3.endpoint()),
+        ("AWS_ALLOW_HTTP", "true".to_owned()),
+    ];
+    let extra = ["--storage-root", &root, "--roll-max-age-ms", "100"];
+    let log = log_points_and_read_them_back(dir.path(), &s3, prefix, &extra, &env).await;
+
+    let described = format!(
+        "S3 storage root {root}: endpoint={} (environment AWS_ENDPOINT_URL), \
+         region=us-east-1 (environment AWS_REGION), \
+         allow_http=true (environment AWS_ALLOW_HTTP), virtual_hosted_style=false (default), \
+         credentials=access key (environment AWS_ACCESS_KEY_ID), request_timeout=60s (default); \
+         also from the environment: AWS_SECRET_ACCESS_KEY\n",
+        s3.endpoint()
+    );
+    assert!(log.contains(&described), "{log}");
+    assert!(log.contains("S3 storage root reachable"), "{log}");
+    assert!(!log.contains("upload failed"), "{log}");
+    assert!(
+        !log.contains(SECRET_KEY),
+        "the secret key was logged: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_value_overrides_the_same_environment_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(&dir.path().join("s3")).await;
+    let prefix = "env/overridden";
+    let config_file = dir.path().join("mboxd.toml");
+    std::fs::write(
+        &config_file,
+        format!("{}[writer]\nmax_age_ms = 100\n", s3.storage_toml(prefix)),
+    )
+    .unwrap();
+    // Every variable names a setting the file also sets, and none of them works:
+    // uploads succeed only if each file value wins.
+    let nowhere = format!("http://{}", free_addr());
+    let env = [
+        ("AWS_ENDPOINT_URL", nowhere.clone()),
+        ("AWS_ENDPOINT_URL_S3", nowhere.clone()),
+        ("AWS_ACCESS_KEY_ID", "AKIAWRONG".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "wrong-secret".to_owned()),
+        ("AWS_REGION", "eu-west-1".to_owned()),
+        ("AWS_ALLOW_HTTP", "false".to_owned()),
+        ("AWS_TIMEOUT", "1ms".to_owned()),
+    ];
+    let extra = ["--config", config_file.to_str().unwrap()];
+    let log = log_points_and_read_them_back(dir.path(), &s3, prefix, &extra, &env).await;
+
+    let described = format!(
+        "S3 storage root s3://{BUCKET}/{prefix}: endpoint={} (file), region=us-east-1 (file), \
+         allow_http=true (file), virtual_hosted_style=false (default), \
+         credentials=access key (file), request_timeout=10s (file)\n",
+        s3.endpoint()
+    );
+    assert!(log.contains(&described), "{log}");
+    assert!(!log.contains("upload failed"), "{log}");
+    assert!(
+        !log.contains(SECRET_KEY) && !log.contains("wrong-secret"),
+        "{log}"
+    );
 }

@@ -2,8 +2,9 @@
 //! fsynced, then renamed into its partition under a local root, so a reader never
 //! sees a partial file. That local root is the storage root itself (the data
 //! folder), or, with an S3 root, the spool that [`upload::Uploader`] drains into
-//! the bucket.
+//! the bucket, through the client [`s3::S3Settings`] configures.
 
+pub mod s3;
 pub mod upload;
 
 use std::fs::File;

@@ -16,72 +16,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use object_store::aws::AmazonS3Builder;
-use object_store::prefix::PrefixStore;
-use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
-    WriteMultipart,
-};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use rand::Rng;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{Notify, Semaphore, mpsc};
 
 use super::{LocalSink, SinkError, object_path};
-use crate::config::{S3Options, Storage};
+use crate::config::Storage;
 use crate::index::Index;
 use crate::paths::ObjectKey;
 use crate::telemetry::Metrics;
-
-/// Builds the S3 client for `bucket`, rooted at `prefix`. Settings left unset in
-/// `options` come from the standard AWS environment variables.
-pub fn s3_store(
-    bucket: &str,
-    prefix: &str,
-    options: &S3Options,
-) -> Result<Arc<dyn ObjectStore>, object_store::Error> {
-    let mut builder = AmazonS3Builder::from_env()
-        .with_bucket_name(bucket)
-        .with_retry(RetryConfig {
-            backoff: BackoffConfig {
-                init_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(5),
-                base: 2.0,
-            },
-            max_retries: options.max_retries,
-            retry_timeout: options.retry_timeout,
-        })
-        .with_client_options(
-            ClientOptions::new()
-                .with_timeout(options.request_timeout)
-                .with_connect_timeout(Duration::from_secs(5)),
-        );
-    if let Some(endpoint) = &options.endpoint {
-        builder = builder.with_endpoint(endpoint);
-    }
-    if let Some(region) = &options.region {
-        builder = builder.with_region(region);
-    }
-    if let Some(key) = &options.access_key_id {
-        builder = builder.with_access_key_id(key);
-    }
-    if let Some(secret) = &options.secret_access_key {
-        builder = builder.with_secret_access_key(secret);
-    }
-    // Only ever turned on here, so the environment's AWS_ALLOW_HTTP and
-    // AWS_VIRTUAL_HOSTED_STYLE_REQUEST still apply when the file leaves them off.
-    if options.allow_http {
-        builder = builder.with_allow_http(true);
-    }
-    if options.virtual_hosted_style {
-        builder = builder.with_virtual_hosted_style_request(true);
-    }
-    let s3 = builder.build()?;
-    Ok(if prefix.is_empty() {
-        Arc::new(s3)
-    } else {
-        Arc::new(PrefixStore::new(s3, prefix))
-    })
-}
 
 /// Bytes and files waiting in the spool, against its bound.
 #[derive(Debug)]

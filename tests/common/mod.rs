@@ -180,9 +180,22 @@ impl Process {
 
     /// Starts mboxd with daemon id `daemon_id`.
     pub async fn start_as(data: &Path, daemon_id: &str, extra: &[&str]) -> Self {
+        Self::start_with(data, daemon_id, extra, |_| {}).await
+    }
+
+    /// Starts mboxd with daemon id `daemon_id`, after `setup` adjusts its command
+    /// (environment, log level, where stderr goes). The child never inherits the
+    /// test runner's `AWS_*` variables: S3 settings are only what a test gives it.
+    pub async fn start_with(
+        data: &Path,
+        daemon_id: &str,
+        extra: &[&str],
+        setup: impl FnOnce(&mut std::process::Command),
+    ) -> Self {
         let addr_file = data.with_extension("addr");
         let _ = std::fs::remove_file(&addr_file);
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mboxd"))
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mboxd"));
+        command
             .args(["serve", "--listen", "127.0.0.1:0", "--daemon-id", daemon_id])
             .args(["--metrics-listen", "127.0.0.1:0"])
             .arg("--data-dir")
@@ -191,15 +204,23 @@ impl Process {
             .arg(&addr_file)
             .args(extra)
             .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("start mboxd");
+            .stdout(std::process::Stdio::null());
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("AWS_") {
+                command.env_remove(name);
+            }
+        }
+        setup(&mut command);
+        let mut child = command.spawn().expect("start mboxd");
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr = loop {
             if let Ok(a) = std::fs::read_to_string(&addr_file).map(|a| a.trim().to_owned())
                 && !a.is_empty()
             {
                 break a;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("mboxd stopped at start-up: {status}");
             }
             assert!(Instant::now() < deadline, "mboxd did not start");
             tokio::time::sleep(Duration::from_millis(10)).await;

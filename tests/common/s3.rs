@@ -111,7 +111,7 @@ impl S3Server {
                 allow_http: true,
                 max_retries: 1,
                 retry_timeout: Duration::from_secs(2),
-                request_timeout: Duration::from_secs(10),
+                request_timeout: Some(Duration::from_secs(10)),
                 ..S3Options::default()
             },
             max_upload_backoff: Duration::from_millis(500),
@@ -191,4 +191,94 @@ pub async fn steps_in_store(store: &dyn ObjectStore) -> std::collections::HashMa
 pub fn spooled_files(data: &Path) -> usize {
     super::parquet_files(&data.join("spool"), "metrics").len()
         + super::parquet_files(&data.join("spool"), "events").len()
+}
+
+/// One metric row as stored: experiment id, key, step, wallclock time, value.
+pub type Point = (String, String, u64, u64, Option<f64>);
+
+/// Every metric row in the metrics objects under `store`, ordered by
+/// (experiment, key, step).
+pub async fn points_in_store(store: &dyn ObjectStore) -> Vec<Point> {
+    use arrow_array::Array;
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float64Type, Int32Type, Int64Type};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let mut points = Vec::new();
+    for (key, bytes) in parquet_objects(store, "metrics").await {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .unwrap_or_else(|e| panic!("{key} is not a whole Parquet file: {e}"))
+            .build()
+            .expect("reader");
+        for batch in reader {
+            let batch = batch.expect("batch");
+            let column = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .unwrap_or_else(|| panic!("{key} has no {name} column"))
+            };
+            let text = |name: &str| {
+                let dict = column(name).as_dictionary::<Int32Type>();
+                let values = dict.values().as_string::<i32>();
+                dict.keys()
+                    .values()
+                    .iter()
+                    .map(|&k| values.value(k as usize).to_owned())
+                    .collect::<Vec<_>>()
+            };
+            let (ids, keys) = (text("experiment_id"), text("key"));
+            let steps = column("step").as_primitive::<Int64Type>();
+            let wallclocks = column("wallclock_time").as_primitive::<Int64Type>();
+            let values = column("value_double").as_primitive::<Float64Type>();
+            for row in 0..batch.num_rows() {
+                points.push((
+                    ids[row].clone(),
+                    keys[row].clone(),
+                    steps.value(row) as u64,
+                    wallclocks.value(row) as u64,
+                    values.is_valid(row).then(|| values.value(row)),
+                ));
+            }
+        }
+    }
+    points.sort_by(|a, b| (&a.0, &a.1, a.2).cmp(&(&b.0, &b.1, b.2)));
+    points
+}
+
+/// The rows [`super::numeric_block`] sends for `id`.
+pub fn numeric_points(id: &str, keys: &[&str], n: usize, first_step: u64) -> Vec<Point> {
+    let block = super::numeric_block(id, keys, n, first_step);
+    (0..n)
+        .map(|i| {
+            (
+                id.to_owned(),
+                block.keys[block.key_index[i] as usize].clone(),
+                block.steps[i],
+                block.wallclock_times[i],
+                Some(block.values[i]),
+            )
+        })
+        .collect()
+}
+
+/// Waits until the metrics objects under `store` hold `rows` rows in all, then
+/// returns them; fails if more arrive or none in time (say, because uploads fail).
+pub async fn wait_for_points(store: &dyn ObjectStore, rows: usize) -> Vec<Point> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let points = points_in_store(store).await;
+        assert!(
+            points.len() <= rows,
+            "{} rows in the bucket, expected {rows}",
+            points.len()
+        );
+        if points.len() == rows {
+            return points;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out with {}/{rows} rows in the bucket",
+            points.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
