@@ -87,7 +87,7 @@ class Series:
 
     def summary(self):
         steps, _, values = self.snapshot()
-        numeric = ~np.isnan(values)
+        numeric = np.isfinite(values)
         if not numeric.any():
             return None
         v = values[numeric]
@@ -97,8 +97,8 @@ class Series:
 
 def nan_to_none(arr):
     out = arr.tolist()
-    if np.isnan(arr).any():
-        out = [None if x != x else x for x in out]
+    if not np.isfinite(arr).all():
+        out = [x if math.isfinite(x) else None for x in out]
     return out
 
 
@@ -475,7 +475,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise BadParameter("keys", "keys must not be empty")
         with s.lock:
             series = dict(s.series[eid])
-        wanted = sorted(series) if not keys else [k for k in dict.fromkeys(keys) if k in series]
+        wanted = sorted(series) if not keys else sorted(k for k in set(keys) if k in series)
         return self.json(200, {"series": [query_series(series[k], k, start, end, max_points) for k in wanted]})
 
     def list_experiments(self, q):
