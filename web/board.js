@@ -189,6 +189,7 @@ export class Board {
       }
     }
     await Promise.all(jobs);
+    performance.mark("mbox:series-loaded");
     for (const run of this.runs) {
       let t0 = Infinity;
       for (const lines of byKey.values()) for (const l of lines) if (l.run === run && l.wallclocks.length) t0 = Math.min(t0, l.wallclocks[0]);
@@ -200,7 +201,9 @@ export class Board {
       const lines = byKey.get(k).sort((a, b) => this.runs.indexOf(a.run) - this.runs.indexOf(b.run));
       ready.push(this.addChart(k, lines).ready);
     }
+    performance.mark("mbox:charts-created");
     await Promise.all(ready);
+    performance.mark("mbox:charts-drawn");
   }
 
   addChart(key, lines) {
