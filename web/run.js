@@ -105,8 +105,12 @@ function eventsView(events, t0, t1) {
     null,
     h("div", { class: "timeline-axis" }, h("span", { text: fmtTime(lo) }), h("span", { text: fmtTime(hi) })),
     line,
-    events.length > shown.length ? h("p", { class: "hint", text: `The latest ${shown.length} of ${events.length} events.` }) : null,
-    table,
+    h(
+      "details",
+      { class: "events-list", open: events.length <= 5 },
+      h("summary", { text: events.length > shown.length ? `The latest ${shown.length} of ${events.length} events` : `${events.length} event${events.length === 1 ? "" : "s"}` }),
+      table,
+    ),
   );
 }
 
