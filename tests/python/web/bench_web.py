@@ -179,7 +179,7 @@ def ingest_mock(store, keys, runs, points):
 def measure(base_url, run_ids, keys, repeats, width):
     from playwright.sync_api import sync_playwright
 
-    from conftest import CHROMIUM, CHROMIUM_ARGS
+    from webtest import CHROMIUM, CHROMIUM_ARGS
 
     pages = [("run page", lambda i: f"/experiments/{run_ids[i % len(run_ids)]}", len(keys), 1.0),
              ("compare 5 runs", lambda i: "/compare?ids=" + ",".join(run_ids[(i + j) % len(run_ids)] for j in range(5)), len(keys), 2.0)]

@@ -9,7 +9,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import http_get, now_ms
+from webtest import http_get, now_ms
 from harness import ROOT
 
 WEB = ROOT / "web"

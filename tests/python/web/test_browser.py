@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from conftest import now_ms
+from webtest import now_ms
 
 XSS_NAME = "<img src=x onerror=alert(1)>"
 
@@ -272,7 +272,7 @@ def test_401_asks_for_a_token(tmp_path, browser):
 
     if os.environ.get("MBOX_WEB_MOCK") != "1":
         pytest.skip("needs a way to start mboxd with an HTTP token; the mock covers the page's side")
-    from conftest import SCREENSHOTS
+    from webtest import SCREENSHOTS
     from mock_server import MockServer
 
     server = MockServer(token="s3cret").start()
