@@ -295,3 +295,31 @@ def test_401_asks_for_a_token(tmp_path, browser):
         context.close()
     finally:
         server.stop()
+
+
+def test_page_helpers(backend, tab):
+    """The page's pure functions, run in the browser as the page loads them."""
+    page = tab.open("/health")
+    got = page.evaluate("""async () => {
+        const list = await import('/assets/list.js');
+        const chart = await import('/assets/chart.js');
+        const run = await import('/assets/run.js');
+        const board = await import('/assets/board.js');
+        return {
+            plain: list.buildFilter('resnet', ''),
+            quoted: list.buildFilter(' a"b\\\\c ', 'params.lr = 0.1'),
+            advanced: list.buildFilter('', 'owner = "x"'),
+            ema0: chart.ema([1, 2, 3], 0),
+            ema: chart.ema([1, null, 3], 0.5).map(v => v === null ? null : Math.round(v * 1e6) / 1e6),
+            flat: run.flatten({a: 1, b: {c: 2, d: {e: 'x'}}, f: [1, 2], g: {}}),
+            groups: ['train/loss', 'val/a/b', 'lr', '/x'].map(board.groupOf),
+        };
+    }""")
+    assert got["plain"] == 'name ~ "resnet"'
+    assert got["quoted"] == 'name ~ "a\\"b\\\\c" and params.lr = 0.1'
+    assert got["advanced"] == 'owner = "x"'
+    assert got["ema0"] == [1, 2, 3]
+    # Debiased: the first value is kept; 3 after 1 with weight 0.5 -> (0.25 + 1.5) / 0.75.
+    assert got["ema"] == [1, None, round(1.75 / 0.75, 6)]
+    assert got["flat"] == {"a": 1, "b.c": 2, "b.d.e": "x", "f": [1, 2], "g": {}}
+    assert got["groups"] == ["train", "val", "", ""]
