@@ -54,7 +54,10 @@ async function main() {
     markReady();
   } catch (e) {
     console.error(e);
-    if (e.status !== 401) main.append(h("p", { class: "error", role: "alert", text: e.message || String(e) }));
+    if (e.status !== 401) {
+      main.querySelector(".loading-page")?.remove();
+      main.prepend(h("h1", { text: e.status === 404 ? "Not found" : "Error" }), h("p", { class: "error", role: "alert", text: e.message || String(e) }));
+    }
     markFailed(e);
   }
 }

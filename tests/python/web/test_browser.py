@@ -297,6 +297,15 @@ def test_401_asks_for_a_token(tmp_path, browser):
         server.stop()
 
 
+def test_unknown_run_says_not_found(backend, tab):
+    page = tab.page
+    page.goto(backend.base_url + "/experiments/0123456789abcdef0123456789abcdef")
+    page.wait_for_selector("html[data-ready=error]")
+    assert page.inner_text("main h1") == "Not found"
+    assert page.inner_text("main .error") == "experiment 0123456789abcdef0123456789abcdef not found"
+    tab.errors.clear()  # the browser logs the 404 response
+
+
 def test_page_helpers(backend, tab):
     """The page's pure functions, run in the browser as the page loads them."""
     page = tab.open("/health")
