@@ -32,6 +32,14 @@ if ! command -v kubectl >/dev/null; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubernetes-client
 fi
 
+if [ ! -x /usr/bin/chromium ]; then
+  echo "== Chromium (Debian's), for the web view's browser tests"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core
+fi
+
 echo "== Rust tests"
 cargo test --locked
 
@@ -42,6 +50,11 @@ echo "== Python environment ($VENV)"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps ./sdk/python
 
 echo "== Python tests"
+# Playwright drives the system Chromium above; it never downloads a browser of its own.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
+export MBOX_CHROMIUM="${MBOX_CHROMIUM:-/usr/bin/chromium}"
+# Screenshots of the browser tests (git-ignored).
+export MBOX_WEB_SCREENSHOTS="${MBOX_WEB_SCREENSHOTS:-target/web-screenshots}"
 export MBOXD_BIN="$CARGO_TARGET_DIR/debug/mboxd"
 # The ModelBox-compat stubs declare the same protobuf symbols as mboxd's own, so
 # they run in a process of their own.

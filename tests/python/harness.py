@@ -71,6 +71,7 @@ class Mboxd:
 
     def __init__(self, data_dir: pathlib.Path, extra_args=(), listen="127.0.0.1:0", metrics_listen="127.0.0.1:0"):
         self.data_dir = data_dir
+        self.metrics_listen = metrics_listen
         self.addr_file = data_dir.parent / f"{data_dir.name}.addr"
         if self.addr_file.exists():
             self.addr_file.unlink()
@@ -103,6 +104,19 @@ class Mboxd:
         self.port = int(self.addr.rsplit(":", 1)[1])
         self.channel = grpc.insecure_channel(self.addr)
         grpc.channel_ready_future(self.channel).result(timeout=10)
+
+    @property
+    def http_addr(self) -> str:
+        """host:port of the HTTP listener (web view, JSON API, /metrics). Start the
+        daemon with a fixed port for it: metrics_listen=f"127.0.0.1:{free_port()}"."""
+        host, port = self.metrics_listen.rsplit(":", 1)
+        if port == "0":
+            raise RuntimeError("the HTTP listener was started on port 0; pass metrics_listen with a free port")
+        return f"{host}:{port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http_addr}"
 
     def stop(self) -> int:
         """SIGTERM: a graceful stop that publishes everything buffered."""
