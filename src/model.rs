@@ -339,50 +339,68 @@ pub struct MetricPoint {
     pub ingested_at: Micros,
 }
 
-/// A numeric series in brief: its last value (by step; among equal steps the
-/// latest ingested), extremes and count. Summaries of disjoint sets of points merge
-/// into the summary of their union, in any order.
+/// A series in brief: its points, and over its numeric values the last one (by
+/// step; among equal steps the latest ingested), the extremes and their count.
+/// Summaries of disjoint sets of points merge into the summary of their union, in
+/// any order.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct MetricSummary {
     #[serde(with = "json_float")]
     pub last: f64,
+    /// `i64::MIN` while there is no numeric value.
     pub last_step: i64,
-    /// When the last point was ingested, breaking ties between equal steps.
+    /// When the last value was ingested, breaking ties between equal steps.
     pub last_at: Micros,
     #[serde(with = "json_float")]
     pub min: f64,
     #[serde(with = "json_float")]
     pub max: f64,
+    /// Numeric values.
     pub count: u64,
+    /// Every point, strings and bytes included.
+    pub points: u64,
 }
 
 impl MetricSummary {
-    /// The summary of one point.
-    pub fn of(step: i64, value: f64, at: Micros) -> Self {
-        Self {
-            last: value,
-            last_step: step,
-            last_at: at,
-            // NaN takes no part in the extremes (f64::min/max ignore it).
-            min: if value.is_nan() { f64::INFINITY } else { value },
-            max: if value.is_nan() {
-                f64::NEG_INFINITY
-            } else {
-                value
+    /// The summary of one point; `value` is `None` for a string or bytes value.
+    pub fn of(step: i64, value: Option<f64>, at: Micros) -> Self {
+        match value {
+            Some(value) => Self {
+                last: value,
+                last_step: step,
+                last_at: at,
+                // NaN takes no part in the extremes (f64::min/max ignore it).
+                min: if value.is_nan() { f64::INFINITY } else { value },
+                max: if value.is_nan() {
+                    f64::NEG_INFINITY
+                } else {
+                    value
+                },
+                count: 1,
+                points: 1,
             },
-            count: 1,
+            None => Self {
+                last: f64::NAN,
+                last_step: i64::MIN,
+                last_at: i64::MIN,
+                min: f64::INFINITY,
+                max: f64::NEG_INFINITY,
+                count: 0,
+                points: 1,
+            },
         }
     }
 
     /// Adds one point.
-    pub fn add(&mut self, step: i64, value: f64, at: Micros) {
+    pub fn add(&mut self, step: i64, value: Option<f64>, at: Micros) {
         self.merge(&Self::of(step, value, at));
     }
 
     /// Merges another summary into this one. Commutative and associative: the last
-    /// point is the one with the largest (step, ingest time, value).
+    /// value is the one with the largest (step, ingest time, value).
     pub fn merge(&mut self, other: &Self) {
         self.count += other.count;
+        self.points += other.points;
         self.min = self.min.min(other.min);
         self.max = self.max.max(other.max);
         let mine = (self.last_step, self.last_at);
@@ -466,20 +484,28 @@ mod tests {
 
     #[test]
     fn summaries_merge_in_any_order() {
-        let points = [(3, 1.0, 10), (1, -2.0, 11), (3, 5.0, 12), (2, f64::NAN, 13)];
+        let points = [
+            (3, Some(1.0), 10),
+            (1, Some(-2.0), 11),
+            (3, Some(5.0), 12),
+            (2, Some(f64::NAN), 13),
+            (9, None, 14),
+        ];
         let mut forward = MetricSummary::of(points[0].0, points[0].1, points[0].2);
         for &(s, v, at) in &points[1..] {
             forward.add(s, v, at);
         }
-        let mut backward = MetricSummary::of(points[3].0, points[3].1, points[3].2);
-        for &(s, v, at) in points[..3].iter().rev() {
+        let mut backward = MetricSummary::of(points[4].0, points[4].1, points[4].2);
+        for &(s, v, at) in points[..4].iter().rev() {
             backward.add(s, v, at);
         }
         assert_eq!(forward, backward);
-        // Step 3 twice: the later ingest (value 5) is last.
+        // Step 3 twice: the later ingest (value 5) is last; the text at step 9 is
+        // not a value.
         assert_eq!((forward.last, forward.last_step), (5.0, 3));
-        assert_eq!((forward.min, forward.max, forward.count), (-2.0, 5.0, 4));
-        let json = serde_json::to_string(&MetricSummary::of(1, f64::NAN, 0)).unwrap();
+        assert_eq!((forward.min, forward.max), (-2.0, 5.0));
+        assert_eq!((forward.count, forward.points), (4, 5));
+        let json = serde_json::to_string(&MetricSummary::of(1, Some(f64::NAN), 0)).unwrap();
         let back: MetricSummary = serde_json::from_str(&json).unwrap();
         assert!(back.last.is_nan() && back.min == f64::INFINITY, "{json}");
     }

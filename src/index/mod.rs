@@ -231,7 +231,7 @@ mod tests {
             summaries: vec![(
                 "e".into(),
                 "loss".into(),
-                MetricSummary::of(seq as i64, seq as f64, 0),
+                MetricSummary::of(seq as i64, Some(seq as f64), 0),
             )],
             batch_ids: vec![(format!("b{seq}"), 1_000 + seq as i64, 1)],
         }

@@ -146,7 +146,7 @@ impl Reader {
             .index
             .summaries(&experiment.id)?
             .into_iter()
-            .map(|(k, s)| (k, s.count))
+            .map(|(k, s)| (k, s.points))
             .collect();
         for (key, n) in &live.staged_keys {
             *keys.entry(key.to_string()).or_default() += n;

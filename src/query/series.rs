@@ -365,7 +365,7 @@ impl<'q> PageBuilder<'q> {
         let total = order.len() as u64;
         match self.query.max_points {
             Some(max) if order.len() > max => {
-                let out = bucketed(key, &g, order, max, self.query, total);
+                let out = bucketed(key, &g, order, max, total);
                 if self.points > 0
                     && (self.points + out.steps.len() > self.query.page_points
                         || self.bytes + out.steps.len() * (POINT_BYTES + BUCKET_EXTRA_BYTES)
@@ -434,29 +434,21 @@ impl<'q> PageBuilder<'q> {
 }
 
 /// A series as at most `max` step buckets with min, max and last value.
-fn bucketed(
-    key: &str,
-    g: &Gathered,
-    order: &[u32],
-    max: usize,
-    query: &SeriesQuery,
-    total: u64,
-) -> SeriesOut {
-    let first = g.steps[order[0] as usize];
-    let last = g.steps[order[order.len() - 1] as usize];
-    let lo = query.start_step.unwrap_or(first).min(first);
-    let hi = query.end_step.unwrap_or(last).max(last);
-    let width = (hi as i128 - lo as i128 + 1).max(1);
-    let bucket_of = |step: i64| -> usize {
-        (((step as i128 - lo as i128) * max as i128) / width).clamp(0, max as i128 - 1) as usize
-    };
+fn bucketed(key: &str, g: &Gathered, order: &[u32], max: usize, total: u64) -> SeriesOut {
+    // Buckets of equal width from the first step, as docs/http-api.md defines
+    // them: width = ceil((last - first + 1) / max).
+    let lo = g.steps[order[0] as usize];
+    let hi = g.steps[order[order.len() - 1] as usize];
+    let span = hi as i128 - lo as i128 + 1;
+    let width = ((span + max as i128 - 1) / max as i128).max(1);
+    let bucket_of = |step: i64| -> i128 { (step as i128 - lo as i128) / width };
     let mut out = SeriesOut {
         key: key.to_owned(),
         bucketed: true,
         total_points: total,
         ..SeriesOut::default()
     };
-    let mut current: Option<usize> = None;
+    let mut current: Option<i128> = None;
     for &i in order {
         let i = i as usize;
         let (step, value) = (g.steps[i], g.values[i]);

@@ -130,19 +130,14 @@ impl MetricsBuffer {
         *self = Self::default();
     }
 
-    /// Summaries per (experiment, key): every point counts; a string or bytes value
-    /// counts as NaN (no part in the extremes, and the last value when it is last).
+    /// Summaries per (experiment, key).
     pub(crate) fn summaries(&self) -> Vec<(Arc<str>, Arc<str>, MetricSummary)> {
         let mut by_series: Vec<Option<MetricSummary>> = vec![None; self.series.len()];
         for e in &self.entries {
             let b = &e.chunk.block;
             let all_numeric = b.strings.is_empty() && b.bytes.is_empty();
             for row in 0..b.len() {
-                let value = if all_numeric || e.chunk.is_numeric(row) {
-                    b.values[row]
-                } else {
-                    f64::NAN
-                };
+                let value = (all_numeric || e.chunk.is_numeric(row)).then(|| b.values[row]);
                 let (step, at) = (b.steps[row] as i64, e.chunk.ingested_at(row));
                 match &mut by_series[e.series(row) as usize] {
                     Some(s) => s.add(step, value, at),
@@ -488,8 +483,8 @@ mod tests {
         let (e, k, s) = &sums[0];
         assert_eq!((&**e, &**k), ("e1", "loss"));
         // Rows: step 2 = 0.0 (at 7), step 1 = 1.0, step 3 is text, step 2 = 0.0 (at 8).
-        assert_eq!((s.count, s.min, s.max), (4, 0.0, 1.0));
-        assert_eq!((s.last_step, s.last_at), (3, 7));
-        assert!(s.last.is_nan(), "the last point is text");
+        assert_eq!((s.count, s.points, s.min, s.max), (3, 4, 0.0, 1.0));
+        // The last number is step 2's later ingest; the text at step 3 is no value.
+        assert_eq!((s.last_step, s.last_at, s.last), (2, 8, 0.0));
     }
 }
