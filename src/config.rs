@@ -30,6 +30,16 @@ pub enum ConfigError {
 /// send before mboxd reads it, so a term of the memory bound.
 pub const CONNECTION_WINDOW_BYTES: u32 = 2 << 20;
 
+/// A secret (a token): never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// When acknowledgements are sent, relative to making a batch durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -390,8 +400,12 @@ pub struct Config {
     pub not_serving_grace: Duration,
     /// Log format.
     pub log_format: LogFormat,
-    /// Address of the Prometheus `/metrics` listener; `None` turns it off.
-    pub metrics_listen: Option<SocketAddr>,
+    /// Address of the HTTP listener (Prometheus `/metrics`, the web view and its
+    /// JSON API); `None` turns it off.
+    pub http_listen: Option<SocketAddr>,
+    /// The bearer token the HTTP API asks of clients not on loopback (without one,
+    /// the API serves loopback clients only).
+    pub http_token: Option<Secret>,
     /// How often an info-level summary line is logged; zero turns it off.
     pub log_summary_interval: Duration,
     /// Where Parquet files are published.
@@ -432,7 +446,8 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(30),
             not_serving_grace: Duration::from_millis(1000),
             log_format: LogFormat::Text,
-            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9185))),
+            http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9185))),
+            http_token: None,
             log_summary_interval: Duration::from_secs(60),
             storage: Storage::default(),
             compaction: Compaction::default(),
@@ -458,7 +473,7 @@ impl Config {
             data_dir: data_dir.into(),
             daemon_id: Some("test-daemon".to_owned()),
             not_serving_grace: Duration::ZERO,
-            metrics_listen: None,
+            http_listen: None,
             roll: RollPolicy {
                 max_age: Duration::from_millis(300),
                 ..RollPolicy::default()
@@ -593,6 +608,8 @@ pub struct FileConfig {
     #[serde(default)]
     metrics: MetricsSection,
     #[serde(default)]
+    http: HttpSection,
+    #[serde(default)]
     log: LogSection,
     #[serde(default)]
     storage: StorageSection,
@@ -683,6 +700,14 @@ struct LimitsSection {
 struct MetricsSection {
     enabled: Option<bool>,
     listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpSection {
+    listen: Option<SocketAddr>,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -812,9 +837,20 @@ impl FileConfig {
         set(&mut c.limits.max_metadata_bytes, l.max_metadata_bytes);
         set(&mut c.limits.max_name_bytes, l.max_name_bytes);
         set(&mut c.wal_segment_bytes, self.wal.segment_bytes);
-        set(&mut c.metrics_listen, self.metrics.listen.map(Some));
+        set(&mut c.http_listen, self.metrics.listen.map(Some));
+        set(&mut c.http_listen, self.http.listen.map(Some));
         if self.metrics.enabled == Some(false) {
-            c.metrics_listen = None;
+            c.http_listen = None;
+        }
+        if let Some(token) = non_empty(self.http.token) {
+            c.http_token = Some(Secret(token));
+        }
+        if let Some(path) = self.http.token_file {
+            let token = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            c.http_token = Some(Secret(token.trim().to_owned()));
         }
         let st = self.storage;
         if let Some(root) = st.root {

@@ -45,11 +45,13 @@ pub mod model;
 pub mod paths;
 pub mod persist;
 pub mod query;
+pub mod search;
 pub mod recovery;
 pub mod server;
 pub mod sink;
 pub mod telemetry;
 pub mod wal;
+pub mod web;
 pub mod writer;
 
 /// Code generated from `proto/modelbox.proto`.

@@ -60,11 +60,12 @@ struct ServeArgs {
     /// Bound on bytes held in queues and buffers [default: 1 GiB].
     #[arg(long, env = "MBOXD_MAX_BUFFERED_BYTES")]
     max_buffered_bytes: Option<usize>,
-    /// Prometheus /metrics listen address [default: 127.0.0.1:9185].
-    #[arg(long, env = "MBOXD_METRICS_LISTEN")]
-    metrics_listen: Option<SocketAddr>,
-    /// Turn the Prometheus listener off.
-    #[arg(long)]
+    /// HTTP listen address: Prometheus /metrics, the web view and its JSON API
+    /// [default: 127.0.0.1:9185].
+    #[arg(long, alias = "metrics-listen", env = "MBOXD_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// Turn the HTTP listener (metrics and web view) off.
+    #[arg(long, alias = "no-http")]
     no_metrics: bool,
     /// Log format [default: text].
     #[arg(long, env = "MBOXD_LOG_FORMAT")]
@@ -98,11 +99,11 @@ impl ServeArgs {
         if let Some(v) = self.max_buffered_bytes {
             config.max_buffered_bytes = v;
         }
-        if let Some(v) = self.metrics_listen {
-            config.metrics_listen = Some(v);
+        if let Some(v) = self.http_listen {
+            config.http_listen = Some(v);
         }
         if self.no_metrics {
-            config.metrics_listen = None;
+            config.http_listen = None;
         }
         if let Some(v) = self.log_format {
             config.log_format = v;
@@ -135,7 +136,8 @@ fn describe(config: &Config) -> serde_json::Value {
     };
     serde_json::json!({
         "listen": config.listen.to_string(),
-        "metrics_listen": config.metrics_listen.map(|a| a.to_string()),
+        "metrics_listen": config.http_listen.map(|a| a.to_string()),
+        "http_listen": config.http_listen.map(|a| a.to_string()),
         "data_dir": config.data_dir,
         "daemon_id": config.daemon_id,
         "durability": format!("{:?}", config.durability),

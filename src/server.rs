@@ -29,7 +29,8 @@ use crate::recovery::{self, RecoveryError};
 use crate::sink::s3::S3Settings;
 use crate::sink::upload::Uploader;
 use crate::sink::{Files, LocalSink, Remote, SinkError};
-use crate::telemetry::{Metrics, log_summaries, serve_metrics};
+use crate::telemetry::{Metrics, log_summaries};
+use crate::web::{self, Activity, Gauges, WebState};
 use crate::wal::{SyncMode, Wal, WalConfig, WalError};
 use crate::writer::snapshot::{SnapshotLoop, SnapshotTarget, Snapshots};
 use crate::writer::{self, WriterContext};
@@ -290,15 +291,18 @@ pub async fn run(
         config.roll.max_age,
     );
 
-    let reader = Reader::new(Arc::clone(&index), files, live);
+    let reader = Reader::new(Arc::clone(&index), files, live.clone());
+    let activity = Arc::new(Activity::default());
     let service = ModelStoreService::new(
         Arc::clone(&index),
         Arc::clone(&ingest),
-        reader,
+        reader.clone(),
         config.limits.clone(),
         config.reads.clone(),
         metrics.clone(),
-    );
+        Arc::clone(&activity),
+    )
+    .map_err(ServerError::Thread)?;
     let grpc = ModelStoreServer::new(service)
         .max_decoding_message_size(config.limits.max_message_bytes)
         .max_encoding_message_size(usize::MAX)
@@ -338,28 +342,39 @@ pub async fn run(
 
     // Prometheus metrics on their own listener, stopped after the drain.
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    let metrics_server = match config.metrics_listen {
+    let http_server = match config.http_listen {
         Some(addr) => {
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|source| ServerError::MetricsListen { addr, source })?;
-            tracing::info!(addr = ?listener.local_addr().ok(), "metrics at /metrics");
+            tracing::info!(
+                addr = ?listener.local_addr().ok(),
+                "HTTP: web view at /, JSON API at /api/v1, metrics at /metrics"
+            );
             let budget = Arc::clone(&budget);
             let spool = uploader.as_ref().map(|u| Arc::clone(u.spool()));
-            Some(tokio::spawn(serve_metrics(
-                listener,
-                metrics.clone(),
-                move |m| {
-                    m.buffered_bytes.set(budget.used() as i64);
-                    if let Some(spool) = &spool {
-                        m.spool_bytes.set(spool.bytes() as i64);
-                        m.spool_files.set(spool.files() as i64);
-                    }
-                },
-                async {
-                    let _ = metrics_stopped.await;
-                },
-            )))
+            let (wal, live) = (Arc::clone(&wal), live.clone());
+            let state = WebState {
+                index: Arc::clone(&index),
+                reader: reader.clone(),
+                metrics: metrics.clone(),
+                activity: Arc::clone(&activity),
+                reads: config.reads.clone(),
+                token: config.http_token.as_ref().map(|t| Arc::from(t.0.as_str())),
+                gauges: Arc::new(move || Gauges {
+                    buffered_bytes: budget.used() as u64,
+                    memory_budget_bytes: budget.limit() as u64,
+                    queue_depth: live.queued() as u64,
+                    wal_bytes: wal.bytes(),
+                    spool_bytes: spool.as_ref().map_or(0, |s| s.bytes()),
+                    spool_files: spool.as_ref().map_or(0, |s| s.files()),
+                }),
+                started: std::time::Instant::now(),
+                read_slots: Arc::new(tokio::sync::Semaphore::new(config.reads.max_concurrent)),
+            };
+            Some(tokio::spawn(web::serve(listener, state, async {
+                let _ = metrics_stopped.await;
+            })))
         }
         None => None,
     };
@@ -445,7 +460,7 @@ pub async fn run(
     }
     summaries.abort();
     let _ = metrics_stop.send(());
-    if let Some(server) = metrics_server {
+    if let Some(server) = http_server {
         let _ = server.await;
     }
     let wal_closed = tokio::task::spawn_blocking(move || wal.close());

@@ -41,6 +41,14 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 5] = [
+        Reason::invalid_argument,
+        Reason::not_found,
+        Reason::resource_exhausted,
+        Reason::unavailable,
+        Reason::internal,
+    ];
+
     pub fn of(code: tonic::Code) -> Self {
         match code {
             tonic::Code::InvalidArgument => Reason::invalid_argument,
@@ -99,6 +107,11 @@ pub struct Metrics {
     pub upload_seconds: Histogram,
     pub spool_bytes: Gauge,
     pub spool_files: Gauge,
+    pub wal_bytes: Gauge,
+    pub compactions: Counter,
+    pub compacted_files: Counter,
+    pub compaction_seconds: Histogram,
+    pub expired_files: Counter,
     registry: Arc<Registry>,
 }
 
@@ -132,6 +145,11 @@ impl Metrics {
             upload_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             spool_bytes: Gauge::default(),
             spool_files: Gauge::default(),
+            wal_bytes: Gauge::default(),
+            compactions: Counter::default(),
+            compacted_files: Counter::default(),
+            compaction_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
+            expired_files: Counter::default(),
             registry: Arc::new(Registry::default()),
         };
         let mut r = Registry::with_prefix("mboxd");
@@ -240,6 +258,31 @@ impl Metrics {
             "Finished files waiting in the spool for upload",
             m.spool_files.clone(),
         );
+        r.register(
+            "wal_bytes",
+            "Bytes of write-ahead log on disk",
+            m.wal_bytes.clone(),
+        );
+        r.register(
+            "compactions",
+            "Compactions done (one partition's files merged)",
+            m.compactions.clone(),
+        );
+        r.register(
+            "compacted_files",
+            "Files merged away by compaction",
+            m.compacted_files.clone(),
+        );
+        r.register(
+            "compaction_duration_seconds",
+            "Time of one compaction",
+            m.compaction_seconds.clone(),
+        );
+        r.register(
+            "expired_files",
+            "Files deleted by retention",
+            m.expired_files.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -311,36 +354,6 @@ pub async fn log_summaries(
         );
         last = now;
     }
-}
-
-/// Serves `GET /metrics` on `listener` until `shutdown` completes. `before_scrape`
-/// refreshes gauges that are read rather than pushed.
-pub async fn serve_metrics(
-    listener: tokio::net::TcpListener,
-    metrics: Metrics,
-    before_scrape: impl Fn(&Metrics) + Send + Sync + 'static,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let before_scrape = Arc::new(before_scrape);
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let (metrics, before_scrape) = (metrics.clone(), Arc::clone(&before_scrape));
-            async move {
-                before_scrape(&metrics);
-                (
-                    [(
-                        "content-type",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    metrics.encode(),
-                )
-            }
-        }),
-    );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
 }
 
 #[cfg(test)]

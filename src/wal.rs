@@ -182,6 +182,7 @@ struct Segment {
     first: Seq,
     /// One past the last sequence number in it.
     end: Seq,
+    bytes: u64,
 }
 
 /// The log's handle. Appends are answered once durable under the [`SyncMode`].
@@ -192,6 +193,8 @@ pub struct Wal {
     /// The oldest sequence number still on disk; published-piece records below it
     /// are no longer needed.
     retained_from: Arc<AtomicU64>,
+    /// Bytes of log on disk.
+    bytes: Arc<AtomicU64>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -267,16 +270,24 @@ impl Wal {
                 }
             }
             replayed.extend(scan.records);
-            segments.push_back(Segment { path, first, end });
+            let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+            segments.push_back(Segment {
+                path,
+                first,
+                end,
+                bytes,
+            });
         }
 
         let retained_from = Arc::new(AtomicU64::new(segments.front().map_or(next, |s| s.first)));
+        let bytes = Arc::new(AtomicU64::new(segments.iter().map(|s| s.bytes).sum()));
         let (tx, rx) = crossbeam_channel::unbounded();
         let committer = Committer {
             config,
             rx,
             tracker: Arc::clone(&tracker),
             retained_from: Arc::clone(&retained_from),
+            bytes: Arc::clone(&bytes),
             segments,
             open: None,
             next,
@@ -290,6 +301,7 @@ impl Wal {
                 tx: Mutex::new(Some(tx)),
                 tracker,
                 retained_from,
+                bytes,
                 thread: Mutex::new(Some(thread)),
             },
             replayed,
@@ -303,6 +315,11 @@ impl Wal {
     /// The oldest sequence number still kept on disk.
     pub fn retained_from(&self) -> Seq {
         self.retained_from.load(Ordering::Acquire)
+    }
+
+    /// Bytes of log on disk.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
     }
 
     /// Shared view of [`Self::retained_from`], for components that clean up after it.
@@ -463,6 +480,7 @@ struct Committer {
     rx: Receiver<Append>,
     tracker: Arc<Tracker>,
     retained_from: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
     /// Closed segments, oldest first, then (last) the open one.
     segments: VecDeque<Segment>,
     open: Option<(File, u64)>,
@@ -564,6 +582,7 @@ impl Committer {
                 path,
                 first: self.next,
                 end: self.next,
+                bytes: len,
             });
             self.open = Some((file, len));
         }
@@ -606,6 +625,10 @@ impl Committer {
         match written {
             Ok(()) => {
                 *len += bytes;
+                if let Some(seg) = self.segments.back_mut() {
+                    seg.bytes += bytes;
+                }
+                self.bytes.fetch_add(bytes, Ordering::Relaxed);
                 self.config.appends.inc_by(group.len() as u64);
                 Ok(())
             }
@@ -635,6 +658,7 @@ impl Committer {
                 break;
             }
             tracing::debug!(segment = %oldest.path.display(), "deleted published write-ahead log segment");
+            self.bytes.fetch_sub(oldest.bytes, Ordering::Relaxed);
             self.segments.pop_front();
         }
         let from = self.segments.front().map_or(self.next, |s| s.first);

@@ -94,7 +94,7 @@ fn dockerfile_builds_the_readme_binary_and_matches_the_defaults() {
         .map(|p| p.parse().unwrap())
         .collect();
     let grpc_port = defaults.listen.port();
-    let metrics_port = defaults.metrics_listen.unwrap().port();
+    let metrics_port = defaults.http_listen.unwrap().port();
     assert_eq!(expose, [grpc_port, metrics_port]);
     let entrypoint = json_args(&get("ENTRYPOINT")[0]);
     let cmd = json_args(&get("CMD")[0]);

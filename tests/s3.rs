@@ -213,7 +213,7 @@ async fn a_full_spool_pushes_back_until_uploads_make_room() {
     config.storage.spool_max_bytes = 1;
     config.when_full = WhenFull::Wait(Duration::from_millis(300));
     let metrics = free_addr();
-    config.metrics_listen = Some(metrics);
+    config.http_listen = Some(metrics);
     let data = config.data_dir.clone();
     let mut server = TestServer::start(config).await;
     let mut c = server.client().await;

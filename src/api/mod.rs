@@ -4,6 +4,7 @@
 //! the index or the ingest path, and maps failures through [`status`]. Blocking work
 //! (index transactions, Parquet reads) runs on tokio's blocking pool.
 
+pub mod batcher;
 pub mod codec;
 pub mod convert;
 pub mod status;
@@ -22,6 +23,7 @@ use crate::model::{ExperimentRecord, MetricValue, now_micros};
 use crate::proto::{self, model_store_server::ModelStore};
 use crate::query::Reader;
 use crate::telemetry::{Metrics, Reason, ReasonLabel};
+use crate::web::Activity;
 
 use convert::{json_to_value, micros, timestamp};
 use status::ApiError;
@@ -30,6 +32,7 @@ use status::ApiError;
 #[derive(Debug, Clone)]
 pub struct ModelStoreService {
     index: Arc<Index>,
+    creates: batcher::CreateBatcher,
     ingest: Arc<Ingest>,
     reader: Reader,
     limits: Limits,
@@ -37,6 +40,8 @@ pub struct ModelStoreService {
     /// Bounds the series reads served at once (each holds up to a read's points).
     read_slots: Arc<tokio::sync::Semaphore>,
     metrics: Metrics,
+    /// Points per experiment in the last minute, for the web view.
+    activity: Arc<Activity>,
 }
 
 impl ModelStoreService {
@@ -47,8 +52,10 @@ impl ModelStoreService {
         limits: Limits,
         reads: Reads,
         metrics: Metrics,
-    ) -> Self {
-        Self {
+        activity: Arc<Activity>,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            creates: batcher::CreateBatcher::start(Arc::clone(&index))?,
             index,
             ingest,
             reader,
@@ -56,7 +63,8 @@ impl ModelStoreService {
             read_slots: Arc::new(tokio::sync::Semaphore::new(reads.max_concurrent)),
             reads,
             metrics,
-        }
+            activity,
+        })
     }
 
     /// Submits a validated batch, or passes on why it is invalid.
@@ -123,6 +131,40 @@ fn experiment_proto(r: ExperimentRecord) -> proto::Experiment {
     }
 }
 
+/// Page sizes of ListExperiments: without details an experiment takes about 200
+/// bytes on the wire, with them a few KiB.
+const DEFAULT_LIST_PAGE: usize = 10_000;
+const DEFAULT_DETAIL_PAGE: usize = 500;
+const MAX_LIST_PAGE: usize = 10_000;
+
+fn detail_proto(d: crate::index::search::ExperimentDetail) -> proto::Experiment {
+    let task = d.record.task.clone();
+    proto::Experiment {
+        task,
+        metadata: Some(proto::Metadata {
+            metadata: d
+                .metadata
+                .into_iter()
+                .map(|(k, e)| (k, json_to_value(e.value)))
+                .collect(),
+        }),
+        metric_summaries: d
+            .summaries
+            .into_iter()
+            .filter(|(_, s)| s.count > 0)
+            .map(|(key, s)| proto::MetricSummary {
+                key,
+                last: s.last,
+                last_step: s.last_step,
+                min: s.min,
+                max: s.max,
+                count: s.count,
+            })
+            .collect(),
+        ..experiment_proto(d.record)
+    }
+}
+
 fn unimplemented<T>(rpc: &str) -> Result<Response<T>, Status> {
     Err(Status::unimplemented(format!(
         "ModelStore.{rpc} is not served by mboxd, which implements experiment tracking only \
@@ -139,9 +181,12 @@ impl ModelStore for ModelStoreService {
         req: Request<proto::CreateExperimentRequest>,
     ) -> Reply<proto::CreateExperimentResponse> {
         let (new, metadata) = validate::create_experiment(req.into_inner(), &self.limits)?;
-        let index = Arc::clone(&self.index);
-        let (record, existed) =
-            blocking(move || Ok(index.create_experiment(new, &metadata)?)).await?;
+        let (record, existed) = self
+            .creates
+            .create(new, metadata)
+            .await
+            .ok_or_else(|| ApiError::Task("the catalog writer has stopped".into()))?
+            .map_err(ApiError::from)?;
         Ok(Response::new(proto::CreateExperimentResponse {
             experiment_id: record.id,
             experiment_exists: existed,
@@ -174,12 +219,35 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::ListExperimentsRequest>,
     ) -> Reply<proto::ListExperimentsResponse> {
-        let ns = validate::namespace("namespace", req.into_inner().namespace, &self.limits)?;
+        let req = req.into_inner();
+        let ns = validate::namespace("namespace", req.namespace.clone(), &self.limits)?;
+        let query = validate::search(&req.filter, &req.order_by, &req.page_token)?;
+        let details = req.include_details;
+        // ModelBox clients send no page size: the newest experiments, up to a page
+        // that fits a standard 4 MiB client limit.
+        let page_size = match req.page_size {
+            0 if details => DEFAULT_DETAIL_PAGE,
+            0 => DEFAULT_LIST_PAGE,
+            n => (n as usize).min(MAX_LIST_PAGE),
+        };
         let index = Arc::clone(&self.index);
-        let records = blocking(move || Ok(index.list_experiments(&ns)?)).await?;
+        let page = blocking(move || {
+            Ok(index.search(Some(&ns), &query.search, page_size, query.cursor.as_ref())?)
+        })
+        .await?;
         Ok(Response::new(proto::ListExperimentsResponse {
-            experiments: records.into_iter().map(experiment_proto).collect(),
-            ..Default::default()
+            experiments: page
+                .experiments
+                .into_iter()
+                .map(|d| {
+                    if details {
+                        detail_proto(d)
+                    } else {
+                        experiment_proto(d.record)
+                    }
+                })
+                .collect(),
+            next_page_token: page.next.map(|c| c.encode()).unwrap_or_default(),
         }))
     }
 
@@ -226,6 +294,14 @@ impl ModelStore for ModelStoreService {
         let client_batch_id = std::mem::take(&mut req.client_batch_id);
         validate::client_batch_id(&client_batch_id, &self.limits)?;
         let batch = validate::log_metrics(req, &self.index, &self.limits, now_micros());
+        let per_experiment: Vec<(Arc<str>, u64)> = match &batch {
+            Ok(b) => b
+                .blocks()
+                .iter()
+                .map(|b| (Arc::clone(&b.experiment.id), b.len() as u64))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
         let m = &self.metrics;
         let accepted = tally(
             self.submit(batch.map(Batch::Metrics), &client_batch_id)
@@ -234,6 +310,11 @@ impl ModelStore for ModelStoreService {
             &m.points_accepted,
             &m.points_rejected,
         )?;
+        if !accepted.duplicate {
+            for (id, n) in &per_experiment {
+                self.activity.record(id, *n);
+            }
+        }
         Ok(Response::new(proto::LogMetricsResponse {
             points_accepted: accepted.count as u64,
             duplicate: accepted.duplicate,

@@ -407,6 +407,40 @@ pub fn block(
     Ok(block)
 }
 
+/// A parsed run search and its page cursor.
+#[derive(Debug)]
+pub struct SearchQuery {
+    pub search: crate::search::Search,
+    pub cursor: Option<crate::index::search::SearchCursor>,
+}
+
+/// A ListExperiments filter, sort keys and page token.
+pub fn search(filter: &str, order_by: &[String], token: &str) -> Result<SearchQuery, ApiError> {
+    let conditions = crate::search::parse_filter(filter)
+        .map_err(|e| ApiError::invalid("filter", e.to_string()))?;
+    let order_by = order_by
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            crate::search::parse_order_by(o)
+                .map_err(|e| ApiError::invalid(format!("order_by[{i}]"), e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let cursor = match token {
+        "" => None,
+        t => Some(crate::index::search::SearchCursor::decode(t).ok_or_else(|| {
+            ApiError::invalid("page_token", format!("{t:?} is not a page token from mboxd"))
+        })?),
+    };
+    Ok(SearchQuery {
+        search: crate::search::Search {
+            conditions,
+            order_by,
+        },
+        cursor,
+    })
+}
+
 /// A client batch id: optional, at most `max_key_bytes` long.
 pub fn client_batch_id(id: &str, limits: &Limits) -> Result<(), ApiError> {
     bounded("client_batch_id", id, limits.max_key_bytes)

@@ -8,7 +8,7 @@ use redb::{ReadableTable, WriteTransaction};
 
 use super::{
     BATCH_IDS, EXPERIMENTS, EXPERIMENTS_BY_NS, Index, IndexError, METADATA, MetadataEntry,
-    SUMMARIES, decode, encode, storage,
+    SUMMARIES, decode, encode, search, storage,
 };
 use crate::model::{
     ExperimentRecord, ExperimentRef, MetricSummary, Micros, experiment_id, now_micros,
@@ -97,22 +97,42 @@ impl Index {
         new: NewExperiment,
         metadata: &[(String, serde_json::Value)],
     ) -> Result<(ExperimentRecord, bool), IndexError> {
-        let id = experiment_id(&new.namespace, &new.name, &new.owner, &new.external_id);
+        let mut out = self.create_experiments(vec![(new, metadata.to_vec())])?;
+        out.pop()
+            .ok_or_else(|| IndexError::ExperimentNotFound(String::new()))
+    }
+
+    /// Creates experiments (unless they exist) and writes their metadata, in one
+    /// transaction: concurrent CreateExperiment calls share one commit.
+    #[allow(clippy::type_complexity)]
+    pub fn create_experiments(
+        &self,
+        batch: Vec<(NewExperiment, Vec<(String, serde_json::Value)>)>,
+    ) -> Result<Vec<(ExperimentRecord, bool)>, IndexError> {
         let now = now_micros();
         let txn = self.db.begin_write().map_err(storage)?;
-        let (record, existed) = {
-            let mut experiments = txn.open_table(EXPERIMENTS).map_err(storage)?;
-            let existing = match experiments.get(id.as_str()).map_err(storage)? {
-                Some(v) => Some(decode::<ExperimentRecord>(&id, v.value())?),
-                None => None,
+        let mut out = Vec::with_capacity(batch.len());
+        let mut changed = false;
+        for (new, metadata) in batch {
+            let id = experiment_id(&new.namespace, &new.name, &new.owner, &new.external_id);
+            let existing = {
+                let experiments = txn.open_table(EXPERIMENTS).map_err(storage)?;
+                let v = experiments.get(id.as_str()).map_err(storage)?;
+                match v {
+                    Some(v) => Some(decode::<ExperimentRecord>(&id, v.value())?),
+                    None => None,
+                }
             };
-            match existing {
-                Some(mut record) => {
+            let (record, existed) = match existing {
+                Some(old) => {
+                    let mut record = old.clone();
                     if !metadata.is_empty() {
                         record.updated_at = now;
-                        experiments
+                        txn.open_table(EXPERIMENTS)
+                            .map_err(storage)?
                             .insert(id.as_str(), encode(&record).as_slice())
                             .map_err(storage)?;
+                        search::index_record(&txn, Some(&old), &record)?;
                     }
                     (record, true)
                 }
@@ -128,24 +148,30 @@ impl Index {
                         created_at: now,
                         updated_at: now,
                     };
-                    experiments
+                    txn.open_table(EXPERIMENTS)
+                        .map_err(storage)?
                         .insert(id.as_str(), encode(&record).as_slice())
                         .map_err(storage)?;
                     txn.open_table(EXPERIMENTS_BY_NS)
                         .map_err(storage)?
                         .insert((record.namespace.as_str(), id.as_str()), ())
                         .map_err(storage)?;
+                    search::index_record(&txn, None, &record)?;
                     (record, false)
                 }
-            }
-        };
-        write_metadata(&txn, &id, metadata, now)?;
+            };
+            write_metadata(&txn, &record, &metadata, now)?;
+            changed |= !existed || !metadata.is_empty();
+            out.push((record, existed));
+        }
         txn.commit().map_err(storage)?;
-        if !existed || !metadata.is_empty() {
+        if changed {
             self.bump_generation();
         }
-        self.cache.insert(experiment_ref(&record));
-        Ok((record, existed))
+        for (record, _) in &out {
+            self.cache.insert(experiment_ref(record));
+        }
+        Ok(out)
     }
 
     pub fn get_experiment(&self, id: &str) -> Result<Option<ExperimentRecord>, IndexError> {
@@ -207,18 +233,22 @@ impl Index {
     ) -> Result<Micros, IndexError> {
         let now = now_micros();
         let txn = self.db.begin_write().map_err(storage)?;
-        {
+        let record = {
             let mut experiments = txn.open_table(EXPERIMENTS).map_err(storage)?;
-            let mut record: ExperimentRecord = match experiments.get(parent_id).map_err(storage)? {
+            let old: ExperimentRecord = match experiments.get(parent_id).map_err(storage)? {
                 Some(v) => decode(parent_id, v.value())?,
                 None => return Err(IndexError::ExperimentNotFound(parent_id.to_owned())),
             };
+            let mut record = old.clone();
             record.updated_at = now;
             experiments
                 .insert(parent_id, encode(&record).as_slice())
                 .map_err(storage)?;
-        }
-        write_metadata(&txn, parent_id, entries, now)?;
+            drop(experiments);
+            search::index_record(&txn, Some(&old), &record)?;
+            record
+        };
+        write_metadata(&txn, &record, entries, now)?;
         txn.commit().map_err(storage)?;
         self.bump_generation();
         Ok(now)
@@ -300,22 +330,34 @@ fn prefix_rows<T>(
 
 fn write_metadata(
     txn: &WriteTransaction,
-    parent_id: &str,
+    record: &ExperimentRecord,
     entries: &[(String, serde_json::Value)],
     now: Micros,
 ) -> Result<(), IndexError> {
     if entries.is_empty() {
         return Ok(());
     }
-    let mut table = txn.open_table(METADATA).map_err(storage)?;
+    let parent_id = record.id.as_str();
     for (key, value) in entries {
         let entry = MetadataEntry {
             value: value.clone(),
             updated_at: now,
         };
-        table
+        let old = txn
+            .open_table(METADATA)
+            .map_err(storage)?
             .insert((parent_id, key.as_str()), encode(&entry).as_slice())
-            .map_err(storage)?;
+            .map_err(storage)?
+            .map(|v| decode::<MetadataEntry>(key, v.value()))
+            .transpose()?;
+        search::index_param(
+            txn,
+            &record.namespace,
+            parent_id,
+            key,
+            old.as_ref().map(|o| &o.value),
+            value,
+        )?;
     }
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! - `metadata`: (parent id, key) → [`MetadataEntry`]
 //! - `summaries`: (experiment id, metric key) → [`MetricSummary`]
 //! - `batch_ids`: (accepted at, client batch id) → points, for recognising retries
+//! - `search_index`: (scope, field, value, id) → (), for run search ([`search`])
 //!
 //! Manifest tables ([`manifest`]):
 //! - `files`: object key → [`FileEntry`]; keys start with the partition folder, so a
@@ -52,6 +53,7 @@
 
 mod catalog;
 mod manifest;
+pub mod search;
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -85,6 +87,7 @@ const SPOOLED: TableDefinition<&str, u64> = TableDefinition::new("spooled");
 const REPLACE_INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("replace_intents");
 const DELETIONS: TableDefinition<&str, ()> = TableDefinition::new("deletions");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const SEARCH: TableDefinition<(&str, &str, &[u8], &str), ()> = TableDefinition::new("search_index");
 
 /// The index layout version; see [`Index::open`] for what each step migrates.
 const LAYOUT_VERSION: u64 = 2;
@@ -153,6 +156,7 @@ impl Index {
             txn.open_table(SPOOLED).map_err(storage)?;
             txn.open_table(REPLACE_INTENTS).map_err(storage)?;
             txn.open_table(DELETIONS).map_err(storage)?;
+            txn.open_table(SEARCH).map_err(storage)?;
             let files = txn.open_table(FILES).map_err(storage)?;
             let mut unindexed = txn.open_table(UNINDEXED).map_err(storage)?;
             let mut meta = txn.open_table(META).map_err(storage)?;
@@ -167,6 +171,7 @@ impl Index {
                 }
                 meta.insert("layout_version", LAYOUT_VERSION)
                     .map_err(storage)?;
+                search::rebuild(&txn)?;
             }
         }
         txn.commit().map_err(storage)?;

@@ -1,0 +1,733 @@
+//! Run search over the catalog: secondary indexes kept with every change, and the
+//! query that uses them.
+//!
+//! `search_index`: (scope, field, value, experiment id) → (). The scope is a
+//! namespace, or `*` for every namespace (namespaces never contain `*`); the value
+//! is an order-preserving encoding of a [`Value`], so a range scan walks one
+//! field's values in order. Indexed: `created_at`, `updated_at`, `name` and
+//! `owner` in both scopes; top-level metadata values (`p:<key>`) and metric
+//! summaries' last, min and max (`m:<key>:<aggregate>`) in the namespace scope.
+//!
+//! A search whose (single) sort key is indexed walks that index from the page
+//! cursor and stops once a page matched; experiments without the sort value come
+//! after the others (by id). Any other search walks its scope once, keeping only
+//! the best page after the cursor.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+use redb::{ReadableTable, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    EXPERIMENTS, EXPERIMENTS_BY_NS, Index, IndexError, METADATA, MetadataEntry, SEARCH, SUMMARIES,
+    decode, storage,
+};
+use crate::model::{ExperimentRecord, MetricSummary};
+use crate::search::{Agg, Condition, Field, Op, OrderBy, Search, Value};
+
+/// Every namespace.
+pub const ALL: &str = "*";
+
+/// The aggregates of a summary that are indexed.
+const INDEXED_AGGS: [Agg; 3] = [Agg::Last, Agg::Min, Agg::Max];
+
+/// An order-preserving byte encoding of a value.
+fn encode_value(v: &Value) -> Vec<u8> {
+    match v {
+        Value::Null => vec![0],
+        Value::Bool(b) => vec![1, u8::from(*b)],
+        Value::Number(n) => {
+            let bits = n.to_bits();
+            // The same order as f64::total_cmp.
+            let key = if bits >> 63 == 1 {
+                !bits
+            } else {
+                bits ^ (1 << 63)
+            };
+            let mut out = vec![2];
+            out.extend_from_slice(&key.to_be_bytes());
+            out
+        }
+        Value::Text(s) => {
+            let mut out = vec![3];
+            out.extend_from_slice(s.as_bytes());
+            out
+        }
+    }
+}
+
+fn decode_value(b: &[u8]) -> Value {
+    match b.split_first() {
+        Some((1, rest)) => Value::Bool(rest.first() == Some(&1)),
+        Some((2, rest)) => {
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(&rest[..8.min(rest.len())]);
+            let key = u64::from_be_bytes(raw);
+            let bits = if key >> 63 == 1 {
+                key ^ (1 << 63)
+            } else {
+                !key
+            };
+            Value::Number(f64::from_bits(bits))
+        }
+        Some((3, rest)) => Value::Text(String::from_utf8_lossy(rest).into_owned()),
+        _ => Value::Null,
+    }
+}
+
+fn param_field(key: &str) -> String {
+    format!("p:{key}")
+}
+
+fn metric_field(key: &str, agg: Agg) -> String {
+    format!("m:{key}:{}", agg.name())
+}
+
+/// The index field of a search field, if it is indexed in `scope`.
+fn index_field(field: &Field, scope: &str) -> Option<String> {
+    match field {
+        Field::CreatedAt => Some("created_at".into()),
+        Field::UpdatedAt => Some("updated_at".into()),
+        Field::Name => Some("name".into()),
+        Field::Owner => Some("owner".into()),
+        Field::Param(k) if scope != ALL && !k.contains('.') => Some(param_field(k)),
+        Field::Metric(k, a) if scope != ALL && INDEXED_AGGS.contains(a) => {
+            Some(metric_field(k, *a))
+        }
+        _ => None,
+    }
+}
+
+fn millis(micros: i64) -> Value {
+    Value::Number((micros / 1000) as f64)
+}
+
+/// The record's own indexed fields.
+fn record_fields(r: &ExperimentRecord) -> [(&'static str, Value); 4] {
+    [
+        ("created_at", millis(r.created_at)),
+        ("updated_at", millis(r.updated_at)),
+        ("name", Value::Text(r.name.clone())),
+        ("owner", Value::Text(r.owner.clone())),
+    ]
+}
+
+type SearchTable<'t> = redb::Table<'t, (&'static str, &'static str, &'static [u8], &'static str), ()>;
+
+fn put(t: &mut SearchTable<'_>, scope: &str, field: &str, v: &Value, id: &str) -> Result<(), IndexError> {
+    t.insert((scope, field, encode_value(v).as_slice(), id), ())
+        .map_err(storage)?;
+    Ok(())
+}
+
+fn del(t: &mut SearchTable<'_>, scope: &str, field: &str, v: &Value, id: &str) -> Result<(), IndexError> {
+    t.remove((scope, field, encode_value(v).as_slice(), id))
+        .map_err(storage)?;
+    Ok(())
+}
+
+/// Re-indexes a record's own fields after it changed (`old`: before, if any).
+pub(super) fn index_record(
+    txn: &WriteTransaction,
+    old: Option<&ExperimentRecord>,
+    new: &ExperimentRecord,
+) -> Result<(), IndexError> {
+    let mut t = txn.open_table(SEARCH).map_err(storage)?;
+    for scope in [new.namespace.as_str(), ALL] {
+        if let Some(old) = old {
+            for (field, v) in record_fields(old) {
+                del(&mut t, scope, field, &v, &old.id)?;
+            }
+        }
+        for (field, v) in record_fields(new) {
+            put(&mut t, scope, field, &v, &new.id)?;
+        }
+    }
+    Ok(())
+}
+
+/// Re-indexes a metadata key after it changed.
+pub(super) fn index_param(
+    txn: &WriteTransaction,
+    namespace: &str,
+    id: &str,
+    key: &str,
+    old: Option<&serde_json::Value>,
+    new: &serde_json::Value,
+) -> Result<(), IndexError> {
+    let mut t = txn.open_table(SEARCH).map_err(storage)?;
+    let field = param_field(key);
+    if let Some(old) = old {
+        del(&mut t, namespace, &field, &Value::of_json(old), id)?;
+    }
+    put(&mut t, namespace, &field, &Value::of_json(new), id)
+}
+
+fn summary_value(s: &MetricSummary, agg: Agg) -> Option<Value> {
+    let v = match agg {
+        Agg::Last => s.last,
+        Agg::Min => s.min,
+        Agg::Max => s.max,
+        Agg::Count => return Some(Value::Number(s.count as f64)),
+        Agg::LastStep => {
+            return (s.count > 0).then_some(Value::Number(s.last_step as f64));
+        }
+    };
+    (s.count > 0 && v.is_finite()).then_some(Value::Number(v))
+}
+
+/// Re-indexes a metric summary after it changed.
+pub(super) fn index_summary(
+    txn: &WriteTransaction,
+    namespace: &str,
+    id: &str,
+    key: &str,
+    old: Option<&MetricSummary>,
+    new: &MetricSummary,
+) -> Result<(), IndexError> {
+    let mut t = txn.open_table(SEARCH).map_err(storage)?;
+    for agg in INDEXED_AGGS {
+        let field = metric_field(key, agg);
+        if let Some(v) = old.and_then(|o| summary_value(o, agg)) {
+            del(&mut t, namespace, &field, &v, id)?;
+        }
+        if let Some(v) = summary_value(new, agg) {
+            put(&mut t, namespace, &field, &v, id)?;
+        }
+    }
+    Ok(())
+}
+
+/// Indexes every experiment, metadata value and summary (an index from before
+/// run search existed).
+pub(super) fn rebuild(txn: &WriteTransaction) -> Result<(), IndexError> {
+    let experiments: Vec<ExperimentRecord> = {
+        let table = txn.open_table(EXPERIMENTS).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(storage)? {
+            let (k, v) = row.map_err(storage)?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        out
+    };
+    for r in &experiments {
+        index_record(txn, None, r)?;
+        let metadata: Vec<(String, MetadataEntry)> = {
+            let table = txn.open_table(METADATA).map_err(storage)?;
+            let mut out = Vec::new();
+            for row in table.range((r.id.as_str(), "")..).map_err(storage)? {
+                let (k, v) = row.map_err(storage)?;
+                let (p, key) = k.value();
+                if p != r.id {
+                    break;
+                }
+                out.push((key.to_owned(), decode(key, v.value())?));
+            }
+            out
+        };
+        for (key, e) in &metadata {
+            index_param(txn, &r.namespace, &r.id, key, None, &e.value)?;
+        }
+        let summaries: Vec<(String, MetricSummary)> = {
+            let table = txn.open_table(SUMMARIES).map_err(storage)?;
+            let mut out = Vec::new();
+            for row in table.range((r.id.as_str(), "")..).map_err(storage)? {
+                let (k, v) = row.map_err(storage)?;
+                let (p, key) = k.value();
+                if p != r.id {
+                    break;
+                }
+                out.push((key.to_owned(), decode(key, v.value())?));
+            }
+            out
+        };
+        for (key, s) in &summaries {
+            index_summary(txn, &r.namespace, &r.id, key, None, s)?;
+        }
+    }
+    Ok(())
+}
+
+/// An experiment with its metadata and summaries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExperimentDetail {
+    pub record: ExperimentRecord,
+    pub metadata: Vec<(String, MetadataEntry)>,
+    pub summaries: Vec<(String, MetricSummary)>,
+}
+
+/// Where a search page stopped: the last experiment's sort values and id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchCursor {
+    pub values: Vec<Value>,
+    pub id: String,
+}
+
+impl SearchCursor {
+    pub fn encode(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let hex: String = json.iter().map(|b| format!("{b:02x}")).collect();
+        format!("x1.{hex}")
+    }
+
+    pub fn decode(token: &str) -> Option<Self> {
+        let hex = token.strip_prefix("x1.")?;
+        if hex.len() % 2 != 0 {
+            return None;
+        }
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+            .collect::<Option<Vec<u8>>>()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
+/// A page of search results.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SearchPage {
+    pub experiments: Vec<ExperimentDetail>,
+    pub next: Option<SearchCursor>,
+}
+
+/// One candidate, loaded as far as the search needed.
+struct Candidate<'t> {
+    id: String,
+    record: Option<ExperimentRecord>,
+    metadata: Option<BTreeMap<String, MetadataEntry>>,
+    summaries: Option<BTreeMap<String, MetricSummary>>,
+    tables: &'t Tables,
+}
+
+struct Tables {
+    experiments: redb::ReadOnlyTable<&'static str, &'static [u8]>,
+    metadata: redb::ReadOnlyTable<(&'static str, &'static str), &'static [u8]>,
+    summaries: redb::ReadOnlyTable<(&'static str, &'static str), &'static [u8]>,
+}
+
+fn prefix<T: for<'de> Deserialize<'de>>(
+    table: &redb::ReadOnlyTable<(&'static str, &'static str), &'static [u8]>,
+    id: &str,
+) -> Result<BTreeMap<String, T>, IndexError> {
+    let mut out = BTreeMap::new();
+    for row in table.range((id, "")..).map_err(storage)? {
+        let (k, v) = row.map_err(storage)?;
+        let (p, key) = k.value();
+        if p != id {
+            break;
+        }
+        out.insert(key.to_owned(), decode(key, v.value())?);
+    }
+    Ok(out)
+}
+
+impl<'t> Candidate<'t> {
+    fn new(id: String, tables: &'t Tables) -> Self {
+        Self {
+            id,
+            record: None,
+            metadata: None,
+            summaries: None,
+            tables,
+        }
+    }
+
+    fn record(&mut self) -> Result<Option<&ExperimentRecord>, IndexError> {
+        if self.record.is_none() {
+            self.record = match self.tables.experiments.get(self.id.as_str()).map_err(storage)? {
+                Some(v) => Some(decode(&self.id, v.value())?),
+                None => None,
+            };
+        }
+        Ok(self.record.as_ref())
+    }
+
+    fn metadata(&mut self) -> Result<&BTreeMap<String, MetadataEntry>, IndexError> {
+        if self.metadata.is_none() {
+            self.metadata = Some(prefix(&self.tables.metadata, &self.id)?);
+        }
+        Ok(self.metadata.get_or_insert_default())
+    }
+
+    fn summaries(&mut self) -> Result<&BTreeMap<String, MetricSummary>, IndexError> {
+        if self.summaries.is_none() {
+            self.summaries = Some(prefix(&self.tables.summaries, &self.id)?);
+        }
+        Ok(self.summaries.get_or_insert_default())
+    }
+
+    /// The value of a field; `None` when the experiment does not have it.
+    fn value(&mut self, field: &Field) -> Result<Option<Value>, IndexError> {
+        let text = |s: &str| Some(Value::Text(s.to_owned()));
+        Ok(match field {
+            Field::Id => text(&self.id),
+            Field::Param(key) => param_value(self.metadata()?, key),
+            Field::Metric(key, agg) => self
+                .summaries()?
+                .get(key)
+                .and_then(|s| summary_value(s, *agg)),
+            _ => {
+                let Some(r) = self.record()? else {
+                    return Ok(None);
+                };
+                match field {
+                    Field::Name => text(&r.name),
+                    Field::Owner => text(&r.owner),
+                    Field::Namespace => text(&r.namespace),
+                    Field::Framework => text(framework_name(r.framework)),
+                    Field::Task => text(&r.task),
+                    Field::ExternalId => text(&r.external_id),
+                    Field::CreatedAt => Some(millis(r.created_at)),
+                    Field::UpdatedAt => Some(millis(r.updated_at)),
+                    Field::Id | Field::Param(_) | Field::Metric(..) => None,
+                }
+            }
+        })
+    }
+
+    fn matches(&mut self, conditions: &[Condition]) -> Result<bool, IndexError> {
+        for c in conditions {
+            let have = self.value(&c.field)?;
+            let holds = match &have {
+                Some(v) => c.op.holds(v, &c.value),
+                // A missing value equals null and differs from everything else.
+                None => match c.op {
+                    Op::Eq => c.value == Value::Null,
+                    Op::Ne => c.value != Value::Null,
+                    _ => false,
+                },
+            };
+            if !holds {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn sort_values(&mut self, order: &[OrderBy]) -> Result<Vec<Value>, IndexError> {
+        order
+            .iter()
+            .map(|o| Ok(self.value(&o.field)?.unwrap_or(Value::Null)))
+            .collect()
+    }
+
+    fn detail(mut self) -> Result<Option<ExperimentDetail>, IndexError> {
+        let Some(record) = self.record()?.cloned() else {
+            return Ok(None);
+        };
+        let metadata = self.metadata()?.clone().into_iter().collect();
+        let summaries = self.summaries()?.clone().into_iter().collect();
+        Ok(Some(ExperimentDetail {
+            record,
+            metadata,
+            summaries,
+        }))
+    }
+}
+
+/// The framework's name, as the `experiments/` table and the filter see it.
+pub fn framework_name(framework: i32) -> &'static str {
+    match framework {
+        1 => "PYTORCH",
+        2 => "KERAS",
+        _ => "UNKNOWN",
+    }
+}
+
+/// A metadata value by key; a dotted key reaches into nested objects when no key
+/// has that exact name.
+fn param_value(metadata: &BTreeMap<String, MetadataEntry>, key: &str) -> Option<Value> {
+    if let Some(e) = metadata.get(key) {
+        return Some(Value::of_json(&e.value));
+    }
+    let mut at = 0;
+    while let Some(dot) = key[at..].find('.') {
+        let (head, rest) = (&key[..at + dot], &key[at + dot + 1..]);
+        if let Some(e) = metadata.get(head) {
+            let mut v = &e.value;
+            for part in rest.split('.') {
+                v = v.get(part)?;
+            }
+            return Some(Value::of_json(v));
+        }
+        at += dot + 1;
+    }
+    None
+}
+
+/// Compares sort values under `order`; missing values (null) come last in either
+/// direction; the id breaks ties.
+fn compare(order: &[OrderBy], a: (&[Value], &str), b: (&[Value], &str)) -> Ordering {
+    for (i, o) in order.iter().enumerate() {
+        let (x, y) = (&a.0[i], &b.0[i]);
+        let ord = match (x, y) {
+            (Value::Null, Value::Null) => Ordering::Equal,
+            (Value::Null, _) => Ordering::Greater,
+            (_, Value::Null) => Ordering::Less,
+            _ if o.descending => y.total_cmp(x),
+            _ => x.total_cmp(y),
+        };
+        if ord.is_ne() {
+            return ord;
+        }
+    }
+    a.1.cmp(b.1)
+}
+
+/// Whether, walking a sort field's values in order, a condition on that field can
+/// no longer hold for any later value.
+fn bound_passed(conditions: &[Condition], field: &Field, value: &Value, descending: bool) -> bool {
+    conditions.iter().any(|c| {
+        &c.field == field
+            && match (c.op, descending) {
+                (Op::Lt, false) => value.total_cmp(&c.value).is_ge(),
+                (Op::Le | Op::Eq, false) => value.total_cmp(&c.value).is_gt(),
+                (Op::Gt, true) => value.total_cmp(&c.value).is_le(),
+                (Op::Ge | Op::Eq, true) => value.total_cmp(&c.value).is_lt(),
+                _ => false,
+            }
+    })
+}
+
+/// Whether the conditions need the field to have a value.
+fn requires_value(conditions: &[Condition], field: &Field) -> bool {
+    conditions
+        .iter()
+        .any(|c| &c.field == field && !(c.op == Op::Eq && c.value == Value::Null) && c.op != Op::Ne)
+}
+
+impl Index {
+    /// One page of experiments in `namespace` (or every namespace: `None`) that
+    /// match `search`, in its order, after `cursor`.
+    pub fn search(
+        &self,
+        namespace: Option<&str>,
+        search: &Search,
+        page_size: usize,
+        cursor: Option<&SearchCursor>,
+    ) -> Result<SearchPage, IndexError> {
+        let scope = namespace.unwrap_or(ALL);
+        let read = self.db.begin_read().map_err(storage)?;
+        let tables = Tables {
+            experiments: read.open_table(EXPERIMENTS).map_err(storage)?,
+            metadata: read.open_table(METADATA).map_err(storage)?,
+            summaries: read.open_table(SUMMARIES).map_err(storage)?,
+        };
+        let order = search.order();
+        let conditions = &search.conditions;
+        let page_size = page_size.max(1);
+        let after = |values: &[Value], id: &str| {
+            cursor.is_none_or(|c| compare(&order, (values, id), (&c.values, &c.id)).is_gt())
+        };
+        let mut found: Vec<(Vec<Value>, Candidate<'_>)> = Vec::new();
+        let indexed = match order.as_slice() {
+            [only] => index_field(&only.field, scope).map(|f| (f, only)),
+            _ => None,
+        };
+        if let Some((field, sort)) = indexed {
+            // Walk the sort index from the cursor; stop at a full page.
+            let search_table = read.open_table(SEARCH).map_err(storage)?;
+            let cursor_value = cursor.and_then(|c| c.values.first());
+            if !matches!(cursor_value, Some(Value::Null)) {
+                let from = cursor_value.map(encode_value);
+                let (low, high): (&[u8], &[u8]) = (&[0u8], &[0xffu8]);
+                let lo = (scope, field.as_str(), low, "");
+                let hi = (scope, field.as_str(), high, "");
+                let mut past = from.clone().unwrap_or_default();
+                past.push(0);
+                let rows: Box<dyn Iterator<Item = _>> = match (&from, sort.descending) {
+                    (Some(from), false) => Box::new(
+                        search_table
+                            .range((scope, field.as_str(), from.as_slice(), "")..hi)
+                            .map_err(storage)?,
+                    ),
+                    (Some(_), true) => {
+                        let end = (scope, field.as_str(), past.as_slice(), "");
+                        Box::new(search_table.range(lo..end).map_err(storage)?.rev())
+                    }
+                    (None, false) => Box::new(search_table.range(lo..hi).map_err(storage)?),
+                    (None, true) => Box::new(search_table.range(lo..hi).map_err(storage)?.rev()),
+                };
+                for row in rows {
+                    let (k, _) = row.map_err(storage)?;
+                    let (_, _, v, id) = k.value();
+                    let values = vec![decode_value(v)];
+                    if bound_passed(conditions, &sort.field, &values[0], sort.descending) {
+                        break;
+                    }
+                    if !after(&values, id) {
+                        continue;
+                    }
+                    let mut c = Candidate::new(id.to_owned(), &tables);
+                    if c.matches(conditions)? {
+                        found.push((values, c));
+                        if found.len() > page_size {
+                            break;
+                        }
+                    }
+                }
+            }
+            // Then those without the sort value, by id.
+            if found.len() <= page_size && !requires_value(conditions, &sort.field) {
+                let from = cursor
+                    .filter(|c| matches!(c.values.first(), Some(Value::Null)))
+                    .map(|c| c.id.as_str());
+                self.each_id(&read, scope, from, &mut |id| {
+                    let mut c = Candidate::new(id.to_owned(), &tables);
+                    let values = c.sort_values(&order)?;
+                    if values[0] == Value::Null && after(&values, id) && c.matches(conditions)? {
+                        found.push((values, c));
+                    }
+                    Ok(found.len() <= page_size)
+                })?;
+            }
+        } else {
+            // Walk the whole scope, keeping the best page after the cursor.
+            self.each_id(&read, scope, None, &mut |id| {
+                let mut c = Candidate::new(id.to_owned(), &tables);
+                if !c.matches(conditions)? {
+                    return Ok(true);
+                }
+                let values = c.sort_values(&order)?;
+                if !after(&values, id) {
+                    return Ok(true);
+                }
+                let at = found.partition_point(|(v, f)| {
+                    compare(&order, (v, &f.id), (&values, id)).is_lt()
+                });
+                if at <= page_size {
+                    found.insert(at, (values, c));
+                    found.truncate(page_size + 1);
+                }
+                Ok(true)
+            })?;
+        }
+        let more = found.len() > page_size;
+        found.truncate(page_size);
+        let next = match (more, found.last()) {
+            (true, Some((values, c))) => Some(SearchCursor {
+                values: values.clone(),
+                id: c.id.clone(),
+            }),
+            _ => None,
+        };
+        let mut experiments = Vec::with_capacity(found.len());
+        for (_, c) in found {
+            if let Some(d) = c.detail()? {
+                experiments.push(d);
+            }
+        }
+        Ok(SearchPage { experiments, next })
+    }
+
+    /// Calls `f` with each experiment id of a scope, in id order, after `from`,
+    /// until it answers false.
+    fn each_id(
+        &self,
+        read: &redb::ReadTransaction,
+        scope: &str,
+        from: Option<&str>,
+        f: &mut dyn FnMut(&str) -> Result<bool, IndexError>,
+    ) -> Result<(), IndexError> {
+        let start = from.unwrap_or("");
+        if scope == ALL {
+            let table = read.open_table(EXPERIMENTS).map_err(storage)?;
+            for row in table.range(start..).map_err(storage)? {
+                let (k, _) = row.map_err(storage)?;
+                if from.is_some_and(|x| k.value() == x) {
+                    continue;
+                }
+                if !f(k.value())? {
+                    break;
+                }
+            }
+        } else {
+            let table = read.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
+            for row in table.range((scope, start)..).map_err(storage)? {
+                let (k, _) = row.map_err(storage)?;
+                let (ns, id) = k.value();
+                if ns != scope {
+                    break;
+                }
+                if from.is_some_and(|x| id == x) {
+                    continue;
+                }
+                if !f(id)? {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_encoding_preserves_order() {
+        let mut values = vec![
+            Value::Number(-1e300),
+            Value::Number(-1.5),
+            Value::Number(-0.0),
+            Value::Number(0.0),
+            Value::Number(3e-4),
+            Value::Number(7.0),
+            Value::Number(f64::INFINITY),
+            Value::Text("".into()),
+            Value::Text("a".into()),
+            Value::Text("ab".into()),
+            Value::Text("b".into()),
+            Value::Null,
+            Value::Bool(false),
+            Value::Bool(true),
+        ];
+        values.sort_by(|a, b| a.total_cmp(b));
+        let encoded: Vec<_> = values.iter().map(encode_value).collect();
+        assert!(encoded.windows(2).all(|w| w[0] <= w[1]));
+        for v in &values {
+            assert_eq!(decode_value(&encode_value(v)).total_cmp(v), Ordering::Equal);
+        }
+    }
+
+    #[test]
+    fn cursors_round_trip() {
+        let c = SearchCursor {
+            values: vec![Value::Number(0.5), Value::Text("x\"y".into()), Value::Null],
+            id: "abc".into(),
+        };
+        assert_eq!(SearchCursor::decode(&c.encode()), Some(c));
+        assert_eq!(SearchCursor::decode("nonsense"), None);
+    }
+
+    #[test]
+    fn params_reach_into_nested_objects() {
+        let md: BTreeMap<String, MetadataEntry> = [
+            (
+                "hyperparams".to_owned(),
+                MetadataEntry {
+                    value: serde_json::json!({"lr": 0.1, "opt": {"name": "adam"}}),
+                    updated_at: 0,
+                },
+            ),
+            (
+                "a.b".to_owned(),
+                MetadataEntry {
+                    value: serde_json::json!(1),
+                    updated_at: 0,
+                },
+            ),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(param_value(&md, "hyperparams.lr"), Some(Value::Number(0.1)));
+        assert_eq!(
+            param_value(&md, "hyperparams.opt.name"),
+            Some(Value::Text("adam".into()))
+        );
+        assert_eq!(param_value(&md, "a.b"), Some(Value::Number(1.0)));
+        assert_eq!(param_value(&md, "hyperparams.nope"), None);
+    }
+}
