@@ -15,8 +15,7 @@ from typing import Dict, List, Optional
 import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from ._proto import modelbox_pb2 as pb
-from ._proto import modelbox_pb2_grpc as pb_grpc
+from ._proto import modelbox as pb
 from ._types import Event, MLFramework
 
 log = logging.getLogger("mbox")
@@ -153,7 +152,7 @@ class Client:
         self._init_state()
 
     @property
-    def stub(self) -> pb_grpc.ModelStoreStub:
+    def stub(self) -> pb.ModelStoreStub:
         if self._stub is None:
             self._channel = grpc.insecure_channel(self.addr, options=[
                 ("grpc.max_send_message_length", 64 << 20),
@@ -163,7 +162,7 @@ class Client:
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 2000),
             ])
-            self._stub = pb_grpc.ModelStoreStub(self._channel)
+            self._stub = pb.ModelStoreStub(self._channel)
         return self._stub
 
     # -- synchronous API ---------------------------------------------------------

@@ -3,7 +3,7 @@
 import datetime
 from typing import Dict, List, Optional
 
-from ._proto import modelbox_pb2 as pb
+from ._proto import modelbox as pb
 from ._types import Event, EventSource, MetricSeries, MLFramework, UpdateMetadataResult
 from .client import Client, from_value_proto, timestamp_of_ms, to_value_proto
 
