@@ -144,6 +144,8 @@ class Client:
         self._channel = None
         self._stub = None
         self._last_drop_warning = 0.0
+        #: The channel's last grpc.ChannelConnectivity, as gRPC reported it.
+        self.connectivity = None
 
     def _reset_after_fork(self):
         # The parent's channel must not be destroyed here: its destructor would run
@@ -162,8 +164,18 @@ class Client:
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 2000),
             ])
+            # Watching the connectivity state keeps a thread polling the channel
+            # while no call is active. Without it some grpcio releases (1.70, and
+            # 1.56 for seconds) leave an idle connection unread, so they never answer
+            # the PING of mboxd's graceful shutdown (GOAWAY, then PING) and mboxd's
+            # stop waits on that connection: it hung for good with 1.70.
+            self._channel.subscribe(self._on_connectivity, try_to_connect=False)
             self._stub = pb.ModelStoreStub(self._channel)
         return self._stub
+
+    def _on_connectivity(self, state):
+        self.connectivity = state
+        log.debug("mbox: connection to %s is %s", self.addr, state)
 
     # -- synchronous API ---------------------------------------------------------
 

@@ -38,6 +38,20 @@ def test_logging_while_mboxd_is_down_delivers_everything_exactly_once_later(tmp_
         assert server.stop() == 0
 
 
+def test_mboxd_stops_promptly_while_an_idle_client_is_connected(tmp_path):
+    # mboxd's graceful stop sends GOAWAY and a PING on each connection and waits for
+    # them to close; a client whose idle connection nobody reads (grpcio 1.70 without
+    # the SDK's connectivity watch) held it open for good.
+    server = Mboxd(tmp_path / "data")
+    client = mbox.Client(server.addr)
+    client.new_experiment(name="idle", namespace="t")
+    time.sleep(0.5)  # idle: no call in flight
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 15
+    client.close(timeout=5)
+
+
 def test_drop_policy_counts_what_it_drops():
     client = mbox.Client(f"127.0.0.1:{free_port()}", buffer_points=100, on_full="drop")
     for step in range(50):
