@@ -9,6 +9,7 @@ import os
 import random
 import threading
 import time
+import uuid
 import weakref
 from typing import Dict, List, Optional
 
@@ -124,6 +125,9 @@ class Client:
         self.request_timeout_s = request_timeout_s
         self.flush_at_exit_s = flush_at_exit_s
         self.dropped = 0
+        #: Batches mboxd recognised as retries of batches it already had (a response
+        #: lost after mboxd stored the batch): acknowledged, not written twice.
+        self.duplicates = 0
         self._init_state()
         _clients.add(self)
         atexit.register(self._at_exit)
@@ -364,11 +368,11 @@ class Client:
         if blocks:
             yield self._metrics_request(blocks), "LogMetrics"
         for exp, evs in events.items():
-            yield pb.LogEventRequest(parent_id=exp, events=evs), "LogEvent"
+            yield pb.LogEventRequest(parent_id=exp, events=evs, client_batch_id=_batch_id()), "LogEvent"
 
     @staticmethod
     def _metrics_request(blocks):
-        req = pb.LogMetricsRequest()
+        req = pb.LogMetricsRequest(client_batch_id=_batch_id())
         for exp, b in blocks.items():
             blk = req.blocks.add()
             blk.parent_id = exp
@@ -385,11 +389,19 @@ class Client:
 
     def _send(self, rpc: str, request):
         """Sends with retries (exponential backoff, full jitter) while mboxd is
-        unavailable or pushing back; gives up only on a non-retryable status."""
+        unavailable or pushing back; gives up only on a non-retryable status.
+
+        Every retry sends the same request, with the same client_batch_id: when a
+        response was lost after mboxd stored the batch (a connection cut after its
+        write-ahead log append), mboxd acknowledges the retry as a duplicate instead of
+        storing the batch twice."""
         delay = 0.05
         while True:
             try:
-                getattr(self.stub, rpc)(request, timeout=self.request_timeout_s)
+                resp = getattr(self.stub, rpc)(request, timeout=self.request_timeout_s)
+                if resp.duplicate:
+                    self.duplicates += 1
+                    log.debug("mbox: %s batch %s was already stored", rpc, request.client_batch_id)
                 return
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else None
@@ -409,6 +421,11 @@ class Client:
         log.error("mbox: %s", message)
         with self._cond:
             self._errors.append(message)
+
+
+def _batch_id() -> str:
+    """A fresh client_batch_id: unique per batch, kept on its retries."""
+    return uuid.uuid4().hex
 
 
 def _pushback_s(error) -> Optional[float]:
