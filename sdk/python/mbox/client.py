@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional, Union
 
 import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
@@ -203,10 +203,45 @@ class Client:
         return Experiment.from_proto(self, e)
 
     def experiments(self, namespace: str = ""):
+        """Every experiment of a namespace, as a list (all pages)."""
         from .experiment import Experiment
 
-        resp = self.stub.ListExperiments(pb.ListExperimentsRequest(namespace=namespace), timeout=self.request_timeout_s)
-        return [Experiment.from_proto(self, e) for e in resp.experiments]
+        req = pb.ListExperimentsRequest(namespace=namespace)
+        return [Experiment.from_proto(self, e) for e in self._list_experiments(req)]
+
+    def search(self, namespace: str = "", filter: str = "", order_by: Union[str, Iterable[str], None] = None,
+               limit: Optional[int] = None, page_size: Optional[int] = None):
+        """Experiments matching `filter` (mboxd's run-search grammar, e.g.
+        ``'params.lr = 0.0003 and metrics.val/loss.last < 0.2'``), sorted by `order_by`
+        (e.g. ``["metrics.val/loss.last ASC"]``), with their metadata and metric
+        summaries. Returns an iterator that fetches a page at a time as it is
+        consumed (``page_size`` per request; unset: mboxd picks), stopping after
+        `limit` experiments; its ``to_pandas()`` makes a DataFrame."""
+        from .search import SearchResults
+
+        req = pb.ListExperimentsRequest(namespace=namespace, filter=filter or "", include_details=True)
+        req.order_by.extend([order_by] if isinstance(order_by, str) else list(order_by or ()))
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be >= 0")
+        if page_size is not None:
+            req.page_size = int(page_size)
+        elif limit:
+            req.page_size = min(int(limit), 1000)
+        return SearchResults(self, req, limit)
+
+    def search_df(self, namespace: str = "", filter: str = "", order_by: Union[str, Iterable[str], None] = None,
+                  limit: Optional[int] = None, page_size: Optional[int] = None):
+        """``search(...).to_pandas()``: one row per experiment (needs pandas)."""
+        return self.search(namespace, filter, order_by, limit, page_size).to_pandas()
+
+    def _list_experiments(self, req):
+        """Experiment messages of a ListExperiments request, following its pages."""
+        while True:
+            resp = self.stub.ListExperiments(req, timeout=self.request_timeout_s)
+            yield from resp.experiments
+            if not resp.next_page_token:
+                return
+            req.page_token = resp.next_page_token
 
     # -- buffered logging --------------------------------------------------------
 

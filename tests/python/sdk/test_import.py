@@ -115,5 +115,6 @@ def test_importing_mbox_imports_neither_torch_nor_lightning(tmp_path):
 
 
 def test_the_public_api():
-    for name in ("new_experiment", "experiments", "experiment", "flush", "close", "Client", "MetricSeries"):
+    for name in ("new_experiment", "experiments", "experiment", "search", "search_df", "flush", "close",
+                 "Client", "MetricSeries", "MetricSummary"):
         assert hasattr(mbox, name), name
