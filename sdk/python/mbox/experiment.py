@@ -72,12 +72,17 @@ class Experiment:
     def flush(self, timeout: Optional[float] = None) -> None:
         self.client.flush(timeout)
 
-    def start_system_metrics(self, interval_s: float = 10.0):
+    def start_system_metrics(self, interval_s: float = 10.0, *, all_ranks: bool = False,
+                             node: Optional[str] = None):
         """Samples CPU, memory, disk, network and (with NVML) GPU figures every
-        `interval_s` into `system/...` metrics. Returns a handle with stop()."""
+        `interval_s` into ``system/<node>/...`` metrics, once per node: only on local
+        rank 0 (``LOCAL_RANK``), or on every rank with ``all_ranks=True`` (then under
+        ``system/<node>/rank<local rank>/...``). `node` defaults to ``node<NODE_RANK>``,
+        else the host name. Returns a handle with stop() (and ``active``, False on
+        the ranks that do not sample)."""
         from .system import SystemMetrics
 
-        return SystemMetrics(self, interval_s).start()
+        return SystemMetrics(self, interval_s, all_ranks=all_ranks, node=node).start()
 
     # -- reading (everything logged so far is flushed first) ----------------------
 

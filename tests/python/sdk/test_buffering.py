@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import mbox
+import mbox.system
 from harness import Mboxd, free_port
 
 
@@ -122,12 +123,13 @@ def test_system_metrics_arrive_at_the_set_interval(mboxd):
     time.sleep(1.5)
     sampler.stop()
     m = exp.metrics()
-    for key in ("system/cpu_percent", "system/process_rss_bytes", "system/memory_used_bytes",
-                "system/memory_percent"):
+    assert sampler.active and sampler.prefix == f"system/{mbox.system.node_name()}/"
+    for name in ("cpu_percent", "process_rss_bytes", "memory_used_bytes", "memory_percent"):
+        key = sampler.prefix + name
         series = m[key]
         assert len(series.steps) >= 5, key
         assert series.steps == list(range(len(series.steps)))
         gaps = [b - a for a, b in zip(series.wallclocks, series.wallclocks[1:])]
         assert all(150 <= g <= 400 for g in gaps), (key, gaps)
-    assert 0 < m["system/process_rss_bytes"].values[0] < 1 << 40
+    assert 0 < m[sampler.prefix + "process_rss_bytes"].values[0] < 1 << 40
     client.close(timeout=5)
