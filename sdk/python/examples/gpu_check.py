@@ -9,6 +9,7 @@ Lightning's checkpoints go to a temporary folder (removed at the end) unless
 """
 
 import argparse
+import re
 import tempfile
 import time
 
@@ -59,7 +60,7 @@ def run(args, root_dir):
         print(f"  {key:40s} {len(s.steps):5d} points, last={s.values[-1]!r}")
     print("  metadata:", exp.metadata())
     print("  events:", [(e.name, e.metadata) for e in exp.events()])
-    gpu_keys = [k for k in metrics if k.startswith("system/") and "/gpu" in k]  # system/<node>/gpu<i>/...
+    gpu_keys = [k for k in metrics if re.match(r"system/[^/]+/gpu[0-9]+/", k)]  # system/<node>/gpu<i>/...
     if args.accelerator == "gpu":
         assert gpu_keys, "no GPU series reached mboxd (is nvidia-ml-py installed?)"
     print(f"GPU series: {len(gpu_keys)}")
