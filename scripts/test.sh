@@ -59,4 +59,9 @@ export MBOXD_BIN="$CARGO_TARGET_DIR/debug/mboxd"
 # The ModelBox-compat stubs declare the same protobuf symbols as mboxd's own, so
 # they run in a process of their own.
 "$VENV/bin/python" -m pytest tests/python/compat -q --tb=short
-"$VENV/bin/python" -m pytest tests/python --ignore=tests/python/compat -q --tb=short
+# The SDK suite (tests/python/sdk) runs in the matrix below, once per protobuf and
+# grpcio pair the SDK supports, each in a venv of its own.
+"$VENV/bin/python" -m pytest tests/python --ignore=tests/python/compat --ignore=tests/python/sdk -q --tb=short
+
+echo "== SDK matrix"
+./scripts/sdk_matrix.sh

@@ -22,11 +22,12 @@ def compat(stub_dir):
 
 @pytest.fixture(scope="session")
 def full():
-    """Stubs from mboxd's own proto, with the extensions: the ones the SDK ships
-    (tests/python/sdk checks they match proto/)."""
-    from mbox._proto import modelbox_pb2, modelbox_pb2_grpc
+    """Messages and stub of mboxd's own proto, with the extensions: the ones the SDK
+    builds from its shipped descriptor (test_sdk_descriptor.py checks it matches
+    proto/). One module holds both, as (pb2, pb2_grpc) would."""
+    from mbox._proto import modelbox
 
-    return modelbox_pb2, modelbox_pb2_grpc
+    return modelbox, modelbox
 
 
 @pytest.fixture

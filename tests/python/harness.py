@@ -125,6 +125,13 @@ class Mboxd:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=60)
 
+    def kill(self) -> int:
+        """SIGKILL: a crash; what was acknowledged must come back from the WAL."""
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return self.proc.wait(timeout=60)
+
 
 def free_port() -> int:
     import socket

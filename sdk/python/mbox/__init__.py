@@ -15,7 +15,13 @@ The calls of ModelBox's "Logging Experiment Metadata" guide work as written::
 ``log_metrics`` and ``log_event`` never wait for the network: points go into a bounded
 buffer and a background thread sends them to mboxd in columnar batches. ``flush()``
 waits until everything logged so far is acknowledged; ``close()`` and an atexit hook
-flush too. Importing mbox imports neither torch nor lightning.
+flush too. Every batch carries a client batch id, kept on its retries, so a retry
+after a lost response is not stored twice. Importing mbox imports neither torch nor
+lightning; it works with protobuf 4.21 to 7.x and grpcio 1.56 onwards.
+
+Reading: ``experiment.metrics(keys, start_step, end_step, max_points)``,
+``experiment.metadata()``, ``experiment.events()``, and run search with
+``mbox.search(namespace, filter=..., order_by=[...])`` / ``mbox.search_df(...)``.
 """
 
 import os as _os
@@ -25,7 +31,7 @@ import os as _os
 _os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "true")
 _os.environ.setdefault("GRPC_POLL_STRATEGY", "poll")
 
-from ._types import Event, EventSource, MetricSeries, MLFramework, UpdateMetadataResult
+from ._types import Event, EventSource, MetricSeries, MetricSummary, MLFramework, UpdateMetadataResult
 from .client import Client, DeliveryError, default_client
 from .experiment import Experiment
 
@@ -37,6 +43,7 @@ __all__ = [
     "Experiment",
     "MLFramework",
     "MetricSeries",
+    "MetricSummary",
     "UpdateMetadataResult",
     "close",
     "default_client",
@@ -44,6 +51,8 @@ __all__ = [
     "experiments",
     "flush",
     "new_experiment",
+    "search",
+    "search_df",
 ]
 
 
@@ -63,6 +72,17 @@ def experiments(namespace=""):
 def experiment(id):
     """The experiment with this id, on the default client."""
     return default_client().experiment(id)
+
+
+def search(namespace="", filter="", order_by=None, limit=None, page_size=None):
+    """Experiments matching a filter, with metadata and metric summaries, on the
+    default client: an iterator that fetches pages lazily (see Client.search)."""
+    return default_client().search(namespace, filter=filter, order_by=order_by, limit=limit, page_size=page_size)
+
+
+def search_df(namespace="", filter="", order_by=None, limit=None, page_size=None):
+    """search(...) as a pandas DataFrame (needs pandas)."""
+    return default_client().search_df(namespace, filter=filter, order_by=order_by, limit=limit, page_size=page_size)
 
 
 def flush(timeout=None):

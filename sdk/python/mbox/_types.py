@@ -38,8 +38,34 @@ class UpdateMetadataResult:
 
 @dataclass
 class MetricSeries:
-    """One metric's points, ordered by step: parallel lists."""
+    """One metric's points, ordered by step: parallel lists.
+
+    Exact series (the default) hold every point, and ``min`` and ``max`` are None.
+    A series read with ``max_points`` that has more points comes back bucketed: each
+    entry is the last point (largest step) of a step bucket, and ``min[i]`` /
+    ``max[i]`` are the smallest and largest value in bucket i. ``total_points``
+    counts the series' points in the requested step range before bucketing.
+    """
 
     steps: List[int] = field(default_factory=list)
     wallclocks: List[int] = field(default_factory=list)
-    values: List[Union[float, str, bytes]] = field(default_factory=list)
+    values: List[Union[float, str, bytes, None]] = field(default_factory=list)
+    min: Optional[List[float]] = None
+    max: Optional[List[float]] = None
+    total_points: int = 0
+
+    @property
+    def bucketed(self) -> bool:
+        return self.min is not None
+
+
+@dataclass
+class MetricSummary:
+    """A numeric series of an experiment, summarised by mboxd as points arrive:
+    ``last`` is the value at the largest step."""
+
+    last: float
+    last_step: int
+    min: float
+    max: float
+    count: int

@@ -9,14 +9,14 @@ import os
 import random
 import threading
 import time
+import uuid
 import weakref
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional, Union
 
 import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from ._proto import modelbox_pb2 as pb
-from ._proto import modelbox_pb2_grpc as pb_grpc
+from ._proto import modelbox as pb
 from ._types import Event, MLFramework
 
 log = logging.getLogger("mbox")
@@ -125,6 +125,9 @@ class Client:
         self.request_timeout_s = request_timeout_s
         self.flush_at_exit_s = flush_at_exit_s
         self.dropped = 0
+        #: Batches mboxd recognised as retries of batches it already had (a response
+        #: lost after mboxd stored the batch): acknowledged, not written twice.
+        self.duplicates = 0
         self._init_state()
         _clients.add(self)
         atexit.register(self._at_exit)
@@ -145,6 +148,8 @@ class Client:
         self._channel = None
         self._stub = None
         self._last_drop_warning = 0.0
+        #: The channel's last grpc.ChannelConnectivity, as gRPC reported it.
+        self.connectivity = None
 
     def _reset_after_fork(self):
         # The parent's channel must not be destroyed here: its destructor would run
@@ -153,7 +158,7 @@ class Client:
         self._init_state()
 
     @property
-    def stub(self) -> pb_grpc.ModelStoreStub:
+    def stub(self) -> pb.ModelStoreStub:
         if self._stub is None:
             self._channel = grpc.insecure_channel(self.addr, options=[
                 ("grpc.max_send_message_length", 64 << 20),
@@ -163,8 +168,18 @@ class Client:
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 2000),
             ])
-            self._stub = pb_grpc.ModelStoreStub(self._channel)
+            # Watching the connectivity state keeps a thread polling the channel
+            # while no call is active. Without it some grpcio releases (1.70, and
+            # 1.56 for seconds) leave an idle connection unread, so they never answer
+            # the PING of mboxd's graceful shutdown (GOAWAY, then PING) and mboxd's
+            # stop waits on that connection: it hung for good with 1.70.
+            self._channel.subscribe(self._on_connectivity, try_to_connect=False)
+            self._stub = pb.ModelStoreStub(self._channel)
         return self._stub
+
+    def _on_connectivity(self, state):
+        self.connectivity = state
+        log.debug("mbox: connection to %s is %s", self.addr, state)
 
     # -- synchronous API ---------------------------------------------------------
 
@@ -188,10 +203,45 @@ class Client:
         return Experiment.from_proto(self, e)
 
     def experiments(self, namespace: str = ""):
+        """Every experiment of a namespace, as a list (all pages)."""
         from .experiment import Experiment
 
-        resp = self.stub.ListExperiments(pb.ListExperimentsRequest(namespace=namespace), timeout=self.request_timeout_s)
-        return [Experiment.from_proto(self, e) for e in resp.experiments]
+        req = pb.ListExperimentsRequest(namespace=namespace)
+        return [Experiment.from_proto(self, e) for e in self._list_experiments(req)]
+
+    def search(self, namespace: str = "", filter: str = "", order_by: Union[str, Iterable[str], None] = None,
+               limit: Optional[int] = None, page_size: Optional[int] = None):
+        """Experiments matching `filter` (mboxd's run-search grammar, e.g.
+        ``'params.lr = 0.0003 and metrics.val/loss.last < 0.2'``), sorted by `order_by`
+        (e.g. ``["metrics.val/loss.last ASC"]``), with their metadata and metric
+        summaries. Returns an iterator that fetches a page at a time as it is
+        consumed (``page_size`` per request; unset: mboxd picks), stopping after
+        `limit` experiments; its ``to_pandas()`` makes a DataFrame."""
+        from .search import SearchResults
+
+        req = pb.ListExperimentsRequest(namespace=namespace, filter=filter or "", include_details=True)
+        req.order_by.extend([order_by] if isinstance(order_by, str) else list(order_by or ()))
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be >= 0")
+        if page_size is not None:
+            req.page_size = int(page_size)
+        elif limit:
+            req.page_size = min(int(limit), 1000)
+        return SearchResults(self, req, limit)
+
+    def search_df(self, namespace: str = "", filter: str = "", order_by: Union[str, Iterable[str], None] = None,
+                  limit: Optional[int] = None, page_size: Optional[int] = None):
+        """``search(...).to_pandas()``: one row per experiment (needs pandas)."""
+        return self.search(namespace, filter, order_by, limit, page_size).to_pandas()
+
+    def _list_experiments(self, req):
+        """Experiment messages of a ListExperiments request, following its pages."""
+        while True:
+            resp = self.stub.ListExperiments(req, timeout=self.request_timeout_s)
+            yield from resp.experiments
+            if not resp.next_page_token:
+                return
+            req.page_token = resp.next_page_token
 
     # -- buffered logging --------------------------------------------------------
 
@@ -353,11 +403,11 @@ class Client:
         if blocks:
             yield self._metrics_request(blocks), "LogMetrics"
         for exp, evs in events.items():
-            yield pb.LogEventRequest(parent_id=exp, events=evs), "LogEvent"
+            yield pb.LogEventRequest(parent_id=exp, events=evs, client_batch_id=_batch_id()), "LogEvent"
 
     @staticmethod
     def _metrics_request(blocks):
-        req = pb.LogMetricsRequest()
+        req = pb.LogMetricsRequest(client_batch_id=_batch_id())
         for exp, b in blocks.items():
             blk = req.blocks.add()
             blk.parent_id = exp
@@ -374,11 +424,19 @@ class Client:
 
     def _send(self, rpc: str, request):
         """Sends with retries (exponential backoff, full jitter) while mboxd is
-        unavailable or pushing back; gives up only on a non-retryable status."""
+        unavailable or pushing back; gives up only on a non-retryable status.
+
+        Every retry sends the same request, with the same client_batch_id: when a
+        response was lost after mboxd stored the batch (a connection cut after its
+        write-ahead log append), mboxd acknowledges the retry as a duplicate instead of
+        storing the batch twice."""
         delay = 0.05
         while True:
             try:
-                getattr(self.stub, rpc)(request, timeout=self.request_timeout_s)
+                resp = getattr(self.stub, rpc)(request, timeout=self.request_timeout_s)
+                if resp.duplicate:
+                    self.duplicates += 1
+                    log.debug("mbox: %s batch %s was already stored", rpc, request.client_batch_id)
                 return
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else None
@@ -398,6 +456,11 @@ class Client:
         log.error("mbox: %s", message)
         with self._cond:
             self._errors.append(message)
+
+
+def _batch_id() -> str:
+    """A fresh client_batch_id: unique per batch, kept on its retries."""
+    return uuid.uuid4().hex
 
 
 def _pushback_s(error) -> Optional[float]:

@@ -1,10 +1,13 @@
 """A PyTorch Lightning 2.x logger that writes to mboxd.
 
     from mbox.lightning import MboxLogger
-    trainer = Trainer(logger=MboxLogger(name="resnet", namespace="cv"))
+    trainer = Trainer(logger=MboxLogger(name="resnet", namespace="cv", system_metrics_interval_s=10))
 
-Only rank zero talks to mboxd. Importing this module imports lightning; importing
-``mbox`` does not.
+Rank zero logs metrics, hyperparameters and events. Hardware metrics are sampled on
+every node: local rank 0 of each node (or every rank, with
+``system_metrics_all_ranks=True``) opens the same experiment (creating is idempotent)
+and logs ``system/<node>/...`` series (see mbox.system). Importing this module imports
+lightning; importing ``mbox`` does not.
 """
 
 import argparse
@@ -15,12 +18,13 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ._types import Event, EventSource, MLFramework
 from .client import Client, default_client
+from .system import SystemMetrics, samples_here
 
 
 class MboxLogger(Logger):
     def __init__(self, name: str = "lightning", namespace: str = "", owner: str = "",
                  external_id: Optional[str] = None, client: Optional[Client] = None,
-                 system_metrics_interval_s: Optional[float] = None):
+                 system_metrics_interval_s: Optional[float] = None, system_metrics_all_ranks: bool = False):
         super().__init__()
         self._name = name
         self._namespace = namespace
@@ -28,7 +32,9 @@ class MboxLogger(Logger):
         self._external_id = external_id
         self._client = client
         self._system_interval = system_metrics_interval_s
+        self._system_all_ranks = system_metrics_all_ranks
         self._system = None
+        self._system_checked = False
         self._experiment = None
 
     @property
@@ -39,28 +45,54 @@ class MboxLogger(Logger):
     def version(self) -> str:
         return self._external_id or (self._experiment.id if self._experiment else "")
 
+    def _open_experiment(self):
+        client = self._client or default_client()
+        return client.new_experiment(name=self._name, owner=self._owner, namespace=self._namespace,
+                                     external_id=self._external_id or "", framework=MLFramework.PYTORCH)
+
     @property
     @rank_zero_experiment
     def experiment(self):
         if self._experiment is None:
-            client = self._client or default_client()
-            self._experiment = client.new_experiment(name=self._name, owner=self._owner, namespace=self._namespace,
-                                                     external_id=self._external_id or "",
-                                                     framework=MLFramework.PYTORCH)
-            if self._system_interval:
-                self._system = self._experiment.start_system_metrics(self._system_interval)
+            self._experiment = self._open_experiment()
+            self._start_system_metrics()
         return self._experiment
 
-    @rank_zero_only
+    def _start_system_metrics(self) -> None:
+        """On any rank, once: the node's sampler, where this rank is the one that samples."""
+        if not self._system_interval or self._system_checked:
+            return
+        self._system_checked = True
+        if not samples_here(self._system_all_ranks):
+            return
+        # Rank zero logs into its experiment; other nodes' samplers open the same one.
+        experiment = self.experiment if getattr(rank_zero_only, "rank", 0) == 0 else self._open_experiment()
+        self._system = SystemMetrics(experiment, self._system_interval, all_ranks=self._system_all_ranks).start()
+
+    # Lightning calls the logging hooks on every rank (each logger keeps to rank zero
+    # itself), and log_graph at the start of fit: the first call starts the sampler.
+
+    def log_graph(self, model: Any, input_array: Any = None) -> None:
+        self._start_system_metrics()
+
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+        self._start_system_metrics()
+        self._log_metrics(metrics, step)
+
+    @rank_zero_only
+    def _log_metrics(self, metrics: Mapping[str, float], step: Optional[int]) -> None:
         metrics = dict(metrics)
         epoch = metrics.pop("epoch", None)
         if epoch is not None:
             metrics["epoch"] = epoch
         self.experiment.log_metrics(metrics, step=step or 0)
 
-    @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        self._start_system_metrics()
+        self._log_hyperparams(params)
+
+    @rank_zero_only
+    def _log_hyperparams(self, params: Any) -> None:
         if isinstance(params, argparse.Namespace):
             params = vars(params)
         params: Dict[str, Any] = dict(params or {})
@@ -86,12 +118,17 @@ class MboxLogger(Logger):
         if self._experiment is not None:
             self._experiment.client.flush()
 
-    @rank_zero_only
     def finalize(self, status: str) -> None:
-        if self._experiment is None:
-            return
         if self._system is not None:
             self._system.stop()
+            self._system.experiment.client.flush()
+            self._system = None
+        self._finalize(status)
+
+    @rank_zero_only
+    def _finalize(self, status: str) -> None:
+        if self._experiment is None:
+            return
         self._experiment.log_event(Event(name="run_finished", source=EventSource(name="lightning"),
                                          metadata={"status": status}))
         self._experiment.client.flush()

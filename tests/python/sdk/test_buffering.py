@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import mbox
+import mbox.system
 from harness import Mboxd, free_port
 
 
@@ -36,6 +37,20 @@ def test_logging_while_mboxd_is_down_delivers_everything_exactly_once_later(tmp_
     finally:
         client.close(timeout=10)
         assert server.stop() == 0
+
+
+def test_mboxd_stops_promptly_while_an_idle_client_is_connected(tmp_path):
+    # mboxd's graceful stop sends GOAWAY and a PING on each connection and waits for
+    # them to close; a client whose idle connection nobody reads (grpcio 1.70 without
+    # the SDK's connectivity watch) held it open for good.
+    server = Mboxd(tmp_path / "data")
+    client = mbox.Client(server.addr)
+    client.new_experiment(name="idle", namespace="t")
+    time.sleep(0.5)  # idle: no call in flight
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 15
+    client.close(timeout=5)
 
 
 def test_drop_policy_counts_what_it_drops():
@@ -108,12 +123,13 @@ def test_system_metrics_arrive_at_the_set_interval(mboxd):
     time.sleep(1.5)
     sampler.stop()
     m = exp.metrics()
-    for key in ("system/cpu_percent", "system/process_rss_bytes", "system/memory_used_bytes",
-                "system/memory_percent"):
+    assert sampler.active and sampler.prefix == f"system/{mbox.system.node_name()}/"
+    for name in ("cpu_percent", "process_rss_bytes", "memory_used_bytes", "memory_percent"):
+        key = sampler.prefix + name
         series = m[key]
         assert len(series.steps) >= 5, key
         assert series.steps == list(range(len(series.steps)))
         gaps = [b - a for a, b in zip(series.wallclocks, series.wallclocks[1:])]
         assert all(150 <= g <= 400 for g in gaps), (key, gaps)
-    assert 0 < m["system/process_rss_bytes"].values[0] < 1 << 40
+    assert 0 < m[sampler.prefix + "process_rss_bytes"].values[0] < 1 << 40
     client.close(timeout=5)
