@@ -25,11 +25,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// Writes `ASSETS: &[(&str, &[u8])]`: every file under `dir` by its path below it.
 fn web_assets(dir: &Path, out: &Path) -> std::io::Result<()> {
-    fn walk(dir: &Path, base: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
         for entry in std::fs::read_dir(dir)? {
             let path = entry?.path();
             if path.is_dir() {
-                walk(&path, base, files)?;
+                walk(&path, files)?;
             } else {
                 files.push(path);
             }
@@ -38,7 +38,7 @@ fn web_assets(dir: &Path, out: &Path) -> std::io::Result<()> {
     }
     let mut files = Vec::new();
     if dir.exists() {
-        walk(dir, dir, &mut files)?;
+        walk(dir, &mut files)?;
     }
     files.sort();
     let root = std::fs::canonicalize(".")?;

@@ -324,7 +324,8 @@ impl<'a> Lexer<'a> {
                     return Err(self.err(start, rest, "unterminated backquote"));
                 }
                 let word = &rest[..len];
-                let number = (word.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '.')
+                let number = (word
+                    .starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '.')
                     && !word.contains('`'))
                 .then(|| word.parse::<f64>().ok())
                 .flatten()
@@ -427,9 +428,14 @@ pub fn parse_filter(text: &str) -> Result<Vec<Condition>, ParseError> {
             return Err(lex.err(at, raw, "expected a field"));
         };
         let field = parse_field(&word, at)?;
-        let Some((at, Tok::Op(op), _)) = lex.next()? else {
-            let end = lex.at;
-            return Err(lex.err(at, &text[at..end], "expected an operator after the field"));
+        let (at, op) = match lex.next()? {
+            Some((at, Tok::Op(op), _)) => (at, op),
+            Some((at, _, raw)) => {
+                return Err(lex.err(at, raw, "expected an operator after the field"));
+            }
+            None => {
+                return Err(lex.err(at, &word, "expected an operator after the field"));
+            }
         };
         let Some((vat, value, raw)) = lex.next()? else {
             return Err(lex.err(at, &text[at..], "expected a value after the operator"));
@@ -546,7 +552,10 @@ mod tests {
         assert!(Op::Lt.holds(&n(1.0), &n(2.0)));
         assert!(!Op::Eq.holds(&n(1.0), &Value::Text("1".into())));
         assert!(Op::Ne.holds(&n(1.0), &Value::Text("1".into())));
-        assert!(Op::Contains.holds(&Value::Text("ResNet-50".into()), &Value::Text("resnet".into())));
+        assert!(Op::Contains.holds(
+            &Value::Text("ResNet-50".into()),
+            &Value::Text("resnet".into())
+        ));
         assert!(!Op::Prefix.holds(&Value::Text("ResNet".into()), &Value::Text("res".into())));
     }
 }

@@ -30,8 +30,8 @@ use crate::sink::s3::S3Settings;
 use crate::sink::upload::Uploader;
 use crate::sink::{Files, LocalSink, Remote, SinkError};
 use crate::telemetry::{Metrics, log_summaries};
-use crate::web::{self, Activity, Gauges, WebState};
 use crate::wal::{SyncMode, Wal, WalConfig, WalError};
+use crate::web::{self, Activity, Gauges, WebState};
 use crate::writer::snapshot::{SnapshotLoop, SnapshotTarget, Snapshots};
 use crate::writer::{self, WriterContext};
 

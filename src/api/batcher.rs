@@ -46,7 +46,13 @@ impl CreateBatcher {
     /// Creates (or finds) an experiment; see [`Index::create_experiment`].
     pub async fn create(&self, new: NewExperiment, metadata: Entries) -> Option<Created> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Job { new, metadata, reply }).ok()?;
+        self.tx
+            .send(Job {
+                new,
+                metadata,
+                reply,
+            })
+            .ok()?;
         rx.await.ok()
     }
 }

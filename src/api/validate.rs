@@ -428,9 +428,14 @@ pub fn search(filter: &str, order_by: &[String], token: &str) -> Result<SearchQu
         .collect::<Result<Vec<_>, _>>()?;
     let cursor = match token {
         "" => None,
-        t => Some(crate::index::search::SearchCursor::decode(t).ok_or_else(|| {
-            ApiError::invalid("page_token", format!("{t:?} is not a page token from mboxd"))
-        })?),
+        t => Some(
+            crate::index::search::SearchCursor::decode(t).ok_or_else(|| {
+                ApiError::invalid(
+                    "page_token",
+                    format!("{t:?} is not a page token from mboxd"),
+                )
+            })?,
+        ),
     };
     Ok(SearchQuery {
         search: crate::search::Search {

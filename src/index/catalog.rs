@@ -370,25 +370,44 @@ pub(super) fn merge_summaries(
     if summaries.is_empty() {
         return Ok(());
     }
-    let mut table = txn.open_table(SUMMARIES).map_err(storage)?;
+    let mut namespaces: HashMap<&str, Option<String>> = HashMap::new();
     for (experiment, key, s) in summaries {
-        let merged = match table
+        let old: Option<MetricSummary> = txn
+            .open_table(SUMMARIES)
+            .map_err(storage)?
             .get((experiment.as_str(), key.as_str()))
             .map_err(storage)?
-        {
-            Some(v) => {
-                let mut old: MetricSummary = decode(key, v.value())?;
-                old.merge(s);
-                old
-            }
-            None => *s,
-        };
-        table
+            .map(|v| decode(key, v.value()))
+            .transpose()?;
+        let mut merged = *s;
+        if let Some(old) = &old {
+            merged.merge(old);
+        }
+        txn.open_table(SUMMARIES)
+            .map_err(storage)?
             .insert(
                 (experiment.as_str(), key.as_str()),
                 encode(&merged).as_slice(),
             )
             .map_err(storage)?;
+        let namespace = match namespaces.get(experiment.as_str()) {
+            Some(ns) => ns.clone(),
+            None => {
+                let ns = txn
+                    .open_table(EXPERIMENTS)
+                    .map_err(storage)?
+                    .get(experiment.as_str())
+                    .map_err(storage)?
+                    .map(|v| decode::<ExperimentRecord>(experiment, v.value()))
+                    .transpose()?
+                    .map(|r| r.namespace);
+                namespaces.insert(experiment, ns.clone());
+                ns
+            }
+        };
+        if let Some(ns) = namespace {
+            search::index_summary(txn, &ns, experiment, key, old.as_ref(), &merged)?;
+        }
     }
     Ok(())
 }

@@ -507,4 +507,67 @@ mod tests {
                 .is_empty()
         );
     }
+
+    #[test]
+    fn search_sorts_by_indexed_metrics_and_pages_by_cursor() {
+        use crate::search::{Search, parse_filter, parse_order_by};
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("i.redb")).unwrap();
+        let mut ids = Vec::new();
+        for (name, last) in [("a", 0.3), ("b", 0.1), ("c", 0.2), ("d", f64::NAN)] {
+            let (rec, _) = index
+                .create_experiment(new_exp(name), &[("lr".into(), json!(0.1))])
+                .unwrap();
+            let mut i = intent(
+                &format!("metrics/namespace=cv/date=2026-01-01/{name}.parquet"),
+                1,
+            );
+            i.summaries = if last.is_nan() {
+                vec![]
+            } else {
+                vec![(
+                    rec.id.clone(),
+                    "loss".into(),
+                    MetricSummary::of(5, Some(last), 1),
+                )]
+            };
+            index.begin_publish(&i).unwrap();
+            index.commit_publish(&i, Forget::default(), false).unwrap();
+            ids.push(rec.id);
+        }
+        let names = |search: &Search, page: usize| -> Vec<String> {
+            let mut out = Vec::new();
+            let mut cursor = None;
+            loop {
+                let p = index
+                    .search(Some("cv"), search, page, cursor.as_ref())
+                    .unwrap();
+                out.extend(p.experiments.into_iter().map(|d| d.record.name));
+                match p.next {
+                    Some(c) => cursor = Some(c),
+                    None => return out,
+                }
+            }
+        };
+        let by = |o: &str| Search {
+            conditions: vec![],
+            order_by: vec![parse_order_by(o).unwrap()],
+        };
+        for page in [1, 2, 10] {
+            assert_eq!(
+                names(&by("metrics.loss.last ASC"), page),
+                ["b", "c", "a", "d"]
+            );
+            assert_eq!(
+                names(&by("metrics.loss.last DESC"), page),
+                ["a", "c", "b", "d"]
+            );
+            assert_eq!(names(&by("name DESC"), page), ["d", "c", "b", "a"]);
+        }
+        let filtered = Search {
+            conditions: parse_filter("metrics.loss.last < 0.25 and params.lr = 0.1").unwrap(),
+            order_by: vec![parse_order_by("metrics.loss.last").unwrap()],
+        };
+        assert_eq!(names(&filtered, 1), ["b", "c"]);
+    }
 }

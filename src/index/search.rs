@@ -113,15 +113,28 @@ fn record_fields(r: &ExperimentRecord) -> [(&'static str, Value); 4] {
     ]
 }
 
-type SearchTable<'t> = redb::Table<'t, (&'static str, &'static str, &'static [u8], &'static str), ()>;
+type SearchTable<'t> =
+    redb::Table<'t, (&'static str, &'static str, &'static [u8], &'static str), ()>;
 
-fn put(t: &mut SearchTable<'_>, scope: &str, field: &str, v: &Value, id: &str) -> Result<(), IndexError> {
+fn put(
+    t: &mut SearchTable<'_>,
+    scope: &str,
+    field: &str,
+    v: &Value,
+    id: &str,
+) -> Result<(), IndexError> {
     t.insert((scope, field, encode_value(v).as_slice(), id), ())
         .map_err(storage)?;
     Ok(())
 }
 
-fn del(t: &mut SearchTable<'_>, scope: &str, field: &str, v: &Value, id: &str) -> Result<(), IndexError> {
+fn del(
+    t: &mut SearchTable<'_>,
+    scope: &str,
+    field: &str,
+    v: &Value,
+    id: &str,
+) -> Result<(), IndexError> {
     t.remove((scope, field, encode_value(v).as_slice(), id))
         .map_err(storage)?;
     Ok(())
@@ -335,7 +348,12 @@ impl<'t> Candidate<'t> {
 
     fn record(&mut self) -> Result<Option<&ExperimentRecord>, IndexError> {
         if self.record.is_none() {
-            self.record = match self.tables.experiments.get(self.id.as_str()).map_err(storage)? {
+            self.record = match self
+                .tables
+                .experiments
+                .get(self.id.as_str())
+                .map_err(storage)?
+            {
                 Some(v) => Some(decode(&self.id, v.value())?),
                 None => None,
             };
@@ -593,9 +611,8 @@ impl Index {
                 if !after(&values, id) {
                     return Ok(true);
                 }
-                let at = found.partition_point(|(v, f)| {
-                    compare(&order, (v, &f.id), (&values, id)).is_lt()
-                });
+                let at = found
+                    .partition_point(|(v, f)| compare(&order, (v, &f.id), (&values, id)).is_lt());
                 if at <= page_size {
                     found.insert(at, (values, c));
                     found.truncate(page_size + 1);

@@ -52,7 +52,7 @@ impl Activity {
         }
         ring.counts[slot] += points;
         // Now and then, forget experiments idle for a whole window.
-        if now % 16 == 0 && slot == (now % WINDOW as u64) as usize && rings.len() > 1024 {
+        if now.is_multiple_of(16) && slot == (now % WINDOW as u64) as usize && rings.len() > 1024 {
             rings.retain(|_, r| r.seconds.iter().any(|&s| s + WINDOW as u64 > now));
         }
     }

@@ -84,12 +84,12 @@ pub async fn serve(
 /// The routes.
 pub fn router(state: WebState) -> Router {
     let api = Router::new()
-        .route("/api/v1/namespaces", get(namespaces))
-        .route("/api/v1/experiments", get(experiments))
-        .route("/api/v1/experiments/{id}", get(experiment))
-        .route("/api/v1/experiments/{id}/events", get(events))
-        .route("/api/v1/experiments/{id}/series", get(series))
-        .route("/api/v1/health", get(health))
+        .route("/v1/namespaces", get(namespaces))
+        .route("/v1/experiments", get(experiments))
+        .route("/v1/experiments/{id}", get(experiment))
+        .route("/v1/experiments/{id}/events", get(events))
+        .route("/v1/experiments/{id}/series", get(series))
+        .route("/v1/health", get(health))
         .fallback(api_not_found)
         .method_not_allowed_fallback(api_method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authorize));
@@ -100,8 +100,7 @@ pub fn router(state: WebState) -> Router {
         .route("/compare", get(page))
         .route("/health", get(page))
         .route("/assets/{*path}", get(asset))
-        .nest("/api", api.clone().with_state(state.clone()))
-        .merge(Router::new().route("/api", get(api_not_found)))
+        .nest("/api", api.with_state(state.clone()))
         .with_state(state)
 }
 
@@ -120,45 +119,74 @@ fn ok(body: Json) -> Response {
     json_response(StatusCode::OK, &body)
 }
 
-/// A 400 naming the parameter.
-fn bad(parameter: &str, message: impl std::fmt::Display) -> Response {
-    json_response(
-        StatusCode::BAD_REQUEST,
-        &json!({"error": format!("{parameter}: {message}"), "parameter": parameter}),
-    )
+/// Why an API request failed, as the client sees it.
+#[derive(Debug)]
+enum HttpError {
+    /// A 400 naming the parameter.
+    Bad {
+        parameter: String,
+        message: String,
+    },
+    NotFound(String),
+    Unavailable(String),
+    /// Logged; the client is told only that it happened.
+    Internal(String),
 }
 
-fn not_found(message: String) -> Response {
-    json_response(StatusCode::NOT_FOUND, &json!({ "error": message }))
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        match self {
+            HttpError::Bad { parameter, message } => json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": format!("{parameter}: {message}"), "parameter": parameter}),
+            ),
+            HttpError::NotFound(message) => {
+                json_response(StatusCode::NOT_FOUND, &json!({ "error": message }))
+            }
+            HttpError::Unavailable(message) => json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({ "error": message }),
+            ),
+            HttpError::Internal(e) => {
+                tracing::error!(error = %e, "HTTP API request failed");
+                json_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &json!({"error": "internal error; see the mboxd log"}),
+                )
+            }
+        }
+    }
 }
 
-fn internal(e: impl std::fmt::Display) -> Response {
-    tracing::error!(error = %e, "HTTP API request failed");
-    json_response(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        &json!({"error": "internal error; see the mboxd log"}),
-    )
+fn bad(parameter: &str, message: impl std::fmt::Display) -> HttpError {
+    HttpError::Bad {
+        parameter: parameter.to_owned(),
+        message: message.to_string(),
+    }
 }
 
-fn from_query_error(e: QueryError) -> Response {
+fn not_found(message: String) -> HttpError {
+    HttpError::NotFound(message)
+}
+
+fn internal(e: impl std::fmt::Display) -> HttpError {
+    HttpError::Internal(e.to_string())
+}
+
+fn from_query_error(e: QueryError) -> HttpError {
     match e {
         QueryError::Token(t) => bad("page_token", t),
         QueryError::Open(s) if matches!(s, crate::sink::SinkError::Remote { .. }) => {
-            json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"error": format!("reading from the remote store failed: {s}")}),
-            )
+            HttpError::Unavailable(format!("reading from the remote store failed: {s}"))
         }
         e => internal(e),
     }
 }
 
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Response> + Send + 'static,
-) -> Result<T, Response> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(internal)?
+    f: impl FnOnce() -> Result<T, HttpError> + Send + 'static,
+) -> Result<T, HttpError> {
+    tokio::task::spawn_blocking(f).await.map_err(internal)?
 }
 
 // --- authorization -------------------------------------------------------------
@@ -213,7 +241,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-async fn api_not_found(uri: axum::http::Uri) -> Response {
+async fn api_not_found(uri: axum::http::Uri) -> HttpError {
     not_found(format!("no API endpoint at {}", uri.path()))
 }
 
@@ -266,12 +294,12 @@ fn file(path: &str) -> Option<Response> {
     Some(r)
 }
 
-async fn page() -> Response {
-    file("index.html").unwrap_or_else(|| not_found("the web view is not built in".into()))
+async fn page() -> Result<Response, HttpError> {
+    file("index.html").ok_or_else(|| not_found("the web view is not built in".into()))
 }
 
-async fn asset(Path(path): Path<String>) -> Response {
-    file(&path).unwrap_or_else(|| not_found(format!("no file {path}")))
+async fn asset(Path(path): Path<String>) -> Result<Response, HttpError> {
+    file(&path).ok_or_else(|| not_found(format!("no file {path}")))
 }
 
 async fn prometheus(State(state): State<WebState>) -> Response {
@@ -313,7 +341,7 @@ fn integer(
     params: &[(String, String)],
     name: &str,
     range: std::ops::RangeInclusive<i64>,
-) -> Result<Option<i64>, Response> {
+) -> Result<Option<i64>, HttpError> {
     let Some(text) = last(params, name) else {
         return Ok(None);
     };
@@ -375,7 +403,10 @@ fn experiment_json(d: ExperimentDetail, activity: &Activity) -> Json {
     })
 }
 
-fn detail(index: &Index, id: &str) -> Result<Option<(ExperimentDetail, ExperimentRef)>, IndexError> {
+fn detail(
+    index: &Index,
+    id: &str,
+) -> Result<Option<(ExperimentDetail, ExperimentRef)>, IndexError> {
     let Some(record) = index.get_experiment(id)? else {
         return Ok(None);
     };
@@ -393,26 +424,27 @@ fn detail(index: &Index, id: &str) -> Result<Option<(ExperimentDetail, Experimen
     )))
 }
 
-fn unknown_experiment(id: &str) -> Response {
+fn unknown_experiment(id: &str) -> HttpError {
     not_found(format!("experiment {id} not found"))
 }
 
 // --- handlers ------------------------------------------------------------------
 
-async fn namespaces(State(state): State<WebState>) -> Response {
+async fn namespaces(State(state): State<WebState>) -> Result<Response, HttpError> {
     let index = Arc::clone(&state.index);
-    match blocking(move || index.namespaces().map_err(internal)).await {
-        Ok(ns) => ok(json!({ "namespaces": ns })),
-        Err(r) => r,
-    }
+    let ns = blocking(move || index.namespaces().map_err(internal)).await?;
+    Ok(ok(json!({ "namespaces": ns })))
 }
 
 const DEFAULT_PAGE: i64 = 100;
 const MAX_PAGE: i64 = 1000;
 
-async fn experiments(State(state): State<WebState>, RawQuery(raw): RawQuery) -> Response {
+async fn experiments(
+    State(state): State<WebState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, HttpError> {
     let p = params(raw);
-    let run = || -> Result<_, Response> {
+    let run = || -> Result<_, HttpError> {
         let namespace = match last(&p, "namespace") {
             None | Some("") => None,
             Some(ns) if valid_namespace(ns, 256) => Some(ns.to_owned()),
@@ -423,8 +455,8 @@ async fn experiments(State(state): State<WebState>, RawQuery(raw): RawQuery) -> 
                 ));
             }
         };
-        let conditions = parse_filter(last(&p, "filter").unwrap_or(""))
-            .map_err(|e| bad("filter", e))?;
+        let conditions =
+            parse_filter(last(&p, "filter").unwrap_or("")).map_err(|e| bad("filter", e))?;
         let order_by = p
             .iter()
             .filter(|(k, _)| k == "order_by")
@@ -448,10 +480,7 @@ async fn experiments(State(state): State<WebState>, RawQuery(raw): RawQuery) -> 
             cursor,
         ))
     };
-    let (namespace, search, page_size, cursor) = match run() {
-        Ok(q) => q,
-        Err(r) => return r,
-    };
+    let (namespace, search, page_size, cursor) = run()?;
     let index = Arc::clone(&state.index);
     let activity = Arc::clone(&state.activity);
     let page = blocking(move || {
@@ -459,17 +488,17 @@ async fn experiments(State(state): State<WebState>, RawQuery(raw): RawQuery) -> 
             .search(namespace.as_deref(), &search, page_size, cursor.as_ref())
             .map_err(internal)
     })
-    .await;
-    match page {
-        Ok(page) => ok(json!({
-            "experiments": page.experiments.into_iter().map(|d| experiment_json(d, &activity)).collect::<Vec<_>>(),
-            "next_page_token": page.next.map(|c| c.encode()).unwrap_or_default(),
-        })),
-        Err(r) => r,
-    }
+    .await?;
+    Ok(ok(json!({
+        "experiments": page.experiments.into_iter().map(|d| experiment_json(d, &activity)).collect::<Vec<_>>(),
+        "next_page_token": page.next.map(|c| c.encode()).unwrap_or_default(),
+    })))
 }
 
-async fn experiment(State(state): State<WebState>, Path(id): Path<String>) -> Response {
+async fn experiment(
+    State(state): State<WebState>,
+    Path(id): Path<String>,
+) -> Result<Response, HttpError> {
     let (index, reader, activity) = (
         Arc::clone(&state.index),
         state.reader.clone(),
@@ -482,38 +511,30 @@ async fn experiment(State(state): State<WebState>, Path(id): Path<String>) -> Re
         let keys = reader.keys(&r).map_err(from_query_error)?;
         Ok((d, keys))
     })
-    .await;
-    match found {
-        Ok((d, keys)) => {
-            let mut body = experiment_json(d, &activity);
-            body["keys"] = json!(keys);
-            ok(body)
-        }
-        Err(r) => r,
-    }
+    .await?;
+    let (d, keys) = found;
+    let mut body = experiment_json(d, &activity);
+    body["keys"] = json!(keys);
+    Ok(ok(body))
 }
 
 async fn events(
     State(state): State<WebState>,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
-) -> Response {
+) -> Result<Response, HttpError> {
     let p = params(raw);
-    let since = match integer(&p, "since", 0..=i64::MAX / 1000) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+    let since = integer(&p, "since", 0..=i64::MAX / 1000)?;
     let (index, reader) = (Arc::clone(&state.index), state.reader.clone());
-    let found = blocking(move || {
+    let events = blocking(move || {
         let Some(r) = index.experiment_ref(&id).map_err(internal)? else {
             return Err(unknown_experiment(&id));
         };
         reader.events(&r).map_err(from_query_error)
     })
-    .await;
-    match found {
-        Ok(events) => ok(json!({
-            "events": events
+    .await?;
+    Ok(ok(json!({
+        "events": events
                 .into_iter()
                 .filter(|e| since.is_none_or(|s| e.event.wallclock >= s * 1000))
                 .map(|e| json!({
@@ -526,9 +547,7 @@ async fn events(
                         .unwrap_or_else(|| json!({})),
                 }))
                 .collect::<Vec<_>>(),
-        })),
-        Err(r) => r,
-    }
+    })))
 }
 
 const MAX_BUCKETS: i64 = 100_000;
@@ -538,9 +557,9 @@ async fn series(
     State(state): State<WebState>,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
-) -> Response {
+) -> Result<Response, HttpError> {
     let p = params(raw);
-    let parsed = (|| -> Result<_, Response> {
+    let parsed = (|| -> Result<_, HttpError> {
         let start = integer(&p, "start_step", 0..=i64::MAX)?;
         let end = integer(&p, "end_step", 0..=i64::MAX)?;
         if let (Some(s), Some(e)) = (start, end)
@@ -558,13 +577,8 @@ async fn series(
         keys.dedup();
         Ok((start, end, max_points as usize, keys))
     })();
-    let (start, end, max_points, keys) = match parsed {
-        Ok(q) => q,
-        Err(r) => return r,
-    };
-    let Ok(_slot) = state.read_slots.acquire().await else {
-        return internal("the read limiter is closed");
-    };
+    let (start, end, max_points, keys) = parsed?;
+    let _slot = state.read_slots.acquire().await.map_err(internal)?;
     let (index, reader, reads) = (
         Arc::clone(&state.index),
         state.reader.clone(),
@@ -611,7 +625,10 @@ async fn series(
                            "max": if s.bucketed { json!([]) } else { Json::Null }})
                 });
                 extend(&mut entry["steps"], s.steps.into_iter().map(|v| json!(v)));
-                extend(&mut entry["wallclocks"], s.wallclocks.into_iter().map(|v| json!(v)));
+                extend(
+                    &mut entry["wallclocks"],
+                    s.wallclocks.into_iter().map(|v| json!(v)),
+                );
                 extend(&mut entry["values"], values.into_iter());
                 if s.bucketed {
                     extend(&mut entry["min"], s.min.into_iter().map(number));
@@ -632,11 +649,8 @@ async fn series(
         }
         Ok(out.into_values().collect::<Vec<_>>())
     })
-    .await;
-    match found {
-        Ok(series) => ok(json!({ "series": series })),
-        Err(r) => r,
-    }
+    .await?;
+    Ok(ok(json!({ "series": found })))
 }
 
 fn extend(array: &mut Json, items: impl Iterator<Item = Json>) {

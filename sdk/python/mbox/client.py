@@ -65,6 +65,9 @@ def timestamp_of_ms(ms) -> timestamp_pb2.Timestamp:
         ts = timestamp_pb2.Timestamp()
         ts.FromDatetime(ms if ms.tzinfo else ms.replace(tzinfo=datetime.timezone.utc))
         return ts
+    if isinstance(ms, int):
+        # Exact: a float holds milliseconds since the epoch times 10^6 only roughly.
+        return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
     total_ns = int(round(float(ms) * 1_000_000))
     return timestamp_pb2.Timestamp(seconds=total_ns // 1_000_000_000, nanos=total_ns % 1_000_000_000)
 

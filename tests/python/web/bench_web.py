@@ -99,7 +99,7 @@ def metrics_request(eid: str, key: str, steps: np.ndarray, wallclocks: np.ndarra
 def ingest_worker(args):
     grpc_addr, jobs, points, seed = args
     import grpc
-    from mbox._proto import modelbox_pb2 as pb2
+    from mbox._proto import modelbox as pb2
 
     channel = grpc.insecure_channel(grpc_addr, options=[("grpc.max_send_message_length", 64 << 20)])
     call = channel.unary_unary("/modelbox.ModelStore/LogMetrics", request_serializer=lambda b: b,
@@ -133,10 +133,10 @@ def ingest_worker(args):
 
 def create_runs(grpc_addr, runs):
     import grpc
-    from mbox._proto import modelbox_pb2 as pb2, modelbox_pb2_grpc as pb2_grpc
+    from mbox._proto import modelbox as pb2
     from mbox.client import to_value_proto
 
-    stub = pb2_grpc.ModelStoreStub(grpc.insecure_channel(grpc_addr))
+    stub = pb2.ModelStoreStub(grpc.insecure_channel(grpc_addr))
     ids = []
     for i in range(runs):
         req = pb2.CreateExperimentRequest(name=f"bench-run-{i:02d}", namespace=NAMESPACE, owner="bench@example.com",

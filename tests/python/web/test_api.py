@@ -67,6 +67,15 @@ def data(backend):
             values = [final + (99 - i) * 0.01 for i in range(100)]
             backend.log(runs[name], "val/loss", steps, values, [t0 + s for s in steps])
         time.sleep(0.01)  # distinct creation times
+    # Summaries are kept by the writers as files are published (within the roll
+    # age, 200 ms here): wait for all four runs with points to show theirs.
+    deadline = time.time() + 20
+    while True:
+        listed = ok(backend, "/api/v1/experiments", page_size=100)["experiments"]
+        if sum(1 for e in listed if e["summaries"]) == 4:
+            break
+        assert time.time() < deadline, "summaries never appeared"
+        time.sleep(0.05)
     return runs
 
 

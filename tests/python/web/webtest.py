@@ -59,11 +59,11 @@ class GrpcBackend:
     mock = False
 
     def __init__(self, server: Mboxd):
-        from mbox._proto import modelbox_pb2, modelbox_pb2_grpc
+        from mbox._proto import modelbox
 
         self.server = server
-        self.pb2 = modelbox_pb2
-        self.stub = modelbox_pb2_grpc.ModelStoreStub(server.channel)
+        self.pb2 = modelbox
+        self.stub = modelbox.ModelStoreStub(server.channel)
         self.base_url = server.http_url
 
     def _metadata(self, msg, metadata):
