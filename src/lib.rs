@@ -37,6 +37,7 @@
 //! - [`server`]: start-up, wiring and ordered graceful shutdown.
 
 pub mod api;
+pub mod compact;
 pub mod config;
 pub mod index;
 pub mod ingest;

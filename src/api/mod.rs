@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::config::{Limits, Reads};
 use crate::index::Index;
 use crate::ingest::{Accepted, Batch, Ingest};
-use crate::model::{ExperimentRecord, MetricValue, now_micros};
+use crate::model::{Clock, ExperimentRecord, MetricValue};
 use crate::proto::{self, model_store_server::ModelStore};
 use crate::query::Reader;
 use crate::telemetry::{Metrics, Reason, ReasonLabel};
@@ -27,6 +27,15 @@ use crate::web::Activity;
 
 use convert::{json_to_value, micros, timestamp};
 use status::ApiError;
+
+/// The service's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub limits: Limits,
+    pub reads: Reads,
+    /// Decides ingest times.
+    pub clock: Clock,
+}
 
 /// The ModelStore service.
 #[derive(Debug, Clone)]
@@ -42,6 +51,8 @@ pub struct ModelStoreService {
     metrics: Metrics,
     /// Points per experiment in the last minute, for the web view.
     activity: Arc<Activity>,
+    /// Decides ingest times.
+    clock: Clock,
 }
 
 impl ModelStoreService {
@@ -49,11 +60,15 @@ impl ModelStoreService {
         index: Arc<Index>,
         ingest: Arc<Ingest>,
         reader: Reader,
-        limits: Limits,
-        reads: Reads,
+        settings: Settings,
         metrics: Metrics,
         activity: Arc<Activity>,
     ) -> std::io::Result<Self> {
+        let Settings {
+            limits,
+            reads,
+            clock,
+        } = settings;
         Ok(Self {
             creates: batcher::CreateBatcher::start(Arc::clone(&index))?,
             index,
@@ -64,6 +79,7 @@ impl ModelStoreService {
             reads,
             metrics,
             activity,
+            clock,
         })
     }
 
@@ -293,7 +309,7 @@ impl ModelStore for ModelStoreService {
             + usize::from(req.value.is_some());
         let client_batch_id = std::mem::take(&mut req.client_batch_id);
         validate::client_batch_id(&client_batch_id, &self.limits)?;
-        let batch = validate::log_metrics(req, &self.index, &self.limits, now_micros());
+        let batch = validate::log_metrics(req, &self.index, &self.limits, self.clock.now());
         let per_experiment: Vec<(Arc<str>, u64)> = match &batch {
             Ok(b) => b
                 .blocks()
@@ -376,7 +392,7 @@ impl ModelStore for ModelStoreService {
     ) -> Reply<proto::LogEventResponse> {
         let mut req = req.into_inner();
         let sent = usize::from(req.event.is_some()) + req.events.len();
-        let now = now_micros();
+        let now = self.clock.now();
         let client_batch_id = std::mem::take(&mut req.client_batch_id);
         validate::client_batch_id(&client_batch_id, &self.limits)?;
         let batch = validate::log_event(req, &self.index, &self.limits, now);
