@@ -275,6 +275,7 @@ pub async fn run(
                 Some(store) => SnapshotTarget::Remote {
                     store: Arc::clone(store),
                     runtime: tokio::runtime::Handle::current(),
+                    staging: sink.clone(),
                 },
                 None => SnapshotTarget::Local(sink.clone()),
             },

@@ -422,43 +422,66 @@ async fn large_files_arrive_whole(backend: Backend) {
     server.stop().await;
 }
 
-/// The rows of the one object `<table>/test-daemon.parquet`, as strings per column,
-/// once it satisfies `ready`.
+/// The current rows of a catalog table written by this daemon: every row of its
+/// `<table>/test-daemon-*.parquet` files as strings per column, keeping the latest
+/// (by the last column, `updated_at` or `written_at`) per `identity` columns,
+/// sorted; once they satisfy `ready`.
 async fn snapshot_rows(
     root: &Root,
     table: &str,
+    identity: usize,
     ready: impl Fn(&[Vec<String>]) -> bool,
 ) -> Vec<Vec<String>> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let objects = parquet_objects(root.store.as_ref(), table).await;
-        if let [(key, bytes)] = objects.as_slice() {
-            assert_eq!(key, &format!("{table}/test-daemon.parquet"));
-            let mut rows = Vec::new();
+        let mut latest: BTreeMap<Vec<String>, Vec<String>> = BTreeMap::new();
+        for (key, bytes) in &objects {
+            assert!(
+                key.starts_with(&format!("{table}/test-daemon-")),
+                "{key} is not one of this daemon's files"
+            );
             for batch in batches(bytes) {
                 for row in 0..batch.num_rows() {
-                    rows.push(
-                        batch
-                            .columns()
-                            .iter()
-                            .map(|c| match c.as_string_opt::<i32>() {
-                                Some(text) => text.value(row).to_owned(),
-                                None => c
-                                    .as_primitive::<arrow_array::types::TimestampMicrosecondType>()
-                                    .value(row)
-                                    .to_string(),
-                            })
-                            .collect(),
-                    );
+                    let cells: Vec<String> = batch
+                        .columns()
+                        .iter()
+                        .map(|c| {
+                            if c.is_null(row) {
+                                return "null".to_owned();
+                            }
+                            if let Some(text) = c.as_string_opt::<i32>() {
+                                return text.value(row).to_owned();
+                            }
+                            if let Some(t) =
+                                c.as_primitive_opt::<arrow_array::types::TimestampMicrosecondType>()
+                            {
+                                return t.value(row).to_string();
+                            }
+                            if let Some(n) = c.as_primitive_opt::<arrow_array::types::Int64Type>() {
+                                return n.value(row).to_string();
+                            }
+                            c.as_primitive::<Float64Type>().value(row).to_string()
+                        })
+                        .collect();
+                    let id = cells[..identity].to_vec();
+                    let newer = latest.get(&id).is_none_or(|old| {
+                        old.last().unwrap().parse::<i64>().unwrap()
+                            <= cells.last().unwrap().parse::<i64>().unwrap()
+                    });
+                    if newer {
+                        latest.insert(id, cells);
+                    }
                 }
             }
-            if ready(&rows) {
-                return rows;
-            }
+        }
+        let rows: Vec<Vec<String>> = latest.into_values().collect();
+        if ready(&rows) {
+            return rows;
         }
         assert!(
             Instant::now() < deadline,
-            "{table} snapshot never became ready"
+            "{table} snapshot never became ready: {rows:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -470,8 +493,8 @@ fn number(n: f64) -> prost_types::Value {
     }
 }
 
-/// `experiments/` and `metadata/` hold a snapshot of the index for joins, replaced
-/// whole when it changes.
+/// `experiments/`, `metadata/` and `summaries/` hold the catalog for joins; a
+/// change adds the changed experiments' rows, and the latest row wins.
 async fn experiments_and_metadata_snapshots_follow_the_index(backend: Backend) {
     let root = root(backend, |_| {}).await;
     let mut server = TestServer::start(root.config.clone()).await;
@@ -493,7 +516,7 @@ async fn experiments_and_metadata_snapshots_follow_the_index(backend: Backend) {
         .unwrap()
         .into_inner()
         .experiment_id;
-    let experiments = snapshot_rows(&root, "experiments", |rows| rows.len() == 2).await;
+    let experiments = snapshot_rows(&root, "experiments", 1, |rows| rows.len() == 2).await;
     let mut expected = vec![
         [a.as_str(), "a", "vision", "tester", "PYTORCH", "", ""],
         [b.as_str(), "b", "nlp", "ana", "KERAS", "", "run-7"],
@@ -511,7 +534,7 @@ async fn experiments_and_metadata_snapshots_follow_the_index(backend: Backend) {
             .all(|r| after_2023(&r[7]) && after_2023(&r[8])),
         "created_at and updated_at are times in µs"
     );
-    let metadata = snapshot_rows(&root, "metadata", |rows| rows.len() == 1).await;
+    let metadata = snapshot_rows(&root, "metadata", 2, |rows| rows.len() == 1).await;
     assert_eq!(metadata[0][..3], [b.clone(), "lr".into(), "0.1".into()]);
 
     // A change replaces the snapshot.
@@ -527,13 +550,41 @@ async fn experiments_and_metadata_snapshots_follow_the_index(backend: Backend) {
     })
     .await
     .unwrap();
-    let metadata = snapshot_rows(&root, "metadata", |rows| rows.len() == 2).await;
+    let metadata = snapshot_rows(&root, "metadata", 2, |rows| {
+        rows.len() == 2 && rows.iter().any(|r| r[2] == "0.2")
+    })
+    .await;
     let got: Vec<&[String]> = metadata.iter().map(|r| &r[..3]).collect();
     assert_eq!(
         got,
         [
             [b.clone(), "layers".into(), "12.0".into()].as_slice(),
             [b.clone(), "lr".into(), "0.2".into()].as_slice()
+        ]
+    );
+
+    // Metric summaries, once the points are published.
+    let mut block = numeric_block(&a, &["loss"], 10, 0);
+    block.values = (0..10).map(|i| 10.0 - i as f64).collect();
+    c.log_metrics(proto::LogMetricsRequest {
+        blocks: vec![block],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let summaries = snapshot_rows(&root, "summaries", 2, |rows| rows.len() == 1).await;
+    // experiment_id, key, last, last_step, min, max, count, points
+    assert_eq!(
+        summaries[0][..8],
+        [
+            a.clone(),
+            "loss".into(),
+            "1".into(),
+            "9".into(),
+            "1".into(),
+            "10".into(),
+            "10".into(),
+            "10".into()
         ]
     );
     server.stop().await;

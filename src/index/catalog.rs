@@ -7,8 +7,8 @@ use std::sync::{Arc, RwLock};
 use redb::{ReadableTable, WriteTransaction};
 
 use super::{
-    BATCH_IDS, EXPERIMENTS, EXPERIMENTS_BY_NS, Index, IndexError, METADATA, MetadataEntry,
-    SUMMARIES, decode, encode, search, storage,
+    BATCH_IDS, CATALOG_FILES, DIRTY, EXPERIMENTS, EXPERIMENTS_BY_NS, Index, IndexError, METADATA,
+    MetadataEntry, SUMMARIES, decode, encode, search, storage,
 };
 use crate::model::{
     ExperimentRecord, ExperimentRef, MetricSummary, Micros, experiment_id, now_micros,
@@ -161,6 +161,9 @@ impl Index {
                 }
             };
             write_metadata(&txn, &record, &metadata, now)?;
+            if !existed || !metadata.is_empty() {
+                mark_dirty(&txn, &record.id)?;
+            }
             changed |= !existed || !metadata.is_empty();
             out.push((record, existed));
         }
@@ -249,6 +252,7 @@ impl Index {
             record
         };
         write_metadata(&txn, &record, entries, now)?;
+        mark_dirty(&txn, &record.id)?;
         txn.commit().map_err(storage)?;
         self.bump_generation();
         Ok(now)
@@ -362,6 +366,173 @@ fn write_metadata(
     Ok(())
 }
 
+fn mark_dirty(txn: &WriteTransaction, id: &str) -> Result<(), IndexError> {
+    txn.open_table(DIRTY)
+        .map_err(storage)?
+        .insert(id, ())
+        .map_err(storage)?;
+    Ok(())
+}
+
+/// Marks every experiment for the catalog tables (an index from before they were
+/// written incrementally).
+pub(super) fn mark_all_dirty(txn: &WriteTransaction) -> Result<(), IndexError> {
+    let ids: Vec<String> = {
+        let table = txn.open_table(EXPERIMENTS).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(storage)? {
+            out.push(row.map_err(storage)?.0.value().to_owned());
+        }
+        out
+    };
+    for id in ids {
+        mark_dirty(txn, &id)?;
+    }
+    Ok(())
+}
+
+/// An experiment's rows in the catalog tables.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatalogRows {
+    pub record: ExperimentRecord,
+    pub metadata: Vec<(String, MetadataEntry)>,
+    pub summaries: Vec<(String, MetricSummary)>,
+}
+
+impl Index {
+    /// Up to `limit` experiments whose catalog rows are out of date, with those
+    /// rows.
+    pub fn dirty_catalog(&self, limit: usize) -> Result<Vec<CatalogRows>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let dirty = read.open_table(DIRTY).map_err(storage)?;
+        let mut ids = Vec::new();
+        for row in dirty.iter().map_err(storage)?.take(limit) {
+            ids.push(row.map_err(storage)?.0.value().to_owned());
+        }
+        self.catalog_rows(&read, ids)
+    }
+
+    /// Up to `limit` experiments after `after` (by id), with their catalog rows.
+    pub fn catalog_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<CatalogRows>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let table = read.open_table(EXPERIMENTS).map_err(storage)?;
+        let mut ids = Vec::new();
+        for row in table.range(after.unwrap_or("")..).map_err(storage)? {
+            let id = row.map_err(storage)?.0.value().to_owned();
+            if after.is_some_and(|a| a == id) {
+                continue;
+            }
+            ids.push(id);
+            if ids.len() >= limit {
+                break;
+            }
+        }
+        self.catalog_rows(&read, ids)
+    }
+
+    fn catalog_rows(
+        &self,
+        read: &redb::ReadTransaction,
+        ids: Vec<String>,
+    ) -> Result<Vec<CatalogRows>, IndexError> {
+        let experiments = read.open_table(EXPERIMENTS).map_err(storage)?;
+        let metadata = read.open_table(METADATA).map_err(storage)?;
+        let summaries = read.open_table(SUMMARIES).map_err(storage)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(v) = experiments.get(id.as_str()).map_err(storage)? else {
+                continue;
+            };
+            out.push(CatalogRows {
+                record: decode(&id, v.value())?,
+                metadata: prefix_rows(&metadata, &id, |k, v| Ok((k.to_owned(), decode(k, v)?)))?,
+                summaries: prefix_rows(&summaries, &id, |k, v| Ok((k.to_owned(), decode(k, v)?)))?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Records a catalog table file about to be written (so it is cleaned up even if
+    /// the write is interrupted).
+    pub fn add_catalog_file(&self, key: &str) -> Result<(), IndexError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        txn.open_table(CATALOG_FILES)
+            .map_err(storage)?
+            .insert(key, ())
+            .map_err(storage)?;
+        txn.commit().map_err(storage)
+    }
+
+    /// The written rows of these experiments are up to date (unless they changed
+    /// again since `rows` were read: the check compares what is stored now).
+    pub fn catalog_written(&self, rows: &[CatalogRows]) -> Result<(), IndexError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        {
+            let mut dirty = txn.open_table(DIRTY).map_err(storage)?;
+            let experiments = txn.open_table(EXPERIMENTS).map_err(storage)?;
+            let metadata = txn.open_table(METADATA).map_err(storage)?;
+            let summaries = txn.open_table(SUMMARIES).map_err(storage)?;
+            for r in rows {
+                let id = r.record.id.as_str();
+                let same = experiments
+                    .get(id)
+                    .map_err(storage)?
+                    .map(|v| decode::<ExperimentRecord>(id, v.value()))
+                    .transpose()?
+                    .is_some_and(|now| now == r.record)
+                    && prefix_rows(&metadata, id, |k, v| {
+                        Ok((k.to_owned(), decode::<MetadataEntry>(k, v)?))
+                    })? == r.metadata
+                    && prefix_rows(&summaries, id, |k, v| {
+                        Ok((k.to_owned(), decode::<MetricSummary>(k, v)?))
+                    })? == r.summaries;
+                if same {
+                    dirty.remove(id).map_err(storage)?;
+                }
+            }
+        }
+        txn.commit().map_err(storage)
+    }
+
+    /// The catalog table files this daemon wrote, by key.
+    pub fn catalog_files(&self) -> Result<Vec<String>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let table = read.open_table(CATALOG_FILES).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(storage)? {
+            out.push(row.map_err(storage)?.0.value().to_owned());
+        }
+        Ok(out)
+    }
+
+    /// Forgets catalog files (after deleting them).
+    pub fn remove_catalog_files(&self, keys: &[String]) -> Result<(), IndexError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        {
+            let mut table = txn.open_table(CATALOG_FILES).map_err(storage)?;
+            for k in keys {
+                table.remove(k.as_str()).map_err(storage)?;
+            }
+        }
+        txn.commit().map_err(storage)
+    }
+
+    /// Whether any experiment's catalog rows are out of date.
+    pub fn catalog_is_dirty(&self) -> Result<bool, IndexError> {
+        use redb::ReadableTableMetadata;
+        let read = self.db.begin_read().map_err(storage)?;
+        Ok(!read
+            .open_table(DIRTY)
+            .map_err(storage)?
+            .is_empty()
+            .map_err(storage)?)
+    }
+}
+
 /// Merges per-file summaries into the stored ones, within a publish transaction.
 pub(super) fn merge_summaries(
     txn: &WriteTransaction,
@@ -408,6 +579,7 @@ pub(super) fn merge_summaries(
         if let Some(ns) = namespace {
             search::index_summary(txn, &ns, experiment, key, old.as_ref(), &merged)?;
         }
+        mark_dirty(txn, experiment)?;
     }
     Ok(())
 }

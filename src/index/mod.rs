@@ -10,6 +10,9 @@
 //! - `summaries`: (experiment id, metric key) → [`MetricSummary`]
 //! - `batch_ids`: (accepted at, client batch id) → points, for recognising retries
 //! - `search_index`: (scope, field, value, id) → (), for run search ([`search`])
+//! - `catalog_dirty`: experiment ids whose rows in the catalog tables
+//!   (`experiments/`, `metadata/`, `summaries/`) are out of date
+//! - `catalog_files`: the catalog table files this daemon wrote
 //!
 //! Manifest tables ([`manifest`]):
 //! - `files`: object key → [`FileEntry`]; keys start with the partition folder, so a
@@ -62,7 +65,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-pub use catalog::{ExperimentCache, NewExperiment};
+pub use catalog::{CatalogRows, ExperimentCache, NewExperiment};
 pub use manifest::{
     FileEntry, FilePart, FileRef, Forget, PublishIntent, ReplaceIntent, SCHEMA_INT64, SCHEMA_UINT64,
 };
@@ -87,6 +90,8 @@ const SPOOLED: TableDefinition<&str, u64> = TableDefinition::new("spooled");
 const REPLACE_INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("replace_intents");
 const DELETIONS: TableDefinition<&str, ()> = TableDefinition::new("deletions");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const DIRTY: TableDefinition<&str, ()> = TableDefinition::new("catalog_dirty");
+const CATALOG_FILES: TableDefinition<&str, ()> = TableDefinition::new("catalog_files");
 const SEARCH: TableDefinition<(&str, &str, &[u8], &str), ()> = TableDefinition::new("search_index");
 
 /// The index layout version; see [`Index::open`] for what each step migrates.
@@ -157,6 +162,8 @@ impl Index {
             txn.open_table(REPLACE_INTENTS).map_err(storage)?;
             txn.open_table(DELETIONS).map_err(storage)?;
             txn.open_table(SEARCH).map_err(storage)?;
+            txn.open_table(DIRTY).map_err(storage)?;
+            txn.open_table(CATALOG_FILES).map_err(storage)?;
             let files = txn.open_table(FILES).map_err(storage)?;
             let mut unindexed = txn.open_table(UNINDEXED).map_err(storage)?;
             let mut meta = txn.open_table(META).map_err(storage)?;
@@ -172,6 +179,7 @@ impl Index {
                 meta.insert("layout_version", LAYOUT_VERSION)
                     .map_err(storage)?;
                 search::rebuild(&txn)?;
+                catalog::mark_all_dirty(&txn)?;
             }
         }
         txn.commit().map_err(storage)?;

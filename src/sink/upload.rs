@@ -307,7 +307,7 @@ async fn upload_once(shared: &Shared, job: &Job) -> Result<(), UploadError> {
             source,
         }
     };
-    let mut file = match tokio::fs::File::open(&path).await {
+    let file = match tokio::fs::File::open(&path).await {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             // Only possible if something outside mboxd removed it; if the store
@@ -320,29 +320,71 @@ async fn upload_once(shared: &Shared, job: &Job) -> Result<(), UploadError> {
         }
         Err(e) => return Err(local("opening spooled file")(e).into()),
     };
-    if job.bytes < shared.multipart_threshold {
-        let mut data = Vec::with_capacity(job.bytes as usize);
+    put_file(
+        shared.store.as_ref(),
+        &job.key,
+        file,
+        job.bytes,
+        shared.multipart_threshold,
+        shared.part_bytes,
+        &path,
+    )
+    .await
+    .map_err(UploadError::from)
+}
+
+/// Puts a local file's bytes as `key`: one PUT below `threshold`, else a
+/// multipart upload in parts of `part_bytes`, a few in flight. The object is
+/// visible only once whole.
+pub async fn put_file(
+    store: &dyn ObjectStore,
+    key: &ObjectKey,
+    mut file: tokio::fs::File,
+    bytes: u64,
+    threshold: u64,
+    part_bytes: usize,
+    path: &std::path::Path,
+) -> Result<(), SinkError> {
+    let location = object_path(key)?;
+    let remote = |action| {
+        let key = key.to_string();
+        let store = store.to_string();
+        move |source| SinkError::Remote {
+            action,
+            key,
+            store,
+            source: Box::new(source),
+        }
+    };
+    let local = |action| {
+        let path = path.to_owned();
+        move |source| SinkError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    if bytes < threshold {
+        let mut data = Vec::with_capacity(bytes as usize);
         file.read_to_end(&mut data)
             .await
             .map_err(local("reading spooled file"))?;
-        shared
-            .store
+        store
             .put(&location, PutPayload::from(data))
             .await
             .map_err(remote("uploading"))?;
         return Ok(());
     }
-    let upload = shared
-        .store
+    let upload = store
         .put_multipart(&location)
         .await
         .map_err(remote("starting multipart upload of"))?;
-    let mut writer = WriteMultipart::new_with_chunk_size(upload, shared.part_bytes);
+    let mut writer = WriteMultipart::new_with_chunk_size(upload, part_bytes);
     let streamed: Result<(), SinkError> = async {
         loop {
-            let mut part = Vec::with_capacity(shared.part_bytes);
+            let mut part = Vec::with_capacity(part_bytes);
             let read = (&mut file)
-                .take(shared.part_bytes as u64)
+                .take(part_bytes as u64)
                 .read_to_end(&mut part)
                 .await
                 .map_err(local("reading spooled file"))?;
@@ -368,7 +410,7 @@ async fn upload_once(shared: &Shared, job: &Job) -> Result<(), UploadError> {
         Err(e) => {
             // Abandoned parts are never visible; abort to free them now.
             let _ = writer.abort().await;
-            Err(e.into())
+            Err(e)
         }
     }
 }

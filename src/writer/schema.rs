@@ -68,6 +68,22 @@ pub fn metadata_schema() -> SchemaRef {
     ]))
 }
 
+/// `summaries/`: one row per (experiment, metric key): the metric summaries run
+/// search uses; `written_at` tells the latest of several rows for one pair.
+pub fn summaries_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("experiment_id", DataType::Utf8, false),
+        Field::new("key", DataType::Utf8, false),
+        Field::new("last", DataType::Float64, true),
+        Field::new("last_step", DataType::Int64, true),
+        Field::new("min", DataType::Float64, true),
+        Field::new("max", DataType::Float64, true),
+        Field::new("count", DataType::Int64, false),
+        Field::new("points", DataType::Int64, false),
+        Field::new("written_at", utc_micros(), false),
+    ]))
+}
+
 /// zstd everywhere, dictionaries on the string columns, delta encoding on the
 /// monotone integer columns, and page-level statistics (which write the page index).
 pub fn writer_properties(roll: &RollPolicy) -> WriterProperties {

@@ -1,50 +1,64 @@
-//! The `experiments/` and `metadata/` tables: snapshots of the index for joins in
-//! DuckDB, Spark or Trino (names, owners and hyperparameters beside the metric rows).
+//! The catalog tables `experiments/`, `metadata/` and `summaries/`: the index's
+//! experiments, hyperparameters and metric summaries as Parquet, for joins in
+//! DuckDB, Spark or Trino.
 //!
-//! Each daemon keeps one file per table, `<table>/<daemon-id>.parquet`, holding
-//! every experiment (or metadata entry) it knows, and replaces it whole (an atomic
-//! rename locally, one PUT on S3) shortly after the index changes. The snapshots
-//! are derived from the index, so they need no WAL: one that fails to be written is
-//! written again at the next tick or the next start. Several daemons that saw the
-//! same experiment each list it; readers keep one row per id (the latest
-//! `updated_at`).
+//! They are written incrementally: every change to an experiment (creation,
+//! metadata, a summary merged at a publish) marks it in the index, and within a
+//! roll interval a delta file per table holds the changed experiments' current
+//! rows (`<table>/<daemon-id>-<uuid v7>.parquet`). After enough deltas, one pass
+//! writes the whole catalog as one file per table, in pages, and deletes the
+//! deltas. So the cost of a change does not grow with the catalog, and memory
+//! stays one page of experiments. Rows of one experiment may appear in several
+//! files (and from several daemons): readers keep the latest (`updated_at` for
+//! experiments and metadata, `written_at` for summaries), as the README's queries
+//! do. The tables are derived from the index, so they need no WAL: a write that
+//! fails is done again at the next tick or start.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow_array::{ArrayRef, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow_array::{
+    ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 use tokio::sync::oneshot;
 
 use super::{WriterError, schema};
-use crate::index::Index;
+use crate::index::search::framework_name;
+use crate::index::{CatalogRows, Index};
+use crate::model::now_micros;
 use crate::paths::ObjectKey;
-use crate::proto::MlFramework;
 use crate::sink::{LocalSink, SinkError, object_path};
 
-/// Where the snapshot files go.
+/// Where the catalog files go.
 #[derive(Debug, Clone)]
 pub enum SnapshotTarget {
     /// Renamed into place under a local root.
     Local(LocalSink),
-    /// Put into the remote store.
+    /// Put into the remote store (large files staged locally first).
     Remote {
         store: Arc<dyn ObjectStore>,
         runtime: tokio::runtime::Handle,
+        staging: LocalSink,
     },
 }
 
-/// Writes the snapshot tables of one daemon when the index changes.
+/// Experiments per delta file and per page of a full rewrite.
+const PAGE: usize = 20_000;
+/// Files per table after which the catalog is rewritten whole.
+const CONSOLIDATE_AFTER: usize = 16;
+const TABLES: [&str; 3] = ["experiments", "metadata", "summaries"];
+
+/// Writes one daemon's catalog tables as the index changes.
 #[derive(Debug)]
 pub struct Snapshots {
     index: Arc<Index>,
     target: SnapshotTarget,
     daemon_id: Arc<str>,
     props: WriterProperties,
-    /// The index generation last written; `None` before the first write.
-    written: Option<u64>,
+    legacy_noted: bool,
 }
 
 impl Snapshots {
@@ -59,35 +73,172 @@ impl Snapshots {
             target,
             daemon_id,
             props,
-            written: None,
+            legacy_noted: false,
         }
     }
 
-    /// Rewrites both tables if the index changed since the last write (always on
-    /// the first call, unless there are no experiments). Blocking.
+    /// Writes delta files for every changed experiment, and rewrites the catalog
+    /// whole once the deltas pile up. Returns whether anything was written.
+    /// Blocking.
     pub fn write_if_changed(&mut self) -> Result<bool, WriterError> {
-        let generation = self.index.generation();
-        if self.written == Some(generation) {
-            return Ok(false);
+        if !self.legacy_noted {
+            // Earlier releases kept one whole file per table under the daemon id;
+            // the next rewrite replaces it.
+            for table in TABLES {
+                self.index
+                    .add_catalog_file(&format!("{table}/{}.parquet", self.daemon_id))?;
+            }
+            self.legacy_noted = true;
         }
-        let experiments = experiments_batch(&self.index)?;
-        if experiments.num_rows() == 0 {
-            self.written = Some(generation);
-            return Ok(false);
+        let mut wrote = false;
+        loop {
+            let rows = self.index.dirty_catalog(PAGE)?;
+            if rows.is_empty() {
+                break;
+            }
+            let key = |table: &str| {
+                ObjectKey::from_manifest(format!(
+                    "{table}/{}-{}.parquet",
+                    self.daemon_id,
+                    uuid::Uuid::now_v7().simple()
+                ))
+            };
+            let written_at = now_micros();
+            for (table, batch) in batches(&rows, written_at)? {
+                let key = key(table);
+                self.index.add_catalog_file(key.as_str())?;
+                self.put(&key, &[batch])?;
+            }
+            self.index.catalog_written(&rows)?;
+            wrote = true;
+            if rows.len() < PAGE {
+                break;
+            }
         }
-        let metadata = metadata_batch(&self.index)?;
-        self.put("experiments", &experiments)?;
-        self.put("metadata", &metadata)?;
-        self.written = Some(generation);
-        Ok(true)
+        let files = self.index.catalog_files()?;
+        if files.len() > CONSOLIDATE_AFTER * TABLES.len() {
+            self.consolidate(files)?;
+        }
+        Ok(wrote)
     }
 
-    fn put(&self, table: &str, batch: &RecordBatch) -> Result<(), WriterError> {
-        let key = ObjectKey::from_manifest(format!("{table}/{}.parquet", self.daemon_id));
+    /// Writes the whole catalog as one file per table, a page of experiments per
+    /// row group (streamed to staged files, so memory stays one page), then
+    /// deletes `old`.
+    fn consolidate(&mut self, old: Vec<String>) -> Result<(), WriterError> {
+        let sink = self.staging();
+        let schemas = [
+            schema::experiments_schema(),
+            schema::metadata_schema(),
+            schema::summaries_schema(),
+        ];
+        let mut files = Vec::new();
+        for schema in schemas {
+            let staged = sink.stage()?;
+            let write = staged.file.try_clone().map_err(|source| SinkError::Io {
+                action: "duplicating",
+                path: staged.path().to_owned(),
+                source,
+            })?;
+            let writer = ArrowWriter::try_new(write, schema, Some(self.props.clone()))?;
+            files.push((staged, writer));
+        }
+        let written_at = now_micros();
+        let mut after: Option<String> = None;
+        loop {
+            let rows = self.index.catalog_page(after.as_deref(), PAGE)?;
+            let Some(last) = rows.last() else {
+                break;
+            };
+            after = Some(last.record.id.clone());
+            for ((_, batch), (_, writer)) in batches(&rows, written_at)?.into_iter().zip(&mut files)
+            {
+                writer.write(&batch)?;
+                writer.flush()?;
+            }
+            if rows.len() < PAGE {
+                break;
+            }
+        }
+        for (table, (staged, mut writer)) in TABLES.iter().zip(files) {
+            writer.finish()?;
+            drop(writer);
+            let key = ObjectKey::from_manifest(format!(
+                "{table}/{}-{}.parquet",
+                self.daemon_id,
+                uuid::Uuid::now_v7().simple()
+            ));
+            self.index.add_catalog_file(key.as_str())?;
+            self.publish_staged(&sink, staged, &key)?;
+        }
+        for key in &old {
+            self.delete(&ObjectKey::from_manifest(key.clone()))?;
+        }
+        self.index.remove_catalog_files(&old)?;
+        tracing::debug!(replaced = old.len(), "catalog tables rewritten whole");
+        Ok(())
+    }
+
+    /// Where whole-catalog files are staged.
+    fn staging(&self) -> LocalSink {
+        match &self.target {
+            SnapshotTarget::Local(sink) => sink.clone(),
+            SnapshotTarget::Remote { staging, .. } => staging.clone(),
+        }
+    }
+
+    /// Publishes a staged file: renamed into place, or uploaded and removed.
+    fn publish_staged(
+        &self,
+        sink: &LocalSink,
+        staged: crate::sink::StagedFile,
+        key: &ObjectKey,
+    ) -> Result<(), WriterError> {
+        match &self.target {
+            SnapshotTarget::Local(sink) => {
+                sink.publish(staged, key)?;
+            }
+            SnapshotTarget::Remote { store, runtime, .. } => {
+                let path = staged.path().to_owned();
+                let size = staged.file.metadata().map(|m| m.len()).unwrap_or(0);
+                let uploaded = runtime.block_on(async {
+                    let file =
+                        tokio::fs::File::open(&path)
+                            .await
+                            .map_err(|source| SinkError::Io {
+                                action: "opening",
+                                path: path.clone(),
+                                source,
+                            })?;
+                    crate::sink::upload::put_file(
+                        store.as_ref(),
+                        key,
+                        file,
+                        size,
+                        16 << 20,
+                        8 << 20,
+                        &path,
+                    )
+                    .await
+                });
+                sink.discard(staged);
+                uploaded?;
+            }
+        }
+        Ok(())
+    }
+
+    fn put(&self, key: &ObjectKey, batches: &[RecordBatch]) -> Result<(), WriterError> {
         let mut bytes = Vec::new();
-        let mut writer =
-            ArrowWriter::try_new(&mut bytes, batch.schema(), Some(self.props.clone()))?;
-        writer.write(batch)?;
+        let schema = match batches.first() {
+            Some(b) => b.schema(),
+            None => return Ok(()),
+        };
+        let mut writer = ArrowWriter::try_new(&mut bytes, schema, Some(self.props.clone()))?;
+        for batch in batches {
+            writer.write(batch)?;
+            writer.flush()?;
+        }
         writer.close()?;
         match &self.target {
             SnapshotTarget::Local(sink) => {
@@ -102,10 +253,10 @@ impl Snapshots {
                     }
                     .into());
                 }
-                sink.publish(staged, &key)?;
+                sink.publish(staged, key)?;
             }
-            SnapshotTarget::Remote { store, runtime } => {
-                let location = object_path(&key)?;
+            SnapshotTarget::Remote { store, runtime, .. } => {
+                let location = object_path(key)?;
                 runtime
                     .block_on(store.put(&location, PutPayload::from(bytes)))
                     .map_err(|source| SinkError::Remote {
@@ -116,7 +267,29 @@ impl Snapshots {
                     })?;
             }
         }
-        tracing::debug!(file = %key, rows = batch.num_rows(), "snapshot written");
+        tracing::debug!(file = %key, "catalog file written");
+        Ok(())
+    }
+
+    fn delete(&self, key: &ObjectKey) -> Result<(), WriterError> {
+        match &self.target {
+            SnapshotTarget::Local(sink) => sink.remove(key),
+            SnapshotTarget::Remote { store, runtime, .. } => {
+                let location = object_path(key)?;
+                match runtime.block_on(store.delete(&location)) {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(source) => {
+                        return Err(SinkError::Remote {
+                            action: "deleting",
+                            key: key.to_string(),
+                            store: store.to_string(),
+                            source: Box::new(source),
+                        }
+                        .into());
+                    }
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -129,45 +302,106 @@ fn strings<'a>(values: impl Iterator<Item = &'a str>) -> ArrayRef {
     Arc::new(values.map(Some).collect::<StringArray>())
 }
 
-fn experiments_batch(index: &Index) -> Result<RecordBatch, WriterError> {
-    let rows = index.all_experiments()?;
-    let framework = |f: i32| {
-        MlFramework::try_from(f)
-            .map(|f| f.as_str_name())
-            .unwrap_or("UNKNOWN")
-    };
-    Ok(RecordBatch::try_new(
+fn finite(v: f64) -> Option<f64> {
+    v.is_finite().then_some(v)
+}
+
+/// The three tables' rows for these experiments.
+fn batches(
+    rows: &[CatalogRows],
+    written_at: i64,
+) -> Result<[(&'static str, RecordBatch); 3], WriterError> {
+    let experiments = RecordBatch::try_new(
         schema::experiments_schema(),
         vec![
-            strings(rows.iter().map(|r| r.id.as_str())),
-            strings(rows.iter().map(|r| r.name.as_str())),
-            strings(rows.iter().map(|r| r.namespace.as_str())),
-            strings(rows.iter().map(|r| r.owner.as_str())),
-            strings(rows.iter().map(|r| framework(r.framework))),
-            strings(rows.iter().map(|r| r.task.as_str())),
-            strings(rows.iter().map(|r| r.external_id.as_str())),
-            utc(rows.iter().map(|r| r.created_at).collect()),
-            utc(rows.iter().map(|r| r.updated_at).collect()),
+            strings(rows.iter().map(|r| r.record.id.as_str())),
+            strings(rows.iter().map(|r| r.record.name.as_str())),
+            strings(rows.iter().map(|r| r.record.namespace.as_str())),
+            strings(rows.iter().map(|r| r.record.owner.as_str())),
+            strings(rows.iter().map(|r| framework_name(r.record.framework))),
+            strings(rows.iter().map(|r| r.record.task.as_str())),
+            strings(rows.iter().map(|r| r.record.external_id.as_str())),
+            utc(rows.iter().map(|r| r.record.created_at).collect()),
+            utc(rows.iter().map(|r| r.record.updated_at).collect()),
         ],
-    )?)
-}
-
-fn metadata_batch(index: &Index) -> Result<RecordBatch, WriterError> {
-    let rows = index.all_metadata()?;
-    let values: Vec<String> = rows.iter().map(|(_, _, e)| e.value.to_string()).collect();
-    Ok(RecordBatch::try_new(
+    )?;
+    let md: Vec<(&str, &str, String, i64)> = rows
+        .iter()
+        .flat_map(|r| {
+            r.metadata.iter().map(|(k, e)| {
+                (
+                    r.record.id.as_str(),
+                    k.as_str(),
+                    e.value.to_string(),
+                    e.updated_at,
+                )
+            })
+        })
+        .collect();
+    let metadata = RecordBatch::try_new(
         schema::metadata_schema(),
         vec![
-            strings(rows.iter().map(|(id, _, _)| id.as_str())),
-            strings(rows.iter().map(|(_, key, _)| key.as_str())),
-            strings(values.iter().map(String::as_str)),
-            utc(rows.iter().map(|(_, _, e)| e.updated_at).collect()),
+            strings(md.iter().map(|m| m.0)),
+            strings(md.iter().map(|m| m.1)),
+            strings(md.iter().map(|m| m.2.as_str())),
+            utc(md.iter().map(|m| m.3).collect()),
         ],
-    )?)
+    )?;
+    let sums: Vec<(&str, &str, &crate::model::MetricSummary)> = rows
+        .iter()
+        .flat_map(|r| {
+            r.summaries
+                .iter()
+                .map(|(k, s)| (r.record.id.as_str(), k.as_str(), s))
+        })
+        .collect();
+    let summaries = RecordBatch::try_new(
+        schema::summaries_schema(),
+        vec![
+            strings(sums.iter().map(|s| s.0)),
+            strings(sums.iter().map(|s| s.1)),
+            Arc::new(
+                sums.iter()
+                    .map(|s| (s.2.count > 0).then(|| finite(s.2.last)).flatten())
+                    .collect::<Float64Array>(),
+            ),
+            Arc::new(
+                sums.iter()
+                    .map(|s| (s.2.count > 0).then_some(s.2.last_step))
+                    .collect::<Int64Array>(),
+            ),
+            Arc::new(
+                sums.iter()
+                    .map(|s| finite(s.2.min))
+                    .collect::<Float64Array>(),
+            ),
+            Arc::new(
+                sums.iter()
+                    .map(|s| finite(s.2.max))
+                    .collect::<Float64Array>(),
+            ),
+            Arc::new(
+                sums.iter()
+                    .map(|s| Some(s.2.count as i64))
+                    .collect::<Int64Array>(),
+            ),
+            Arc::new(
+                sums.iter()
+                    .map(|s| Some(s.2.points as i64))
+                    .collect::<Int64Array>(),
+            ),
+            utc(vec![written_at; sums.len()]),
+        ],
+    )?;
+    Ok([
+        ("experiments", experiments),
+        ("metadata", metadata),
+        ("summaries", summaries),
+    ])
 }
 
-/// The running snapshot task; [`SnapshotLoop::finish`] writes a last snapshot and
-/// stops it.
+/// The running catalog-table task; [`SnapshotLoop::finish`] writes what changed
+/// last and stops it.
 #[derive(Debug)]
 pub struct SnapshotLoop {
     stop: oneshot::Sender<()>,
@@ -192,7 +426,7 @@ impl SnapshotLoop {
                 };
                 let done = tokio::task::spawn_blocking(move || {
                     if let Err(e) = s.write_if_changed() {
-                        tracing::warn!(error = %e, "writing the experiments and metadata snapshots failed; retrying");
+                        tracing::warn!(error = %e, "writing the catalog tables failed; retrying");
                     }
                     s
                 })
@@ -206,9 +440,80 @@ impl SnapshotLoop {
         Self { stop, task }
     }
 
-    /// Writes the snapshots once more if anything changed, then stops.
+    /// Writes the catalog tables once more if anything changed, then stops.
     pub async fn finish(self) {
         let _ = self.stop.send(());
         let _ = self.task.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::NewExperiment;
+
+    fn rows_of(dir: &std::path::Path, table: &str) -> (usize, usize) {
+        let mut files = 0;
+        let mut rows = 0;
+        for e in std::fs::read_dir(dir.join(table)).unwrap() {
+            let path = e.unwrap().path();
+            files += 1;
+            let f = std::fs::File::open(path).unwrap();
+            rows += parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+                .unwrap()
+                .metadata()
+                .file_metadata()
+                .num_rows() as usize;
+        }
+        (files, rows)
+    }
+
+    #[test]
+    fn deltas_pile_up_then_the_catalog_is_rewritten_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(Index::open(&dir.path().join("index.redb")).unwrap());
+        let sink = LocalSink::open(&dir.path().join("root"), &dir.path().join("staging")).unwrap();
+        let mut snapshots = Snapshots::new(
+            Arc::clone(&index),
+            SnapshotTarget::Local(sink),
+            Arc::from("d"),
+            schema::writer_properties(&crate::config::RollPolicy::default()),
+        );
+        assert!(
+            !snapshots.write_if_changed().unwrap(),
+            "nothing to write yet"
+        );
+        for i in 0..(CONSOLIDATE_AFTER + 1) {
+            index
+                .create_experiment(
+                    NewExperiment {
+                        name: format!("e{i}"),
+                        namespace: "ns".into(),
+                        owner: String::new(),
+                        framework: 0,
+                        task: String::new(),
+                        external_id: String::new(),
+                    },
+                    &[("i".into(), serde_json::json!(i))],
+                )
+                .unwrap();
+            assert!(snapshots.write_if_changed().unwrap());
+            assert!(!snapshots.write_if_changed().unwrap(), "no change, no file");
+        }
+        // The deltas passed the limit once: a whole file per table, and the deltas
+        // written since.
+        let root = dir.path().join("root");
+        let (files, rows) = rows_of(&root, "experiments");
+        assert!(files < CONSOLIDATE_AFTER, "{files} files");
+        assert!(rows > CONSOLIDATE_AFTER);
+        let (files, _) = rows_of(&root, "metadata");
+        assert!(files < CONSOLIDATE_AFTER, "{files} files");
+        assert_eq!(index.catalog_files().unwrap().len(), 3 * files);
+        assert!(!index.catalog_is_dirty().unwrap());
+        // A whole rewrite holds every experiment once.
+        let old = index.catalog_files().unwrap();
+        snapshots.consolidate(old).unwrap();
+        assert_eq!(rows_of(&root, "experiments"), (1, CONSOLIDATE_AFTER + 1));
+        assert_eq!(rows_of(&root, "metadata"), (1, CONSOLIDATE_AFTER + 1));
     }
 }
