@@ -567,9 +567,16 @@ impl Index {
                     (None, false) => Box::new(search_table.range(lo..hi).map_err(storage)?),
                     (None, true) => Box::new(search_table.range(lo..hi).map_err(storage)?.rev()),
                 };
+                // Within one value the index holds ids ascending, so a descending
+                // walk meets them backwards: once the page is full, the rest of the
+                // last value's run is taken too, and the page sorted.
+                let mut full_at: Option<Vec<u8>> = None;
                 for row in rows {
                     let (k, _) = row.map_err(storage)?;
                     let (_, _, v, id) = k.value();
+                    if full_at.as_deref().is_some_and(|f| f != v) {
+                        break;
+                    }
                     let values = vec![decode_value(v)];
                     if bound_passed(conditions, &sort.field, &values[0], sort.descending) {
                         break;
@@ -580,11 +587,15 @@ impl Index {
                     let mut c = Candidate::new(id.to_owned(), &tables);
                     if c.matches(conditions)? {
                         found.push((values, c));
-                        if found.len() > page_size {
-                            break;
+                        if found.len() > page_size && full_at.is_none() {
+                            if !sort.descending {
+                                break;
+                            }
+                            full_at = Some(v.to_vec());
                         }
                     }
                 }
+                found.sort_by(|(a, x), (b, y)| compare(&order, (a, &x.id), (b, &y.id)));
             }
             // Then those without the sort value, by id.
             if found.len() <= page_size && !requires_value(conditions, &sort.field) {
