@@ -171,7 +171,7 @@ impl Default for Compaction {
             interval: Duration::from_secs(60),
             target_file_bytes: 256 << 20,
             min_files: 8,
-            row_group_rows: 1 << 20,
+            row_group_rows: 256 * 1024,
             retention_days: 0,
             retention_by_namespace: std::collections::BTreeMap::new(),
         }
@@ -515,6 +515,9 @@ pub struct Config {
     pub compaction: Compaction,
     /// The read path's limits.
     pub reads: Reads,
+    /// The clock that decides ingest times (the system clock; shifted in
+    /// benchmarks and tests).
+    pub clock: crate::model::Clock,
 }
 
 /// Log output format.
@@ -554,6 +557,7 @@ impl Default for Config {
             storage: Storage::default(),
             compaction: Compaction::default(),
             reads: Reads::default(),
+            clock: crate::model::Clock::system(),
         }
     }
 }

@@ -45,6 +45,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod compact;
 pub mod config;
 pub mod index;
 pub mod ingest;

@@ -30,6 +30,10 @@ enum Command {
     /// Print the effective configuration (file, environment variables and flags
     /// merged, then checked) as JSON, and exit. Takes the same options as `serve`.
     Config(ServeArgs),
+    /// Run one compaction and retention pass over a data folder that no daemon
+    /// holds, print each partition as it is done, and exit. Takes the same
+    /// options as `serve`.
+    Compact(ServeArgs),
 }
 
 /// Flags override the config file; `MBOXD_*` environment variables stand in for flags.
@@ -233,6 +237,38 @@ fn describe(config: &Config) -> serde_json::Value {
     })
 }
 
+/// `mboxd compact`: one pass, with a line per partition.
+async fn compact(args: ServeArgs) -> anyhow::Result<()> {
+    let (config, _) = args.into_config()?;
+    mboxd::telemetry::init(config.log_format);
+    let dir = config.data_dir.clone();
+    println!("compacting {}", dir.display());
+    let started = std::time::Instant::now();
+    let report = mboxd::server::compact_once(config, |p| {
+        println!(
+            "  {}: {} files ({:.1} MiB) -> {} ({:.1} MiB), {} rows in {:.1} s",
+            p.partition,
+            p.files_in,
+            p.bytes_in as f64 / (1 << 20) as f64,
+            p.files_out,
+            p.bytes_out as f64 / (1 << 20) as f64,
+            p.rows,
+            p.elapsed.as_secs_f64()
+        );
+    })
+    .await
+    .with_context(|| format!("compacting {}", dir.display()))?;
+    let files_in: usize = report.partitions.iter().map(|p| p.files_in).sum();
+    let files_out: usize = report.partitions.iter().map(|p| p.files_out).sum();
+    println!(
+        "done in {:.1} s: {} partitions, {files_in} files -> {files_out}; {} expired files deleted",
+        started.elapsed().as_secs_f64(),
+        report.partitions.len(),
+        report.expired_files
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = match Cli::parse().command {
@@ -242,6 +278,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{:#}", describe(&config));
             return Ok(());
         }
+        Command::Compact(args) => return compact(args).await,
     };
     let shutdown = shutdown_signal()?;
     let (config, addr_file) = args.into_config()?;

@@ -334,3 +334,152 @@ impl Persister {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn setup(dir: &std::path::Path) -> Persister {
+        let index = Arc::new(Index::open(&dir.join("index.redb")).unwrap());
+        let sink = LocalSink::open(&dir.join("root"), &dir.join("staging")).unwrap();
+        Persister {
+            index,
+            sink,
+            uploader: None,
+            remote: None,
+            wal: None,
+            batch_id_window: Duration::from_secs(60),
+            metrics: Metrics::new(),
+        }
+    }
+
+    fn entry(key: &str) -> FileEntry {
+        FileEntry {
+            key: key.into(),
+            rows: 1,
+            bytes: 5,
+            min_experiment: "e".into(),
+            max_experiment: "e".into(),
+            created_at: 0,
+            schema: crate::index::SCHEMA_INT64,
+            compacted: false,
+        }
+    }
+
+    /// Publishes a one-byte-file under `key` as a writer would.
+    fn publish(p: &Persister, key: &str) {
+        let mut staged = p.sink.stage().unwrap();
+        staged.file.write_all(b"input").unwrap();
+        let mut publication = Publication::new(
+            staged,
+            Arc::new(ObjectKey::from_manifest(key.into())),
+            Table::Metrics,
+            "metrics/namespace=a/date=2026-01-01".into(),
+            1,
+            5,
+            [(
+                Arc::from("e"),
+                FilePart {
+                    row_groups: vec![0],
+                    rows: 1,
+                },
+            )]
+            .into(),
+        );
+        p.publish(&mut publication).unwrap();
+    }
+
+    fn staged(p: &Persister, key: &str) -> Replacement {
+        let mut staged = p.sink.stage().unwrap();
+        staged.file.write_all(b"merged").unwrap();
+        Replacement {
+            staged,
+            entry: entry(key),
+            experiments: vec![(
+                "e".into(),
+                FilePart {
+                    row_groups: vec![0],
+                    rows: 2,
+                },
+            )],
+        }
+    }
+
+    fn keys(p: &Persister) -> Vec<String> {
+        p.index
+            .all_files()
+            .unwrap()
+            .into_iter()
+            .map(|f| f.key)
+            .collect()
+    }
+
+    const IN1: &str = "metrics/namespace=a/date=2026-01-01/in1.parquet";
+    const IN2: &str = "metrics/namespace=a/date=2026-01-01/in2.parquet";
+    const OUT1: &str = "metrics/namespace=a/date=2026-01-01/out1.parquet";
+    const OUT2: &str = "metrics/namespace=a/date=2026-01-01/out2.parquet";
+
+    #[test]
+    fn a_replacement_cut_short_by_a_crash_is_undone_or_finished_at_start_up() {
+        for renamed in [0, 1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let p = setup(dir.path());
+            publish(&p, IN1);
+            publish(&p, IN2);
+            // The crash: the intent is recorded and `renamed` outputs are in place,
+            // but the swap never committed.
+            let outputs = [staged(&p, OUT1), staged(&p, OUT2)];
+            let intent = ReplaceIntent {
+                id: "r".into(),
+                outputs: outputs
+                    .iter()
+                    .map(|r| (r.entry.clone(), r.experiments.clone()))
+                    .collect(),
+                inputs: vec![IN1.into(), IN2.into()],
+            };
+            p.index.begin_replace(&intent).unwrap();
+            for r in outputs.into_iter().take(renamed) {
+                p.sink.publish(r.staged, &r.entry.object_key()).unwrap();
+            }
+            let exists = |k: &str| p.sink.path_of(&ObjectKey::from_manifest(k.into())).exists();
+            p.recover().unwrap();
+            if renamed == 2 {
+                // Every output landed: the swap is finished, the inputs deleted.
+                assert_eq!(keys(&p), [OUT1, OUT2]);
+                assert!(!exists(IN1) && !exists(IN2));
+            } else {
+                // Not every output landed: the outputs go, the inputs stay.
+                assert_eq!(keys(&p), [IN1, IN2], "{renamed} renamed");
+                assert!(exists(IN1) && exists(IN2));
+                assert!(!exists(OUT1) && !exists(OUT2), "{renamed} renamed");
+            }
+            assert!(p.index.replace_intents().unwrap().is_empty());
+            assert!(p.index.deletions().unwrap().is_empty());
+        }
+    }
+
+    #[test]
+    fn a_replacement_swaps_inputs_for_outputs_and_deletes_the_inputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = setup(dir.path());
+        publish(&p, IN1);
+        publish(&p, IN2);
+        let removed = p
+            .replace(
+                "r".into(),
+                vec![staged(&p, OUT1)],
+                vec![IN1.into(), IN2.into()],
+            )
+            .unwrap();
+        assert_eq!(removed, [IN1, IN2]);
+        assert_eq!(keys(&p), [OUT1]);
+        assert_eq!(p.finish_deletions(), 2);
+        let path = |k: &str| p.sink.path_of(&ObjectKey::from_manifest(k.into()));
+        assert!(!path(IN1).exists() && !path(IN2).exists());
+        assert_eq!(std::fs::read(path(OUT1)).unwrap(), b"merged");
+        let files = p.index.experiment_files(Table::Metrics, "a", "e").unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].row_groups, Some(vec![0]));
+    }
+}

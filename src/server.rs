@@ -16,6 +16,7 @@ use tonic_health::ServingStatus;
 
 use crate::api::ModelStoreService;
 use crate::auth::{AuthSetupError, Authorizer};
+use crate::compact::{self, Compactor, PartitionReport, PassReport};
 use crate::config::{Config, Durability, StorageRoot};
 use crate::index::{Index, IndexError};
 use crate::ingest::dedup::RecentBatches;
@@ -77,6 +78,8 @@ pub enum ServerError {
     Tls(#[from] TlsError),
     #[error("loading the auth tokens: {0}")]
     Auth(#[from] AuthSetupError),
+    #[error("compaction failed: {0}")]
+    Compaction(String),
 }
 
 /// HTTP/2 flow-control windows (see [`run`]). A connection's window is also what a
@@ -173,17 +176,7 @@ pub async fn run(
     let metrics = Metrics::new();
     let daemon_id: Arc<str> = daemon_id(&config)?.into();
     let index = Arc::new(Index::open(&config.data_dir.join("index.redb"))?);
-    // Files are published under the data folder, or into the spool of an S3 root.
-    let (publish_root, remote) = match &config.storage.root {
-        StorageRoot::DataDir => (config.data_dir.clone(), None),
-        StorageRoot::S3 { bucket, prefix } => {
-            let s3 = S3Settings::resolve(bucket, prefix, &config.storage.s3, std::env::vars_os());
-            // Before building, so a setting object_store rejects is explained too.
-            tracing::info!("{}", s3.describe());
-            (config.data_dir.join("spool"), Some(s3.build()?))
-        }
-    };
-    let sink = LocalSink::open(&publish_root, &config.data_dir.join("_staging"))?;
+    let (sink, remote) = open_root(&config)?;
 
     let files = Files::new(
         sink.clone(),
@@ -326,14 +319,26 @@ pub async fn run(
         config.roll.max_age,
     );
 
+    // Compaction and retention, in the background.
+    let compactor = compactor(&config, &persister, &files, &daemon_id, &metrics);
+    let compact_stop = Arc::clone(&compactor.stop);
+    let compaction = if config.compaction.enabled {
+        Some(compact::spawn_loop(compactor).map_err(ServerError::Thread)?)
+    } else {
+        None
+    };
+
     let reader = Reader::new(Arc::clone(&index), files, live.clone());
     let activity = Arc::new(Activity::default());
     let service = ModelStoreService::new(
         Arc::clone(&index),
         Arc::clone(&ingest),
         reader.clone(),
-        config.limits.clone(),
-        config.reads.clone(),
+        crate::api::Settings {
+            limits: config.limits.clone(),
+            reads: config.reads.clone(),
+            clock: config.clock.clone(),
+        },
         metrics.clone(),
         Arc::clone(&activity),
     )
@@ -507,7 +512,11 @@ pub async fn run(
             }
         }
     });
+    compact_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let drained = tokio::time::timeout(config.shutdown_timeout, joined).await;
+    if let Some(compaction) = compaction {
+        let _ = tokio::task::spawn_blocking(move || compaction.join()).await;
+    }
     snapshots.finish().await;
     if let Some(uploader) = &uploader {
         let left = config
@@ -539,6 +548,114 @@ pub async fn run(
         }
         Err(_) => Err(ServerError::ShutdownTimeout),
     }
+}
+
+/// Where files are published: the data folder, or the spool of an S3 root (with
+/// its store).
+fn open_root(
+    config: &Config,
+) -> Result<(LocalSink, Option<Arc<dyn object_store::ObjectStore>>), ServerError> {
+    let (publish_root, remote) = match &config.storage.root {
+        StorageRoot::DataDir => (config.data_dir.clone(), None),
+        StorageRoot::S3 { bucket, prefix } => {
+            let s3 = S3Settings::resolve(bucket, prefix, &config.storage.s3, std::env::vars_os());
+            // Before building, so a setting object_store rejects is explained too.
+            tracing::info!("{}", s3.describe());
+            (config.data_dir.join("spool"), Some(s3.build()?))
+        }
+    };
+    let sink = LocalSink::open(&publish_root, &config.data_dir.join("_staging"))?;
+    Ok((sink, remote))
+}
+
+/// The compactor of a data folder.
+fn compactor(
+    config: &Config,
+    persister: &Persister,
+    files: &Files,
+    daemon_id: &Arc<str>,
+    metrics: &Metrics,
+) -> Compactor {
+    Compactor {
+        persister: persister.clone(),
+        files: files.clone(),
+        config: config.compaction.clone(),
+        roll: config.roll.clone(),
+        daemon_id: Arc::clone(daemon_id),
+        clock: config.clock.clone(),
+        metrics: metrics.clone(),
+        scratch: config.data_dir.join("_staging").join("compact"),
+        stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    }
+}
+
+/// Runs one compaction and retention pass over a data folder no daemon holds
+/// (`mboxd compact`): every partition is merged as if its day were over.
+/// `progress` hears of each partition as it is done.
+pub async fn compact_once(
+    config: Config,
+    progress: impl FnMut(&PartitionReport) + Send + 'static,
+) -> Result<PassReport, ServerError> {
+    if !config.data_dir.join("index.redb").exists() {
+        return Err(ServerError::DataDir {
+            path: config.data_dir.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no index.redb here: not an mboxd data folder",
+            ),
+        });
+    }
+    let metrics = Metrics::new();
+    let daemon_id: Arc<str> = daemon_id(&config)?.into();
+    let index = Arc::new(Index::open(&config.data_dir.join("index.redb"))?);
+    let (sink, remote) = open_root(&config)?;
+    let remote = remote.map(|store| Remote {
+        store,
+        runtime: tokio::runtime::Handle::current(),
+    });
+    let files = Files::new(sink.clone(), remote.clone());
+    let mut persister = Persister {
+        index: Arc::clone(&index),
+        sink: sink.clone(),
+        uploader: None,
+        remote: remote.clone(),
+        wal: None,
+        batch_id_window: config.batch_id_window,
+        metrics: metrics.clone(),
+    };
+    {
+        let persister = persister.clone();
+        tokio::task::spawn_blocking(move || persister.recover())
+            .await
+            .map_err(|e| ServerError::Task(e.to_string()))??;
+    }
+    let uploads = match &remote {
+        Some(r) => {
+            let (uploader, upload_loop) = Uploader::start(
+                Arc::clone(&r.store),
+                sink.clone(),
+                Arc::clone(&index),
+                &config.storage,
+                metrics.clone(),
+                index.spooled()?,
+            );
+            persister.uploader = Some(Arc::clone(&uploader));
+            Some((uploader, upload_loop))
+        }
+        None => None,
+    };
+    let compactor = compactor(&config, &persister, &files, &daemon_id, &metrics);
+    let mut progress = progress;
+    let report = tokio::task::spawn_blocking(move || compactor.run_pass(true, &mut progress))
+        .await
+        .map_err(|e| ServerError::Task(e.to_string()))?;
+    if let Some((uploader, upload_loop)) = uploads {
+        if !uploader.spool().wait_empty(config.shutdown_timeout).await {
+            tracing::warn!("files stay in the spool; the next `mboxd serve` uploads them");
+        }
+        upload_loop.stop().await;
+    }
+    report.map_err(|e| ServerError::Compaction(e.to_string()))
 }
 
 /// Accepts at most `max` connections at once; further ones wait in the listen

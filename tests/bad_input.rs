@@ -356,6 +356,51 @@ async fn every_bad_input_gets_its_status_and_names_the_field() {
             Code::InvalidArgument,
             "50001 points",
         ),
+        (
+            // Storage is int64: Spark, Delta Lake and Iceberg have no uint64.
+            "step past int64",
+            blocks(vec![{
+                let mut b = good.clone();
+                b.steps[2] = 1 << 63;
+                b
+            }]),
+            Code::InvalidArgument,
+            "blocks[0].steps[2]: 9223372036854775808 exceeds",
+        ),
+        (
+            "wallclock past int64",
+            blocks(vec![good.clone(), {
+                let mut b = good.clone();
+                b.wallclock_times[3] = u64::MAX;
+                b
+            }]),
+            Code::InvalidArgument,
+            "blocks[1].wallclock_times[3]",
+        ),
+        (
+            "single point step past int64",
+            proto::LogMetricsRequest {
+                parent_id: id.clone(),
+                key: "k".into(),
+                value: Some(proto::MetricsValue {
+                    step: u64::MAX,
+                    wallclock_time: 1,
+                    value: Some(V::DVal(1.0)),
+                }),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "value.step",
+        ),
+        (
+            "a client batch id too long",
+            proto::LogMetricsRequest {
+                client_batch_id: "b".repeat(300),
+                ..blocks(vec![good.clone()])
+            },
+            Code::InvalidArgument,
+            "client_batch_id",
+        ),
     ];
     for (case, req, code, needle) in cases {
         expect(case, c.log_metrics(req).await, code, needle);
@@ -459,6 +504,83 @@ async fn every_bad_input_gets_its_status_and_names_the_field() {
         Code::InvalidArgument,
         "parent_id",
     );
+    let get = |f: fn(&mut proto::GetMetricsRequest)| {
+        let mut r = proto::GetMetricsRequest {
+            parent_id: id.clone(),
+            ..Default::default()
+        };
+        f(&mut r);
+        r
+    };
+    for (case, req, needle) in [
+        (
+            "end before start",
+            get(|r| {
+                r.start_step = Some(10);
+                r.end_step = Some(9);
+            }),
+            "end_step: 9 is before start_step 10",
+        ),
+        (
+            "too many buckets",
+            get(|r| r.max_points = 2_000_000),
+            "max_points: 2000000",
+        ),
+        (
+            "empty key",
+            get(|r| r.keys = vec!["a".into(), String::new()]),
+            "keys[1]: required",
+        ),
+        (
+            "foreign token",
+            get(|r| r.page_token = "x".into()),
+            "page_token",
+        ),
+    ] {
+        expect(
+            case,
+            c.get_metrics(req).await,
+            Code::InvalidArgument,
+            needle,
+        );
+    }
+    let list = |filter: &str, order_by: &[&str], token: &str| proto::ListExperimentsRequest {
+        namespace: "cv".into(),
+        filter: filter.into(),
+        order_by: order_by.iter().map(|s| s.to_string()).collect(),
+        page_token: token.into(),
+        ..Default::default()
+    };
+    for (case, req, needle) in [
+        (
+            "unknown field",
+            list("nmae = 1", &[], ""),
+            "filter: unknown field",
+        ),
+        (
+            "missing operator",
+            list("name \"x\"", &[], ""),
+            "filter: expected an operator after the field at \"\\\"x\\\"\"",
+        ),
+        (
+            "or",
+            list("name = 1 or owner = 2", &[], ""),
+            "expected `and` at \"or\"",
+        ),
+        (
+            "bad sort",
+            list("", &["created_at", "name sideways"], ""),
+            "order_by[1]",
+        ),
+        ("bad token", list("", &[], "garbage"), "page_token"),
+    ] {
+        expect(
+            case,
+            c.list_experiments(req).await,
+            Code::InvalidArgument,
+            needle,
+        );
+    }
 
     // Nothing of any rejected request was written: not in memory, not on disk.
     let metrics = metrics_of(&mut c, &id).await;
@@ -473,6 +595,7 @@ async fn every_bad_input_gets_its_status_and_names_the_field() {
         .into_inner()
         .events;
     assert!(events.is_empty(), "rejected events leaked: {events:?}");
+
     let md = c
         .list_metadata(proto::ListMetadataRequest {
             parent_id: id.clone(),
@@ -606,4 +729,33 @@ async fn full_buffers_answer_resource_exhausted_with_a_retry_hint_and_keep_acked
         rows as u64, acked,
         "every acknowledged point, and only those, is published"
     );
+}
+
+#[tokio::test]
+async fn the_largest_int64_step_and_wallclock_are_accepted() {
+    let (_dir, config) = temp_config();
+    let mut server = TestServer::start(config).await;
+    let mut c = server.client().await;
+    let id = create_experiment(&mut c, "cv", "edge").await;
+    // The largest allowed step and wallclock are accepted (and nothing above was).
+    let mut edge = numeric_block(&id, &["edge"], 1, 0);
+    edge.steps[0] = i64::MAX as u64;
+    edge.wallclock_times[0] = i64::MAX as u64;
+    assert_eq!(
+        c.log_metrics(blocks(vec![edge]))
+            .await
+            .unwrap()
+            .into_inner()
+            .points_accepted,
+        1
+    );
+    let edge_points: Vec<u64> = metrics_of(&mut c, &id)
+        .await
+        .into_iter()
+        .filter(|m| m.key == "edge")
+        .flat_map(|m| m.values)
+        .map(|v| v.step)
+        .collect();
+    assert_eq!(edge_points, [i64::MAX as u64]);
+    server.stop().await;
 }

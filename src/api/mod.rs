@@ -26,7 +26,7 @@ use crate::auth::{AuthError, Authorizer, Principal};
 use crate::config::{Limits, Reads, Scope};
 use crate::index::Index;
 use crate::ingest::{Accepted, Batch, Ingest};
-use crate::model::{ExperimentRecord, MetricValue, now_micros};
+use crate::model::{Clock, ExperimentRecord, MetricValue};
 use crate::proto::{self, model_store_server::ModelStore};
 use crate::query::Reader;
 use crate::telemetry::{Metrics, Reason, ReasonLabel};
@@ -34,6 +34,15 @@ use crate::web::Activity;
 
 use convert::{json_to_value, micros, timestamp};
 use status::ApiError;
+
+/// The service's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub limits: Limits,
+    pub reads: Reads,
+    /// Decides ingest times.
+    pub clock: Clock,
+}
 
 /// The ModelStore service.
 #[derive(Debug, Clone)]
@@ -49,6 +58,8 @@ pub struct ModelStoreService {
     metrics: Metrics,
     /// Points per experiment in the last minute, for the web view.
     activity: Arc<Activity>,
+    /// Decides ingest times.
+    clock: Clock,
 }
 
 impl ModelStoreService {
@@ -56,11 +67,15 @@ impl ModelStoreService {
         index: Arc<Index>,
         ingest: Arc<Ingest>,
         reader: Reader,
-        limits: Limits,
-        reads: Reads,
+        settings: Settings,
         metrics: Metrics,
         activity: Arc<Activity>,
     ) -> std::io::Result<Self> {
+        let Settings {
+            limits,
+            reads,
+            clock,
+        } = settings;
         Ok(Self {
             creates: batcher::CreateBatcher::start(Arc::clone(&index))?,
             index,
@@ -71,6 +86,7 @@ impl ModelStoreService {
             reads,
             metrics,
             activity,
+            clock,
         })
     }
 
@@ -332,8 +348,8 @@ impl ModelStore for ModelStoreService {
         let client_batch_id = std::mem::take(&mut req.client_batch_id);
         validate::client_batch_id(&client_batch_id, &self.limits)?;
         // Every block's experiment must be writable, or nothing of the batch is.
-        let batch =
-            validate::log_metrics(req, &self.index, &self.limits, now_micros()).and_then(|b| {
+        let batch = validate::log_metrics(req, &self.index, &self.limits, self.clock.now())
+            .and_then(|b| {
                 for block in b.blocks() {
                     who.allow(Scope::Write, &block.experiment.namespace)?;
                 }
@@ -424,7 +440,7 @@ impl ModelStore for ModelStoreService {
         let who = principal(&req)?;
         let mut req = req.into_inner();
         let sent = usize::from(req.event.is_some()) + req.events.len();
-        let now = now_micros();
+        let now = self.clock.now();
         let client_batch_id = std::mem::take(&mut req.client_batch_id);
         validate::client_batch_id(&client_batch_id, &self.limits)?;
         let batch = validate::log_event(req, &self.index, &self.limits, now).and_then(|b| {

@@ -431,6 +431,39 @@ impl Index {
         Ok(out)
     }
 
+    /// Where each experiment's rows are in a file; `None` for a file published
+    /// before the experiment index existed.
+    pub fn file_experiments(
+        &self,
+        key: &str,
+    ) -> Result<Option<Vec<(String, FilePart)>>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        if read
+            .open_table(UNINDEXED)
+            .map_err(storage)?
+            .get(key)
+            .map_err(storage)?
+            .is_some()
+        {
+            return Ok(None);
+        }
+        let rev = read.open_table(FILE_EXPERIMENTS_REV).map_err(storage)?;
+        let index = read.open_table(FILE_EXPERIMENTS).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in rev.range((key, "")..).map_err(storage)? {
+            let (k, _) = row.map_err(storage)?;
+            let (file, experiment) = k.value();
+            if file != key {
+                break;
+            }
+            if let Some(v) = index.get((experiment, file)).map_err(storage)? {
+                let part: IndexedPart = decode(file, v.value())?;
+                out.push((experiment.to_owned(), part.part));
+            }
+        }
+        Ok(Some(out))
+    }
+
     /// Durably records a replacement about to happen: its outputs may appear in
     /// storage from now on.
     pub fn begin_replace(&self, intent: &ReplaceIntent) -> Result<(), IndexError> {

@@ -9,7 +9,7 @@
 //! series is longer). With `max_points`, a longer series comes back as step buckets
 //! with min, max and last value.
 
-mod parquet;
+pub(crate) mod parquet;
 mod series;
 
 use std::collections::{BTreeMap, HashSet};
@@ -27,7 +27,8 @@ use crate::paths::Table;
 use crate::sink::{FileData, Files, SinkError};
 
 use self::parquet::{
-    PositionalFile, RowsWanted, StrColumn, fetch_remote, local_metadata, metadata_from, read_rows,
+    KeyFilter, PositionalFile, RowsWanted, StrColumn, fetch_remote, local_metadata, metadata_from,
+    read_rows,
 };
 pub use series::{Cursor, SeriesOut, SeriesPage, SeriesQuery};
 
@@ -233,8 +234,8 @@ impl Reader {
             let mut out: BTreeMap<String, series::Gathered> = BTreeMap::new();
             let (files, live) = self.sources(Table::Metrics, experiment)?;
             let want = RowsWanted {
-                experiment: &experiment.id,
-                keys: Some(keys),
+                experiments: (&experiment.id, &experiment.id),
+                keys: KeyFilter::Set(keys),
                 steps: query.steps(),
                 columns: query.columns(),
             };
@@ -261,8 +262,8 @@ impl Reader {
             attempt += 1;
             let (files, live) = self.sources(Table::Events, experiment)?;
             let want = RowsWanted {
-                experiment: &experiment.id,
-                keys: None,
+                experiments: (&experiment.id, &experiment.id),
+                keys: KeyFilter::All,
                 steps: (i64::MIN, i64::MAX),
                 columns: &["name", "source", "wallclock", "metadata", "ingested_at"],
             };

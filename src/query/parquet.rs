@@ -82,12 +82,51 @@ impl ChunkReader for PositionalFile {
     }
 }
 
-/// What to read of an experiment.
+/// Which metric keys to read.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum KeyFilter<'a> {
+    All,
+    /// These keys (sorted).
+    Set(&'a [String]),
+    /// Keys from the first (inclusive) to the second (exclusive); `None`: open.
+    Range(Option<&'a str>, Option<&'a str>),
+}
+
+impl KeyFilter<'_> {
+    fn owned(&self) -> Option<OwnedKeyFilter> {
+        match self {
+            KeyFilter::All => None,
+            KeyFilter::Set(k) => Some(OwnedKeyFilter::Set(k.to_vec())),
+            KeyFilter::Range(a, b) => Some(OwnedKeyFilter::Range(
+                a.map(str::to_owned),
+                b.map(str::to_owned),
+            )),
+        }
+    }
+}
+
+enum OwnedKeyFilter {
+    Set(Vec<String>),
+    Range(Option<String>, Option<String>),
+}
+
+impl OwnedKeyFilter {
+    fn admits(&self, key: &str) -> bool {
+        match self {
+            OwnedKeyFilter::Set(k) => k.binary_search_by(|w| w.as_str().cmp(key)).is_ok(),
+            OwnedKeyFilter::Range(a, b) => {
+                a.as_deref().is_none_or(|a| a <= key) && b.as_deref().is_none_or(|b| key < b)
+            }
+        }
+    }
+}
+
+/// What to read: the rows of one experiment (or of a range of experiments).
 #[derive(Debug, Clone)]
 pub(crate) struct RowsWanted<'a> {
-    pub experiment: &'a str,
-    /// Only these keys (sorted); `None`: every key.
-    pub keys: Option<&'a [String]>,
+    /// Inclusive range of experiment ids (one experiment: the same id twice).
+    pub experiments: (&'a str, &'a str),
+    pub keys: KeyFilter<'a>,
     /// Inclusive step range (ignored for events).
     pub steps: (i64, i64),
     /// Columns to read besides the filter columns, by name.
@@ -133,22 +172,24 @@ impl<'a> StrColumn<'a> {
         }
     }
 
-    /// Rows equal to `wanted`, without comparing strings row by row.
-    fn eq_mask(&self, wanted: &str) -> BooleanArray {
+    /// Rows within `lo..=hi`, comparing each dictionary entry once.
+    fn range_mask(&self, lo: &str, hi: &str) -> BooleanArray {
+        let within = |s: &str| lo <= s && s <= hi;
         match self {
             Self::Dict { keys, values } => {
-                let Some(k) = (0..values.len()).find(|&i| values.value(i) == wanted) else {
-                    return BooleanArray::from(vec![false; keys.len()]);
-                };
-                keys.values().iter().map(|&v| Some(v == k as i32)).collect()
+                let ok: Vec<bool> = (0..values.len()).map(|i| within(values.value(i))).collect();
+                keys.values()
+                    .iter()
+                    .map(|&v| Some(ok.get(v as usize).copied().unwrap_or(false)))
+                    .collect()
             }
-            Self::Plain(a) => a.iter().map(|v| Some(v == Some(wanted))).collect(),
+            Self::Plain(a) => a.iter().map(|v| Some(v.is_some_and(within))).collect(),
         }
     }
 
-    /// Which dictionary entries (or rows) are wanted keys.
-    fn in_mask(&self, wanted: &[String]) -> BooleanArray {
-        let hit = |s: &str| wanted.binary_search_by(|w| w.as_str().cmp(s)).is_ok();
+    /// Which rows hold a wanted key (each dictionary entry checked once).
+    fn in_mask(&self, wanted: &OwnedKeyFilter) -> BooleanArray {
+        let hit = |s: &str| wanted.admits(s);
         match self {
             Self::Dict { keys, values } => {
                 let ok: Vec<bool> = (0..values.len()).map(|i| hit(values.value(i))).collect();
@@ -201,8 +242,8 @@ fn row_group_may_match(
     if let Some(Statistics::ByteArray(stats)) = rg.column(id_column).statistics()
         && let (Some(min), Some(max)) = (stats.min_opt(), stats.max_opt())
     {
-        let id = want.experiment.as_bytes();
-        if id < min.data() || max.data() < id {
+        let (lo, hi) = want.experiments;
+        if hi.as_bytes() < min.data() || max.data() < lo.as_bytes() {
             return false;
         }
     }
@@ -263,18 +304,18 @@ pub(crate) fn read_rows<R: ChunkReader + 'static>(
     columns.dedup();
     let projection = ProjectionMask::roots(&parquet_schema, columns);
 
-    let experiment = want.experiment.to_owned();
+    let (lo, hi) = (want.experiments.0.to_owned(), want.experiments.1.to_owned());
     let by_experiment = ArrowPredicateFn::new(
         ProjectionMask::roots(&parquet_schema, [id_col]),
         move |batch: RecordBatch| {
             let ids = StrColumn::of(batch.column(0)).ok_or_else(|| filter_err("experiment_id"))?;
-            Ok(ids.eq_mask(&experiment))
+            Ok(ids.range_mask(&lo, &hi))
         },
     );
     let mut predicates: Vec<Box<dyn parquet::arrow::arrow_reader::ArrowPredicate>> =
         vec![Box::new(by_experiment)];
     if let (Some(key_col), Some(step_col)) = (key_col, step_col) {
-        let keys = want.keys.map(<[String]>::to_vec);
+        let keys = want.keys.owned();
         let (lo, hi) = want.steps;
         if keys.is_some() || lo > i64::MIN || hi < i64::MAX {
             let by_key_and_step = ArrowPredicateFn::new(
@@ -282,7 +323,7 @@ pub(crate) fn read_rows<R: ChunkReader + 'static>(
                 move |batch: RecordBatch| {
                     let key = StrColumn::of(batch.column(0)).ok_or_else(|| filter_err("key"))?;
                     let step = IntColumn::of(batch.column(1)).ok_or_else(|| filter_err("step"))?;
-                    let in_keys = keys.as_deref().map(|k| key.in_mask(k));
+                    let in_keys = keys.as_ref().map(|k| key.in_mask(k));
                     Ok((0..batch.num_rows())
                         .map(|r| {
                             let s = step.value(r);

@@ -11,7 +11,7 @@
 //! Publication itself is [`Persister`]'s.
 
 pub mod events;
-mod file;
+pub(crate) mod file;
 pub mod metrics;
 pub mod schema;
 pub mod snapshot;

@@ -71,7 +71,17 @@ pub fn metadata_schema() -> SchemaRef {
 /// zstd everywhere, dictionaries on the string columns, delta encoding on the
 /// monotone integer columns, and page-level statistics (which write the page index).
 pub fn writer_properties(roll: &RollPolicy) -> WriterProperties {
-    let level = ZstdLevel::try_new(roll.zstd_level).unwrap_or_default();
+    properties(roll.zstd_level)
+}
+
+/// As [`writer_properties`], for compacted files: written once and read for
+/// months, so they take a stronger zstd level.
+pub fn compaction_properties(roll: &RollPolicy) -> WriterProperties {
+    properties(roll.zstd_level.max(3))
+}
+
+fn properties(zstd_level: i32) -> WriterProperties {
+    let level = ZstdLevel::try_new(zstd_level).unwrap_or_default();
     let mut props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(level))
         // Writers end each row group themselves (a sorted buffer, or an

@@ -1,0 +1,375 @@
+//! Series reads through GetMetrics: bucketed series match a brute-force
+//! computation, pages hold every point once, key and step filters select exactly,
+//! reads do not wait for busy writers, and a million-point read stays within the
+//! memory bound.
+
+#![allow(clippy::unwrap_used)] // Tests panic on failure by design.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use mboxd::config::Config;
+use mboxd::proto;
+use proto::metrics_value::Value as V;
+
+/// A small deterministic generator.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// (step, value) in the order the points were sent.
+type Sent = Vec<(u64, f64)>;
+
+/// Sends `batches` blocks of random points (repeated and out-of-order steps) for
+/// key `k`, some published (several files) and the last ones still buffered.
+async fn send_random(c: &mut Client, id: &str, batches: usize, rng: &mut Rng) -> Sent {
+    let mut sent = Vec::new();
+    for b in 0..batches {
+        let n = 50 + (rng.next() % 200) as usize;
+        let steps: Vec<u64> = (0..n).map(|_| rng.next() % 5_000).collect();
+        let values: Vec<f64> = (0..n)
+            .map(|_| (rng.next() % 10_000) as f64 / 7.0 - 500.0)
+            .collect();
+        sent.extend(steps.iter().copied().zip(values.iter().copied()));
+        c.log_metrics(proto::LogMetricsRequest {
+            blocks: vec![proto::MetricsBlock {
+                parent_id: id.into(),
+                keys: vec!["k".into()],
+                key_index: vec![0; n],
+                steps,
+                wallclock_times: vec![42; n],
+                values,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        if b % 5 == 4 {
+            // Let some files roll, so points come from files and buffers.
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+    }
+    sent
+}
+
+/// The points of `sent` in the order mboxd returns them: by step, then as sent.
+fn ordered(sent: &Sent) -> Vec<(u64, f64)> {
+    let mut v = sent.clone();
+    v.sort_by_key(|p| p.0); // stable: equal steps keep their order
+    v
+}
+
+/// The buckets docs/http-api.md defines, by brute force: (last step, last value,
+/// min, max) per non-empty bucket.
+fn brute_buckets(points: &[(u64, f64)], max: u64) -> Vec<(u64, f64, f64, f64)> {
+    let lo = points.first().unwrap().0;
+    let hi = points.last().unwrap().0;
+    let width = (hi - lo + 1).div_ceil(max);
+    let mut out: Vec<(u64, (u64, f64, f64, f64))> = Vec::new();
+    for &(s, v) in points {
+        let b = (s - lo) / width;
+        match out.last_mut() {
+            Some((bb, acc)) if *bb == b => {
+                *acc = (s, v, acc.2.min(v), acc.3.max(v));
+            }
+            _ => out.push((b, (s, v, v, v))),
+        }
+    }
+    out.into_iter().map(|(_, a)| a).collect()
+}
+
+fn value(v: &proto::MetricsValue) -> f64 {
+    match v.value {
+        Some(V::DVal(d)) => d,
+        ref other => panic!("unexpected value {other:?}"),
+    }
+}
+
+async fn get(c: &mut Client, req: proto::GetMetricsRequest) -> proto::GetMetricsResponse {
+    c.get_metrics(proto::GetMetricsRequest {
+        full_precision: true,
+        ..req
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+fn config() -> (tempfile::TempDir, Config) {
+    let (dir, mut config) = temp_config();
+    config.roll.max_age = Duration::from_millis(50);
+    config.writer_threads = 2;
+    (dir, config)
+}
+
+#[tokio::test]
+async fn bucketed_series_match_a_brute_force_computation() {
+    let (_dir, config) = config();
+    let mut server = TestServer::start(config).await;
+    let mut c = server.client().await;
+    let id = create_experiment(&mut c, "s", "random").await;
+    let sent = send_random(&mut c, &id, 40, &mut Rng(0x9E37_79B9_7F4A_7C15)).await;
+    let all = ordered(&sent);
+    for (max, start, end) in [
+        (100u32, None, None),
+        (7, None, None),
+        (64, Some(1_000i64), Some(3_999i64)),
+        (1, None, None),
+        (100_000, None, None),
+    ] {
+        let page = get(
+            &mut c,
+            proto::GetMetricsRequest {
+                parent_id: id.clone(),
+                max_points: max,
+                start_step: start,
+                end_step: end,
+                ..Default::default()
+            },
+        )
+        .await;
+        assert!(page.next_page_token.is_empty());
+        let points: Vec<(u64, f64)> = all
+            .iter()
+            .copied()
+            .filter(|p| {
+                start.is_none_or(|s| p.0 as i64 >= s) && end.is_none_or(|e| p.0 as i64 <= e)
+            })
+            .collect();
+        let [m] = page.metrics.as_slice() else {
+            panic!("one series expected: {:?}", page.metrics.len());
+        };
+        assert_eq!(m.total_points, points.len() as u64);
+        if points.len() <= max as usize {
+            assert!(!m.bucketed && m.min.is_empty());
+            let got: Vec<(u64, f64)> = m.values.iter().map(|v| (v.step, value(v))).collect();
+            assert_eq!(got, points);
+            continue;
+        }
+        assert!(m.bucketed, "max_points {max}");
+        let want = brute_buckets(&points, u64::from(max));
+        assert!(want.len() <= max as usize);
+        let got: Vec<(u64, f64, f64, f64)> = m
+            .values
+            .iter()
+            .zip(&m.min)
+            .zip(&m.max)
+            .map(|((v, &lo), &hi)| (v.step, value(v), lo, hi))
+            .collect();
+        assert_eq!(got, want, "max_points {max}, range {start:?}..{end:?}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn pages_return_every_point_once_and_filters_select_exactly() {
+    let (_dir, config) = config();
+    let mut server = TestServer::start(config).await;
+    let mut c = server.client().await;
+    let id = create_experiment(&mut c, "s", "paged").await;
+    let mut rng = Rng(7);
+    let sent = send_random(&mut c, &id, 20, &mut rng).await;
+    // More keys, so pages also cut between series.
+    for key in ["a", "b", "zz"] {
+        c.log_metrics(proto::LogMetricsRequest {
+            blocks: vec![numeric_block(&id, &[key], 300, 10)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let whole = metrics_of(&mut c, &id).await;
+    let keys: Vec<&str> = whole.iter().map(|m| m.key.as_str()).collect();
+    assert_eq!(keys, ["a", "b", "k", "zz"]);
+    let k: Vec<(u64, f64)> = whole[2].values.iter().map(|v| (v.step, value(v))).collect();
+    assert_eq!(k, ordered(&sent));
+
+    for page_size in [97u32, 299, 300, 301, 5_000] {
+        let mut token = String::new();
+        let mut got: Vec<(String, u64, f64)> = Vec::new();
+        let mut pages = 0;
+        loop {
+            let page = get(
+                &mut c,
+                proto::GetMetricsRequest {
+                    parent_id: id.clone(),
+                    page_size,
+                    page_token: token,
+                    ..Default::default()
+                },
+            )
+            .await;
+            let n: usize = page.metrics.iter().map(|m| m.values.len()).sum();
+            assert!(n <= page_size as usize, "a page of {n} > {page_size}");
+            for m in page.metrics {
+                got.extend(m.values.iter().map(|v| (m.key.clone(), v.step, value(v))));
+            }
+            pages += 1;
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        let want: Vec<(String, u64, f64)> = whole
+            .iter()
+            .flat_map(|m| m.values.iter().map(|v| (m.key.clone(), v.step, value(v))))
+            .collect();
+        assert_eq!(got, want, "page size {page_size}");
+        assert!(pages >= want.len().div_ceil(page_size as usize));
+    }
+
+    // Keys and a step range select exactly.
+    let page = get(
+        &mut c,
+        proto::GetMetricsRequest {
+            parent_id: id.clone(),
+            keys: vec!["zz".into(), "a".into(), "nope".into()],
+            start_step: Some(100),
+            end_step: Some(199),
+            ..Default::default()
+        },
+    )
+    .await;
+    let got: Vec<(&str, u64)> = page
+        .metrics
+        .iter()
+        .flat_map(|m| m.values.iter().map(move |v| (m.key.as_str(), v.step)))
+        .collect();
+    let want: Vec<(&str, u64)> = ["a", "zz"]
+        .into_iter()
+        .flat_map(|k| (100..200).map(move |s| (k, s)))
+        .collect();
+    assert_eq!(got, want);
+    // A token from elsewhere is refused, naming the field.
+    let err = c
+        .get_metrics(proto::GetMetricsRequest {
+            parent_id: id.clone(),
+            page_token: "not-a-token".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().starts_with("page_token"), "{}", err.message());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_do_not_wait_for_busy_writers() {
+    let (_dir, mut config) = config();
+    // Writers kept busy: small row groups at a slow zstd level, fed by two clients
+    // sending large batches as fast as they are acknowledged.
+    config.roll.max_age = Duration::from_secs(2);
+    config.roll.row_group_rows = 8_192;
+    config.roll.zstd_level = 9;
+    // A small backlog, so the graceful stop publishes it in time.
+    config.max_buffered_bytes = config.limits.max_message_bytes;
+    let mut server = TestServer::start(config).await;
+    let mut c = server.client().await;
+    let small = create_experiment(&mut c, "s", "small").await;
+    c.log_metrics(proto::LogMetricsRequest {
+        blocks: vec![numeric_block(&small, &["loss"], 100, 0)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let busy = create_experiment(&mut c, "s", "busy").await;
+    // Keep the writers' queues full with large batches from several clients.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flood = Vec::new();
+    for i in 0..2u64 {
+        let mut fc = server.client().await;
+        let (stop, busy) = (std::sync::Arc::clone(&stop), busy.clone());
+        flood.push(tokio::spawn(async move {
+            let mut step = i * 1_000_000_000;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = fc
+                    .log_metrics(proto::LogMetricsRequest {
+                        blocks: vec![numeric_block(&busy, &["x", "y"], 20_000, step)],
+                        ..Default::default()
+                    })
+                    .await;
+                step += 20_000;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let started = Instant::now();
+        let m = metrics_of(&mut c, &small).await;
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(m[0].values.len(), 100);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for f in flood {
+        f.await.unwrap();
+    }
+    assert!(
+        slowest < Duration::from_millis(100),
+        "a read took {slowest:?} while the writers were busy"
+    );
+    server.stop().await;
+}
+
+/// Peak RSS since the last reset, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[tokio::test]
+async fn a_million_point_read_stays_within_the_memory_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let proc = Process::start(&data, &["--roll-max-age-ms", "200"]).await;
+    let mut c = proc.client().await;
+    let id = create_experiment(&mut c, "big", "million").await;
+    for b in 0..10u64 {
+        c.log_metrics(proto::LogMetricsRequest {
+            blocks: vec![numeric_block(&id, &["loss"], 100_000, b * 100_000)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Measure the read alone: reset the peak (Linux: 5 > clear_refs).
+    let pid = proc.child.id();
+    let reset = std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok();
+    let before = peak_rss(pid);
+    let m = metrics_of(&mut c, &id).await;
+    assert_eq!(m[0].values.len(), 1_000_000);
+    assert!(
+        m[0].values
+            .iter()
+            .enumerate()
+            .all(|(i, v)| v.step == i as u64)
+    );
+    let peak = peak_rss(pid);
+    let bound = Config::default().memory_bound_bytes();
+    assert!(peak < bound, "peak RSS {peak} over the bound {bound}");
+    eprintln!(
+        "1M-point read: peak RSS {} MiB (before the read {} MiB, peak reset: {reset}); bound {} MiB",
+        peak >> 20,
+        before >> 20,
+        bound >> 20
+    );
+    assert!(proc.terminate().await);
+}
