@@ -24,6 +24,8 @@ if ! "$TOOLS/bin/s3s-fs" --version 2>/dev/null | grep -qx "s3s-fs $S3S_VERSION";
 fi
 export MBOXD_S3S_FS="$TOOLS/bin/s3s-fs"
 
+# Debian 12's kubernetes-client (1.20) renders only the overlays without a Kustomize
+# component; the standalone ones need kubectl 1.21 or later (MBOXD_KUBECTL picks one).
 if ! command -v kubectl >/dev/null; then
   echo "== kubectl (Debian's kubernetes-client), to render deploy/kubernetes"
   SUDO=""

@@ -31,7 +31,8 @@ pub enum ConfigError {
 pub const CONNECTION_WINDOW_BYTES: u32 = 2 << 20;
 
 /// A secret (a token): never printed by `Debug`.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
 pub struct Secret(pub String);
 
 impl std::fmt::Debug for Secret {
@@ -208,6 +209,105 @@ impl Default for Reads {
             read_points: 1 << 20,
             default_page_bytes: 3 << 20,
             max_page_bytes: 64 << 20,
+        }
+    }
+}
+
+/// TLS on the gRPC and HTTP listeners ([`crate::tls`]): PEM files, re-read when
+/// they change on disk, so a rotated certificate is served without a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    /// The server's certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// CA certificates for mutual TLS: gRPC clients must present a certificate
+    /// signed by one of them. On the HTTP listener a client certificate is optional
+    /// (probes, Prometheus and browsers have none), but one presented must verify.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Experiments, metadata, metrics and events: every ModelStore read and the
+    /// HTTP JSON API.
+    Read,
+    /// CreateExperiment, UpdateMetadata, LogMetrics and LogEvent.
+    Write,
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Scope::Read => "read",
+            Scope::Write => "write",
+        })
+    }
+}
+
+/// The namespaces a token reaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Namespaces {
+    /// `"*"`: every namespace, including ones created later.
+    All,
+    /// These namespaces only.
+    Only(std::collections::BTreeSet<String>),
+}
+
+impl Namespaces {
+    pub fn contains(&self, namespace: &str) -> bool {
+        match self {
+            Namespaces::All => true,
+            Namespaces::Only(set) => set.contains(namespace),
+        }
+    }
+}
+
+/// Where a token's value comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenValue {
+    /// Written in the config file.
+    Inline(Secret),
+    /// Read from this file (a mounted Secret) at start-up, surrounding whitespace
+    /// removed.
+    File(PathBuf),
+}
+
+/// One `[[auth.tokens]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenConfig {
+    /// A name for logs and `mboxd config`; never the token itself.
+    pub name: String,
+    pub value: TokenValue,
+    pub scopes: std::collections::BTreeSet<Scope>,
+    pub namespaces: Namespaces,
+}
+
+/// Token authentication ([`crate::auth`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Auth {
+    /// Without it every gRPC client may do everything (ModelBox has no
+    /// authentication), and the HTTP JSON API serves loopback clients only.
+    pub enabled: bool,
+    /// Loopback clients without a token may do everything: a trainer beside a
+    /// sidecar, and ModelBox clients that cannot send a token. A loopback client
+    /// that sends a token is held to that token.
+    pub allow_unauthenticated_loopback: bool,
+    pub tokens: Vec<TokenConfig>,
+    /// A TOML file of further `[[tokens]]` entries (the same keys as
+    /// `[[auth.tokens]]`), such as a mounted Secret, read at start-up.
+    pub tokens_file: Option<PathBuf>,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            allow_unauthenticated_loopback: true,
+            tokens: Vec::new(),
+            tokens_file: None,
         }
     }
 }
@@ -403,9 +503,10 @@ pub struct Config {
     /// Address of the HTTP listener (Prometheus `/metrics`, the web view and its
     /// JSON API); `None` turns it off.
     pub http_listen: Option<SocketAddr>,
-    /// The bearer token the HTTP API asks of clients not on loopback (without one,
-    /// the API serves loopback clients only).
-    pub http_token: Option<Secret>,
+    /// TLS on both listeners; `None`: plain text.
+    pub tls: Option<Tls>,
+    /// Who may do what, on both listeners.
+    pub auth: Auth,
     /// How often an info-level summary line is logged; zero turns it off.
     pub log_summary_interval: Duration,
     /// Where Parquet files are published.
@@ -450,7 +551,8 @@ impl Default for Config {
             not_serving_grace: Duration::from_millis(1000),
             log_format: LogFormat::Text,
             http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9185))),
-            http_token: None,
+            tls: None,
+            auth: Auth::default(),
             log_summary_interval: Duration::from_secs(60),
             storage: Storage::default(),
             compaction: Compaction::default(),
@@ -585,6 +687,7 @@ impl Config {
                 "set it together with storage.s3.secret_access_key, or neither to use the AWS environment",
             );
         }
+        self.validate_auth()?;
         if self.max_buffered_bytes < self.limits.max_message_bytes {
             return invalid(
                 "ingest.max_buffered_bytes",
@@ -593,6 +696,45 @@ impl Config {
         }
         Ok(())
     }
+}
+
+impl Config {
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let auth = &self.auth;
+        if auth.enabled
+            && auth.tokens.is_empty()
+            && auth.tokens_file.is_none()
+            && !auth.allow_unauthenticated_loopback
+        {
+            return Err(ConfigError::Invalid {
+                key: "auth.tokens",
+                reason: "auth is enabled with no tokens and no loopback exemption, so no client \
+                         could get in: add [[auth.tokens]] or auth.tokens_file"
+                    .to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Parses a tokens file (`[[tokens]]` entries with the keys of `[[auth.tokens]]`).
+/// `path` names the file in errors and default token names.
+pub fn parse_tokens_file(path: &Path, text: &str) -> Result<Vec<TokenConfig>, ConfigError> {
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct TokensFile {
+        #[serde(default)]
+        tokens: Vec<TokenEntry>,
+    }
+    let file: TokensFile = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source,
+    })?;
+    file.tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| t.into_config(&format!("{}[{i}]", path.display())))
+        .collect()
 }
 
 /// `config/mboxd.toml` as written; every field optional, unknown keys rejected.
@@ -621,6 +763,88 @@ pub struct FileConfig {
     compaction: CompactionSection,
     #[serde(default)]
     reads: ReadsSection,
+    #[serde(default)]
+    tls: TlsSection,
+    #[serde(default)]
+    auth: AuthSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    cert_file: Option<String>,
+    key_file: Option<String>,
+    client_ca_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthSection {
+    enabled: Option<bool>,
+    allow_unauthenticated_loopback: Option<bool>,
+    tokens_file: Option<String>,
+    #[serde(default)]
+    tokens: Vec<TokenEntry>,
+}
+
+/// A `[[auth.tokens]]` (or tokens file `[[tokens]]`) entry as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenEntry {
+    name: Option<String>,
+    token: Option<Secret>,
+    token_file: Option<PathBuf>,
+    #[serde(default)]
+    scopes: Vec<Scope>,
+    #[serde(default)]
+    namespaces: Vec<String>,
+}
+
+impl TokenEntry {
+    /// Checks the entry; `at` names it in errors and is its default name.
+    fn into_config(self, at: &str) -> Result<TokenConfig, ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            key: "auth.tokens",
+            reason: format!("{at}: {reason}"),
+        };
+        let value = match (self.token, self.token_file) {
+            (Some(t), None) if !t.0.trim().is_empty() => {
+                TokenValue::Inline(Secret(t.0.trim().to_owned()))
+            }
+            (Some(_), None) => return Err(invalid("token is empty".into())),
+            (None, Some(path)) => TokenValue::File(path),
+            (Some(_), Some(_)) => return Err(invalid("set token or token_file, not both".into())),
+            (None, None) => return Err(invalid("token or token_file is required".into())),
+        };
+        if self.scopes.is_empty() {
+            return Err(invalid(
+                "scopes is required: [\"write\"], [\"read\"] or both".into(),
+            ));
+        }
+        if self.namespaces.is_empty() {
+            return Err(invalid(
+                "namespaces is required: names, or [\"*\"] for every namespace".into(),
+            ));
+        }
+        let namespaces = if self.namespaces.iter().any(|n| n == "*") {
+            Namespaces::All
+        } else {
+            for ns in &self.namespaces {
+                if !crate::paths::valid_namespace(ns, 256) {
+                    return Err(invalid(format!(
+                        "{ns:?} is not a namespace ([A-Za-z0-9._-]) or \"*\""
+                    )));
+                }
+            }
+            Namespaces::Only(self.namespaces.into_iter().collect())
+        };
+        Ok(TokenConfig {
+            name: self.name.unwrap_or_else(|| at.to_owned()),
+            value,
+            scopes: self.scopes.into_iter().collect(),
+            namespaces,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -710,7 +934,8 @@ struct MetricsSection {
 #[serde(deny_unknown_fields)]
 struct HttpSection {
     listen: Option<SocketAddr>,
-    token: Option<String>,
+    /// Replaced by `[auth]`; kept only to say so.
+    token: Option<Secret>,
     token_file: Option<PathBuf>,
 }
 
@@ -846,15 +1071,50 @@ impl FileConfig {
         if self.metrics.enabled == Some(false) {
             c.http_listen = None;
         }
-        if let Some(token) = non_empty(self.http.token) {
-            c.http_token = Some(Secret(token));
+        if self.http.token.is_some() || self.http.token_file.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "http.token",
+                reason: "replaced by [auth]: set enabled = true and add an [[auth.tokens]] entry \
+                         with scopes = [\"read\"] and namespaces = [\"*\"] (token or token_file)"
+                    .to_owned(),
+            });
         }
-        if let Some(path) = self.http.token_file {
-            let token = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            c.http_token = Some(Secret(token.trim().to_owned()));
+        let tls = self.tls;
+        match (
+            non_empty(tls.cert_file),
+            non_empty(tls.key_file),
+            non_empty(tls.client_ca_file),
+        ) {
+            (Some(cert), Some(key), ca) => {
+                c.tls = Some(Tls {
+                    cert_file: cert.into(),
+                    key_file: key.into(),
+                    client_ca_file: ca.map(PathBuf::from),
+                });
+            }
+            (None, None, None) => {}
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "tls.cert_file",
+                    reason: "set cert_file and key_file together (client_ca_file needs both)"
+                        .to_owned(),
+                });
+            }
+        }
+        let a = self.auth;
+        set(&mut c.auth.enabled, a.enabled);
+        set(
+            &mut c.auth.allow_unauthenticated_loopback,
+            a.allow_unauthenticated_loopback,
+        );
+        set(
+            &mut c.auth.tokens_file,
+            non_empty(a.tokens_file).map(|p| Some(PathBuf::from(p))),
+        );
+        for (i, t) in a.tokens.into_iter().enumerate() {
+            c.auth
+                .tokens
+                .push(t.into_config(&format!("auth.tokens[{i}]"))?);
         }
         let st = self.storage;
         if let Some(root) = st.root {
@@ -1025,5 +1285,101 @@ mod tests {
         file.apply(&mut c).unwrap();
         assert_eq!(c.compaction.retention_days_of("scratch"), 2);
         assert_eq!(c.compaction.retention_days_of("cv"), 30);
+    }
+
+    #[test]
+    fn tls_and_auth_sections_parse_and_are_checked() {
+        let file: FileConfig = toml::from_str(
+            r#"
+[tls]
+cert_file = "/tls/tls.crt"
+key_file = "/tls/tls.key"
+client_ca_file = "/tls/ca.crt"
+[auth]
+enabled = true
+allow_unauthenticated_loopback = false
+tokens_file = "/auth/tokens.toml"
+[[auth.tokens]]
+name = "trainers"
+token = " s3cret "
+scopes = ["write", "read"]
+namespaces = ["cv", "nlp"]
+[[auth.tokens]]
+token_file = "/auth/reader"
+scopes = ["read"]
+namespaces = ["*", "cv"]
+"#,
+        )
+        .unwrap();
+        let mut c = Config::default();
+        file.apply(&mut c).unwrap();
+        let tls = c.tls.clone().unwrap();
+        assert_eq!(tls.cert_file, PathBuf::from("/tls/tls.crt"));
+        assert_eq!(tls.client_ca_file, Some(PathBuf::from("/tls/ca.crt")));
+        assert!(c.auth.enabled && !c.auth.allow_unauthenticated_loopback);
+        assert_eq!(c.auth.tokens_file, Some(PathBuf::from("/auth/tokens.toml")));
+        let [trainers, reader] = &c.auth.tokens[..] else {
+            panic!("{:?}", c.auth.tokens)
+        };
+        assert_eq!(trainers.name, "trainers");
+        assert_eq!(trainers.value, TokenValue::Inline(Secret("s3cret".into())));
+        assert_eq!(
+            trainers.scopes,
+            [Scope::Read, Scope::Write].into_iter().collect()
+        );
+        assert_eq!(
+            trainers.namespaces,
+            Namespaces::Only(["cv".to_string(), "nlp".to_string()].into())
+        );
+        assert_eq!(reader.name, "auth.tokens[1]");
+        assert_eq!(reader.value, TokenValue::File("/auth/reader".into()));
+        assert_eq!(reader.namespaces, Namespaces::All);
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "tokens never reach logs"
+        );
+
+        let rejected = |text: &str| {
+            let file: FileConfig = toml::from_str(text).unwrap();
+            file.apply(&mut Config::default()).unwrap_err().to_string()
+        };
+        for (text, says) in [
+            ("[tls]\ncert_file = \"/c\"\n", "tls.cert_file"),
+            ("[tls]\nclient_ca_file = \"/ca\"\n", "tls.cert_file"),
+            ("[http]\ntoken = \"x\"\n", "replaced by [auth]"),
+            (
+                "[[auth.tokens]]\ntoken = \"x\"\nnamespaces = [\"*\"]\n",
+                "scopes is required",
+            ),
+            (
+                "[[auth.tokens]]\ntoken = \"x\"\nscopes = [\"read\"]\n",
+                "namespaces is required",
+            ),
+            (
+                "[[auth.tokens]]\ntoken = \"x\"\nscopes = [\"read\"]\nnamespaces = [\"a/b\"]\n",
+                "not a namespace",
+            ),
+            (
+                "[[auth.tokens]]\ntoken = \"x\"\ntoken_file = \"/t\"\nscopes = [\"read\"]\nnamespaces = [\"*\"]\n",
+                "not both",
+            ),
+            (
+                "[[auth.tokens]]\ntoken = \"  \"\nscopes = [\"read\"]\nnamespaces = [\"*\"]\n",
+                "token is empty",
+            ),
+            (
+                "[auth]\nenabled = true\nallow_unauthenticated_loopback = false\n",
+                "no client",
+            ),
+        ] {
+            let err = rejected(text);
+            assert!(err.contains(says), "{text}: {err}");
+        }
+        // An unknown scope is a parse error naming it.
+        let err = toml::from_str::<FileConfig>(
+            "[[auth.tokens]]\ntoken = \"x\"\nscopes = [\"admin\"]\nnamespaces = [\"*\"]\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("admin"), "{err}");
     }
 }

@@ -17,6 +17,11 @@
 //!
 //! Modules, each owning one stage:
 //! - [`config`]: typed configuration, defaults, file + env + flag loading.
+//! - [`auth`]: bearer tokens with scopes and namespaces; who may do what, checked
+//!   by [`api`] and [`web`] (no token: UNAUTHENTICATED / 401; outside the token's
+//!   scope or namespaces: PERMISSION_DENIED / 403).
+//! - [`tls`]: rustls on both listeners, certificates re-read when their files
+//!   change, TLS handshakes off the accept loop.
 //! - [`model`]: the validated domain types that flow between stages.
 //! - [`api`]: the tonic service, request validation, proto ⇄ model conversion,
 //!   and the single mapping of errors to gRPC status codes.
@@ -33,10 +38,13 @@
 //! - [`query`]: the read path, merging published files with unflushed buffers.
 //! - [`recovery`]: start-up replay of the write-ahead log, exactly once.
 //! - [`wal`]: the write-ahead log: framed segments, group commit, replay, truncation.
-//! - [`telemetry`]: tracing set-up.
+//! - [`web`]: the HTTP listener: Prometheus `/metrics`, `/healthz`, the web view
+//!   and its JSON API.
+//! - [`telemetry`]: tracing set-up and Prometheus metrics.
 //! - [`server`]: start-up, wiring and ordered graceful shutdown.
 
 pub mod api;
+pub mod auth;
 pub mod compact;
 pub mod config;
 pub mod index;
@@ -51,6 +59,7 @@ pub mod search;
 pub mod server;
 pub mod sink;
 pub mod telemetry;
+pub mod tls;
 pub mod wal;
 pub mod web;
 pub mod writer;

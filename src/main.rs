@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mboxd::config::{Config, Durability, LogFormat, StorageRoot};
+use mboxd::config::{Config, Durability, LogFormat, Namespaces, StorageRoot, Tls, TokenValue};
 
 // Request-per-point workloads allocate per request; mimalloc measurably cuts that cost.
 #[global_allocator]
@@ -71,6 +71,20 @@ struct ServeArgs {
     /// Turn the HTTP listener (metrics and web view) off.
     #[arg(long, alias = "no-http")]
     no_metrics: bool,
+    /// TLS certificate chain (PEM) for both listeners; with --tls-key-file turns TLS
+    /// on. Re-read when the file changes.
+    #[arg(long, env = "MBOXD_TLS_CERT_FILE")]
+    tls_cert_file: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "MBOXD_TLS_KEY_FILE")]
+    tls_key_file: Option<PathBuf>,
+    /// CA certificates (PEM) for mutual TLS: gRPC clients must present a
+    /// certificate signed by one of them.
+    #[arg(long, env = "MBOXD_TLS_CLIENT_CA_FILE")]
+    tls_client_ca_file: Option<PathBuf>,
+    /// A TOML file of [[tokens]] (a mounted Secret); turns token authentication on.
+    #[arg(long, env = "MBOXD_AUTH_TOKENS_FILE")]
+    auth_tokens_file: Option<PathBuf>,
     /// Log format [default: text].
     #[arg(long, env = "MBOXD_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -112,6 +126,30 @@ impl ServeArgs {
         if let Some(v) = self.log_format {
             config.log_format = v;
         }
+        config.tls = match (config.tls.take(), self.tls_cert_file, self.tls_key_file) {
+            (tls, None, None) => tls,
+            (Some(tls), cert, key) => Some(Tls {
+                cert_file: cert.unwrap_or(tls.cert_file),
+                key_file: key.unwrap_or(tls.key_file),
+                ..tls
+            }),
+            (None, Some(cert_file), Some(key_file)) => Some(Tls {
+                cert_file,
+                key_file,
+                client_ca_file: None,
+            }),
+            (None, _, _) => anyhow::bail!("give --tls-cert-file and --tls-key-file together"),
+        };
+        if let Some(ca) = self.tls_client_ca_file {
+            match &mut config.tls {
+                Some(tls) => tls.client_ca_file = Some(ca),
+                None => anyhow::bail!("--tls-client-ca-file needs a certificate and key"),
+            }
+        }
+        if let Some(path) = self.auth_tokens_file {
+            config.auth.enabled = true;
+            config.auth.tokens_file = Some(path);
+        }
         config.validate()?;
         Ok((config, self.addr_file))
     }
@@ -131,9 +169,48 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
+/// TLS and auth as `mboxd config` shows them: files, names, scopes and
+/// namespaces, never a token.
+fn describe_security(config: &Config) -> (serde_json::Value, serde_json::Value) {
+    let tls = config.tls.as_ref().map(|t| {
+        serde_json::json!({
+            "cert_file": t.cert_file,
+            "key_file": t.key_file,
+            "client_ca_file": t.client_ca_file,
+        })
+    });
+    let a = &config.auth;
+    let tokens: Vec<_> = a
+        .tokens
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "name": t.name,
+                "token_file": match &t.value {
+                    TokenValue::File(p) => Some(p),
+                    TokenValue::Inline(_) => None,
+                },
+                "scopes": t.scopes.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                "namespaces": match &t.namespaces {
+                    Namespaces::All => vec!["*".to_owned()],
+                    Namespaces::Only(set) => set.iter().cloned().collect(),
+                },
+            })
+        })
+        .collect();
+    let auth = serde_json::json!({
+        "enabled": a.enabled,
+        "allow_unauthenticated_loopback": a.allow_unauthenticated_loopback,
+        "tokens_file": a.tokens_file,
+        "tokens": tokens,
+    });
+    (serde_json::json!(tls), auth)
+}
+
 /// The settings operators check against their deployment (ports, paths, time
-/// budgets, memory bound), as JSON.
+/// budgets, memory bound, TLS files, token scopes), as JSON.
 fn describe(config: &Config) -> serde_json::Value {
+    let (tls, auth) = describe_security(config);
     let storage_root = match &config.storage.root {
         StorageRoot::DataDir => String::new(),
         StorageRoot::S3 { bucket, prefix } => format!("s3://{bucket}/{prefix}"),
@@ -155,6 +232,8 @@ fn describe(config: &Config) -> serde_json::Value {
         "max_message_bytes": config.limits.max_message_bytes,
         "max_rows": config.roll.max_rows,
         "memory_bound_bytes": config.memory_bound_bytes(),
+        "tls": tls,
+        "auth": auth,
     })
 }
 

@@ -15,6 +15,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::api::ModelStoreService;
+use crate::auth::{AuthSetupError, Authorizer};
 use crate::compact::{self, Compactor, PartitionReport, PassReport};
 use crate::config::{Config, Durability, StorageRoot};
 use crate::index::{Index, IndexError};
@@ -30,7 +31,8 @@ use crate::recovery::{self, RecoveryError};
 use crate::sink::s3::S3Settings;
 use crate::sink::upload::Uploader;
 use crate::sink::{Files, LocalSink, Remote, SinkError};
-use crate::telemetry::{Metrics, log_summaries};
+use crate::telemetry::{Metrics, Reason, ReasonLabel, log_summaries};
+use crate::tls::{Certificates, ClientCerts, TlsError};
 use crate::wal::{SyncMode, Wal, WalConfig, WalError};
 use crate::web::{self, Activity, Gauges, WebState};
 use crate::writer::snapshot::{SnapshotLoop, SnapshotTarget, Snapshots};
@@ -72,6 +74,10 @@ pub enum ServerError {
     ShutdownTimeout,
     #[error("a start-up task failed: {0}")]
     Task(String),
+    #[error("loading the TLS certificate: {0}")]
+    Tls(#[from] TlsError),
+    #[error("loading the auth tokens: {0}")]
+    Auth(#[from] AuthSetupError),
     #[error("compaction failed: {0}")]
     Compaction(String),
 }
@@ -138,6 +144,35 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     create_dir(&config.data_dir)?;
+    // Certificates and tokens first: a mistake there stops start-up before any
+    // recovery work, and nothing is ever served without them.
+    let (grpc_certs, http_certs) = match &config.tls {
+        Some(files) => (
+            Some(Arc::new(Certificates::load(
+                files,
+                &[b"h2"],
+                ClientCerts::Required,
+            )?)),
+            Some(Arc::new(Certificates::load(
+                files,
+                &[b"http/1.1"],
+                ClientCerts::Optional,
+            )?)),
+        ),
+        None => (None, None),
+    };
+    let authorizer = Arc::new(Authorizer::load(&config.auth)?);
+    tracing::info!(
+        tls = config.tls.is_some(),
+        mutual_tls = config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_some()),
+        auth = authorizer.enabled(),
+        tokens = authorizer.token_count(),
+        unauthenticated_loopback = config.auth.allow_unauthenticated_loopback,
+        "security"
+    );
     let metrics = Metrics::new();
     let daemon_id: Arc<str> = daemon_id(&config)?.into();
     let index = Arc::new(Index::open(&config.data_dir.join("index.redb"))?);
@@ -314,6 +349,14 @@ pub async fn run(
         .max_encoding_message_size(usize::MAX)
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
         .accept_compressed(tonic::codec::CompressionEncoding::Zstd);
+    // Every ModelStore call is authenticated before it is decoded; health and
+    // reflection stay open for probes and tools.
+    let grpc = {
+        let authorizer = Arc::clone(&authorizer);
+        tonic::service::interceptor::InterceptedService::new(grpc, move |req| {
+            crate::api::authenticate(&authorizer, req)
+        })
+    };
 
     // Health (grpc.health.v1) for probes: SERVING now, NOT_SERVING once shutdown
     // begins, for `not_serving_grace` before the listener closes.
@@ -331,19 +374,25 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let grace = config.not_serving_grace;
-    let shutdown = async move {
-        shutdown.await;
-        health
-            .set_not_serving::<ModelStoreServer<ModelStoreService>>()
-            .await;
-        health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-        tracing::info!(
-            grace_ms = grace.as_millis() as u64,
-            "health is NOT_SERVING; draining"
-        );
-        tokio::time::sleep(grace).await;
+    // The HTTP listener's /healthz follows the gRPC health status.
+    let serving = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let shutdown = {
+        let serving = Arc::clone(&serving);
+        async move {
+            shutdown.await;
+            serving.store(false, std::sync::atomic::Ordering::Relaxed);
+            health
+                .set_not_serving::<ModelStoreServer<ModelStoreService>>()
+                .await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            tracing::info!(
+                grace_ms = grace.as_millis() as u64,
+                "health is NOT_SERVING; draining"
+            );
+            tokio::time::sleep(grace).await;
+        }
     };
 
     // Prometheus metrics on their own listener, stopped after the drain.
@@ -355,7 +404,8 @@ pub async fn run(
                 .map_err(|source| ServerError::MetricsListen { addr, source })?;
             tracing::info!(
                 addr = ?listener.local_addr().ok(),
-                "HTTP: web view at /, JSON API at /api/v1, metrics at /metrics"
+                tls = http_certs.is_some(),
+                "HTTP: web view at /, JSON API at /api/v1, metrics at /metrics, health at /healthz"
             );
             let budget = Arc::clone(&budget);
             let spool = uploader.as_ref().map(|u| Arc::clone(u.spool()));
@@ -366,7 +416,8 @@ pub async fn run(
                 metrics: metrics.clone(),
                 activity: Arc::clone(&activity),
                 reads: config.reads.clone(),
-                token: config.http_token.as_ref().map(|t| Arc::from(t.0.as_str())),
+                auth: Arc::clone(&authorizer),
+                serving: Arc::clone(&serving),
                 gauges: Arc::new(move || Gauges {
                     buffered_bytes: budget.used() as u64,
                     memory_budget_bytes: budget.limit() as u64,
@@ -378,13 +429,19 @@ pub async fn run(
                 started: std::time::Instant::now(),
                 read_slots: Arc::new(tokio::sync::Semaphore::new(config.reads.max_concurrent)),
             };
-            Some(tokio::spawn(web::serve(listener, state, async {
-                let _ = metrics_stopped.await;
-            })))
+            Some(tokio::spawn(web::serve(
+                listener,
+                http_certs.clone(),
+                state,
+                async {
+                    let _ = metrics_stopped.await;
+                },
+            )))
         }
         None => None,
     };
     let received = metrics.received_bytes.clone();
+    let refused = metrics.requests_refused.clone();
     let summaries = {
         let budget = Arc::clone(&budget);
         tokio::spawn(log_summaries(
@@ -403,9 +460,12 @@ pub async fn run(
         "mboxd listening"
     );
     // Acks are small and latency-bound: no Nagle delay.
-    let incoming = limit_connections(
-        TcpIncoming::from(listener).with_nodelay(Some(true)),
-        config.max_connections,
+    let incoming = crate::tls::handshakes(
+        limit_connections(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            config.max_connections,
+        ),
+        grpc_certs,
     );
     let served = Server::builder()
         // h2's default 64 KiB windows make a 10,000-point batch (~240 KB) wait for
@@ -418,6 +478,12 @@ pub async fn run(
         ))
         .layer(tower::util::MapResponseLayer::new(
             oversized_is_resource_exhausted,
+        ))
+        .layer(tower::util::MapResponseLayer::new(
+            move |response: http::Response<tonic::body::Body>| {
+                count_refused(&refused, &response);
+                response
+            },
         ))
         .layer(tower::util::MapRequestLayer::new(
             move |req: http::Request<tonic::body::Body>| {
@@ -702,6 +768,23 @@ fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
     }
     response
+}
+
+/// Counts a response refused by authentication (UNAUTHENTICATED, 16) or
+/// authorization (PERMISSION_DENIED, 7); only the auth checks answer those.
+fn count_refused<B>(
+    refused: &prometheus_client::metrics::family::Family<
+        ReasonLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    response: &http::Response<B>,
+) {
+    let reason = match response.headers().get("grpc-status").map(|v| v.as_bytes()) {
+        Some(b"16") => Reason::unauthenticated,
+        Some(b"7") => Reason::permission_denied,
+        _ => return,
+    };
+    refused.get_or_create(&ReasonLabel { reason }).inc();
 }
 
 /// A request body that counts the bytes it yields into `received`.

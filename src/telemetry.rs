@@ -38,15 +38,21 @@ pub enum Reason {
     resource_exhausted,
     unavailable,
     internal,
+    /// No token, or one that is not configured.
+    unauthenticated,
+    /// A token outside its scope or namespaces.
+    permission_denied,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 5] = [
+    pub const ALL: [Reason; 7] = [
         Reason::invalid_argument,
         Reason::not_found,
         Reason::resource_exhausted,
         Reason::unavailable,
         Reason::internal,
+        Reason::unauthenticated,
+        Reason::permission_denied,
     ];
 
     pub fn of(code: tonic::Code) -> Self {
@@ -55,6 +61,8 @@ impl Reason {
             tonic::Code::NotFound => Reason::not_found,
             tonic::Code::ResourceExhausted => Reason::resource_exhausted,
             tonic::Code::Unavailable => Reason::unavailable,
+            tonic::Code::Unauthenticated => Reason::unauthenticated,
+            tonic::Code::PermissionDenied => Reason::permission_denied,
             _ => Reason::internal,
         }
     }
@@ -91,6 +99,9 @@ pub struct Metrics {
     pub events_accepted: Counter,
     pub events_rejected: Family<ReasonLabel, Counter>,
     pub received_bytes: Counter,
+    /// gRPC and HTTP API requests refused by authentication (unauthenticated) or
+    /// authorization (permission_denied).
+    pub requests_refused: Family<ReasonLabel, Counter>,
     pub queue_pushes: Counter,
     pub queue_pops: Counter,
     pub buffered_bytes: Gauge,
@@ -129,6 +140,7 @@ impl Metrics {
             events_accepted: Counter::default(),
             events_rejected: Family::default(),
             received_bytes: Counter::default(),
+            requests_refused: Family::default(),
             queue_pushes: Counter::default(),
             queue_pops: Counter::default(),
             buffered_bytes: Gauge::default(),
@@ -177,6 +189,12 @@ impl Metrics {
             "received_bytes",
             "gRPC request body bytes received",
             m.received_bytes.clone(),
+        );
+        r.register(
+            "requests_refused",
+            "gRPC and HTTP API requests refused for want of a valid token \
+             (unauthenticated) or of its permission (permission_denied)",
+            m.requests_refused.clone(),
         );
         r.register(
             "queue_pushes",

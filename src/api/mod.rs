@@ -3,6 +3,12 @@
 //! Each handler validates its request into typed values ([`validate`]), hands them to
 //! the index or the ingest path, and maps failures through [`status`]. Blocking work
 //! (index transactions, Parquet reads) runs on tokio's blocking pool.
+//!
+//! Authentication runs before any handler, in [`authenticate`] (a tonic
+//! interceptor): it puts the request's [`Principal`] in its extensions, or answers
+//! UNAUTHENTICATED. Each handler checks that principal's scope against the
+//! namespace of what it touches, once that is known, and answers PERMISSION_DENIED
+//! naming the namespace.
 
 pub mod batcher;
 pub mod codec;
@@ -16,7 +22,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::config::{Limits, Reads};
+use crate::auth::{AuthError, Authorizer, Principal};
+use crate::config::{Limits, Reads, Scope};
 use crate::index::Index;
 use crate::ingest::{Accepted, Batch, Ingest};
 use crate::model::{Clock, ExperimentRecord, MetricValue};
@@ -122,6 +129,25 @@ fn tally(
     result
 }
 
+/// The tonic interceptor in front of the ModelStore service: who the request comes
+/// from (its `authorization` metadata and its peer address), before anything of
+/// it is decoded or looked up.
+pub fn authenticate(auth: &Authorizer, mut req: Request<()>) -> Result<Request<()>, Status> {
+    let header = req.metadata().get("authorization").map(|v| v.as_bytes());
+    let who = auth.authenticate(req.remote_addr(), header)?;
+    req.extensions_mut().insert(who);
+    Ok(req)
+}
+
+/// The principal [`authenticate`] found. A request without one did not pass
+/// through it, and is refused.
+fn principal<T>(req: &Request<T>) -> Result<Principal, Status> {
+    req.extensions()
+        .get::<Principal>()
+        .cloned()
+        .ok_or_else(|| AuthError::MissingToken.into())
+}
+
 /// Runs blocking work off the async runtime.
 async fn blocking<T, F>(f: F) -> Result<T, ApiError>
 where
@@ -196,6 +222,9 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::CreateExperimentRequest>,
     ) -> Reply<proto::CreateExperimentResponse> {
+        let who = principal(&req)?;
+        let ns = validate::namespace("namespace", req.get_ref().namespace.clone(), &self.limits)?;
+        who.allow(Scope::Write, &ns)?;
         let (new, metadata) = validate::create_experiment(req.into_inner(), &self.limits)?;
         let (record, existed) = self
             .creates
@@ -215,6 +244,7 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::GetExperimentRequest>,
     ) -> Reply<proto::GetExperimentResponse> {
+        let who = principal(&req)?;
         let id = req.into_inner().id;
         if id.is_empty() {
             return Err(ApiError::invalid("id", "required").into());
@@ -226,6 +256,7 @@ impl ModelStore for ModelStoreService {
                 .ok_or_else(|| ApiError::experiment_not_found("id", &id))
         })
         .await?;
+        who.allow(Scope::Read, &record.namespace)?;
         Ok(Response::new(proto::GetExperimentResponse {
             experiment: Some(experiment_proto(record)),
         }))
@@ -235,8 +266,10 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::ListExperimentsRequest>,
     ) -> Reply<proto::ListExperimentsResponse> {
+        let who = principal(&req)?;
         let req = req.into_inner();
         let ns = validate::namespace("namespace", req.namespace.clone(), &self.limits)?;
+        who.allow(Scope::Read, &ns)?;
         let query = validate::search(&req.filter, &req.order_by, &req.page_token)?;
         let details = req.include_details;
         // ModelBox clients send no page size: the newest experiments, up to a page
@@ -271,8 +304,10 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::UpdateMetadataRequest>,
     ) -> Reply<proto::UpdateMetadataResponse> {
+        let who = principal(&req)?;
         let req = req.into_inner();
-        validate::experiment("parent_id", &req.parent_id, &self.index)?;
+        let experiment = validate::experiment("parent_id", &req.parent_id, &self.index)?;
+        who.allow(Scope::Write, &experiment.namespace)?;
         let entries = validate::metadata("metadata", req.metadata, &self.limits)?;
         let written = i32::try_from(entries.len()).unwrap_or(i32::MAX);
         let index = Arc::clone(&self.index);
@@ -288,8 +323,10 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::ListMetadataRequest>,
     ) -> Reply<proto::ListMetadataResponse> {
+        let who = principal(&req)?;
         let parent_id = req.into_inner().parent_id;
-        validate::experiment("parent_id", &parent_id, &self.index)?;
+        let experiment = validate::experiment("parent_id", &parent_id, &self.index)?;
+        who.allow(Scope::Read, &experiment.namespace)?;
         let index = Arc::clone(&self.index);
         let entries = blocking(move || Ok(index.list_metadata(&parent_id)?)).await?;
         Ok(Response::new(proto::ListMetadataResponse {
@@ -304,12 +341,20 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::LogMetricsRequest>,
     ) -> Reply<proto::LogMetricsResponse> {
+        let who = principal(&req)?;
         let mut req = req.into_inner();
         let sent = req.blocks.iter().map(|b| b.steps.len()).sum::<usize>()
             + usize::from(req.value.is_some());
         let client_batch_id = std::mem::take(&mut req.client_batch_id);
         validate::client_batch_id(&client_batch_id, &self.limits)?;
-        let batch = validate::log_metrics(req, &self.index, &self.limits, self.clock.now());
+        // Every block's experiment must be writable, or nothing of the batch is.
+        let batch = validate::log_metrics(req, &self.index, &self.limits, self.clock.now())
+            .and_then(|b| {
+                for block in b.blocks() {
+                    who.allow(Scope::Write, &block.experiment.namespace)?;
+                }
+                Ok(b)
+            });
         let per_experiment: Vec<(Arc<str>, u64)> = match &batch {
             Ok(b) => b
                 .blocks()
@@ -341,8 +386,10 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::GetMetricsRequest>,
     ) -> Reply<proto::GetMetricsResponse> {
+        let who = principal(&req)?;
         let req = req.into_inner();
         let experiment = validate::experiment("parent_id", &req.parent_id, &self.index)?;
+        who.allow(Scope::Read, &experiment.namespace)?;
         let query = validate::series_query(&req, &self.limits, &self.reads)?;
         let _slot = self
             .read_slots
@@ -390,12 +437,16 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::LogEventRequest>,
     ) -> Reply<proto::LogEventResponse> {
+        let who = principal(&req)?;
         let mut req = req.into_inner();
         let sent = usize::from(req.event.is_some()) + req.events.len();
         let now = self.clock.now();
         let client_batch_id = std::mem::take(&mut req.client_batch_id);
         validate::client_batch_id(&client_batch_id, &self.limits)?;
-        let batch = validate::log_event(req, &self.index, &self.limits, now);
+        let batch = validate::log_event(req, &self.index, &self.limits, now).and_then(|b| {
+            who.allow(Scope::Write, &b.experiment().namespace)?;
+            Ok(b)
+        });
         let m = &self.metrics;
         let accepted = tally(
             self.submit(batch.map(Batch::Events), &client_batch_id)
@@ -415,8 +466,10 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::ListEventsRequest>,
     ) -> Reply<proto::ListEventsResponse> {
+        let who = principal(&req)?;
         let req = req.into_inner();
         let experiment = validate::experiment("parent_id", &req.parent_id, &self.index)?;
+        who.allow(Scope::Read, &experiment.namespace)?;
         let since = req
             .since
             .as_ref()

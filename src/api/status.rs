@@ -2,6 +2,7 @@
 
 use tonic::{Code, Status};
 
+use crate::auth::AuthError;
 use crate::index::IndexError;
 use crate::ingest::IngestError;
 use crate::query::QueryError;
@@ -27,6 +28,9 @@ pub enum ApiError {
     Index(#[from] IndexError),
     #[error(transparent)]
     Query(#[from] QueryError),
+    /// No valid token, or one outside its scope or namespaces.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     #[error("internal task failed: {0}")]
     Task(String),
 }
@@ -48,10 +52,18 @@ impl ApiError {
     }
 }
 
+impl From<AuthError> for Status {
+    fn from(err: AuthError) -> Self {
+        ApiError::Auth(err).into()
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Self {
         match err {
             ApiError::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
+            ApiError::Auth(e) if e.is_unauthenticated() => Status::unauthenticated(e.to_string()),
+            ApiError::Auth(e) => Status::permission_denied(e.to_string()),
             ApiError::NotFound { .. } => Status::not_found(err.to_string()),
             ApiError::Index(IndexError::ExperimentNotFound(id)) => {
                 Status::not_found(format!("parent_id: experiment {id:?} not found"))

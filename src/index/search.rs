@@ -404,6 +404,19 @@ impl<'t> Candidate<'t> {
         })
     }
 
+    /// Is the experiment in one of these namespaces (`None`: any)?
+    fn visible(
+        &mut self,
+        visible: Option<&std::collections::BTreeSet<String>>,
+    ) -> Result<bool, IndexError> {
+        let Some(visible) = visible else {
+            return Ok(true);
+        };
+        Ok(self
+            .record()?
+            .is_some_and(|r| visible.contains(&r.namespace)))
+    }
+
     fn matches(&mut self, conditions: &[Condition]) -> Result<bool, IndexError> {
         for c in conditions {
             let have = self.value(&c.field)?;
@@ -525,6 +538,20 @@ impl Index {
         page_size: usize,
         cursor: Option<&SearchCursor>,
     ) -> Result<SearchPage, IndexError> {
+        self.search_within(namespace, None, search, page_size, cursor)
+    }
+
+    /// [`Index::search`] among the experiments of `visible` namespaces only
+    /// (`None`: every namespace), for a caller who may read only those: paging and
+    /// order are as if the others did not exist.
+    pub fn search_within(
+        &self,
+        namespace: Option<&str>,
+        visible: Option<&std::collections::BTreeSet<String>>,
+        search: &Search,
+        page_size: usize,
+        cursor: Option<&SearchCursor>,
+    ) -> Result<SearchPage, IndexError> {
         let scope = namespace.unwrap_or(ALL);
         let read = self.db.begin_read().map_err(storage)?;
         let tables = Tables {
@@ -585,7 +612,7 @@ impl Index {
                         continue;
                     }
                     let mut c = Candidate::new(id.to_owned(), &tables);
-                    if c.matches(conditions)? {
+                    if c.visible(visible)? && c.matches(conditions)? {
                         found.push((values, c));
                         if found.len() > page_size && full_at.is_none() {
                             if !sort.descending {
@@ -605,7 +632,11 @@ impl Index {
                 self.each_id(&read, scope, from, &mut |id| {
                     let mut c = Candidate::new(id.to_owned(), &tables);
                     let values = c.sort_values(&order)?;
-                    if values[0] == Value::Null && after(&values, id) && c.matches(conditions)? {
+                    if values[0] == Value::Null
+                        && after(&values, id)
+                        && c.visible(visible)?
+                        && c.matches(conditions)?
+                    {
                         found.push((values, c));
                     }
                     Ok(found.len() <= page_size)
@@ -615,7 +646,7 @@ impl Index {
             // Walk the whole scope, keeping the best page after the cursor.
             self.each_id(&read, scope, None, &mut |id| {
                 let mut c = Candidate::new(id.to_owned(), &tables);
-                if !c.matches(conditions)? {
+                if !c.visible(visible)? || !c.matches(conditions)? {
                     return Ok(true);
                 }
                 let values = c.sort_values(&order)?;

@@ -1,31 +1,43 @@
-//! The HTTP listener: Prometheus `/metrics`, the read-only web view (static files
-//! embedded in the binary) and the JSON API it is built on (`docs/http-api.md`).
-//! Every read goes through the same [`Reader`] and index search as gRPC.
+//! The HTTP listener: Prometheus `/metrics`, `/healthz` for probes, the read-only
+//! web view (static files embedded in the binary) and the JSON API it is built on
+//! (`docs/http-api.md`). Every read goes through the same [`Reader`] and index
+//! search as gRPC.
+//!
+//! Only `/api/` is protected: [`authenticate`] finds the caller's [`Principal`]
+//! (401 without a valid token, unless exempt; with authentication off, the API
+//! serves loopback clients only), and each handler checks it may read the
+//! namespace of what it returns (403 naming the namespace). Pages, assets,
+//! `/metrics` and `/healthz` stay open for browsers, Prometheus and probes. With
+//! TLS configured the whole listener speaks HTTPS ([`HttpListener`]).
 
 pub mod activity;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, RawQuery, Request, State};
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Extension, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value as Json, json};
 
-use crate::config::Reads;
+use crate::auth::{AuthError, Authorizer, Principal, Visible};
+use crate::config::{Reads, Scope};
 use crate::index::search::{ExperimentDetail, SearchCursor, framework_name};
 use crate::index::{Index, IndexError};
 use crate::model::{ExperimentRef, MetricValue};
 use crate::paths::valid_namespace;
 use crate::query::{QueryError, Reader, SeriesQuery};
 use crate::search::{Search, parse_filter, parse_order_by};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, Reason, ReasonLabel};
+use crate::tls::{Certificates, MaybeTls};
 
 pub use activity::Activity;
 
@@ -52,8 +64,11 @@ pub struct WebState {
     pub metrics: Metrics,
     pub activity: Arc<Activity>,
     pub reads: Reads,
-    /// The bearer token the API asks of clients not on loopback.
-    pub token: Option<Arc<str>>,
+    /// Who may read what through the API.
+    pub auth: Arc<Authorizer>,
+    /// False once shutdown begins: `/healthz` answers 503, as gRPC health
+    /// answers NOT_SERVING.
+    pub serving: Arc<AtomicBool>,
     pub gauges: Arc<dyn Fn() -> Gauges + Send + Sync>,
     pub started: Instant,
     pub read_slots: Arc<tokio::sync::Semaphore>,
@@ -62,20 +77,93 @@ pub struct WebState {
 impl std::fmt::Debug for WebState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebState")
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("auth", &self.auth)
             .finish_non_exhaustive()
+    }
+}
+
+/// The HTTP listener's connections, in TLS when certificates are configured
+/// (handshakes off the accept loop, see [`crate::tls::handshakes`]).
+pub struct HttpListener {
+    local: SocketAddr,
+    connections: std::pin::Pin<
+        Box<dyn futures::Stream<Item = std::io::Result<MaybeTls<tokio::net::TcpStream>>> + Send>,
+    >,
+}
+
+impl std::fmt::Debug for HttpListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpListener")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpListener {
+    pub fn new(
+        listener: tokio::net::TcpListener,
+        certificates: Option<Arc<Certificates>>,
+    ) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        let accepted = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        Ok(Self {
+            local,
+            connections: Box::pin(crate::tls::handshakes(accepted, certificates)),
+        })
+    }
+}
+
+impl axum::serve::Listener for HttpListener {
+    type Io = MaybeTls<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use futures::StreamExt;
+        loop {
+            match self.connections.next().await {
+                Some(Ok(io)) => {
+                    // A peer that is already gone counts as not on loopback.
+                    let peer = io
+                        .inner()
+                        .peer_addr()
+                        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                    return (io, peer);
+                }
+                Some(Err(e)) => {
+                    // Out of file descriptors and the like: wait, as axum does.
+                    tracing::warn!(error = %e, "accepting an HTTP connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// The client's address, for the loopback exemption.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+impl Connected<axum::serve::IncomingStream<'_, HttpListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, HttpListener>) -> Self {
+        Peer(*stream.remote_addr())
     }
 }
 
 /// Serves the HTTP listener until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    certificates: Option<Arc<Certificates>>,
     state: WebState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+        HttpListener::new(listener, certificates)?,
+        router(state).into_make_service_with_connect_info::<Peer>(),
     )
     .with_graceful_shutdown(shutdown)
     .await
@@ -92,9 +180,14 @@ pub fn router(state: WebState) -> Router {
         .route("/v1/health", get(health))
         .fallback(api_not_found)
         .method_not_allowed_fallback(api_method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), authorize));
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::map_response_with_state(
+            state.clone(),
+            count_refused,
+        ));
     Router::new()
         .route("/metrics", get(prometheus))
+        .route("/healthz", get(healthz))
         .route("/", get(page))
         .route("/experiments/{id}", get(page))
         .route("/compare", get(page))
@@ -129,6 +222,8 @@ enum HttpError {
     },
     NotFound(String),
     Unavailable(String),
+    /// 401 or 403.
+    Auth(AuthError),
     /// Logged; the client is told only that it happened.
     Internal(String),
 }
@@ -143,6 +238,7 @@ impl IntoResponse for HttpError {
             HttpError::NotFound(message) => {
                 json_response(StatusCode::NOT_FOUND, &json!({ "error": message }))
             }
+            HttpError::Auth(e) => auth_response(&e),
             HttpError::Unavailable(message) => json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &json!({ "error": message }),
@@ -162,6 +258,12 @@ fn bad(parameter: &str, message: impl std::fmt::Display) -> HttpError {
     HttpError::Bad {
         parameter: parameter.to_owned(),
         message: message.to_string(),
+    }
+}
+
+impl From<AuthError> for HttpError {
+    fn from(e: AuthError) -> Self {
+        HttpError::Auth(e)
     }
 }
 
@@ -191,40 +293,16 @@ async fn blocking<T: Send + 'static>(
 
 // --- authorization -------------------------------------------------------------
 
-/// The API asks clients that are not on loopback for the configured bearer token
-/// (without one configured, it serves loopback only). Pages and assets need none:
-/// a browser cannot add the header to a page load; the page asks for the token
-/// when the API answers 401.
-async fn authorize(
-    State(state): State<WebState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let allowed = match (&state.token, presented) {
-        (Some(token), Some(p)) => constant_time_eq(token.as_bytes(), p.as_bytes()),
-        (Some(_), None) if peer.ip().is_loopback() => true,
-        (Some(_), None) => false,
-        (None, _) => peer.ip().is_loopback(),
+/// 401 (no valid token; with `WWW-Authenticate: Bearer`, so the page asks for
+/// one) or 403 (a token without the permission, or a client off loopback while
+/// authentication is off).
+fn auth_response(e: &AuthError) -> Response {
+    let status = if e.is_unauthenticated() {
+        StatusCode::UNAUTHORIZED
+    } else {
+        StatusCode::FORBIDDEN
     };
-    if allowed {
-        return next.run(request).await;
-    }
-    let (status, message) = match (&state.token, presented) {
-        (None, _) => (
-            StatusCode::FORBIDDEN,
-            "the API serves loopback clients only unless [http] token is configured",
-        ),
-        (Some(_), None) => (StatusCode::UNAUTHORIZED, "a bearer token is required"),
-        (Some(_), Some(_)) => (StatusCode::UNAUTHORIZED, "the bearer token is not valid"),
-    };
-    let mut r = json_response(status, &json!({ "error": message }));
+    let mut r = json_response(status, &json!({ "error": e.to_string() }));
     if status == StatusCode::UNAUTHORIZED {
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -232,13 +310,42 @@ async fn authorize(
     r
 }
 
-/// Compares secrets without revealing where they differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = u8::from(a.len() != b.len());
-    for (i, x) in a.iter().enumerate() {
-        diff |= x ^ b.get(i).copied().unwrap_or(0);
+/// Finds who an API request comes from (see [`Authorizer::authenticate_http`])
+/// before anything is looked up, and hands the [`Principal`] to the handler. Pages
+/// and assets need no token: a browser cannot add the header to a page load; the
+/// page asks for the token when the API answers 401.
+async fn authenticate(
+    State(state): State<WebState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    match state.auth.authenticate_http(Some(peer.0), header) {
+        Ok(who) => {
+            request.extensions_mut().insert(who);
+            next.run(request).await
+        }
+        Err(e) => auth_response(&e),
     }
-    diff == 0
+}
+
+/// Counts API requests refused with 401 or 403 (only the auth checks answer those).
+async fn count_refused(State(state): State<WebState>, response: Response) -> Response {
+    let reason = match response.status() {
+        StatusCode::UNAUTHORIZED => Reason::unauthenticated,
+        StatusCode::FORBIDDEN => Reason::permission_denied,
+        _ => return response,
+    };
+    state
+        .metrics
+        .requests_refused
+        .get_or_create(&ReasonLabel { reason })
+        .inc();
+    response
 }
 
 async fn api_not_found(uri: axum::http::Uri) -> HttpError {
@@ -300,6 +407,23 @@ async fn page() -> Result<Response, HttpError> {
 
 async fn asset(Path(path): Path<String>) -> Result<Response, HttpError> {
     file(&path).ok_or_else(|| not_found(format!("no file {path}")))
+}
+
+/// For probes: 200 while serving, 503 once shutdown has begun (as gRPC health's
+/// NOT_SERVING). Reachable means start-up (WAL replay) is done: the listener opens
+/// only then.
+async fn healthz(State(state): State<WebState>) -> Response {
+    let (status, body) = if state.serving.load(Ordering::Relaxed) {
+        (StatusCode::OK, "SERVING\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n")
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
 }
 
 async fn prometheus(State(state): State<WebState>) -> Response {
@@ -430,9 +554,16 @@ fn unknown_experiment(id: &str) -> HttpError {
 
 // --- handlers ------------------------------------------------------------------
 
-async fn namespaces(State(state): State<WebState>) -> Result<Response, HttpError> {
+async fn namespaces(
+    State(state): State<WebState>,
+    Extension(who): Extension<Principal>,
+) -> Result<Response, HttpError> {
+    who.allow_any(Scope::Read)?;
     let index = Arc::clone(&state.index);
-    let ns = blocking(move || index.namespaces().map_err(internal)).await?;
+    let mut ns = blocking(move || index.namespaces().map_err(internal)).await?;
+    if let Visible::Only(readable) = who.readable() {
+        ns.retain(|n| readable.contains(n));
+    }
     Ok(ok(json!({ "namespaces": ns })))
 }
 
@@ -441,6 +572,7 @@ const MAX_PAGE: i64 = 1000;
 
 async fn experiments(
     State(state): State<WebState>,
+    Extension(who): Extension<Principal>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, HttpError> {
     let p = params(raw);
@@ -481,11 +613,31 @@ async fn experiments(
         ))
     };
     let (namespace, search, page_size, cursor) = run()?;
+    // One namespace: it must be readable. Every namespace: those readable.
+    let visible = match &namespace {
+        Some(ns) => {
+            who.allow(Scope::Read, ns)?;
+            None
+        }
+        None => {
+            who.allow_any(Scope::Read)?;
+            match who.readable() {
+                Visible::All => None,
+                Visible::Only(set) => Some(set),
+            }
+        }
+    };
     let index = Arc::clone(&state.index);
     let activity = Arc::clone(&state.activity);
     let page = blocking(move || {
         index
-            .search(namespace.as_deref(), &search, page_size, cursor.as_ref())
+            .search_within(
+                namespace.as_deref(),
+                visible.as_ref(),
+                &search,
+                page_size,
+                cursor.as_ref(),
+            )
             .map_err(internal)
     })
     .await?;
@@ -497,6 +649,7 @@ async fn experiments(
 
 async fn experiment(
     State(state): State<WebState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, HttpError> {
     let (index, reader, activity) = (
@@ -508,6 +661,7 @@ async fn experiment(
         let Some((d, r)) = detail(&index, &id).map_err(internal)? else {
             return Err(unknown_experiment(&id));
         };
+        who.allow(Scope::Read, &r.namespace)?;
         let keys = reader.keys(&r).map_err(from_query_error)?;
         Ok((d, keys))
     })
@@ -520,6 +674,7 @@ async fn experiment(
 
 async fn events(
     State(state): State<WebState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, HttpError> {
@@ -530,6 +685,7 @@ async fn events(
         let Some(r) = index.experiment_ref(&id).map_err(internal)? else {
             return Err(unknown_experiment(&id));
         };
+        who.allow(Scope::Read, &r.namespace)?;
         reader.events(&r).map_err(from_query_error)
     })
     .await?;
@@ -555,6 +711,7 @@ const DEFAULT_BUCKETS: i64 = 1000;
 
 async fn series(
     State(state): State<WebState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, HttpError> {
@@ -588,6 +745,7 @@ async fn series(
         let Some(r) = index.experiment_ref(&id).map_err(internal)? else {
             return Err(unknown_experiment(&id));
         };
+        who.allow(Scope::Read, &r.namespace)?;
         let known = reader.keys(&r).map_err(from_query_error)?;
         let wanted: Vec<String> = if keys.is_empty() {
             known
@@ -659,7 +817,13 @@ fn extend(array: &mut Json, items: impl Iterator<Item = Json>) {
     }
 }
 
-async fn health(State(state): State<WebState>, _headers: HeaderMap) -> Response {
+async fn health(
+    State(state): State<WebState>,
+    Extension(who): Extension<Principal>,
+    _headers: HeaderMap,
+) -> Result<Response, HttpError> {
+    // Figures of the whole daemon: for any token that may read.
+    who.allow_any(Scope::Read)?;
     let g = (state.gauges)();
     let m = &state.metrics;
     let family_total = |f: &prometheus_client::metrics::family::Family<
@@ -685,7 +849,7 @@ async fn health(State(state): State<WebState>, _headers: HeaderMap) -> Response 
                 .get()
         })
         .sum();
-    ok(json!({
+    Ok(ok(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": state.started.elapsed().as_secs_f64(),
         "points_accepted_total": m.points_accepted.get(),
@@ -702,5 +866,5 @@ async fn health(State(state): State<WebState>, _headers: HeaderMap) -> Response 
         "spool_files": g.spool_files,
         "compactions_total": m.compactions.get(),
         "compacted_files_total": m.compacted_files.get(),
-    }))
+    })))
 }

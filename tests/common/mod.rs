@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
 pub mod s3;
+pub mod tls;
 
 pub type Client = ModelStoreClient<Channel>;
 
@@ -24,9 +25,12 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: Config) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        Self::start_on("127.0.0.1:0".parse().expect("addr"), config).await
+    }
+
+    /// Starts mboxd with its gRPC listener on `addr` (port 0 for any).
+    pub async fn start_on(addr: std::net::SocketAddr, config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(mboxd::server::run(config.clone(), listener, async {

@@ -69,7 +69,9 @@ def _kill_leftovers():
 class Mboxd:
     """A running mboxd process with its own data folder."""
 
-    def __init__(self, data_dir: pathlib.Path, extra_args=(), listen="127.0.0.1:0", metrics_listen="127.0.0.1:0"):
+    def __init__(self, data_dir: pathlib.Path, extra_args=(), listen="127.0.0.1:0", metrics_listen="127.0.0.1:0",
+                 credentials=None):
+        """credentials: grpc.ssl_channel_credentials for an mboxd serving TLS."""
         self.data_dir = data_dir
         self.metrics_listen = metrics_listen
         self.addr_file = data_dir.parent / f"{data_dir.name}.addr"
@@ -102,7 +104,8 @@ class Mboxd:
             time.sleep(0.02)
         self.addr = self.addr_file.read_text().strip()
         self.port = int(self.addr.rsplit(":", 1)[1])
-        self.channel = grpc.insecure_channel(self.addr)
+        self.channel = (grpc.insecure_channel(self.addr) if credentials is None
+                        else grpc.secure_channel(self.addr, credentials))
         grpc.channel_ready_future(self.channel).result(timeout=10)
 
     @property
@@ -131,6 +134,30 @@ class Mboxd:
         if self.proc.poll() is None:
             self.proc.kill()
         return self.proc.wait(timeout=60)
+
+
+def make_test_pki(folder: pathlib.Path) -> dict:
+    """A CA and a server certificate for localhost and 127.0.0.1, made now with the
+    openssl command: paths of ca.crt, server.crt and server.key."""
+    import shutil
+
+    openssl = shutil.which("openssl")
+    if not openssl:
+        pytest.skip("the openssl command is needed to make a test CA")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def run(*args):
+        subprocess.run([openssl, *args], check=True, capture_output=True, cwd=folder)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=mbox test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=mboxd")
+    (folder / "server.ext").write_text(
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+        "-extfile", "server.ext", "-out", "server.crt")
+    return {name: folder / f"{name}" for name in ("ca.crt", "server.crt", "server.key")}
 
 
 def free_port() -> int:

@@ -2,7 +2,9 @@
 validates against the Kubernetes schemas (kubernetes-validate, strict), and the
 manifests agree with the configuration mboxd itself derives from them (`mboxd
 config` over the rendered ConfigMap, args and env): ports, probes, volumes, the
-termination grace period and the memory bound."""
+termination grace period, the memory bound, and what protects each listener (gRPC
+on the pod's loopback in a sidecar; TLS and tokens from Secrets, mounted where the
+configuration looks for them, everywhere else)."""
 
 import json
 import os
@@ -33,10 +35,16 @@ def kubectl() -> str:
 
 
 def render(overlay: str) -> list[dict]:
-    out = subprocess.run(
+    done = subprocess.run(
         [kubectl(), "kustomize", str(ROOT / "deploy/kubernetes/overlays" / overlay)],
-        check=True, capture_output=True, text=True,
-    ).stdout
+        capture_output=True, text=True,
+    )
+    if done.returncode != 0:
+        hint = ""
+        if "components" in done.stderr:
+            hint = " (Kustomize components need kubectl 1.21 or later; set MBOXD_KUBECTL to one)"
+        pytest.fail(f"kubectl kustomize {overlay} failed{hint}: {done.stderr}")
+    out = done.stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
@@ -109,15 +117,48 @@ def test_overlay_renders_validates_and_agrees_with_mboxd_config(overlay, tmp_pat
     cfg = effective_config(docs, spec, mboxd, tmp_path)
     ports = {p["name"]: p["containerPort"] for p in mboxd["ports"]}
 
-    # Ports: what mboxd listens on, on every interface (the kubelet probes the pod IP).
-    assert cfg["listen"] == f"0.0.0.0:{ports['grpc']}"
+    # Ports: gRPC on the pod IP behind a Service, or (sidecar) on the pod's loopback
+    # only, where the trainer reaches it and no other pod can; the HTTP listener
+    # (metrics, probes) on the pod IP.
+    if overlay == "sidecar":
+        assert cfg["listen"] == "127.0.0.1:8085", "a sidecar's gRPC stays on the pod's loopback"
+        assert ports == {"metrics": 9185}, "no gRPC port on the pod IP"
+    else:
+        assert cfg["listen"] == f"0.0.0.0:{ports['grpc']}"
+        # ...and the defaults the image and the README use.
+        assert ports == {"grpc": 8085, "metrics": 9185}
     assert cfg["metrics_listen"] == f"0.0.0.0:{ports['metrics']}"
-    # ...and the defaults the image and the README use.
-    assert ports == {"grpc": 8085, "metrics": 9185}
 
-    # Probes: gRPC health on the gRPC port, for start-up, readiness and liveness.
+    # Probes: /healthz on the HTTP listener (the kubelet reaches neither the
+    # loopback nor, speaking no TLS, a TLS gRPC port), in HTTPS when TLS is on.
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert mboxd[probe]["grpc"]["port"] == ports["grpc"], probe
+        get = mboxd[probe]["httpGet"]
+        assert "grpc" not in mboxd[probe], probe
+        assert get["path"] == "/healthz", probe
+        assert get["port"] in ("metrics", ports["metrics"]), probe
+        assert get.get("scheme", "HTTP") == ("HTTPS" if cfg["tls"] else "HTTP"), probe
+
+    # Protection: what other pods can reach is served in TLS, with tokens.
+    secret_mounts = {}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for m in mboxd["volumeMounts"]:
+        secret = volumes[m["name"]].get("secret")
+        if secret:
+            assert not secret.get("optional"), "no Secret, no pod: never serve unprotected"
+            secret_mounts[m["mountPath"]] = secret["secretName"]
+
+    def secret_of(path: str) -> str:
+        p = pathlib.PurePosixPath(path)
+        assert str(p.parent) in secret_mounts, f"{path} is not in a mounted Secret"
+        return secret_mounts[str(p.parent)], p.name
+
+    if overlay == "sidecar":
+        assert cfg["tls"] is None and cfg["auth"]["enabled"] is False
+    else:
+        assert secret_of(cfg["tls"]["cert_file"]) == ("mboxd-tls", "tls.crt")
+        assert secret_of(cfg["tls"]["key_file"]) == ("mboxd-tls", "tls.key")
+        assert cfg["auth"]["enabled"] is True
+        assert secret_of(cfg["auth"]["tokens_file"]) == ("mboxd-tokens", "tokens.toml")
 
     # Volumes: the data folder is a mounted volume (the root file system is
     # read-only), an emptyDir in a sidecar and a claim that exists otherwise.
@@ -142,7 +183,8 @@ def test_overlay_renders_validates_and_agrees_with_mboxd_config(overlay, tmp_pat
         assert mboxd in spec["initContainers"] and mboxd["restartPolicy"] == "Always"
         trainer = next(c for c in spec["containers"] if c["name"] == "trainer")
         env = {e["name"]: e.get("value") for e in trainer["env"]}
-        assert env["MBOX_ADDR"] == f"localhost:{ports['grpc']}"
+        assert env["MBOX_ADDR"] == cfg["listen"]
+        assert cfg["auth"]["allow_unauthenticated_loopback"] is True, "the trainer sends no token"
         assert cfg["storage_root"].startswith("s3://")
         assert any(e.get("secretRef", {}).get("name") == "mboxd-s3" for e in mboxd["envFrom"])
     else:
@@ -168,3 +210,4 @@ def test_overlay_renders_validates_and_agrees_with_mboxd_config(overlay, tmp_pat
             (endpoint,) = monitor["spec"]["endpoints"]
             assert endpoint["port"] in service_ports and service_ports[endpoint["port"]]["port"] == port_of(cfg["metrics_listen"])
             assert endpoint["path"] == "/metrics"
+            assert endpoint["scheme"] == "https" and endpoint["tlsConfig"]["ca"]["secret"]["name"] == "mboxd-tls"

@@ -19,6 +19,9 @@ flush too. Every batch carries a client batch id, kept on its retries, so a retr
 after a lost response is not stored twice. Importing mbox imports neither torch nor
 lightning; it works with protobuf 4.21 to 7.x and grpcio 1.56 onwards.
 
+Where mboxd asks for a token and TLS: ``mbox.Client(addr, token=..., tls="ca.crt")``,
+or MBOX_TOKEN and MBOX_TLS_CA in the environment (the default client reads them).
+
 Reading: ``experiment.metrics(keys, start_step, end_step, max_points)``,
 ``experiment.metadata()``, ``experiment.events()``, and run search with
 ``mbox.search(namespace, filter=..., order_by=[...])`` / ``mbox.search_df(...)``.
@@ -32,7 +35,7 @@ _os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "true")
 _os.environ.setdefault("GRPC_POLL_STRATEGY", "poll")
 
 from ._types import Event, EventSource, MetricSeries, MetricSummary, MLFramework, UpdateMetadataResult
-from .client import Client, DeliveryError, default_client
+from .client import TLS, Client, DeliveryError, default_client
 from .experiment import Experiment
 
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "MLFramework",
     "MetricSeries",
     "MetricSummary",
+    "TLS",
     "UpdateMetadataResult",
     "close",
     "default_client",

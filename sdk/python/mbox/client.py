@@ -2,6 +2,7 @@
 that batches metrics and events into mboxd's columnar requests."""
 
 import atexit
+import collections
 import datetime
 import json
 import logging
@@ -89,6 +90,101 @@ def to_metric_value(v):
     raise TypeError(f"metric values must be numbers, str or bytes, not {t.__name__}")
 
 
+class TLS:
+    """TLS for a connection to mboxd (``Client(tls=...)``).
+
+    ca: the CA certificate(s) to trust, as a PEM file path or PEM bytes (default:
+        the system's roots). cert, key: a client certificate and its key, path or
+        PEM bytes, for mboxd with mutual TLS. server_name: the name to check the
+        server's certificate for, when it differs from the host in addr.
+    """
+
+    def __init__(self, ca=None, cert=None, key=None, server_name: Optional[str] = None):
+        if (cert is None) != (key is None):
+            raise ValueError("TLS: give cert and key together")
+        self.ca, self.cert, self.key, self.server_name = ca, cert, key, server_name
+
+    @classmethod
+    def from_env(cls) -> Optional["TLS"]:
+        """TLS from MBOX_TLS_CA (a CA file; MBOX_TLS_CERT and MBOX_TLS_KEY for a
+        client certificate), or MBOX_TLS=1 for the system's roots; None if unset."""
+        ca = os.environ.get("MBOX_TLS_CA") or None
+        cert = os.environ.get("MBOX_TLS_CERT") or None
+        key = os.environ.get("MBOX_TLS_KEY") or None
+        on = os.environ.get("MBOX_TLS", "").strip().lower() in ("1", "true", "yes")
+        if ca or cert or key or on:
+            return cls(ca=ca, cert=cert, key=key, server_name=os.environ.get("MBOX_TLS_SERVER_NAME") or None)
+        return None
+
+    @staticmethod
+    def _pem(value) -> Optional[bytes]:
+        if value is None or isinstance(value, bytes):
+            return value
+        with open(os.fspath(value), "rb") as f:
+            return f.read()
+
+    def credentials(self):
+        return grpc.ssl_channel_credentials(root_certificates=self._pem(self.ca), private_key=self._pem(self.key),
+                                            certificate_chain=self._pem(self.cert))
+
+    def __repr__(self):
+        return f"TLS(ca={self.ca!r}, cert={self.cert!r}, server_name={self.server_name!r})"
+
+
+def _tls_of(tls) -> Optional[TLS]:
+    """Client(tls=...): None (from the environment), False, True (system roots), a
+    CA path or PEM bytes, or a TLS."""
+    if tls is None:
+        return TLS.from_env()
+    if tls is False:
+        return None
+    if tls is True:
+        return TLS()
+    if isinstance(tls, TLS):
+        return tls
+    if isinstance(tls, (str, bytes, os.PathLike)):
+        return TLS(ca=tls)
+    raise TypeError(f"tls must be None, a bool, a CA path or PEM bytes, or mbox.TLS, not {type(tls).__name__}")
+
+
+class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                           "wait_for_ready", "compression")),
+                   grpc.ClientCallDetails):
+    pass
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+              grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call. Metadata rather than call
+    credentials: those need TLS, and a token also serves over the loopback."""
+
+    def __init__(self, token: str):
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, d):
+        metadata = list(d.metadata or ()) + [self._header]
+        return _CallDetails(d.method, d.timeout, metadata, d.credentials, getattr(d, "wait_for_ready", None),
+                            getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+
+def _is_loopback(addr: str) -> bool:
+    host = addr.rsplit(":", 1)[0].strip("[]") if ":" in addr else addr
+    host = host.split("://")[-1]
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 _clients = weakref.WeakSet()
 _inherited: list = []
 
@@ -108,6 +204,12 @@ class Client:
     """A connection to mboxd.
 
     addr: host:port (default: $MBOX_ADDR, else localhost:8085).
+    token: the bearer token mboxd asks for when its [auth] is on (default:
+        $MBOX_TOKEN); sent as ``authorization: Bearer <token>`` on every call.
+    tls: None (default: TLS if $MBOX_TLS_CA, $MBOX_TLS or a client certificate in
+        $MBOX_TLS_CERT/$MBOX_TLS_KEY is set, else plain text), False, True (the
+        system's roots), a CA file path or PEM bytes, or ``mbox.TLS(ca, cert, key,
+        server_name)``.
     buffer_points: bound on points (and events) waiting to be sent.
     on_full: "block" (default) waits for room when the buffer is full; "drop" drops
         the new points, counts them in ``dropped`` and logs a warning.
@@ -115,12 +217,17 @@ class Client:
         the oldest has waited this long.
     """
 
-    def __init__(self, addr: Optional[str] = None, *, buffer_points: int = 1_000_000, on_full: str = "block",
+    def __init__(self, addr: Optional[str] = None, *, token: Optional[str] = None, tls=None,
+                 buffer_points: int = 1_000_000, on_full: str = "block",
                  batch_points: int = 50_000, linger_s: float = 0.05, request_timeout_s: float = 30.0,
                  flush_at_exit_s: float = 30.0):
         if on_full not in ("block", "drop"):
             raise ValueError("on_full must be 'block' or 'drop'")
         self.addr = addr or os.environ.get("MBOX_ADDR", DEFAULT_ADDR)
+        self._token = (token if token is not None else os.environ.get("MBOX_TOKEN", "")).strip() or None
+        self.tls = _tls_of(tls)
+        if self._token and self.tls is None and not _is_loopback(self.addr):
+            log.warning("mbox: sending a token to %s without TLS; set tls= or MBOX_TLS_CA", self.addr)
         self.buffer_points = buffer_points
         self.on_full = on_full
         self.batch_points = batch_points
@@ -163,21 +270,30 @@ class Client:
     @property
     def stub(self) -> pb.ModelStoreStub:
         if self._stub is None:
-            self._channel = grpc.insecure_channel(self.addr, options=[
+            options = [
                 ("grpc.max_send_message_length", 64 << 20),
                 ("grpc.max_receive_message_length", -1),
                 # Reconnect quickly once mboxd is back, rather than after minutes.
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 2000),
-            ])
+            ]
+            if self.tls is None:
+                self._channel = grpc.insecure_channel(self.addr, options=options)
+            else:
+                if self.tls.server_name:
+                    options.append(("grpc.ssl_target_name_override", self.tls.server_name))
+                self._channel = grpc.secure_channel(self.addr, self.tls.credentials(), options=options)
             # Watching the connectivity state keeps a thread polling the channel
             # while no call is active. Without it some grpcio releases (1.70, and
             # 1.56 for seconds) leave an idle connection unread, so they never answer
             # the PING of mboxd's graceful shutdown (GOAWAY, then PING) and mboxd's
             # stop waits on that connection: it hung for good with 1.70.
             self._channel.subscribe(self._on_connectivity, try_to_connect=False)
-            self._stub = pb.ModelStoreStub(self._channel)
+            channel = self._channel
+            if self._token:
+                channel = grpc.intercept_channel(channel, _Bearer(self._token))
+            self._stub = pb.ModelStoreStub(channel)
         return self._stub
 
     def _on_connectivity(self, state):
@@ -481,7 +597,8 @@ _default_lock = threading.Lock()
 
 
 def default_client() -> Client:
-    """The process-wide client (address from $MBOX_ADDR, default localhost:8085)."""
+    """The process-wide client (address from $MBOX_ADDR, default localhost:8085;
+    token from $MBOX_TOKEN; TLS from $MBOX_TLS_CA)."""
     global _default
     with _default_lock:
         if _default is None or _default._closed:

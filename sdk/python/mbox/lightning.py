@@ -3,6 +3,9 @@
     from mbox.lightning import MboxLogger
     trainer = Trainer(logger=MboxLogger(name="resnet", namespace="cv", system_metrics_interval_s=10))
 
+The connection: ``client=``, or ``addr=``, ``token=`` and ``tls=`` (as mbox.Client
+takes them), or else the default client ($MBOX_ADDR, $MBOX_TOKEN, $MBOX_TLS_CA).
+
 Rank zero logs metrics, hyperparameters and events. Hardware metrics are sampled on
 every node: local rank 0 of each node (or every rank, with
 ``system_metrics_all_ranks=True``) opens the same experiment (creating is idempotent)
@@ -24,8 +27,13 @@ from .system import SystemMetrics, samples_here
 class MboxLogger(Logger):
     def __init__(self, name: str = "lightning", namespace: str = "", owner: str = "",
                  external_id: Optional[str] = None, client: Optional[Client] = None,
-                 system_metrics_interval_s: Optional[float] = None, system_metrics_all_ranks: bool = False):
+                 system_metrics_interval_s: Optional[float] = None, system_metrics_all_ranks: bool = False,
+                 addr: Optional[str] = None, token: Optional[str] = None, tls=None):
         super().__init__()
+        # Made on first use, on the rank that logs.
+        self._connection = None
+        if client is None and (addr is not None or token is not None or tls is not None):
+            self._connection = dict(addr=addr, token=token, tls=tls)
         self._name = name
         self._namespace = namespace
         self._owner = owner
@@ -46,6 +54,9 @@ class MboxLogger(Logger):
         return self._external_id or (self._experiment.id if self._experiment else "")
 
     def _open_experiment(self):
+        if self._client is None and self._connection is not None:
+            self._client = Client(self._connection["addr"], token=self._connection["token"],
+                                  tls=self._connection["tls"])
         client = self._client or default_client()
         return client.new_experiment(name=self._name, owner=self._owner, namespace=self._namespace,
                                      external_id=self._external_id or "", framework=MLFramework.PYTORCH)

@@ -267,19 +267,31 @@ def test_health_page_polls_and_draws(backend, tab):
 
 
 def test_401_asks_for_a_token(tmp_path, browser):
-    """A server that wants a bearer token: the page asks for one, then sends it."""
+    """A server that wants a bearer token: the page asks for one, then sends it.
+    mboxd with [auth] on and no loopback exemption (the browser is on loopback), or
+    the mock with MBOX_WEB_MOCK=1."""
     import os
 
-    if os.environ.get("MBOX_WEB_MOCK") != "1":
-        pytest.skip("needs a way to start mboxd with an HTTP token; the mock covers the page's side")
-    from webtest import SCREENSHOTS
+    from harness import Mboxd, free_port
+    from webtest import SCREENSHOTS, wait_http
     from mock_server import MockServer
 
-    server = MockServer(token="s3cret").start()
+    if os.environ.get("MBOX_WEB_MOCK") == "1":
+        server = MockServer(token="s3cret").start()
+        base_url, stop = server.base_url, server.stop
+    else:
+        config = tmp_path / "mboxd.toml"
+        config.write_text('[auth]\nenabled = true\nallow_unauthenticated_loopback = false\n'
+                          '[[auth.tokens]]\ntoken = "s3cret"\nscopes = ["read"]\nnamespaces = ["*"]\n')
+        port = free_port()
+        server = Mboxd(tmp_path / "data", ["--config", str(config)], metrics_listen=f"127.0.0.1:{port}")
+        base_url = f"http://127.0.0.1:{port}"
+        wait_http(base_url)
+        stop = server.stop
     try:
         context = browser.new_context(bypass_csp=True)
         page = context.new_page()
-        page.goto(server.base_url + "/")
+        page.goto(base_url + "/")
         page.wait_for_selector("#token-prompt input[name=token]")
         page.fill("#token-prompt input[name=token]", "s3cret")
         page.click("#token-prompt button")
@@ -287,14 +299,14 @@ def test_401_asks_for_a_token(tmp_path, browser):
         assert page.query_selector("#token-prompt") is None
         # #token=... in the address is taken, stored and removed from the address.
         page.evaluate("localStorage.clear()")
-        page.goto(server.base_url + "/health#token=s3cret")
+        page.goto(base_url + "/health#token=s3cret")
         page.wait_for_selector("html[data-ready=true]")
         assert "#token" not in page.url
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SCREENSHOTS / "test_401_asks_for_a_token.mock.png"))
+        page.screenshot(path=str(SCREENSHOTS / "test_401_asks_for_a_token.png"))
         context.close()
     finally:
-        server.stop()
+        stop()
 
 
 def test_unknown_run_says_not_found(backend, tab):
