@@ -112,6 +112,9 @@ fn num(n: f64) -> prost_types::Value {
     }
 }
 
+/// A condition as the brute force evaluates it: (field, operator, value).
+type Cond = (&'static str, &'static str, Val);
+
 /// Every page of a search, with the page size asked.
 async fn search(
     c: &mut Client,
@@ -281,7 +284,7 @@ async fn every_filter_and_sort_matches_a_brute_force_evaluation() {
 
     let v_num = Val::Num;
     let v_text = |s: &str| Val::Text(s.into());
-    let filters: Vec<(String, Vec<(&str, &str, Val)>)> = vec![
+    let filters: Vec<(String, Vec<Cond>)> = vec![
         (String::new(), vec![]),
         (
             "name ~ \"resnet\"".into(),
