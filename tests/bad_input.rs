@@ -690,34 +690,57 @@ async fn invalid_utf8_and_oversized_messages() {
     server.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_buffers_answer_resource_exhausted_with_a_retry_hint_and_keep_acked_data() {
     let (_dir, mut config) = temp_config();
     config.max_buffered_bytes = 2 << 20;
-    config.limits.max_message_bytes = 1 << 20;
-    config.when_full = WhenFull::Wait(Duration::from_millis(20));
-    // Nothing is published while the test fills the buffers.
-    config.roll.max_age = Duration::from_secs(3600);
+    config.limits.max_message_bytes = 2 << 20;
+    config.when_full = WhenFull::Wait(Duration::from_millis(5));
+    // Slow writers (zstd's slowest level on small row groups): eight clients
+    // sending at once fill a 2 MiB budget faster than rows become row groups.
+    config.roll.zstd_level = 22;
+    config.roll.row_group_rows = 20_000;
+    config.writer_threads = 1;
     let mut server = TestServer::start(config).await;
     let mut c = server.client().await;
     let id = create_experiment(&mut c, "cv", "flood").await;
-    let mut acked = 0u64;
-    let mut exhausted = None;
-    for i in 0..100 {
-        match c
-            .log_metrics(blocks(vec![numeric_block(&id, &["x"], 10_000, i * 10_000)]))
-            .await
-        {
-            Ok(r) => acked += r.into_inner().points_accepted,
-            Err(e) => {
-                exhausted = Some(e);
-                break;
+    let exhausted = std::sync::Arc::new(std::sync::Mutex::new(None::<tonic::Status>));
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..8u64 {
+        let (mut c, id, exhausted) = (c.clone(), id.clone(), std::sync::Arc::clone(&exhausted));
+        tasks.spawn(async move {
+            let mut acked = 0u64;
+            for i in 0..40 {
+                if exhausted.lock().unwrap().is_some() {
+                    break;
+                }
+                let first = (t * 1_000 + i) * 40_000;
+                match c
+                    .log_metrics(blocks(vec![numeric_block(&id, &["x"], 40_000, first)]))
+                    .await
+                {
+                    Ok(r) => acked += r.into_inner().points_accepted,
+                    Err(e) => {
+                        exhausted.lock().unwrap().get_or_insert(e);
+                        break;
+                    }
+                }
             }
-        }
+            acked
+        });
     }
-    let err = exhausted.expect("a 2 MiB budget must fill within 100 batches of 10,000 points");
+    let mut acked = 0;
+    while let Some(n) = tasks.join_next().await {
+        acked += n.unwrap();
+    }
+    let err = exhausted
+        .lock()
+        .unwrap()
+        .take()
+        .expect("eight clients must fill a 2 MiB budget");
     assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
     assert!(err.metadata().get("grpc-retry-pushback-ms").is_some());
+    assert!(err.message().contains("memory budget"), "{}", err.message());
     assert!(acked > 0);
     let dir = server.config.data_dir.clone();
     server.stop().await;
