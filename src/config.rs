@@ -28,7 +28,7 @@ pub enum ConfigError {
 
 /// The HTTP/2 connection flow-control window mboxd grants: what one connection can
 /// send before mboxd reads it, so a term of the memory bound.
-pub const CONNECTION_WINDOW_BYTES: u32 = 2 << 20;
+pub const CONNECTION_WINDOW_BYTES: u32 = 512 << 10;
 
 /// A secret (a token): never printed by `Debug`.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -103,7 +103,7 @@ impl Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_message_bytes: 16 << 20,
+            max_message_bytes: 4 << 20,
             max_points_per_request: 1_000_000,
             max_events_per_request: 10_000,
             max_key_bytes: 256,
@@ -205,8 +205,8 @@ pub struct Reads {
 impl Default for Reads {
     fn default() -> Self {
         Self {
-            max_concurrent: 4,
-            read_points: 1 << 20,
+            max_concurrent: 2,
+            read_points: 256 * 1024,
             default_page_bytes: 3 << 20,
             max_page_bytes: 64 << 20,
         }
@@ -538,13 +538,13 @@ impl Default for Config {
             daemon_id: None,
             durability: Durability::WalFsync,
             wal_segment_bytes: 64 << 20,
-            max_buffered_bytes: 1 << 30,
-            when_full: WhenFull::Wait(Duration::from_millis(500)),
+            max_buffered_bytes: 48 << 20,
+            when_full: WhenFull::Wait(Duration::from_millis(25)),
             writer_threads: 0,
             batch_id_window: Duration::from_secs(600),
-            batch_ids_max: 200_000,
-            max_concurrent_requests: 64,
-            max_connections: 256,
+            batch_ids_max: 100_000,
+            max_concurrent_requests: 0,
+            max_connections: 64,
             roll: RollPolicy::default(),
             limits: Limits::default(),
             shutdown_timeout: Duration::from_secs(30),
@@ -605,23 +605,46 @@ impl Config {
         Ok(config)
     }
 
+    /// Requests received or served at once: as configured, or two per core (at
+    /// least four).
+    pub fn concurrent_requests(&self) -> usize {
+        match self.max_concurrent_requests {
+            0 => (2 * self.writer_threads()).max(4),
+            n => n,
+        }
+    }
+
     /// The most memory mboxd uses under these settings, as documented in
-    /// `config/mboxd.toml`: buffered rows, request bodies being accepted (each about
-    /// three times its size: body, decoded arrays, WAL record), one roll's working
-    /// set, request bytes received but not yet read (a connection window per
-    /// connection), uploads in flight (S3 roots), and runtime overhead.
+    /// `config/mboxd.toml`; `mboxd config` prints it. The terms:
+    /// - rows waiting in queues and writer buffers (the memory budget);
+    /// - requests being accepted, each about three times its size (body, decoded
+    ///   arrays, WAL record);
+    /// - request bytes received but not yet read (a connection window each);
+    /// - each writer's row-group working set (sorting and encoding);
+    /// - compaction's row group, and the reads served at once;
+    /// - remembered client batch ids;
+    /// - uploads in flight (S3 roots);
+    /// - runtime, allocator and encoder overhead.
     pub fn memory_bound_bytes(&self) -> u64 {
-        const OVERHEAD: u64 = 64 << 20;
+        const OVERHEAD: u64 = 48 << 20;
         let uploads = match self.storage.root {
             StorageRoot::DataDir => 0,
             StorageRoot::S3 { .. } => {
                 self.storage.upload_concurrency as u64 * self.storage.upload_buffer_bytes()
             }
         };
+        let compaction = if self.compaction.enabled {
+            self.compaction.row_group_rows as u64 * 128
+        } else {
+            0
+        };
         self.max_buffered_bytes as u64
-            + self.max_concurrent_requests as u64 * 3 * self.limits.max_message_bytes as u64
+            + self.concurrent_requests() as u64 * 3 * self.limits.max_message_bytes as u64
             + self.max_connections as u64 * u64::from(CONNECTION_WINDOW_BYTES)
-            + self.roll.max_rows as u64 * 64
+            + self.writer_threads() as u64 * self.roll.row_group_rows as u64 * 64
+            + compaction
+            + self.reads.max_concurrent as u64 * self.reads.read_points as u64 * 32
+            + self.batch_ids_max as u64 * 128
             + uploads
             + OVERHEAD
     }
@@ -659,9 +682,6 @@ impl Config {
         }
         if self.max_connections == 0 {
             return invalid("server.max_connections", "must be at least 1");
-        }
-        if self.max_concurrent_requests == 0 {
-            return invalid("ingest.max_concurrent_requests", "must be at least 1");
         }
         if self.roll.max_rows == 0 || self.roll.row_group_rows == 0 {
             return invalid("writer.max_rows", "row counts must be at least 1");
@@ -1175,6 +1195,31 @@ mod tests {
         let default = Config::default();
         // The shipped file documents the defaults, so loading it changes nothing.
         assert_eq!(format!("{loaded:?}"), format!("{default:?}"));
+    }
+
+    #[test]
+    fn the_default_and_sidecar_bounds_fit_their_budgets() {
+        // On two cores (the CI machine's and this test's assumption about defaults).
+        let mut default = Config::default();
+        default.writer_threads = 2;
+        assert!(
+            default.memory_bound_bytes() <= 256 << 20,
+            "default bound {} MiB",
+            default.memory_bound_bytes() >> 20
+        );
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/sidecar.toml");
+        let sidecar = Config::from_file(Some(&path)).expect("the sidecar preset loads");
+        assert!(
+            sidecar.memory_bound_bytes() <= 128 << 20,
+            "sidecar bound {} MiB",
+            sidecar.memory_bound_bytes() >> 20
+        );
+        let mut with_s3 = sidecar.clone();
+        with_s3.storage.root = StorageRoot::parse("s3://b/p").unwrap();
+        with_s3.storage.upload_concurrency = 1;
+        with_s3.storage.multipart_threshold_bytes = 8 << 20;
+        with_s3.storage.multipart_part_bytes = 5 << 20;
+        assert!(with_s3.memory_bound_bytes() <= 128 << 20);
     }
 
     #[test]

@@ -227,7 +227,7 @@ fn describe(config: &Config) -> serde_json::Value {
         "shutdown_timeout_ms": config.shutdown_timeout.as_millis() as u64,
         "not_serving_grace_ms": config.not_serving_grace.as_millis() as u64,
         "max_buffered_bytes": config.max_buffered_bytes,
-        "max_concurrent_requests": config.max_concurrent_requests,
+        "max_concurrent_requests": config.concurrent_requests(),
         "max_connections": config.max_connections,
         "max_message_bytes": config.limits.max_message_bytes,
         "max_rows": config.roll.max_rows,

@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::transport::Server;
@@ -82,9 +83,12 @@ pub enum ServerError {
     Compaction(String),
 }
 
+/// How long requests in flight may take to finish once the listener closes.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// HTTP/2 flow-control windows (see [`run`]). A connection's window is also what a
 /// client can make mboxd buffer unread, so it is part of the memory bound.
-const STREAM_WINDOW: u32 = 1 << 20;
+const STREAM_WINDOW: u32 = 512 << 10;
 const CONNECTION_WINDOW: u32 = crate::config::CONNECTION_WINDOW_BYTES;
 
 /// The daemon id: configured, or generated once (host name plus a random suffix)
@@ -376,6 +380,10 @@ pub async fn run(
     let grace = config.not_serving_grace;
     // The HTTP listener's /healthz follows the gRPC health status.
     let serving = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // Told when the listener closes, so the drain of open connections is bounded:
+    // an idle client that never answers the closing PING (old grpcio does not read
+    // idle connections) must not hold the stop open.
+    let (closing, closed) = tokio::sync::oneshot::channel::<()>();
     let shutdown = {
         let serving = Arc::clone(&serving);
         async move {
@@ -392,6 +400,7 @@ pub async fn run(
                 "health is NOT_SERVING; draining"
             );
             tokio::time::sleep(grace).await;
+            let _ = closing.send(());
         }
     };
 
@@ -469,12 +478,12 @@ pub async fn run(
     );
     let served = Server::builder()
         // h2's default 64 KiB windows make a 10,000-point batch (~240 KB) wait for
-        // several WINDOW_UPDATE round trips; 1 MiB lets a typical batch arrive in one
-        // go while keeping what one connection can push unread small.
+        // several WINDOW_UPDATE round trips; 512 KiB lets a typical batch arrive in
+        // one go while keeping what one connection can push unread small.
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            config.max_concurrent_requests,
+            config.concurrent_requests(),
         ))
         .layer(tower::util::MapResponseLayer::new(
             oversized_is_resource_exhausted,
@@ -500,8 +509,20 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(grpc)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    let served = tokio::select! {
+        served = served => served,
+        () = async {
+            let _ = closed.await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        } => {
+            tracing::warn!(
+                timeout_ms = DRAIN_TIMEOUT.as_millis() as u64,
+                "connections still open after the drain timeout; closing them"
+            );
+            Ok(())
+        }
+    };
 
     tracing::info!("no longer accepting requests; publishing buffered rows");
     let draining_since = tokio::time::Instant::now();

@@ -29,8 +29,10 @@ _RETRYABLE = {
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.ABORTED,
 }
-# Keep one request comfortably under mboxd's default 16 MiB message limit.
-_MAX_POINTS_PER_REQUEST = 250_000
+# Keep one request comfortably under mboxd's default 4 MiB message limit: at most
+_MAX_POINTS_PER_REQUEST = 100_000  # points (about 2.4 MB),
+# and about this many bytes of string and bytes values.
+_MAX_TEXT_BYTES_PER_REQUEST = 1 << 20
 
 
 class DeliveryError(RuntimeError):
@@ -484,6 +486,7 @@ class Client:
         blocks: Dict[str, dict] = {}
         events: Dict[str, list] = {}
         points = 0
+        text_bytes = 0
         for rec in taken:
             if rec[0] == "m":
                 _, exp, keys, values, step, wallclock = rec
@@ -510,10 +513,11 @@ class Client:
                         else:
                             b["br"].append(row)
                             b["bv"].append(v)
+                        text_bytes += len(v)
                 points += len(keys)
-                if points >= _MAX_POINTS_PER_REQUEST:
+                if points >= _MAX_POINTS_PER_REQUEST or text_bytes >= _MAX_TEXT_BYTES_PER_REQUEST:
                     yield self._metrics_request(blocks), "LogMetrics"
-                    blocks, points = {}, 0
+                    blocks, points, text_bytes = {}, 0, 0
             else:
                 _, exp, name, source, wallclock, metadata = rec
                 events.setdefault(exp, []).append(pb.Event(
