@@ -41,7 +41,8 @@ fn web_assets(dir: &Path, out: &Path) -> std::io::Result<()> {
         walk(dir, &mut files)?;
     }
     files.sort();
-    let root = std::fs::canonicalize(".")?;
+    // Paths relative to the manifest directory, so a target directory shared by
+    // checkouts at different places (CI clones) never embeds another checkout's files.
     let mut code = String::from("pub(crate) static ASSETS: &[(&str, &[u8])] = &[\n");
     for f in files {
         let rel = f.strip_prefix(dir).unwrap_or(&f);
@@ -50,9 +51,9 @@ fn web_assets(dir: &Path, out: &Path) -> std::io::Result<()> {
             .map(|c| c.as_os_str().to_string_lossy().into_owned())
             .collect::<Vec<_>>()
             .join("/");
+        let path = format!("/{}/{name}", dir.display());
         code.push_str(&format!(
-            "    ({name:?}, include_bytes!({:?})),\n",
-            root.join(&f).display().to_string()
+            "    ({name:?}, include_bytes!(concat!(env!(\"CARGO_MANIFEST_DIR\"), {path:?}))),\n"
         ));
     }
     code.push_str("];\n");
