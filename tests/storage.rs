@@ -385,11 +385,12 @@ async fn large_files_arrive_whole(backend: Backend) {
         f64::from_bits((x >> 12) | 0x3FF0_0000_0000_0000)
     };
     let mut expected = Vec::new();
-    for third in 0..3_u64 {
-        let mut block = numeric_block(&id, &["noise"], 400_000, third * 400_000);
-        block.values = (0..400_000).map(|_| noise()).collect();
+    // In requests of 100k points (1.6 MB), under the default message limit.
+    for part in 0..12_u64 {
+        let mut block = numeric_block(&id, &["noise"], 100_000, part * 100_000);
+        block.values = (0..100_000).map(|_| noise()).collect();
         expected.extend(block.values.iter().copied());
-        assert_eq!(log(&mut c, vec![block]).await, 400_000);
+        assert_eq!(log(&mut c, vec![block]).await, 100_000);
     }
     // A small experiment in the same file: it shares an edge row group with `id`.
     let small = create_experiment(&mut c, "big", "small").await;

@@ -194,6 +194,7 @@ impl Reader {
         while !keys.is_empty() && !page.is_full() {
             // A group of keys whose points fit a read's budget (at least one key).
             let mut group: Vec<String> = Vec::new();
+            let mut sizes: Vec<u64> = Vec::new();
             let mut points = 0u64;
             while let Some((key, n)) = keys.last() {
                 if !group.is_empty() && points + n > query.read_points as u64 {
@@ -201,15 +202,19 @@ impl Reader {
                 }
                 points += n;
                 group.push(key.clone());
+                // A step range may want a sliver of a long series: no reservation.
+                let whole = query.start_step.is_none() && query.end_step.is_none();
+                sizes.push(if whole { *n } else { 0 });
                 keys.pop();
             }
-            let gathered = self.gather_series(experiment, &group, query)?;
+            let mut gathered = self.gather_series(experiment, &group, &sizes, query)?;
             for key in &group {
                 if page.is_full() {
                     page.stop_at(key);
                     break;
                 }
-                let points = gathered.get(key.as_str()).cloned().unwrap_or_default();
+                // Moved out, not copied: a long series is the read's largest allocation.
+                let points = gathered.remove(key.as_str()).unwrap_or_default();
                 page.add(key, points);
             }
         }
@@ -222,21 +227,36 @@ impl Reader {
     }
 
     /// Every point of the `keys` series within the step range, from every source.
+    /// `sizes`: each key's stored points, reserved up front so that a long series
+    /// is never copied while it grows.
     fn gather_series(
         &self,
         experiment: &ExperimentRef,
         keys: &[String],
+        sizes: &[u64],
         query: &SeriesQuery,
     ) -> Result<BTreeMap<String, series::Gathered>, QueryError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut out: BTreeMap<String, series::Gathered> = BTreeMap::new();
+            let mut out: BTreeMap<String, series::Gathered> = keys
+                .iter()
+                .zip(sizes)
+                .map(|(k, &n)| (k.clone(), series::Gathered::with_capacity(n as usize)))
+                .collect();
             let (files, live) = self.sources(Table::Metrics, experiment)?;
+            // A page that resumes inside a series it reads alone skips the steps
+            // earlier pages returned.
+            let (mut lo, hi) = query.steps();
+            if let (Some(c), [key]) = (&query.cursor, keys)
+                && c.key == *key
+            {
+                lo = lo.max(c.step);
+            }
             let want = RowsWanted {
                 experiments: (&experiment.id, &experiment.id),
                 keys: KeyFilter::Set(keys),
-                steps: query.steps(),
+                steps: (lo, hi),
                 columns: query.columns(),
             };
             let read = self.read_files(&files, &live, &want, &mut |batch| {

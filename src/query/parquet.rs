@@ -20,10 +20,11 @@ use bytes::{Buf, Bytes};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{
     ArrowPredicateFn, ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
-    RowFilter,
+    RowFilter, RowSelection, RowSelector,
 };
 use parquet::errors::ParquetError;
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader, RowGroupMetaData};
+use parquet::file::page_index::column_index::ColumnIndexMetaData;
 use parquet::file::reader::{ChunkReader, Length};
 use parquet::file::statistics::Statistics;
 
@@ -111,6 +112,21 @@ enum OwnedKeyFilter {
 }
 
 impl OwnedKeyFilter {
+    /// Whether some admitted key may lie within `min..=max` (raw bytes, which
+    /// order as the strings do).
+    fn may_overlap(&self, min: &[u8], max: &[u8]) -> bool {
+        match self {
+            OwnedKeyFilter::Set(k) => {
+                let from = k.partition_point(|w| w.as_bytes() < min);
+                k.get(from).is_some_and(|w| w.as_bytes() <= max)
+            }
+            OwnedKeyFilter::Range(a, b) => {
+                a.as_deref().is_none_or(|a| a.as_bytes() <= max)
+                    && b.as_deref().is_none_or(|b| min < b.as_bytes())
+            }
+        }
+    }
+
     fn admits(&self, key: &str) -> bool {
         match self {
             OwnedKeyFilter::Set(k) => k.binary_search_by(|w| w.as_str().cmp(key)).is_ok(),
@@ -169,6 +185,31 @@ impl<'a> StrColumn<'a> {
         match self {
             Self::Dict { keys, values } => values.value(keys.value(row) as usize),
             Self::Plain(a) => a.value(row),
+        }
+    }
+
+    /// The end of the run of rows from `start` (below `end`) that hold the same
+    /// value as row `start`: for a dictionary column, by comparing its indices.
+    pub(crate) fn run_end(&self, start: usize, end: usize) -> usize {
+        match self {
+            Self::Dict { keys, .. } => {
+                let k = keys.values();
+                let first = k[start];
+                start
+                    + 1
+                    + k[start + 1..end]
+                        .iter()
+                        .take_while(|&&v| v == first)
+                        .count()
+            }
+            Self::Plain(a) => {
+                let first = a.value(start);
+                start
+                    + 1
+                    + (start + 1..end)
+                        .take_while(|&r| a.value(r) == first)
+                        .count()
+            }
         }
     }
 
@@ -259,6 +300,127 @@ fn row_group_may_match(
     true
 }
 
+/// The exact value of a byte-array column in a row group, when its statistics
+/// say every row holds the same one.
+fn single_value(rg: &RowGroupMetaData, column: usize) -> Option<&[u8]> {
+    match rg.column(column).statistics() {
+        Some(Statistics::ByteArray(s)) if s.null_count_opt() == Some(0) => {
+            match (s.min_opt(), s.max_opt()) {
+                (Some(min), Some(max)) if min == max && s.min_is_exact() && s.max_is_exact() => {
+                    Some(min.data())
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Whether a row group's statistics prove that every row is wanted, so no row
+/// filter need decode its filter columns (the usual case for a compacted file,
+/// whose row groups follow experiment boundaries).
+fn row_group_all_match(
+    rg: &RowGroupMetaData,
+    id_column: usize,
+    key_and_step: Option<(usize, usize)>,
+    keys: Option<&OwnedKeyFilter>,
+    want: &RowsWanted,
+) -> bool {
+    let (lo, hi) = want.experiments;
+    let Some(id) = single_value(rg, id_column) else {
+        return false;
+    };
+    if id < lo.as_bytes() || hi.as_bytes() < id {
+        return false;
+    }
+    let Some((key_column, step_column)) = key_and_step else {
+        return true;
+    };
+    if let Some(keys) = keys {
+        match single_value(rg, key_column).and_then(|k| std::str::from_utf8(k).ok()) {
+            Some(key) if keys.admits(key) => {}
+            _ => return false,
+        }
+    }
+    let (lo, hi) = want.steps;
+    if lo == i64::MIN && hi == i64::MAX {
+        return true;
+    }
+    matches!(
+        rg.column(step_column).statistics(),
+        Some(Statistics::Int64(s))
+            if s.min_is_exact() && s.max_is_exact()
+                && s.min_opt().is_some_and(|m| *m >= lo)
+                && s.max_opt().is_some_and(|m| *m <= hi)
+    )
+}
+
+/// The rows of the chosen row groups (in order) on pages whose column-index
+/// bounds admit `admits(min, max)`; `None` without a page index.
+fn pages_admitted(
+    metadata: &ParquetMetaData,
+    groups: &[usize],
+    column: usize,
+    admits: &dyn Fn(&[u8], &[u8]) -> bool,
+) -> Option<RowSelection> {
+    let (bounds, offsets) = (metadata.column_index()?, metadata.offset_index()?);
+    let mut selectors = Vec::new();
+    for &g in groups {
+        let rows = usize::try_from(metadata.row_group(g).num_rows()).ok()?;
+        let pages = offsets.get(g)?.get(column)?.page_locations();
+        let index = bounds.get(g)?.get(column)?;
+        for (i, page) in pages.iter().enumerate() {
+            let first = usize::try_from(page.first_row_index).ok()?;
+            let end = match pages.get(i + 1) {
+                Some(next) => usize::try_from(next.first_row_index).ok()?,
+                None => rows,
+            };
+            // Truncated bounds stay bounds (a shortened min is a prefix, a
+            // shortened max is rounded up), so a page admitted here may match.
+            let admitted = match index {
+                ColumnIndexMetaData::BYTE_ARRAY(ix) => match (ix.min_value(i), ix.max_value(i)) {
+                    (Some(min), Some(max)) => admits(min, max),
+                    _ => !ix.is_null_page(i),
+                },
+                _ => true,
+            };
+            let n = end.checked_sub(first)?;
+            selectors.push(match admitted {
+                true => RowSelector::select(n),
+                false => RowSelector::skip(n),
+            });
+        }
+    }
+    Some(RowSelection::from(selectors))
+}
+
+/// The rows the page index admits for this experiment range and key filter:
+/// a writer's row group holds many experiments, each in a run of rows (rows are
+/// sorted within a row group), so a read decodes the pages of its run only.
+fn page_selection(
+    metadata: &ParquetMetaData,
+    groups: &[usize],
+    id_column: usize,
+    key_column: Option<usize>,
+    keys: Option<&OwnedKeyFilter>,
+    want: &RowsWanted,
+) -> Option<RowSelection> {
+    let (lo, hi) = (want.experiments.0.as_bytes(), want.experiments.1.as_bytes());
+    let by_id = pages_admitted(metadata, groups, id_column, &|min, max| {
+        min <= hi && lo <= max
+    })?;
+    let (Some(key_column), Some(keys)) = (key_column, keys) else {
+        return Some(by_id);
+    };
+    let by_key = pages_admitted(metadata, groups, key_column, &|min, max| {
+        keys.may_overlap(min, max)
+    });
+    Some(match by_key {
+        Some(by_key) => by_id.intersection(&by_key),
+        None => by_id,
+    })
+}
+
 /// Reads the wanted rows of one file, handing each non-empty batch to `sink`.
 /// `row_groups`: the experiment index's list, or `None` for every row group the
 /// statistics admit.
@@ -303,7 +465,39 @@ pub(crate) fn read_rows<R: ChunkReader + 'static>(
     columns.sort_unstable();
     columns.dedup();
     let projection = ProjectionMask::roots(&parquet_schema, columns);
+    let keys = want.keys.owned();
+    let key_and_step = key_col.zip(step_col);
+    let every_row = groups.iter().all(|&g| {
+        let rg = metadata.metadata().row_group(g);
+        row_group_all_match(rg, id_col, key_and_step, keys.as_ref(), want)
+    });
+    if every_row {
+        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(reader, metadata)
+            .with_row_groups(groups)
+            .with_projection(projection)
+            .with_batch_size(64 * 1024)
+            .build()
+            .map_err(&perr)?;
+        for batch in reader {
+            let batch = batch.map_err(|e| perr(ParquetError::from(e)))?;
+            if batch.num_rows() > 0 {
+                sink(batch)?;
+            }
+        }
+        return Ok(());
+    }
 
+    let selection = page_selection(
+        metadata.metadata(),
+        &groups,
+        id_col,
+        key_col,
+        keys.as_ref(),
+        want,
+    );
+    if selection.as_ref().is_some_and(|s| !s.selects_any()) {
+        return Ok(());
+    }
     let (lo, hi) = (want.experiments.0.to_owned(), want.experiments.1.to_owned());
     let by_experiment = ArrowPredicateFn::new(
         ProjectionMask::roots(&parquet_schema, [id_col]),
@@ -314,8 +508,7 @@ pub(crate) fn read_rows<R: ChunkReader + 'static>(
     );
     let mut predicates: Vec<Box<dyn parquet::arrow::arrow_reader::ArrowPredicate>> =
         vec![Box::new(by_experiment)];
-    if let (Some(key_col), Some(step_col)) = (key_col, step_col) {
-        let keys = want.keys.owned();
+    if let Some((key_col, step_col)) = key_and_step {
         let (lo, hi) = want.steps;
         if keys.is_some() || lo > i64::MIN || hi < i64::MAX {
             let by_key_and_step = ArrowPredicateFn::new(
@@ -335,13 +528,15 @@ pub(crate) fn read_rows<R: ChunkReader + 'static>(
             predicates.push(Box::new(by_key_and_step));
         }
     }
-    let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(reader, metadata)
+    let mut builder = ParquetRecordBatchReaderBuilder::new_with_metadata(reader, metadata)
         .with_row_groups(groups)
         .with_projection(projection)
         .with_row_filter(RowFilter::new(predicates))
-        .with_batch_size(64 * 1024)
-        .build()
-        .map_err(&perr)?;
+        .with_batch_size(64 * 1024);
+    if let Some(selection) = selection {
+        builder = builder.with_row_selection(selection);
+    }
+    let reader = builder.build().map_err(&perr)?;
     for batch in reader {
         let batch = batch.map_err(|e| perr(ParquetError::from(e)))?;
         if batch.num_rows() > 0 {
@@ -473,5 +668,136 @@ impl ChunkReader for Fetched {
 
     fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
         Ok(self.bytes_at(start, length)?.slice(..length))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::{Float64Array, Int64Array, StringArray};
+    use arrow_schema::{Field, Schema};
+    use parquet::arrow::ArrowWriter;
+    use parquet::file::properties::WriterProperties;
+
+    /// A writer-shaped file: few large row groups, each holding many experiments
+    /// in sorted runs, on small pages, so the page index has something to prune.
+    fn file(rows: &[(String, String, i64)]) -> (PositionalFile, tempfile::TempDir) {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("experiment_id", DataType::Utf8, false),
+            Field::new("key", DataType::Utf8, false),
+            Field::new("step", DataType::Int64, false),
+            Field::new("value", DataType::Float64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.0))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.1))),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
+                Arc::new(Float64Array::from_iter_values(
+                    (0..rows.len()).map(|i| i as f64),
+                )),
+            ],
+        )
+        .expect("batch");
+        let props = WriterProperties::builder()
+            .set_max_row_group_size(rows.len() / 2)
+            .set_data_page_row_count_limit(64)
+            .set_write_batch_size(64)
+            .build();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f.parquet");
+        let mut writer =
+            ArrowWriter::try_new(File::create(&path).expect("create"), schema, Some(props))
+                .expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+        let f = File::open(&path).expect("open");
+        let len = f.metadata().expect("len").len();
+        (PositionalFile::new(Arc::new(f), len), dir)
+    }
+
+    fn read(file: &PositionalFile, want: &RowsWanted) -> Vec<(String, String, i64)> {
+        let metadata = local_metadata(file, "f").expect("metadata");
+        assert!(metadata.metadata().column_index().is_some(), "page index");
+        let mut out = Vec::new();
+        read_rows(file.clone(), metadata, "f", None, want, &mut |b| {
+            let col = |n: &str| b.column(b.schema().index_of(n).expect("col")).clone();
+            let (id, key, step) = (col("experiment_id"), col("key"), col("step"));
+            let id = id.as_any().downcast_ref::<StringArray>().expect("ids");
+            let key = key.as_any().downcast_ref::<StringArray>().expect("keys");
+            let step = step.as_any().downcast_ref::<Int64Array>().expect("steps");
+            for i in 0..b.num_rows() {
+                out.push((id.value(i).into(), key.value(i).into(), step.value(i)));
+            }
+            Ok(())
+        })
+        .expect("read");
+        out
+    }
+
+    #[test]
+    fn page_pruned_reads_return_exactly_the_wanted_rows() {
+        let mut rows = Vec::new();
+        for e in 0..40 {
+            for k in ["loss", "lr", "val/acc"] {
+                for s in 0..150 {
+                    rows.push((format!("exp{e:03}"), k.to_owned(), s));
+                }
+            }
+        }
+        let (f, _dir) = file(&rows);
+        let keys = ["loss".to_owned(), "val/acc".to_owned()];
+        let cases = [
+            (("exp007", "exp007"), KeyFilter::All, (i64::MIN, i64::MAX)),
+            (("exp007", "exp007"), KeyFilter::Set(&keys), (10, 120)),
+            (
+                ("exp010", "exp013"),
+                KeyFilter::Range(Some("lr"), None),
+                (0, 5),
+            ),
+            (
+                ("exp039", "exp039"),
+                KeyFilter::Range(None, Some("lr")),
+                (140, 149),
+            ),
+            (("exp100", "exp200"), KeyFilter::All, (i64::MIN, i64::MAX)),
+        ];
+        for (experiments, keys, steps) in cases {
+            let want = RowsWanted {
+                experiments,
+                keys,
+                steps,
+                columns: &["key", "step"],
+            };
+            let owned = keys.owned();
+            if experiments.0 == experiments.1 {
+                // The page index alone narrows a one-experiment read to its run.
+                let metadata = local_metadata(&f, "f").expect("metadata");
+                let groups: Vec<usize> = (0..metadata.metadata().num_row_groups()).collect();
+                let selection = page_selection(
+                    metadata.metadata(),
+                    &groups,
+                    0,
+                    Some(1),
+                    owned.as_ref(),
+                    &want,
+                )
+                .expect("a page index");
+                assert!(selection.row_count() < rows.len() / 20, "{experiments:?}");
+            }
+            let expected: Vec<_> = rows
+                .iter()
+                .filter(|(e, k, s)| {
+                    experiments.0 <= e.as_str()
+                        && e.as_str() <= experiments.1
+                        && owned.as_ref().is_none_or(|f| f.admits(k))
+                        && steps.0 <= *s
+                        && *s <= steps.1
+                })
+                .cloned()
+                .collect();
+            assert_eq!(read(&f, &want), expected, "{experiments:?} {steps:?}");
+        }
     }
 }

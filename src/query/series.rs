@@ -154,6 +154,16 @@ pub(crate) struct Gathered {
 }
 
 impl Gathered {
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        Self {
+            steps: Vec::with_capacity(n),
+            wallclocks: Vec::with_capacity(n),
+            values: Vec::with_capacity(n),
+            ingested: Vec::with_capacity(n),
+            other: Vec::new(),
+        }
+    }
+
     fn push(&mut self, step: i64, wallclock: i64, value: f64, ingested: i64) {
         self.steps.push(step);
         self.wallclocks.push(wallclock);
@@ -221,10 +231,7 @@ pub(crate) fn gather_batch(
     // Rows come in runs of one key (files are sorted): one lookup per run.
     while start < n {
         let key = keys.value(start);
-        let mut end = start + 1;
-        while end < n && keys.value(end) == key {
-            end += 1;
-        }
+        let end = keys.run_end(start, n);
         if !out.contains_key(key) {
             out.insert(key.to_owned(), Gathered::default());
         }
@@ -339,9 +346,13 @@ impl<'q> PageBuilder<'q> {
     /// Adds as much of one series as the page takes.
     pub(crate) fn add(&mut self, key: &str, g: Gathered) {
         let mut order: Vec<u32> = (0..g.steps.len() as u32).collect();
-        // Stable: among equal (step, ingest time), arrival order (file order, then
-        // staged, then buffered).
-        order.sort_by_key(|&i| (g.steps[i as usize], g.ingested[i as usize]));
+        // Among equal (step, ingest time), arrival order (file order, then staged,
+        // then buffered). Files are sorted and mostly follow one another in step
+        // order, so the common case is a single check rather than a sort.
+        let key_of = |i: u32| (g.steps[i as usize], g.ingested[i as usize], i);
+        if !order.is_sorted_by_key(|&i| key_of(i)) {
+            order.sort_unstable_by_key(|&i| key_of(i));
+        }
         // Resume inside this series where the previous page stopped.
         let mut start = 0;
         let mut skipped_at_step = 0;
@@ -448,13 +459,14 @@ fn bucketed(key: &str, g: &Gathered, order: &[u32], max: usize, total: u64) -> S
         total_points: total,
         ..SeriesOut::default()
     };
-    let mut current: Option<i128> = None;
+    // The current bucket's steps end before `bucket_end`: one division per bucket
+    // rather than per point.
+    let mut bucket_end: Option<i128> = None;
     for &i in order {
         let i = i as usize;
         let (step, value) = (g.steps[i], g.values[i]);
-        let b = bucket_of(step);
-        if current != Some(b) {
-            current = Some(b);
+        if bucket_end.is_none_or(|end| step as i128 >= end) {
+            bucket_end = Some(lo as i128 + (bucket_of(step) + 1) * width);
             out.steps.push(step);
             out.wallclocks.push(g.wallclocks[i]);
             out.values.push(MetricValue::Double(value));
