@@ -55,6 +55,9 @@ struct Args {
     /// Durability mode passed to the spawned mboxd.
     #[arg(long, default_value = "memory")]
     durability: String,
+    /// Pin the spawned mboxd to these CPUs (a `taskset -c` list, such as `0` or `0-7`).
+    #[arg(long)]
+    mboxd_cpus: Option<String>,
     /// Extra flags for the spawned mboxd, space-separated.
     #[arg(long, default_value = "")]
     mboxd_args: String,
@@ -136,7 +139,15 @@ fn spawn_mboxd(args: &Args) -> anyhow::Result<(Spawned, String)> {
         }
         None => (None, None),
     };
-    let mut cmd = Command::new(&bin);
+    // taskset execs mboxd in its own process, so the pid (and its RSS) stays mboxd's.
+    let mut cmd = match &args.mboxd_cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpus]).arg(&bin);
+            c
+        }
+        None => Command::new(&bin),
+    };
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--daemon-id", "loadgen"])
         .args(["--metrics-listen", "127.0.0.1:0"])
         .arg("--data-dir")
@@ -368,8 +379,14 @@ fn main() -> anyhow::Result<()> {
     lat.sort_unstable();
     let rate = points as f64 / elapsed.as_secs_f64();
     println!(
-        "mode={:?} clients={} batch={} keys={} durability={} target_rate={}",
-        args.mode, args.clients, args.batch, args.keys, args.durability, args.rate
+        "mode={:?} clients={} batch={} keys={} durability={} target_rate={} mboxd_cpus={}",
+        args.mode,
+        args.clients,
+        args.batch,
+        args.keys,
+        args.durability,
+        args.rate,
+        args.mboxd_cpus.as_deref().unwrap_or("all")
     );
     println!(
         "acked points: {points} in {:.2}s = {:.0} points/s ({} requests, {errors} errors)",

@@ -46,6 +46,16 @@ struct Args {
     /// Where to build the data folder [default: a temporary folder].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Reuse the data folder that an earlier run with the same --data-dir built
+    /// (and maybe compacted) instead of building one: for profiling the reads.
+    #[arg(long, requires = "data_dir")]
+    reuse: bool,
+    /// Stop after the measurements before compaction.
+    #[arg(long)]
+    no_compact: bool,
+    /// Timed repetitions of each read (the p50 is reported).
+    #[arg(long, default_value_t = 20)]
+    reads: usize,
     /// cargo passes --bench to bench targets.
     #[arg(long, hide = true)]
     bench: bool,
@@ -215,13 +225,18 @@ fn parquet_stats(root: &Path) -> (usize, u64, usize) {
 fn duckdb_count(root: &Path) -> Option<(u64, Duration)> {
     let python = std::env::var("MBOX_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into());
     let script = format!(
-        "import duckdb,time\nt=time.time()\nn=duckdb.sql(\"select count(*) from read_parquet('{}/metrics/**/*.parquet', hive_partitioning=true)\").fetchone()[0]\nprint(n, time.time()-t)",
+        "import duckdb,time\nt=time.time()\nn=duckdb.sql(\"select count(*) from read_parquet('{}/metrics/**/*.parquet', hive_partitioning=true)\").fetchall()[0][0]\nprint(n, time.time()-t)",
         root.display()
     );
     let out = std::process::Command::new(python)
         .args(["-c", &script])
         .output()
         .ok()?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        eprintln!("DuckDB failed: {}", err.lines().last().unwrap_or_default());
+        return None;
+    }
     let text = String::from_utf8_lossy(&out.stdout);
     let mut parts = text.split_whitespace();
     let n = parts.next()?.parse().ok()?;
@@ -239,14 +254,20 @@ struct Measured {
     duckdb: Option<(u64, Duration)>,
 }
 
-async fn measure(config: &Config, small: &str, big: &str, points: u64) -> anyhow::Result<Measured> {
+async fn measure(
+    config: &Config,
+    small: &str,
+    big: &str,
+    points: u64,
+    reads: usize,
+) -> anyhow::Result<Measured> {
     let (files, bytes, partitions) = parquet_stats(&config.data_dir);
     // After a restart: nothing cached, nothing buffered.
     let server = Server::start(config.clone()).await?;
     let mut c = server.client().await?;
     let (mut full, mut bucketed) = (Vec::new(), Vec::new());
     let (mut a1, mut a2) = (0, 0);
-    for _ in 0..20 {
+    for _ in 0..reads.max(1) {
         let t = Instant::now();
         let (n, sum) = read_all(&mut c, small).await?;
         full.push(t.elapsed());
@@ -314,6 +335,15 @@ async fn main() -> anyhow::Result<()> {
     let shift = Arc::clone(&offset);
     config.clock = Clock::new(move || now_micros() + shift.load(Ordering::Relaxed));
 
+    let ids_file = data.join("bench-ids");
+    if args.reuse {
+        let ids = std::fs::read_to_string(&ids_file).context("reading bench-ids: build first")?;
+        let (small, big) = ids.trim().split_once(' ').context("bench-ids")?;
+        let m = measure(&config, small, big, args.points, args.reads).await?;
+        report("reused data folder", &m, args.points);
+        return Ok(());
+    }
+
     // The data: a 100k-point run (10 keys), a 1M-point series, and fillers.
     let server = Server::start(config.clone()).await?;
     let mut c = server.client().await?;
@@ -331,6 +361,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let (small, big) = (ids[0].clone(), ids[1].clone());
+    std::fs::write(&ids_file, format!("{small} {big}\n"))?;
     let keys: Vec<String> = (0..KEYS).map(|k| format!("train/metric_{k}")).collect();
     let one_key = vec!["train/loss".to_owned()];
     let fillers = (args.experiments - 2) as u64;
@@ -427,8 +458,11 @@ async fn main() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    let before = measure(&config, &small, &big, args.points).await?;
+    let before = measure(&config, &small, &big, args.points, args.reads).await?;
     report("before compaction", &before, args.points);
+    if args.no_compact {
+        return Ok(());
+    }
     let t = Instant::now();
     let pass = mboxd::server::compact_once(config.clone(), |_| {})
         .await
@@ -441,7 +475,7 @@ async fn main() -> anyhow::Result<()> {
             / t.elapsed().as_secs_f64()
             / 1e6
     );
-    let after = measure(&config, &small, &big, args.points).await?;
+    let after = measure(&config, &small, &big, args.points, args.reads).await?;
     report("after compaction", &after, args.points);
     anyhow::ensure!(
         before.answers == after.answers,
