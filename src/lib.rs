@@ -45,8 +45,10 @@
 
 pub mod api;
 pub mod auth;
+pub mod changelog;
 pub mod compact;
 pub mod config;
+pub mod fleet;
 pub mod index;
 pub mod ingest;
 pub mod live;
