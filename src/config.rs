@@ -1304,8 +1304,10 @@ mod tests {
     #[test]
     fn the_default_and_sidecar_bounds_fit_their_budgets() {
         // On two cores (the CI machine's and this test's assumption about defaults).
-        let mut default = Config::default();
-        default.writer_threads = 2;
+        let default = Config {
+            writer_threads: 2,
+            ..Config::default()
+        };
         assert!(
             default.memory_bound_bytes() <= 256 << 20,
             "default bound {} MiB",

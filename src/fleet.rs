@@ -33,8 +33,8 @@ use crate::live::LiveView;
 use crate::proto::model_store_server::ModelStoreServer;
 use crate::query::{Reader, Refresh};
 use crate::server::{
-    CONNECTION_WINDOW, CountingBody, DRAIN_TIMEOUT, STREAM_WINDOW, ServerError, check_store,
-    count_refused, limit_connections, oversized_is_resource_exhausted,
+    CONNECTION_WINDOW, CountingBody, DRAIN_TIMEOUT, STREAM_WINDOW, ServerError, count_refused,
+    limit_connections, oversized_is_resource_exhausted,
 };
 use crate::sink::counting::CountingStore;
 use crate::sink::s3::S3Settings;
@@ -118,8 +118,8 @@ pub async fn run_reader(
     };
     let authorizer = Arc::new(Authorizer::load(&config.auth)?);
     let metrics = Metrics::new();
+    // No probe of the store: the first load says whether it answers.
     let store = reader_store(&config, &metrics)?;
-    tokio::spawn(check_store(Arc::clone(&store)));
     let index = Arc::new(Index::open_in_memory()?);
     let follower = Follower::new(Arc::clone(&store), Arc::clone(&index), metrics.clone());
 

@@ -70,6 +70,7 @@ impl Follower {
             .filter(|d| !daemons.contains_key(d))
             .collect();
         report.new_daemons = new.len();
+        #[allow(clippy::type_complexity)]
         let loaded: Vec<(String, Result<Option<(Position, usize)>, ChangeLogError>)> =
             futures::stream::iter(new)
                 .map(|d| async move {
