@@ -27,6 +27,10 @@ const NS: &str = "fleet";
 /// The documented bound on a reader's freshness with default settings.
 const FRESHNESS: Duration = Duration::from_secs(10);
 
+/// The tests here measure time; each runs alone so the other's processes do not
+/// take its cores.
+static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// (key, step, wallclock, value bits) of one point as GetMetrics returns it.
 type Point = (String, u64, u64, u64);
 
@@ -337,6 +341,7 @@ async fn compaction_shipped(s3: &S3Server, daemon: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_writers_one_reader_every_point_once_through_a_sigkill_and_a_compaction() {
+    let _alone = ALONE.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let s3 = S3Server::start(&dir.path().join("s3")).await;
     // Writers keep the default roll age (5 s); writer a also rolls every second
@@ -636,6 +641,7 @@ async fn ship_synthetic_fleet(s3: &S3Server) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_reader_over_10000_files_from_20_writers_serves_within_5_s_and_never_lists_data() {
+    let _alone = ALONE.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let s3 = S3Server::start(&dir.path().join("s3")).await;
     ship_synthetic_fleet(&s3).await;
