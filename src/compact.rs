@@ -216,6 +216,8 @@ impl Compactor {
         everything: bool,
         progress: &mut dyn FnMut(&PartitionReport),
     ) -> Result<PassReport, CompactError> {
+        // Objects whose removal readers have heard of since the last pass.
+        self.persister.finish_deletions();
         let mut report = PassReport {
             expired_files: self.expire()?,
             ..PassReport::default()
@@ -353,18 +355,19 @@ impl Compactor {
         let id = format!("compact:{}:{}", job.dir, uuid::Uuid::now_v7().simple());
         let output_keys: Vec<String> = outputs.iter().map(|o| o.entry.key.clone()).collect();
         self.persister.replace(id, outputs, inputs_keys)?;
-        // On S3 the old objects go once the new ones are in the bucket, so a
-        // reader of the bucket never meets a gap.
-        if self.persister.remote.is_some() {
-            let deadline = Instant::now() + Duration::from_secs(600);
-            while output_keys
-                .iter()
-                .any(|k| self.persister.index.is_spooled(k).unwrap_or(false))
-                && Instant::now() < deadline
-                && !self.stop.load(Ordering::Relaxed)
-            {
-                std::thread::sleep(Duration::from_millis(100));
-            }
+        // On S3 the old objects go once the new ones are in the bucket, and with
+        // a change log once the change is shipped (see `Index::queue_deletions`),
+        // so a reader of the bucket, or an mboxd reader, never meets a gap.
+        let index = &self.persister.index;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while (output_keys
+            .iter()
+            .any(|k| index.is_spooled(k).unwrap_or(false))
+            || index.has_held_deletions().unwrap_or(false))
+            && Instant::now() < deadline
+            && !self.stop.load(Ordering::Relaxed)
+        {
+            std::thread::sleep(Duration::from_millis(50));
         }
         self.persister.finish_deletions();
         report.elapsed = started.elapsed();

@@ -213,6 +213,34 @@ impl Default for Reads {
     }
 }
 
+/// The change log a writer ships into the storage root for readers
+/// ([`crate::changelog`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangeLog {
+    /// `None`: on for S3 roots (where daemons share a root), off for the data
+    /// folder.
+    pub enabled: Option<bool>,
+    pub ship: crate::changelog::ship::ShipSettings,
+}
+
+/// The reader role (`mboxd serve --reader`): serves every daemon's data from the
+/// shared root and accepts no writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reader {
+    pub enabled: bool,
+    /// How often each daemon's change log is checked for new objects.
+    pub poll_interval: Duration,
+}
+
+impl Default for Reader {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            poll_interval: Duration::from_millis(1000),
+        }
+    }
+}
+
 /// TLS on the gRPC and HTTP listeners ([`crate::tls`]): PEM files, re-read when
 /// they change on disk, so a rotated certificate is served without a restart.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -515,6 +543,10 @@ pub struct Config {
     pub compaction: Compaction,
     /// The read path's limits.
     pub reads: Reads,
+    /// The change log shipped for readers.
+    pub change_log: ChangeLog,
+    /// The reader role.
+    pub reader: Reader,
     /// The clock that decides ingest times (the system clock; shifted in
     /// benchmarks and tests).
     pub clock: crate::model::Clock,
@@ -557,6 +589,8 @@ impl Default for Config {
             storage: Storage::default(),
             compaction: Compaction::default(),
             reads: Reads::default(),
+            change_log: ChangeLog::default(),
+            reader: Reader::default(),
             clock: crate::model::Clock::system(),
         }
     }
@@ -603,6 +637,14 @@ impl Config {
             file.apply(&mut config)?;
         }
         Ok(config)
+    }
+
+    /// Whether this daemon ships a change log for readers: as configured, else
+    /// on for S3 roots.
+    pub fn change_log_enabled(&self) -> bool {
+        self.change_log
+            .enabled
+            .unwrap_or(matches!(self.storage.root, StorageRoot::S3 { .. }))
     }
 
     /// Requests received or served at once: as configured, or two per core (at
@@ -689,6 +731,21 @@ impl Config {
         if !(1..=22).contains(&self.roll.zstd_level) {
             return invalid("writer.zstd_level", "must be between 1 and 22");
         }
+        if self.reader.poll_interval.is_zero() || self.reader.poll_interval > MAX_POLL_INTERVAL {
+            return invalid("reader.poll_interval_ms", "must be between 1 and 60000");
+        }
+        let ship = &self.change_log.ship;
+        if ship.interval.is_zero()
+            || ship.max_changes_per_object == 0
+            || ship.checkpoint_min_objects == 0
+            || ship.checkpoint_min_objects > ship.checkpoint_max_objects
+        {
+            return invalid(
+                "changelog",
+                "ship_interval_ms and the checkpoint counts must be at least 1, \
+                 and checkpoint_min_objects at most checkpoint_max_objects",
+            );
+        }
         if self.storage.upload_concurrency == 0 {
             return invalid("storage.upload_concurrency", "must be at least 1");
         }
@@ -736,6 +793,9 @@ impl Config {
         Ok(())
     }
 }
+
+/// The longest poll interval a reader accepts.
+const MAX_POLL_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Parses a tokens file (`[[tokens]]` entries with the keys of `[[auth.tokens]]`).
 /// `path` names the file in errors and default token names.
@@ -787,6 +847,27 @@ pub struct FileConfig {
     tls: TlsSection,
     #[serde(default)]
     auth: AuthSection,
+    #[serde(default)]
+    changelog: ChangeLogSection,
+    #[serde(default)]
+    reader: ReaderSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangeLogSection {
+    enabled: Option<bool>,
+    ship_interval_ms: Option<u64>,
+    max_changes_per_object: Option<usize>,
+    checkpoint_min_objects: Option<u64>,
+    checkpoint_max_objects: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReaderSection {
+    enabled: Option<bool>,
+    poll_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1065,6 +1146,29 @@ impl FileConfig {
         for (ns, days) in cp.retention_days_by_namespace {
             c.compaction.retention_by_namespace.insert(ns, days);
         }
+        let cl = self.changelog;
+        set(&mut c.change_log.enabled, cl.enabled.map(Some));
+        set(
+            &mut c.change_log.ship.interval,
+            cl.ship_interval_ms.map(Duration::from_millis),
+        );
+        set(
+            &mut c.change_log.ship.max_changes_per_object,
+            cl.max_changes_per_object,
+        );
+        set(
+            &mut c.change_log.ship.checkpoint_min_objects,
+            cl.checkpoint_min_objects,
+        );
+        set(
+            &mut c.change_log.ship.checkpoint_max_objects,
+            cl.checkpoint_max_objects,
+        );
+        set(&mut c.reader.enabled, self.reader.enabled);
+        set(
+            &mut c.reader.poll_interval,
+            self.reader.poll_interval_ms.map(Duration::from_millis),
+        );
         let r = self.reads;
         set(&mut c.reads.max_concurrent, r.max_concurrent);
         set(&mut c.reads.read_points, r.read_points);

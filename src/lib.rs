@@ -13,6 +13,11 @@
 //!               index (experiments, metadata, file manifest)   ◀──  sink (atomic publish)
 //!                 ▲
 //!               query (GetMetrics/ListEvents: published Parquet + writer buffers)
+//!
+//! index outbox ──changelog::ship──▶ <root>/_mboxd/<daemon>/{log,checkpoint}/
+//!                                        │ (every writer sharing the root)
+//!                                        ▼
+//!       reader (serve --reader): changelog::follow ──▶ in-memory index ──▶ query, api, web
 //! ```
 //!
 //! Modules, each owning one stage:
@@ -36,6 +41,9 @@
 //!   uploader, and the S3 client configured from the config file over the AWS
 //!   environment.
 //! - [`query`]: the read path, merging published files with unflushed buffers.
+//! - [`changelog`]: the change log writers ship into the storage root (their
+//!   manifest and catalog changes) and readers follow.
+//! - [`fleet`]: the reader role, serving every daemon's data from the shared root.
 //! - [`recovery`]: start-up replay of the write-ahead log, exactly once.
 //! - [`wal`]: the write-ahead log: framed segments, group commit, replay, truncation.
 //! - [`web`]: the HTTP listener: Prometheus `/metrics`, `/healthz`, the web view
@@ -45,8 +53,10 @@
 
 pub mod api;
 pub mod auth;
+pub mod changelog;
 pub mod compact;
 pub mod config;
+pub mod fleet;
 pub mod index;
 pub mod ingest;
 pub mod live;

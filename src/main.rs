@@ -91,6 +91,11 @@ struct ServeArgs {
     /// Write the bound address to this file once listening (for scripts and tests).
     #[arg(long)]
     addr_file: Option<PathBuf>,
+    /// Run as a reader: serve every daemon's data from the shared storage root (as
+    /// their change logs describe it) and accept no writes. Same as
+    /// `[reader] enabled = true`.
+    #[arg(long)]
+    reader: bool,
 }
 
 impl ServeArgs {
@@ -145,6 +150,9 @@ impl ServeArgs {
                 Some(tls) => tls.client_ca_file = Some(ca),
                 None => anyhow::bail!("--tls-client-ca-file needs a certificate and key"),
             }
+        }
+        if self.reader {
+            config.reader.enabled = true;
         }
         if let Some(path) = self.auth_tokens_file {
             config.auth.enabled = true;
@@ -232,6 +240,9 @@ fn describe(config: &Config) -> serde_json::Value {
         "max_message_bytes": config.limits.max_message_bytes,
         "max_rows": config.roll.max_rows,
         "memory_bound_bytes": config.memory_bound_bytes(),
+        "role": if config.reader.enabled { "reader" } else { "writer" },
+        "change_log": config.change_log_enabled(),
+        "reader_poll_interval_ms": config.reader.poll_interval.as_millis() as u64,
         "tls": tls,
         "auth": auth,
     })

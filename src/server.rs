@@ -17,6 +17,7 @@ use tonic_health::ServingStatus;
 
 use crate::api::ModelStoreService;
 use crate::auth::{AuthSetupError, Authorizer};
+use crate::changelog::ship::{ShipLoop, Shipper};
 use crate::compact::{self, Compactor, PartitionReport, PassReport};
 use crate::config::{Config, Durability, StorageRoot};
 use crate::index::{Index, IndexError};
@@ -81,15 +82,17 @@ pub enum ServerError {
     Auth(#[from] AuthSetupError),
     #[error("compaction failed: {0}")]
     Compaction(String),
+    #[error("reading the change logs: {0}")]
+    ChangeLog(#[from] crate::changelog::ChangeLogError),
 }
 
 /// How long requests in flight may take to finish once the listener closes.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// HTTP/2 flow-control windows (see [`run`]). A connection's window is also what a
 /// client can make mboxd buffer unread, so it is part of the memory bound.
-const STREAM_WINDOW: u32 = 512 << 10;
-const CONNECTION_WINDOW: u32 = crate::config::CONNECTION_WINDOW_BYTES;
+pub(crate) const STREAM_WINDOW: u32 = 512 << 10;
+pub(crate) const CONNECTION_WINDOW: u32 = crate::config::CONNECTION_WINDOW_BYTES;
 
 /// The daemon id: configured, or generated once (host name plus a random suffix)
 /// and kept in the data folder so it is stable across restarts.
@@ -134,7 +137,7 @@ fn daemon_id(config: &Config) -> Result<String, ServerError> {
     Ok(id)
 }
 
-fn create_dir(path: &Path) -> Result<(), ServerError> {
+pub(crate) fn create_dir(path: &Path) -> Result<(), ServerError> {
     std::fs::create_dir_all(path).map_err(|source| ServerError::DataDir {
         path: path.to_owned(),
         source,
@@ -147,6 +150,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    if config.reader.enabled {
+        return crate::fleet::run_reader(config, listener, shutdown).await;
+    }
     create_dir(&config.data_dir)?;
     // Certificates and tokens first: a mistake there stops start-up before any
     // recovery work, and nothing is ever served without them.
@@ -180,6 +186,8 @@ pub async fn run(
     let metrics = Metrics::new();
     let daemon_id: Arc<str> = daemon_id(&config)?.into();
     let index = Arc::new(Index::open(&config.data_dir.join("index.redb"))?);
+    // Before recovery, whose publications readers must hear of too.
+    set_change_log(&config, &index)?;
     let (sink, remote) = open_root(&config)?;
 
     let files = Files::new(
@@ -266,6 +274,7 @@ pub async fn run(
         }
     };
     persister.uploader = uploader.clone();
+    let shipping = start_shipper(&config, &index, &remote, &daemon_id, &metrics)?;
 
     let recent = RecentBatches::new(config.batch_id_window, config.batch_ids_max);
     let since = now_micros().saturating_sub(config.batch_id_window.as_micros() as i64);
@@ -555,6 +564,15 @@ pub async fn run(
     if let Some(upload_loop) = upload_loop {
         upload_loop.stop().await;
     }
+    if let Some((shipper, ship_loop)) = shipping {
+        let left = config
+            .shutdown_timeout
+            .saturating_sub(draining_since.elapsed());
+        if !shipper.flush(left).await {
+            tracing::warn!("change-log entries stay unshipped; the next start ships them");
+        }
+        ship_loop.stop().await;
+    }
     summaries.abort();
     let _ = metrics_stop.send(());
     if let Some(server) = http_server {
@@ -570,6 +588,54 @@ pub async fn run(
         }
         Err(_) => Err(ServerError::ShutdownTimeout),
     }
+}
+
+/// Turns the index's change log on or off as configured.
+fn set_change_log(config: &Config, index: &Index) -> Result<(), ServerError> {
+    if config.change_log_enabled() {
+        index.enable_change_log()?;
+    } else {
+        index.disable_change_log()?;
+    }
+    Ok(())
+}
+
+/// The storage root as an object store: the S3 bucket, or the data folder.
+pub(crate) fn root_store(
+    config: &Config,
+    remote: &Option<Arc<dyn object_store::ObjectStore>>,
+) -> Result<Arc<dyn object_store::ObjectStore>, ServerError> {
+    Ok(match remote {
+        Some(store) => Arc::clone(store),
+        None => {
+            create_dir(&config.data_dir)?;
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(
+                &config.data_dir,
+            )?)
+        }
+    })
+}
+
+/// Starts shipping the change log, if it is on.
+fn start_shipper(
+    config: &Config,
+    index: &Arc<Index>,
+    remote: &Option<Arc<dyn object_store::ObjectStore>>,
+    daemon_id: &str,
+    metrics: &Metrics,
+) -> Result<Option<(Arc<Shipper>, ShipLoop)>, ServerError> {
+    if !config.change_log_enabled() {
+        return Ok(None);
+    }
+    let shipper = Shipper::new(
+        root_store(config, remote)?,
+        Arc::clone(index),
+        daemon_id,
+        config.change_log.ship.clone(),
+        metrics.clone(),
+    );
+    let ship_loop = shipper.start();
+    Ok(Some((shipper, ship_loop)))
 }
 
 /// Where files are published: the data folder, or the spool of an S3 root (with
@@ -630,7 +696,9 @@ pub async fn compact_once(
     let metrics = Metrics::new();
     let daemon_id: Arc<str> = daemon_id(&config)?.into();
     let index = Arc::new(Index::open(&config.data_dir.join("index.redb"))?);
+    set_change_log(&config, &index)?;
     let (sink, remote) = open_root(&config)?;
+    let shipping = start_shipper(&config, &index, &remote, &daemon_id, &metrics)?;
     let remote = remote.map(|store| Remote {
         store,
         runtime: tokio::runtime::Handle::current(),
@@ -677,13 +745,23 @@ pub async fn compact_once(
         }
         upload_loop.stop().await;
     }
+    if let Some((shipper, ship_loop)) = shipping {
+        if shipper.flush(config.shutdown_timeout).await {
+            // Replaced files wait for the change that removes them to be shipped.
+            let persister = persister.clone();
+            let _ = tokio::task::spawn_blocking(move || persister.finish_deletions()).await;
+        } else {
+            tracing::warn!("change-log entries stay unshipped; the next `mboxd serve` ships them");
+        }
+        ship_loop.stop().await;
+    }
     report.map_err(|e| ServerError::Compaction(e.to_string()))
 }
 
 /// Accepts at most `max` connections at once; further ones wait in the listen
 /// backlog until one closes. Each connection can make h2 buffer up to its window of
 /// request bytes before mboxd reads them, so this bounds that memory.
-fn limit_connections(
+pub(crate) fn limit_connections(
     incoming: TcpIncoming,
     max: usize,
 ) -> impl futures::Stream<Item = std::io::Result<Limited>> {
@@ -702,7 +780,7 @@ fn limit_connections(
 }
 
 /// A connection holding one of [`limit_connections`]'s slots until it closes.
-struct Limited {
+pub(crate) struct Limited {
     io: tokio::net::TcpStream,
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
@@ -765,7 +843,7 @@ impl tokio::io::AsyncWrite for Limited {
 /// missing bucket or an unreachable endpoint show in the log at once rather than at
 /// the first upload. Never fatal: an outage at start-up only means files wait in
 /// the spool.
-async fn check_store(store: Arc<dyn object_store::ObjectStore>) {
+pub(crate) async fn check_store(store: Arc<dyn object_store::ObjectStore>) {
     use object_store::ObjectStoreExt;
     let probe = object_store::path::Path::from("_mboxd_probe");
     match store.head(&probe).await {
@@ -783,7 +861,9 @@ async fn check_store(store: Arc<dyn object_store::ObjectStore>) {
 /// tonic answers a request over the size limit OUT_OF_RANGE; gRPC's convention (and
 /// DESIGN.md) is RESOURCE_EXHAUSTED. mboxd itself never answers OUT_OF_RANGE, so the
 /// rewrite cannot hide anything else.
-fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+pub(crate) fn oversized_is_resource_exhausted<B>(
+    mut response: http::Response<B>,
+) -> http::Response<B> {
     let headers = response.headers_mut();
     if headers.get("grpc-status").is_some_and(|v| v == "11") {
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
@@ -793,7 +873,7 @@ fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::
 
 /// Counts a response refused by authentication (UNAUTHENTICATED, 16) or
 /// authorization (PERMISSION_DENIED, 7); only the auth checks answer those.
-fn count_refused<B>(
+pub(crate) fn count_refused<B>(
     refused: &prometheus_client::metrics::family::Family<
         ReasonLabel,
         prometheus_client::metrics::counter::Counter,
@@ -809,9 +889,9 @@ fn count_refused<B>(
 }
 
 /// A request body that counts the bytes it yields into `received`.
-struct CountingBody {
-    inner: tonic::body::Body,
-    received: prometheus_client::metrics::counter::Counter,
+pub(crate) struct CountingBody {
+    pub(crate) inner: tonic::body::Body,
+    pub(crate) received: prometheus_client::metrics::counter::Counter,
 }
 
 impl http_body::Body for CountingBody {

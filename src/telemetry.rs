@@ -86,6 +86,47 @@ pub struct TableLabel {
     pub table: TableName,
 }
 
+/// The objects of a change log, as a metric label.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ChangeLogKind {
+    log,
+    checkpoint,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChangeLogLabel {
+    pub kind: ChangeLogKind,
+}
+
+/// An object-store request, as a metric label.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum StoreOp {
+    get,
+    head,
+    put,
+    list,
+    delete,
+    copy,
+    rename,
+}
+
+/// Which part of the root a request touched: the change logs under `_mboxd/`, or
+/// anything else (the data and catalog tables).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum StoreArea {
+    changelog,
+    data,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabel {
+    pub op: StoreOp,
+    pub area: StoreArea,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
@@ -123,6 +164,14 @@ pub struct Metrics {
     pub compacted_files: Counter,
     pub compaction_seconds: Histogram,
     pub expired_files: Counter,
+    /// Change-log objects a writer wrote, by kind, and the changes in them.
+    pub changelog_objects: Family<ChangeLogLabel, Counter>,
+    pub changelog_changes: Counter,
+    /// Object-store requests (counted where the store is wrapped: a reader's).
+    pub store_requests: Family<StoreLabel, Counter>,
+    /// Daemons a reader follows, and the change-log objects it applied.
+    pub reader_daemons: Gauge,
+    pub reader_log_objects: Counter,
     registry: Arc<Registry>,
 }
 
@@ -162,6 +211,11 @@ impl Metrics {
             compacted_files: Counter::default(),
             compaction_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
             expired_files: Counter::default(),
+            changelog_objects: Family::default(),
+            changelog_changes: Counter::default(),
+            store_requests: Family::default(),
+            reader_daemons: Gauge::default(),
+            reader_log_objects: Counter::default(),
             registry: Arc::new(Registry::default()),
         };
         let mut r = Registry::with_prefix("mboxd");
@@ -300,6 +354,32 @@ impl Metrics {
             "expired_files",
             "Files deleted by retention",
             m.expired_files.clone(),
+        );
+        r.register(
+            "changelog_objects",
+            "Change-log objects written to the storage root, by kind",
+            m.changelog_objects.clone(),
+        );
+        r.register(
+            "changelog_changes",
+            "Changes (index transactions) shipped in change-log objects",
+            m.changelog_changes.clone(),
+        );
+        r.register(
+            "store_requests",
+            "Object-store requests of a reader, by operation and by area \
+             (changelog: under _mboxd/; data: anything else)",
+            m.store_requests.clone(),
+        );
+        r.register(
+            "reader_daemons",
+            "Daemons whose change log a reader follows",
+            m.reader_daemons.clone(),
+        );
+        r.register(
+            "reader_log_objects",
+            "Change-log objects (checkpoints and logs) a reader applied",
+            m.reader_log_objects.clone(),
         );
         let build = Family::<BuildLabels, Gauge>::default();
         build

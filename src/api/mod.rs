@@ -48,8 +48,9 @@ pub struct Settings {
 #[derive(Debug, Clone)]
 pub struct ModelStoreService {
     index: Arc<Index>,
-    creates: batcher::CreateBatcher,
-    ingest: Arc<Ingest>,
+    /// The write path; `None` on a reader, which answers writes
+    /// FAILED_PRECONDITION.
+    writes: Option<Writes>,
     reader: Reader,
     limits: Limits,
     reads: Reads,
@@ -62,7 +63,15 @@ pub struct ModelStoreService {
     clock: Clock,
 }
 
+/// A writer's write path.
+#[derive(Debug, Clone)]
+struct Writes {
+    creates: batcher::CreateBatcher,
+    ingest: Arc<Ingest>,
+}
+
 impl ModelStoreService {
+    /// The service of a writer: reads and writes.
     pub fn new(
         index: Arc<Index>,
         ingest: Arc<Ingest>,
@@ -71,15 +80,47 @@ impl ModelStoreService {
         metrics: Metrics,
         activity: Arc<Activity>,
     ) -> std::io::Result<Self> {
+        let writes = Writes {
+            creates: batcher::CreateBatcher::start(Arc::clone(&index))?,
+            ingest,
+        };
+        Ok(Self::with(
+            index,
+            Some(writes),
+            reader,
+            settings,
+            metrics,
+            activity,
+        ))
+    }
+
+    /// The service of a reader: every read, and FAILED_PRECONDITION for writes.
+    pub fn read_only(
+        index: Arc<Index>,
+        reader: Reader,
+        settings: Settings,
+        metrics: Metrics,
+        activity: Arc<Activity>,
+    ) -> Self {
+        Self::with(index, None, reader, settings, metrics, activity)
+    }
+
+    fn with(
+        index: Arc<Index>,
+        writes: Option<Writes>,
+        reader: Reader,
+        settings: Settings,
+        metrics: Metrics,
+        activity: Arc<Activity>,
+    ) -> Self {
         let Settings {
             limits,
             reads,
             clock,
         } = settings;
-        Ok(Self {
-            creates: batcher::CreateBatcher::start(Arc::clone(&index))?,
+        Self {
             index,
-            ingest,
+            writes,
             reader,
             limits,
             read_slots: Arc::new(tokio::sync::Semaphore::new(reads.max_concurrent)),
@@ -87,17 +128,25 @@ impl ModelStoreService {
             metrics,
             activity,
             clock,
-        })
+        }
+    }
+
+    /// The write path, or FAILED_PRECONDITION on a reader.
+    fn writes(&self, rpc: &'static str) -> Result<&Writes, Status> {
+        self.writes
+            .as_ref()
+            .ok_or_else(|| ApiError::ReadOnly { rpc }.into())
     }
 
     /// Submits a validated batch, or passes on why it is invalid.
     async fn submit(
         &self,
+        writes: &Writes,
         batch: Result<Batch, ApiError>,
         client_batch_id: &str,
     ) -> Result<Accepted, Status> {
         let id = (!client_batch_id.is_empty()).then_some(client_batch_id);
-        Ok(self
+        Ok(writes
             .ingest
             .submit(batch?, id)
             .await
@@ -223,10 +272,11 @@ impl ModelStore for ModelStoreService {
         req: Request<proto::CreateExperimentRequest>,
     ) -> Reply<proto::CreateExperimentResponse> {
         let who = principal(&req)?;
+        let writes = self.writes("CreateExperiment")?;
         let ns = validate::namespace("namespace", req.get_ref().namespace.clone(), &self.limits)?;
         who.allow(Scope::Write, &ns)?;
         let (new, metadata) = validate::create_experiment(req.into_inner(), &self.limits)?;
-        let (record, existed) = self
+        let (record, existed) = writes
             .creates
             .create(new, metadata)
             .await
@@ -305,6 +355,7 @@ impl ModelStore for ModelStoreService {
         req: Request<proto::UpdateMetadataRequest>,
     ) -> Reply<proto::UpdateMetadataResponse> {
         let who = principal(&req)?;
+        self.writes("UpdateMetadata")?;
         let req = req.into_inner();
         let experiment = validate::experiment("parent_id", &req.parent_id, &self.index)?;
         who.allow(Scope::Write, &experiment.namespace)?;
@@ -342,6 +393,7 @@ impl ModelStore for ModelStoreService {
         req: Request<proto::LogMetricsRequest>,
     ) -> Reply<proto::LogMetricsResponse> {
         let who = principal(&req)?;
+        let writes = self.writes("LogMetrics")?;
         let mut req = req.into_inner();
         let sent = req.blocks.iter().map(|b| b.steps.len()).sum::<usize>()
             + usize::from(req.value.is_some());
@@ -365,7 +417,7 @@ impl ModelStore for ModelStoreService {
         };
         let m = &self.metrics;
         let accepted = tally(
-            self.submit(batch.map(Batch::Metrics), &client_batch_id)
+            self.submit(writes, batch.map(Batch::Metrics), &client_batch_id)
                 .await,
             sent,
             &m.points_accepted,
@@ -438,6 +490,7 @@ impl ModelStore for ModelStoreService {
         req: Request<proto::LogEventRequest>,
     ) -> Reply<proto::LogEventResponse> {
         let who = principal(&req)?;
+        let writes = self.writes("LogEvent")?;
         let mut req = req.into_inner();
         let sent = usize::from(req.event.is_some()) + req.events.len();
         let now = self.clock.now();
@@ -449,7 +502,7 @@ impl ModelStore for ModelStoreService {
         });
         let m = &self.metrics;
         let accepted = tally(
-            self.submit(batch.map(Batch::Events), &client_batch_id)
+            self.submit(writes, batch.map(Batch::Events), &client_batch_id)
                 .await,
             sent,
             &m.events_accepted,

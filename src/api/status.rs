@@ -33,6 +33,13 @@ pub enum ApiError {
     Auth(#[from] AuthError),
     #[error("internal task failed: {0}")]
     Task(String),
+    /// A write sent to a reader (`mboxd serve --reader`).
+    #[error(
+        "{rpc}: this mboxd is a reader (serve --reader): it serves every daemon's data \
+         from the shared storage root and accepts no writes; send writes to a writer \
+         (the sidecar or standalone mboxd)"
+    )]
+    ReadOnly { rpc: &'static str },
 }
 
 impl ApiError {
@@ -65,6 +72,7 @@ impl From<ApiError> for Status {
             ApiError::Auth(e) if e.is_unauthenticated() => Status::unauthenticated(e.to_string()),
             ApiError::Auth(e) => Status::permission_denied(e.to_string()),
             ApiError::NotFound { .. } => Status::not_found(err.to_string()),
+            ApiError::ReadOnly { .. } => Status::failed_precondition(err.to_string()),
             ApiError::Index(IndexError::ExperimentNotFound(id)) => {
                 Status::not_found(format!("parent_id: experiment {id:?} not found"))
             }

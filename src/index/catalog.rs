@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use redb::{ReadableTable, WriteTransaction};
 
+use super::changes::Change;
 use super::{
     BATCH_IDS, CATALOG_FILES, DIRTY, EXPERIMENTS, EXPERIMENTS_BY_NS, Index, IndexError, METADATA,
     MetadataEntry, SUMMARIES, decode, encode, search, storage,
@@ -113,6 +114,7 @@ impl Index {
         let txn = self.db.begin_write().map_err(storage)?;
         let mut out = Vec::with_capacity(batch.len());
         let mut changed = false;
+        let mut logged = (Vec::new(), Vec::new());
         for (new, metadata) in batch {
             let id = experiment_id(&new.namespace, &new.name, &new.owner, &new.external_id);
             let existing = {
@@ -161,11 +163,31 @@ impl Index {
                 }
             };
             write_metadata(&txn, &record, &metadata, now)?;
-            if !existed || !metadata.is_empty() {
+            let touched = !existed || !metadata.is_empty();
+            if touched {
                 mark_dirty(&txn, &record.id)?;
+                if self.change_log_on() {
+                    logged.0.push(record.clone());
+                    logged.1.extend(metadata.into_iter().map(|(k, value)| {
+                        (
+                            record.id.clone(),
+                            k,
+                            MetadataEntry {
+                                value,
+                                updated_at: now,
+                            },
+                        )
+                    }));
+                }
             }
-            changed |= !existed || !metadata.is_empty();
+            changed |= touched;
             out.push((record, existed));
+        }
+        if !logged.0.is_empty() {
+            self.log_change(&txn, || Change::Catalog {
+                experiments: logged.0,
+                metadata: logged.1,
+            })?;
         }
         txn.commit().map_err(storage)?;
         if changed {
@@ -253,6 +275,22 @@ impl Index {
         };
         write_metadata(&txn, &record, entries, now)?;
         mark_dirty(&txn, &record.id)?;
+        self.log_change(&txn, || Change::Catalog {
+            metadata: entries
+                .iter()
+                .map(|(k, value)| {
+                    (
+                        record.id.clone(),
+                        k.clone(),
+                        MetadataEntry {
+                            value: value.clone(),
+                            updated_at: now,
+                        },
+                    )
+                })
+                .collect(),
+            experiments: vec![record],
+        })?;
         txn.commit().map_err(storage)?;
         self.bump_generation();
         Ok(now)

@@ -5,6 +5,7 @@ use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::catalog::{merge_summaries, record_batch_ids};
+use super::changes::Change;
 use super::{
     DELETIONS, FILE_EXPERIMENTS, FILE_EXPERIMENTS_REV, FILES, INTENTS, Index, IndexError,
     PUBLISHED, REPLACE_INTENTS, SPOOLED, UNINDEXED, decode, encode, storage,
@@ -112,7 +113,7 @@ pub struct Forget {
     pub batch_ids_before: Micros,
 }
 
-fn insert_file(
+pub(super) fn insert_file(
     txn: &WriteTransaction,
     entry: &FileEntry,
     experiments: &[(String, FilePart)],
@@ -143,12 +144,15 @@ fn insert_file(
 /// A `file_experiments` value: the part, and the file's entry so a read needs no
 /// second lookup.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct IndexedPart {
-    part: FilePart,
-    entry: FileEntry,
+pub(super) struct IndexedPart {
+    pub(super) part: FilePart,
+    pub(super) entry: FileEntry,
 }
 
-fn remove_file(txn: &WriteTransaction, key: &str) -> Result<Option<FileEntry>, IndexError> {
+pub(super) fn remove_file(
+    txn: &WriteTransaction,
+    key: &str,
+) -> Result<Option<FileEntry>, IndexError> {
     let removed = txn
         .open_table(FILES)
         .map_err(storage)?
@@ -246,6 +250,11 @@ impl Index {
             }
             merge_summaries(&txn, &intent.summaries)?;
             record_batch_ids(&txn, &intent.batch_ids, forget.batch_ids_before)?;
+            self.log_change(&txn, || Change::Publish {
+                file: intent.entry.clone(),
+                experiments: intent.experiments.clone(),
+                summaries: intent.summaries.clone(),
+            })?;
         }
         txn.commit().map_err(storage)
     }
@@ -497,13 +506,18 @@ impl Index {
                         .map_err(storage)?;
                 }
             }
-            let mut deletions = txn.open_table(DELETIONS).map_err(storage)?;
             for key in &intent.inputs {
                 if remove_file(&txn, key)?.is_some() {
                     removed.push(key.clone());
                 }
-                deletions.insert(key.as_str(), ()).map_err(storage)?;
             }
+            // With the change log on, the inputs are deleted once readers can
+            // know they are gone (the change is shipped), not before.
+            let entry = self.log_change(&txn, || Change::Replace {
+                added: intent.outputs.clone(),
+                removed: intent.inputs.clone(),
+            })?;
+            self.queue_deletions(&txn, entry, &intent.inputs)?;
             txn.open_table(REPLACE_INTENTS)
                 .map_err(storage)?
                 .remove(intent.id.as_str())

@@ -35,6 +35,13 @@
 //! - `deletions`: object key → (): objects no longer in the manifest, still to be
 //!   deleted from storage.
 //!
+//! Change-log tables ([`changes`], only written while the change log is on):
+//! - `change_outbox`: entry number → [`Change`]: what each committed transaction
+//!   changed, written in that same transaction, until the shipper has put it into
+//!   the storage root (see [`crate::changelog`]).
+//! - `held_deletions`: (entry number, object key) → (): objects a replacement
+//!   removed, deleted only once readers can know (the entry is shipped).
+//!
 //! Exactly-once publication: intent (durable) → rename → manifest entry, published
 //! pieces, summaries, batch ids and intent removal in one transaction. After a
 //! crash, an intent whose file exists is completed, and one whose file does not is
@@ -55,17 +62,19 @@
 //! tool when something goes wrong.
 
 mod catalog;
+mod changes;
 mod manifest;
 pub mod search;
 
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 pub use catalog::{CatalogRows, ExperimentCache, NewExperiment};
+pub use changes::{Change, ChangeEntry, Checkpoint, CheckpointFile, ShipPlan, ShipState};
 pub use manifest::{
     FileEntry, FilePart, FileRef, Forget, PublishIntent, ReplaceIntent, SCHEMA_INT64, SCHEMA_UINT64,
 };
@@ -93,6 +102,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DIRTY: TableDefinition<&str, ()> = TableDefinition::new("catalog_dirty");
 const CATALOG_FILES: TableDefinition<&str, ()> = TableDefinition::new("catalog_files");
 const SEARCH: TableDefinition<(&str, &str, &[u8], &str), ()> = TableDefinition::new("search_index");
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("change_outbox");
+const HELD: TableDefinition<(u64, &str), ()> = TableDefinition::new("held_deletions");
 
 /// The index layout version; see [`Index::open`] for what each step migrates.
 const LAYOUT_VERSION: u64 = 2;
@@ -110,6 +121,8 @@ pub enum IndexError {
     },
     #[error("experiment {0} not found")]
     ExperimentNotFound(String),
+    #[error("an index task failed: {0}")]
+    Task(String),
 }
 
 fn storage<E: Into<redb::Error>>(e: E) -> IndexError {
@@ -138,6 +151,8 @@ pub struct Index {
     /// that merge into them (redb has one writer at a time anyway; this keeps the
     /// lock order obvious).
     publish: Mutex<()>,
+    /// Whether each transaction records its [`Change`] in the outbox.
+    change_log: AtomicBool,
 }
 
 impl Index {
@@ -145,7 +160,19 @@ impl Index {
     /// older layout: an index from before the experiment → file index lists its
     /// files in `unindexed_files`, which reads prune by experiment range.
     pub fn open(path: &Path) -> Result<Self, IndexError> {
-        let db = Database::create(path).map_err(storage)?;
+        Self::init(Database::create(path).map_err(storage)?)
+    }
+
+    /// An index held in memory only: a reader's view of the storage root, which it
+    /// rebuilds from the root at every start.
+    pub fn open_in_memory() -> Result<Self, IndexError> {
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(storage)?;
+        Self::init(db)
+    }
+
+    fn init(db: Database) -> Result<Self, IndexError> {
         let txn = db.begin_write().map_err(storage)?;
         {
             // Create every table so read transactions never meet a missing one.
@@ -164,6 +191,8 @@ impl Index {
             txn.open_table(SEARCH).map_err(storage)?;
             txn.open_table(DIRTY).map_err(storage)?;
             txn.open_table(CATALOG_FILES).map_err(storage)?;
+            txn.open_table(OUTBOX).map_err(storage)?;
+            txn.open_table(HELD).map_err(storage)?;
             let files = txn.open_table(FILES).map_err(storage)?;
             let mut unindexed = txn.open_table(UNINDEXED).map_err(storage)?;
             let mut meta = txn.open_table(META).map_err(storage)?;
@@ -188,6 +217,7 @@ impl Index {
             cache: ExperimentCache::new(catalog::CACHE_ENTRIES),
             generation: AtomicU64::new(0),
             publish: Mutex::new(()),
+            change_log: AtomicBool::new(false),
         })
     }
 

@@ -59,17 +59,54 @@ impl QueryError {
 /// replaced by compaction meanwhile.
 const ATTEMPTS: usize = 4;
 
+/// Brings the manifest up to date before a read starts over because a file it
+/// named was gone (a reader following other daemons' change logs: the file was
+/// compacted away and the reader has not heard yet).
+#[derive(Clone)]
+pub struct Refresh(Arc<dyn Fn() + Send + Sync>);
+
+impl Refresh {
+    pub fn new(f: impl Fn() + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for Refresh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Refresh")
+    }
+}
+
 /// Reads published files and the writers' unpublished rows.
 #[derive(Debug, Clone)]
 pub struct Reader {
     index: Arc<Index>,
     files: Files,
     live: LiveView,
+    refresh: Option<Refresh>,
 }
 
 impl Reader {
     pub fn new(index: Arc<Index>, files: Files, live: LiveView) -> Self {
-        Self { index, files, live }
+        Self {
+            index,
+            files,
+            live,
+            refresh: None,
+        }
+    }
+
+    /// Calls `refresh` before a read starts over after a file vanished.
+    pub fn with_refresh(mut self, refresh: Refresh) -> Self {
+        self.refresh = Some(refresh);
+        self
+    }
+
+    /// Before starting a read over: lets the manifest catch up.
+    fn catch_up(&self) {
+        if let Some(Refresh(f)) = &self.refresh {
+            f();
+        }
     }
 
     /// Every source of `experiment`'s rows in `table`, at one instant: the files
@@ -263,7 +300,10 @@ impl Reader {
                 series::gather_batch(&batch, &mut out, query)
             });
             match read {
-                Err(e) if e.is_vanished() && attempt < ATTEMPTS => continue,
+                Err(e) if e.is_vanished() && attempt < ATTEMPTS => {
+                    self.catch_up();
+                    continue;
+                }
                 Err(e) => return Err(e),
                 Ok(()) => {}
             }
@@ -292,7 +332,10 @@ impl Reader {
                 event_points(&batch, &mut out)
             });
             match read {
-                Err(e) if e.is_vanished() && attempt < ATTEMPTS => continue,
+                Err(e) if e.is_vanished() && attempt < ATTEMPTS => {
+                    self.catch_up();
+                    continue;
+                }
                 Err(e) => return Err(e),
                 Ok(()) => {}
             }

@@ -4,6 +4,7 @@
 //! folder), or, with an S3 root, the spool that [`upload::Uploader`] drains into
 //! the bucket, through the client [`s3::S3Settings`] configures.
 
+pub mod counting;
 pub mod s3;
 pub mod upload;
 
@@ -187,7 +188,8 @@ pub fn object_path(key: &ObjectKey) -> Result<object_store::path::Path, SinkErro
 /// (the local root or spool, else the remote store).
 #[derive(Debug, Clone)]
 pub struct Files {
-    local: LocalSink,
+    /// `None` for a reader, which has no local root or spool.
+    local: Option<LocalSink>,
     remote: Option<Remote>,
 }
 
@@ -236,22 +238,48 @@ impl RemoteObject {
 
 impl Files {
     pub fn new(local: LocalSink, remote: Option<Remote>) -> Self {
-        Self { local, remote }
+        Self {
+            local: Some(local),
+            remote,
+        }
+    }
+
+    /// Files read from the store only (a reader's).
+    pub fn remote(remote: Remote) -> Self {
+        Self {
+            local: None,
+            remote: Some(remote),
+        }
+    }
+
+    fn open_remote(&self, key: &ObjectKey, size: u64) -> Result<Option<FileData>, SinkError> {
+        Ok(match &self.remote {
+            Some(remote) => Some(FileData::Remote(RemoteObject {
+                remote: remote.clone(),
+                location: object_path(key)?,
+                key: key.to_string(),
+                size,
+            })),
+            None => None,
+        })
     }
 
     /// Opens a published file of `size` bytes. A spooled file is read locally; once
     /// uploaded (and deleted locally) it is read from the store.
     pub fn open(&self, key: &ObjectKey, size: u64) -> Result<FileData, SinkError> {
-        let path = self.local.path_of(key);
+        let Some(local) = &self.local else {
+            // Made by `Files::remote`, so there is a store to read from.
+            return self.open_remote(key, size)?.ok_or_else(|| SinkError::Io {
+                action: "opening",
+                path: key.to_path(),
+                source: io::ErrorKind::NotFound.into(),
+            });
+        };
+        let path = local.path_of(key);
         match File::open(&path) {
             Ok(file) => Ok(FileData::Local(file)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => match &self.remote {
-                Some(remote) => Ok(FileData::Remote(RemoteObject {
-                    remote: remote.clone(),
-                    location: object_path(key)?,
-                    key: key.to_string(),
-                    size,
-                })),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match self.open_remote(key, size)? {
+                Some(data) => Ok(data),
                 None => Err(io_err("opening", &path)(e)),
             },
             Err(e) => Err(io_err("opening", &path)(e)),

@@ -196,12 +196,33 @@ impl Process {
         extra: &[&str],
         setup: impl FnOnce(&mut std::process::Command),
     ) -> Self {
+        Self::start_full(data, daemon_id, "127.0.0.1:0", extra, setup).await
+    }
+
+    /// Starts mboxd with its HTTP listener (web view, JSON API, `/metrics`) on
+    /// `http`, so a test can scrape it.
+    pub async fn start_with_http(
+        data: &Path,
+        daemon_id: &str,
+        http: std::net::SocketAddr,
+        extra: &[&str],
+    ) -> Self {
+        Self::start_full(data, daemon_id, &http.to_string(), extra, |_| {}).await
+    }
+
+    async fn start_full(
+        data: &Path,
+        daemon_id: &str,
+        http: &str,
+        extra: &[&str],
+        setup: impl FnOnce(&mut std::process::Command),
+    ) -> Self {
         let addr_file = data.with_extension("addr");
         let _ = std::fs::remove_file(&addr_file);
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mboxd"));
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--daemon-id", daemon_id])
-            .args(["--metrics-listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", http])
             .arg("--data-dir")
             .arg(data)
             .arg("--addr-file")

@@ -19,7 +19,7 @@ import yaml
 
 from harness import ROOT, mboxd_binary
 
-OVERLAYS = ["standalone", "sidecar", "s3", "servicemonitor"]
+OVERLAYS = ["standalone", "sidecar", "s3", "servicemonitor", "reader"]
 # Native sidecars (init containers with restartPolicy: Always) are on by default
 # from Kubernetes 1.29.
 K8S_VERSION = "1.30.0"
@@ -161,15 +161,20 @@ def test_overlay_renders_validates_and_agrees_with_mboxd_config(overlay, tmp_pat
         assert secret_of(cfg["auth"]["tokens_file"]) == ("mboxd-tokens", "tokens.toml")
 
     # Volumes: the data folder is a mounted volume (the root file system is
-    # read-only), an emptyDir in a sidecar and a claim that exists otherwise.
+    # read-only), an emptyDir in a sidecar and a claim that exists otherwise; a
+    # reader writes nothing and mounts none.
     assert mboxd["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"]: m["name"] for m in mboxd["volumeMounts"]}
-    data = {v["name"]: v for v in spec["volumes"]}[mounts[cfg["data_dir"]]]
-    if overlay == "sidecar":
-        assert quantity(data["emptyDir"]["sizeLimit"]) > cfg["spool_max_bytes"]
+    if overlay == "reader":
+        assert cfg["data_dir"] not in mounts
+        assert not any("persistentVolumeClaim" in v or "emptyDir" in v for v in spec["volumes"])
     else:
-        claim = data["persistentVolumeClaim"]["claimName"]
-        find(docs, "PersistentVolumeClaim", claim)
+        data = {v["name"]: v for v in spec["volumes"]}[mounts[cfg["data_dir"]]]
+        if overlay == "sidecar":
+            assert quantity(data["emptyDir"]["sizeLimit"]) > cfg["spool_max_bytes"]
+        else:
+            claim = data["persistentVolumeClaim"]["claimName"]
+            find(docs, "PersistentVolumeClaim", claim)
     assert spec["securityContext"]["runAsUser"] == IMAGE_UID
     assert spec["securityContext"]["fsGroup"] == IMAGE_UID
 
@@ -189,7 +194,20 @@ def test_overlay_renders_validates_and_agrees_with_mboxd_config(overlay, tmp_pat
         assert any(e.get("secretRef", {}).get("name") == "mboxd-s3" for e in mboxd["envFrom"])
     else:
         deployment = find(docs, "Deployment")[0]
-        assert deployment["spec"]["strategy"]["type"] == "Recreate", "one writer per volume"
+        if overlay == "reader":
+            # Readers hold nothing: several at once, replaced without a gap, over
+            # the bucket the sidecars publish to.
+            assert cfg["role"] == "reader"
+            assert deployment["spec"]["replicas"] >= 2
+            assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+            assert cfg["storage_root"] == "s3://ml-tracking/runs"
+            assert 0 < cfg["reader_poll_interval_ms"] <= 2000
+            assert any(e.get("secretRef", {}).get("name") == "mboxd-s3" for e in mboxd["envFrom"])
+            # Never selected by a Service meant for writers.
+            assert template["metadata"]["labels"]["app.kubernetes.io/name"] != "mboxd"
+        else:
+            assert cfg["role"] == "writer"
+            assert deployment["spec"]["strategy"]["type"] == "Recreate", "one writer per volume"
         selector = deployment["spec"]["selector"]["matchLabels"]
         assert selector.items() <= template["metadata"]["labels"].items()
         service = find(docs, "Service")[0]
@@ -198,7 +216,9 @@ def test_overlay_renders_validates_and_agrees_with_mboxd_config(overlay, tmp_pat
         for name, number in ports.items():
             assert service_ports[name]["port"] == number
             assert service_ports[name]["targetPort"] == name
-        if overlay == "s3":
+        if overlay == "reader":
+            pass
+        elif overlay == "s3":
             assert cfg["storage_root"] == "s3://ml-tracking/runs"
             assert any(e.get("secretRef", {}).get("name") == "mboxd-s3" for e in mboxd["envFrom"])
         else:
