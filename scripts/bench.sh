@@ -28,6 +28,8 @@ build() {
   mkdir -p "$1"
   cp "$CARGO_TARGET_DIR/release/mboxd" "$1/mboxd"
   cp "$loadgen" "$1/loadgen"
+  # Without debug info: small enough to carry to another machine.
+  strip "$1/mboxd" "$1/loadgen" 2>/dev/null || true
 }
 
 if [ "${1:-}" = "--package" ]; then
@@ -92,7 +94,7 @@ run "batch, wal-fsync, overload: ${OVERLOAD_CLIENTS} clients" "$ALL" \
   --mode batch --clients "$OVERLOAD_CLIENTS" --batch "$BATCH" --durability wal-fsync
 run "sidecar preset (config/sidecar.toml), batch, wal-fsync" "$ALL" \
   --mode batch --clients "$BATCH_CLIENTS" --batch "$BATCH" --durability wal-fsync \
-  --mboxd-args "--config $SIDECAR"
+  "--mboxd-args=--config $SIDECAR"
 
 echo
 echo "| load | mboxd cores | points/s | ack p50 ms | ack p99 ms | ack max ms | peak RSS MiB | refused requests |"

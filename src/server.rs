@@ -491,7 +491,7 @@ pub async fn run(
         // one go while keeping what one connection can push unread small.
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+        .layer(crate::api::receive::ReceiveLimitLayer::new(
             config.concurrent_requests(),
         ))
         .layer(tower::util::MapResponseLayer::new(

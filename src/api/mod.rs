@@ -13,6 +13,7 @@
 pub mod batcher;
 pub mod codec;
 pub mod convert;
+pub mod receive;
 pub mod status;
 pub mod validate;
 
@@ -33,6 +34,7 @@ use crate::telemetry::{Metrics, Reason, ReasonLabel};
 use crate::web::Activity;
 
 use convert::{json_to_value, micros, timestamp};
+use receive::ReceiveSlot;
 use status::ApiError;
 
 /// The service's settings.
@@ -144,11 +146,12 @@ impl ModelStoreService {
         writes: &Writes,
         batch: Result<Batch, ApiError>,
         client_batch_id: &str,
+        slot: &ReceiveSlot,
     ) -> Result<Accepted, Status> {
         let id = (!client_batch_id.is_empty()).then_some(client_batch_id);
         Ok(writes
             .ingest
-            .submit(batch?, id)
+            .submit(batch?, id, || slot.release())
             .await
             .map_err(ApiError::from)?)
     }
@@ -272,9 +275,20 @@ impl ModelStore for ModelStoreService {
         req: Request<proto::CreateExperimentRequest>,
     ) -> Reply<proto::CreateExperimentResponse> {
         let who = principal(&req)?;
+        let slot = ReceiveSlot::of(&req);
         let writes = self.writes("CreateExperiment")?;
         let ns = validate::namespace("namespace", req.get_ref().namespace.clone(), &self.limits)?;
         who.allow(Scope::Write, &ns)?;
+        // Held in the budget until written, so that the receive slot can go: the
+        // catalog commits many creations at once, and a waiting request should not
+        // keep the next one from being received. With the budget full, the slot
+        // stays (as it did before) rather than refusing a creation.
+        let held = writes
+            .ingest
+            .try_hold(prost::Message::encoded_len(req.get_ref()).saturating_mul(2));
+        if held.is_some() {
+            slot.release();
+        }
         let (new, metadata) = validate::create_experiment(req.into_inner(), &self.limits)?;
         let (record, existed) = writes
             .creates
@@ -282,6 +296,7 @@ impl ModelStore for ModelStoreService {
             .await
             .ok_or_else(|| ApiError::Task("the catalog writer has stopped".into()))?
             .map_err(ApiError::from)?;
+        drop(held);
         Ok(Response::new(proto::CreateExperimentResponse {
             experiment_id: record.id,
             experiment_exists: existed,
@@ -393,6 +408,7 @@ impl ModelStore for ModelStoreService {
         req: Request<proto::LogMetricsRequest>,
     ) -> Reply<proto::LogMetricsResponse> {
         let who = principal(&req)?;
+        let slot = ReceiveSlot::of(&req);
         let writes = self.writes("LogMetrics")?;
         let mut req = req.into_inner();
         let sent = req.blocks.iter().map(|b| b.steps.len()).sum::<usize>()
@@ -417,7 +433,7 @@ impl ModelStore for ModelStoreService {
         };
         let m = &self.metrics;
         let accepted = tally(
-            self.submit(writes, batch.map(Batch::Metrics), &client_batch_id)
+            self.submit(writes, batch.map(Batch::Metrics), &client_batch_id, &slot)
                 .await,
             sent,
             &m.points_accepted,
@@ -490,6 +506,7 @@ impl ModelStore for ModelStoreService {
         req: Request<proto::LogEventRequest>,
     ) -> Reply<proto::LogEventResponse> {
         let who = principal(&req)?;
+        let slot = ReceiveSlot::of(&req);
         let writes = self.writes("LogEvent")?;
         let mut req = req.into_inner();
         let sent = usize::from(req.event.is_some()) + req.events.len();
@@ -502,7 +519,7 @@ impl ModelStore for ModelStoreService {
         });
         let m = &self.metrics;
         let accepted = tally(
-            self.submit(writes, batch.map(Batch::Events), &client_batch_id)
+            self.submit(writes, batch.map(Batch::Events), &client_batch_id, &slot)
                 .await,
             sent,
             &m.events_accepted,

@@ -385,10 +385,14 @@ impl Ingest {
     /// (the hand-off to a writer right after the fsync): a client that gives up
     /// mid-way (a deadline, a dropped connection) cannot leave a durable record
     /// that never reaches a writer.
+    /// `received`: called once the batch holds its reservation in the budget,
+    /// which from then on bounds its memory (the API gives back the request's
+    /// receive slot), before the wait for durability.
     pub async fn submit(
         &self,
         batch: Batch,
         client_batch_id: Option<&str>,
+        received: impl FnOnce(),
     ) -> Result<Accepted, IngestError> {
         self.refuse_if_closed()?;
         let ticket = match client_batch_id {
@@ -409,14 +413,20 @@ impl Ingest {
             None => None,
         };
         self.wait_for_spool().await?;
-        let reservation = self.reserve(batch.approx_bytes(), self.when_full).await?;
-        let count = batch.count();
-        let at = batch.ingested_at();
-        let client_batch = ticket.as_ref().map(|t| Arc::clone(t.id()));
         let record = self
             .wal
             .as_ref()
             .map(|_| batch.wal_record(client_batch_id.unwrap_or("")));
+        // The WAL record's bytes are reserved too, until the commit has written them.
+        let record_bytes = record.as_ref().map_or(0, |(_, payload, _)| payload.len());
+        let mut reservation = self
+            .reserve(batch.approx_bytes() + record_bytes, self.when_full)
+            .await?;
+        let record_reservation = reservation.split(record_bytes);
+        received();
+        let count = batch.count();
+        let at = batch.ingested_at();
+        let client_batch = ticket.as_ref().map(|t| Arc::clone(t.id()));
         let (i, handoff) = self.writer();
         let writer = self.writers[i].clone();
         let view = self.live.writer(i);
@@ -441,16 +451,28 @@ impl Ingest {
                     kind,
                     payload,
                     pieces,
-                    Box::new(move |seq| hand_off(Some(seq))),
+                    Box::new(move |seq| {
+                        drop(record_reservation);
+                        hand_off(Some(seq));
+                    }),
                 )
                 .await?;
             }
-            _ => hand_off(None),
+            _ => {
+                drop(record_reservation);
+                hand_off(None);
+            }
         }
         Ok(Accepted {
             count,
             duplicate: false,
         })
+    }
+
+    /// Reserves `bytes` of the budget, if there is room now, for other work that
+    /// holds a request's data (a catalog write).
+    pub fn try_hold(&self, bytes: usize) -> Option<Reservation> {
+        self.budget.try_reserve(bytes)
     }
 
     /// Re-submits a batch read back from the WAL at start-up (already durable; its

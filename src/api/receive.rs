@@ -1,0 +1,151 @@
+//! Receive slots: at most `ingest.max_concurrent_requests` requests are being
+//! received and decoded at once, because each holds its message, then its decoded
+//! arrays, in memory outside the byte budget. A write gives its slot back as soon
+//! as its batch holds a reservation in the budget (which then bounds its memory),
+//! so requests that wait for a group commit's `fdatasync` no longer keep others
+//! from being received: the slots bound memory, not durability waits.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The slot a request holds; in the request's extensions for its handler.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiveSlot(Option<Arc<Mutex<Option<OwnedSemaphorePermit>>>>);
+
+impl ReceiveSlot {
+    /// Gives the slot back (once; later calls do nothing). Otherwise it is given
+    /// back when the response is ready.
+    pub fn release(&self) {
+        if let Some(slot) = &self.0
+            && let Ok(mut permit) = slot.lock()
+        {
+            permit.take();
+        }
+    }
+
+    /// The request's slot, or none (a request that came in some other way).
+    pub fn of<T>(req: &tonic::Request<T>) -> Self {
+        req.extensions().get::<Self>().cloned().unwrap_or_default()
+    }
+}
+
+/// The tower layer that hands out [`ReceiveSlot`]s.
+#[derive(Debug, Clone)]
+pub struct ReceiveLimitLayer {
+    slots: Arc<Semaphore>,
+}
+
+impl ReceiveLimitLayer {
+    pub fn new(max: usize) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(max)),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for ReceiveLimitLayer {
+    type Service = ReceiveLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ReceiveLimit {
+            inner,
+            slots: Arc::clone(&self.slots),
+        }
+    }
+}
+
+/// See [`ReceiveLimitLayer`].
+#[derive(Debug, Clone)]
+pub struct ReceiveLimit<S> {
+    inner: S,
+    slots: Arc<Semaphore>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for ReceiveLimit<S>
+where
+    S: tower::Service<http::Request<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        // The clone that was made ready serves this call; a fresh clone waits for
+        // the next one (tower's usual hand-over).
+        let fresh = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, fresh);
+        let slots = Arc::clone(&self.slots);
+        Box::pin(async move {
+            // The semaphore is never closed, so this waits for a slot.
+            let permit = slots.acquire_owned().await.ok();
+            let slot = ReceiveSlot(Some(Arc::new(Mutex::new(permit))));
+            req.extensions_mut().insert(slot.clone());
+            let response = inner.call(req).await;
+            slot.release();
+            response
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_released_slot_admits_the_next_request_before_the_first_completes() {
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let wait = Arc::new(tokio::sync::Mutex::new(Some(wait)));
+        let service = tower::service_fn(move |req: http::Request<bool>| {
+            let wait = Arc::clone(&wait);
+            async move {
+                let slot = req.extensions().get::<ReceiveSlot>().cloned();
+                if *req.body() {
+                    // The first request gives its slot back, then waits.
+                    slot.expect("a slot").release();
+                    if let Some(wait) = wait.lock().await.take() {
+                        let _ = wait.await;
+                    }
+                }
+                Ok::<_, std::convert::Infallible>(())
+            }
+        });
+        let mut svc = tower::Layer::layer(&ReceiveLimitLayer::new(1), service);
+        let first = tower::Service::call(&mut svc, http::Request::new(true));
+        let first = tokio::spawn(first);
+        tokio::task::yield_now().await;
+        let second = tower::Service::call(&mut svc, http::Request::new(false));
+        tokio::time::timeout(std::time::Duration::from_secs(5), second)
+            .await
+            .expect("the second request was admitted")
+            .expect("served");
+        let _ = go.send(());
+        first.await.expect("joined").expect("served");
+    }
+
+    #[tokio::test]
+    async fn a_held_slot_keeps_the_next_request_waiting() {
+        let service = tower::service_fn(|req: http::Request<bool>| async move {
+            if *req.body() {
+                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            }
+            Ok::<_, std::convert::Infallible>(())
+        });
+        let mut svc = tower::Layer::layer(&ReceiveLimitLayer::new(1), service);
+        let first = tokio::spawn(tower::Service::call(&mut svc, http::Request::new(true)));
+        tokio::task::yield_now().await;
+        let second = tower::Service::call(&mut svc, http::Request::new(false));
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(200), second).await;
+        assert!(waited.is_err(), "the second request must wait for the slot");
+        first.abort();
+    }
+}
