@@ -350,10 +350,16 @@ fn main() -> anyhow::Result<()> {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
+        // The first client takes over the set-up connection: one more would make
+        // `clients` + 1 connections, and at `server.max_connections` the last
+        // client would wait in the listen backlog for the whole run.
+        let mut admin = Some(admin);
         for index in 0..args.clients {
-            let client = ModelStoreClient::connect(url.clone())
-                .await?
-                .max_encoding_message_size(usize::MAX);
+            let client = match admin.take() {
+                Some(c) => c,
+                None => ModelStoreClient::connect(url.clone()).await?,
+            }
+            .max_encoding_message_size(usize::MAX);
             tasks.push(tokio::spawn(run_client(
                 client,
                 Arc::clone(&args),

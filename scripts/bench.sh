@@ -92,7 +92,10 @@ run "batch, wal-fsync, half the saturated rate ($(printf "%'d" "$HALF")/s)" "$AL
   --mode batch --clients "$BATCH_CLIENTS" --batch "$BATCH" --durability wal-fsync --rate "$HALF"
 run "batch, wal-fsync, overload: ${OVERLOAD_CLIENTS} clients" "$ALL" \
   --mode batch --clients "$OVERLOAD_CLIENTS" --batch "$BATCH" --durability wal-fsync
-run "sidecar preset (config/sidecar.toml), batch, wal-fsync" "$ALL" \
+run "sidecar preset (config/sidecar.toml), batch, wal-fsync, paced at 2 M points/s" "$ALL" \
+  --mode batch --clients "$BATCH_CLIENTS" --batch "$BATCH" --durability wal-fsync --rate 2000000 \
+  "--mboxd-args=--config $SIDECAR"
+run "sidecar preset (config/sidecar.toml), batch, wal-fsync, saturated" "$ALL" \
   --mode batch --clients "$BATCH_CLIENTS" --batch "$BATCH" --durability wal-fsync \
   "--mboxd-args=--config $SIDECAR"
 
