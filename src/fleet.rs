@@ -150,12 +150,14 @@ pub async fn run_reader(
     )
     .with_refresh(refresh);
     let activity = Arc::new(Activity::default());
+    let read_slots = Arc::new(tokio::sync::Semaphore::new(config.reads.max_concurrent));
     let service = ModelStoreService::read_only(
         Arc::clone(&index),
         reader.clone(),
         crate::api::Settings {
             limits: config.limits.clone(),
             reads: config.reads.clone(),
+            read_slots: Arc::clone(&read_slots),
             clock: config.clock.clone(),
         },
         metrics.clone(),
@@ -225,7 +227,7 @@ pub async fn run_reader(
                 serving: Arc::clone(&serving),
                 gauges: Arc::new(Gauges::default),
                 started: std::time::Instant::now(),
-                read_slots: Arc::new(tokio::sync::Semaphore::new(config.reads.max_concurrent)),
+                read_slots: Arc::clone(&read_slots),
             };
             Some(tokio::spawn(web::serve(
                 listener,

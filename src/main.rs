@@ -61,7 +61,7 @@ struct ServeArgs {
     /// Publish a partition's rows once the oldest is this old, in ms [default: 5000].
     #[arg(long, env = "MBOXD_ROLL_MAX_AGE_MS")]
     roll_max_age_ms: Option<u64>,
-    /// Bound on bytes held in queues and buffers [default: 1 GiB].
+    /// Bound on bytes held in queues and buffers [default: 48 MiB].
     #[arg(long, env = "MBOXD_MAX_BUFFERED_BYTES")]
     max_buffered_bytes: Option<usize>,
     /// HTTP listen address: Prometheus /metrics, the web view and its JSON API

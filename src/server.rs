@@ -344,6 +344,7 @@ pub async fn run(
 
     let reader = Reader::new(Arc::clone(&index), files, live.clone());
     let activity = Arc::new(Activity::default());
+    let read_slots = Arc::new(tokio::sync::Semaphore::new(config.reads.max_concurrent));
     let service = ModelStoreService::new(
         Arc::clone(&index),
         Arc::clone(&ingest),
@@ -351,6 +352,7 @@ pub async fn run(
         crate::api::Settings {
             limits: config.limits.clone(),
             reads: config.reads.clone(),
+            read_slots: Arc::clone(&read_slots),
             clock: config.clock.clone(),
         },
         metrics.clone(),
@@ -445,7 +447,7 @@ pub async fn run(
                     spool_files: spool.as_ref().map_or(0, |s| s.files()),
                 }),
                 started: std::time::Instant::now(),
-                read_slots: Arc::new(tokio::sync::Semaphore::new(config.reads.max_concurrent)),
+                read_slots: Arc::clone(&read_slots),
             };
             Some(tokio::spawn(web::serve(
                 listener,

@@ -42,6 +42,9 @@ use status::ApiError;
 pub struct Settings {
     pub limits: Limits,
     pub reads: Reads,
+    /// `reads.max_concurrent` slots, shared with the HTTP API so that the memory
+    /// bound counts each read once.
+    pub read_slots: Arc<tokio::sync::Semaphore>,
     /// Decides ingest times.
     pub clock: Clock,
 }
@@ -118,6 +121,7 @@ impl ModelStoreService {
         let Settings {
             limits,
             reads,
+            read_slots,
             clock,
         } = settings;
         Self {
@@ -125,7 +129,7 @@ impl ModelStoreService {
             writes,
             reader,
             limits,
-            read_slots: Arc::new(tokio::sync::Semaphore::new(reads.max_concurrent)),
+            read_slots,
             reads,
             metrics,
             activity,
