@@ -127,7 +127,32 @@ pub async fn run_reader(
     if !load(&follower, config.reader.poll_interval, &mut shutdown).await {
         return Ok(());
     }
-    let follow_loop = follower.start(config.reader.poll_interval);
+    let (fatal, fell_behind) = tokio::sync::oneshot::channel();
+    let follow_loop = follower.start(config.reader.poll_interval, fatal);
+    // A reader that fell too far behind a daemon stops (with an error, so that its
+    // supervisor starts it again from the latest checkpoints) rather than serve
+    // that daemon's data stale for ever.
+    let failure = Arc::new(std::sync::Mutex::new(None::<String>));
+    let shutdown = {
+        let failure = Arc::clone(&failure);
+        async move {
+            let failed = async move {
+                match fell_behind.await {
+                    Ok(e) => e,
+                    Err(_) => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = shutdown => {}
+                e = failed => {
+                    tracing::error!(error = %e, "the reader stops");
+                    if let Ok(mut f) = failure.lock() {
+                        *f = Some(e.to_string());
+                    }
+                }
+            }
+        }
+    };
 
     let runtime = tokio::runtime::Handle::current();
     let refresh = {
@@ -299,5 +324,9 @@ pub async fn run_reader(
         let _ = server.await;
     }
     tracing::info!("reader stopped");
-    Ok(served?)
+    served?;
+    match failure.lock().ok().and_then(|mut f| f.take()) {
+        Some(reason) => Err(ServerError::FellBehind(reason)),
+        None => Ok(()),
+    }
 }

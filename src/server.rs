@@ -82,6 +82,8 @@ pub enum ServerError {
     Auth(#[from] AuthSetupError),
     #[error("compaction failed: {0}")]
     Compaction(String),
+    #[error("{0}")]
+    FellBehind(String),
     #[error("reading the change logs: {0}")]
     ChangeLog(#[from] crate::changelog::ChangeLogError),
 }

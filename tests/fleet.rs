@@ -516,6 +516,112 @@ async fn three_writers_one_reader_every_point_once_through_a_sigkill_and_a_compa
     }
 }
 
+/// The numbers of `daemon`'s log objects in the bucket.
+async fn log_numbers(s3: &S3Server, daemon: &str) -> Vec<u64> {
+    let store = s3.store(PREFIX);
+    let prefix = object_store::path::Path::from(format!("_mboxd/{daemon}/log"));
+    let logs: Vec<_> = store.list(Some(&prefix)).try_collect().await.unwrap();
+    let mut n: Vec<u64> = logs
+        .iter()
+        .filter_map(|m| m.location.filename()?.strip_suffix(".json")?.parse().ok())
+        .collect();
+    n.sort_unstable();
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_fell_behind_past_deleted_log_objects_stops_and_restarts_exact() {
+    let _alone = ALONE.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(&dir.path().join("s3")).await;
+    // A checkpoint after every two log objects: the log objects before the
+    // previous checkpoint are deleted within seconds.
+    let writer_toml = config_file(
+        dir.path(),
+        &s3,
+        "writer",
+        "[writer]\nmax_age_ms = 300\n[changelog]\ncheckpoint_min_objects = 1\ncheckpoint_max_objects = 2\n",
+    );
+    let reader_toml = config_file(
+        dir.path(),
+        &s3,
+        "reader",
+        "[reader]\npoll_interval_ms = 100\n",
+    );
+    let arg = |p: &PathBuf| p.to_str().unwrap().to_owned();
+    let (writer_toml, reader_toml) = (arg(&writer_toml), arg(&reader_toml));
+    let w = Process::start_as(
+        &dir.path().join("w"),
+        "behind-w",
+        &["--config", &writer_toml],
+    )
+    .await;
+    let reader_args = ["--config", reader_toml.as_str(), "--reader"];
+    let reader_dir = dir.path().join("reader");
+    let reader = Process::start_with_http(&reader_dir, "reader", free_addr(), &reader_args).await;
+    let mut cw = w.client().await;
+    let mut r = reader.client().await;
+    let mut ledger = Ledger::default();
+    let run = create(&mut cw, "behind", json!({"seed": 1.0})).await;
+    ledger.run(&run).metadata.insert("seed".into(), json!(1.0));
+    log_points(&mut cw, &mut ledger, &run, &["loss"], 100, 0).await;
+    assert_reader_catches_up(&mut r, &ledger, Instant::now(), "before the pause").await;
+
+    // The reader pauses; the writer ships on until the log objects the reader
+    // would read next are deleted.
+    let pid = reader.child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, pid.as_str()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
+    let before = *log_numbers(&s3, "behind-w").await.last().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut step = 100;
+    while log_numbers(&s3, "behind-w")
+        .await
+        .first()
+        .is_none_or(|&n| n <= before + 1)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the writer never deleted old log objects"
+        );
+        log_points(&mut cw, &mut ledger, &run, &["loss"], 10, step).await;
+        step += 10;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    signal("-CONT");
+
+    // It notices, says why, and exits with an error instead of serving stale data.
+    let mut reader = reader;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = reader.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reader kept serving after a gap"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success(), "{status:?}");
+    drop(reader);
+
+    // Started again, it loads the latest checkpoint and has every point once.
+    let reader = Process::start_with_http(&reader_dir, "reader", free_addr(), &reader_args).await;
+    let mut r = reader.client().await;
+    assert_reader_catches_up(&mut r, &ledger, Instant::now(), "after the restart").await;
+    for p in [w, reader] {
+        assert!(p.terminate().await, "a daemon did not stop cleanly");
+    }
+}
+
 /// `GET path` on the HTTP listener; returns the body of a 200.
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

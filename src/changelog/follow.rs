@@ -19,11 +19,18 @@ const FETCH_CONCURRENCY: usize = 16;
 /// Daemons loaded at once.
 const DAEMON_CONCURRENCY: usize = 8;
 
+/// After this many polls in a row that find a daemon's next log object missing,
+/// the reader checks (one LIST of the daemon's checkpoints) that it has not fallen
+/// so far behind that the object was deleted.
+const GAP_CHECK_MISSES: u32 = 10;
+
 /// Where the reader is in one daemon's log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Position {
     /// The next log object to read.
     next: u64,
+    /// Polls in a row that found it missing.
+    misses: u32,
 }
 
 /// Follows the change logs of every daemon under the root.
@@ -108,11 +115,16 @@ impl Follower {
             .buffer_unordered(DAEMON_CONCURRENCY)
             .collect()
             .await;
+        let mut fell_behind = None;
         for (daemon, r) in followed {
             match r {
                 Ok((position, objects)) => {
                     report.objects += objects;
                     daemons.insert(daemon, position);
+                }
+                Err((position, e @ ChangeLogError::FellBehind { .. })) => {
+                    daemons.insert(daemon, position);
+                    fell_behind = Some(e);
                 }
                 Err((position, e)) => {
                     daemons.insert(daemon.clone(), position);
@@ -120,6 +132,9 @@ impl Follower {
                     first_error.get_or_insert(e);
                 }
             }
+        }
+        if let Some(e) = fell_behind {
+            return Err(e);
         }
         self.metrics.reader_daemons.set(daemons.len() as i64);
         self.metrics
@@ -212,7 +227,7 @@ impl Follower {
         next: u64,
         wanted: Vec<u64>,
     ) -> Result<(Position, usize), ChangeLogError> {
-        let mut position = Position { next };
+        let mut position = Position { next, misses: 0 };
         let mut fetched = futures::stream::iter(wanted)
             .map(|n| {
                 let key = keys.log(n);
@@ -247,12 +262,49 @@ impl Follower {
                         return Err((position, e));
                     }
                     position.next += 1;
+                    position.misses = 0;
                     applied += 1;
                 }
-                Ok(None) => return Ok((position, applied)),
+                Ok(None) if applied > 0 => return Ok((position, applied)),
+                Ok(None) => {
+                    position.misses = position.misses.saturating_add(1);
+                    if position.misses.is_multiple_of(GAP_CHECK_MISSES) {
+                        match self.latest_checkpoint(&keys).await {
+                            Ok(Some(checkpoint)) if checkpoint >= position.next => {
+                                let e = ChangeLogError::FellBehind {
+                                    daemon: daemon.to_owned(),
+                                    next: position.next,
+                                    checkpoint,
+                                };
+                                return Err((position, e));
+                            }
+                            Ok(_) => {}
+                            Err(e) => return Err((position, e)),
+                        }
+                    }
+                    return Ok((position, 0));
+                }
                 Err(e) => return Err((position, e)),
             }
         }
+    }
+
+    /// The number of the daemon's latest checkpoint, if it has one.
+    async fn latest_checkpoint(&self, keys: &LogKeys) -> Result<Option<u64>, ChangeLogError> {
+        let folder = keys.checkpoints();
+        let listed: Vec<_> = self
+            .store
+            .list(Some(&folder))
+            .try_collect()
+            .await
+            .map_err(ChangeLogError::store("listing", &folder))?;
+        Ok(listed
+            .iter()
+            .filter_map(|meta| match parse_key(&meta.location) {
+                Some((d, LogKey::Checkpoint(n))) if d == keys.daemon() => Some(n),
+                _ => None,
+            })
+            .max())
     }
 
     async fn apply(&self, n: u64, key: &Path, bytes: &[u8]) -> Result<(), ChangeLogError> {
@@ -278,8 +330,14 @@ impl Follower {
             .map_err(ChangeLogError::store("reading", key))
     }
 
-    /// Polls every `interval` until `stop` resolves.
-    pub fn start(self: &Arc<Self>, interval: Duration) -> FollowLoop {
+    /// Polls every `interval` until stopped. Errors are retried at the next poll,
+    /// except [`ChangeLogError::FellBehind`], which ends the loop and goes to
+    /// `fatal`: the reader's index can no longer be brought up to date.
+    pub fn start(
+        self: &Arc<Self>,
+        interval: Duration,
+        fatal: tokio::sync::oneshot::Sender<ChangeLogError>,
+    ) -> FollowLoop {
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let follower = Arc::clone(self);
         let task = tokio::spawn(async move {
@@ -288,8 +346,15 @@ impl Follower {
                     _ = &mut stopped => return,
                     () = tokio::time::sleep(interval) => {}
                 }
-                if let Err(e) = follower.poll().await {
-                    tracing::warn!(error = %e, "polling the change logs failed; retrying");
+                match follower.poll().await {
+                    Ok(_) => {}
+                    Err(e @ ChangeLogError::FellBehind { .. }) => {
+                        let _ = fatal.send(e);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "polling the change logs failed; retrying");
+                    }
                 }
             }
         });

@@ -61,6 +61,18 @@ pub enum ChangeLogError {
     },
     #[error("{key} has format {format}; this mboxd reads format {FORMAT}: upgrade the reader")]
     Format { key: String, format: u32 },
+    /// The daemon's log object `next` is gone and a checkpoint at or after it
+    /// exists: the daemon deleted it (it keeps two checkpoints) before this reader
+    /// read it. Only a fresh start from the checkpoints brings the reader back.
+    #[error(
+        "fell behind daemon {daemon}: its log object {next} was deleted after its checkpoint {checkpoint}; \
+         restart the reader to load the latest checkpoints"
+    )]
+    FellBehind {
+        daemon: String,
+        next: u64,
+        checkpoint: u64,
+    },
 }
 
 impl ChangeLogError {
@@ -101,6 +113,11 @@ impl LogKeys {
     /// `_mboxd/<daemon>/log/<n>.json`.
     pub fn log(&self, n: u64) -> Path {
         Path::from(format!("{PREFIX}/{}/log/{n:020}.json", self.daemon))
+    }
+
+    /// `_mboxd/<daemon>/checkpoint`: the daemon's checkpoints.
+    pub fn checkpoints(&self) -> Path {
+        Path::from(format!("{PREFIX}/{}/checkpoint", self.daemon))
     }
 
     /// `_mboxd/<daemon>/checkpoint/<n>.json`.
