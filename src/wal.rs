@@ -515,6 +515,9 @@ impl Committer {
         if let Some((file, _)) = self.open.take() {
             let _ = file.sync_all();
         }
+        // Closed now: after a graceful stop every record is published, and the
+        // last segment goes too, so the next start has nothing to replay.
+        self.delete_released();
     }
 
     fn commit(&mut self, group: Vec<Append>) {

@@ -55,6 +55,18 @@ async fn sigterm_during_ingest_loses_nothing_acknowledged() {
     let exited_cleanly = proc.terminate().await;
     stop.store(true, Ordering::Relaxed);
     assert!(exited_cleanly, "mboxd did not exit 0 after SIGTERM");
+    // Everything was published, so the write-ahead log is empty: the next start
+    // has nothing to replay.
+    let segments: Vec<_> = std::fs::read_dir(data.join("wal"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "wal"))
+        .map(|e| e.path())
+        .collect();
+    assert!(
+        segments.is_empty(),
+        "left after a graceful stop: {segments:?}"
+    );
 
     let mut acked = HashSet::new();
     for t in tasks {
