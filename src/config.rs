@@ -666,7 +666,7 @@ impl Config {
     /// - compaction's row group, and the reads served at once;
     /// - remembered client batch ids;
     /// - uploads in flight (S3 roots);
-    /// - runtime, allocator and encoder overhead.
+    /// - runtime, allocator and encoder overhead, and the index's 16 MiB cache.
     pub fn memory_bound_bytes(&self) -> u64 {
         const OVERHEAD: u64 = 48 << 20;
         let uploads = match self.storage.root {

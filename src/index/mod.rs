@@ -155,12 +155,21 @@ pub struct Index {
     change_log: AtomicBool,
 }
 
+/// The index's page cache: part of the memory bound's fixed overhead.
+pub const INDEX_CACHE_BYTES: usize = 16 << 20;
+
 impl Index {
     /// Opens (or creates) the index at `path`, creating every table and migrating an
     /// older layout: an index from before the experiment → file index lists its
     /// files in `unindexed_files`, which reads prune by experiment range.
     pub fn open(path: &Path) -> Result<Self, IndexError> {
-        Self::init(Database::create(path).map_err(storage)?)
+        // redb caches 1 GiB by default, outside the memory bound; the operating
+        // system's page cache holds the rest of the file.
+        let db = Database::builder()
+            .set_cache_size(INDEX_CACHE_BYTES)
+            .create(path)
+            .map_err(storage)?;
+        Self::init(db)
     }
 
     /// An index held in memory only: a reader's view of the storage root, which it
