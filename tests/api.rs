@@ -504,3 +504,67 @@ async fn out_of_scope_rpcs_answer_unimplemented() {
     assert_eq!(err.code(), tonic::Code::Unimplemented);
     server.stop().await;
 }
+
+/// A writer encodes full row groups of metrics into a staged file before it
+/// publishes it; an events read of the same experiment at that moment reads the
+/// events only (it once opened the staged metrics file as an events file).
+#[tokio::test]
+async fn events_read_while_metrics_are_staged() {
+    let (_dir, mut config) = temp_config();
+    config.roll.max_age = std::time::Duration::from_secs(3600);
+    config.roll.row_group_rows = 1000;
+    let mut server = TestServer::start(config).await;
+    let mut c = server.client().await;
+    let id = create_experiment(&mut c, "cv", "staged").await;
+    c.log_metrics(proto::LogMetricsRequest {
+        blocks: vec![numeric_block(&id, &["loss"], 5_000, 0)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.log_event(proto::LogEventRequest {
+        parent_id: id.clone(),
+        event: Some(event("start", "trainer", 1_700_000_000, metadata(vec![]))),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // The staged file appears as the writer encodes its row groups.
+    // (Only metrics are staged: any file there is the metrics file.)
+    let staged = server.config.data_dir.join("_staging");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        fn any_file(dir: &std::path::Path) -> bool {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| {
+                    let p = e.path();
+                    if p.is_dir() { any_file(&p) } else { true }
+                })
+        }
+        if any_file(&staged) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no staged metrics file"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let events = c
+        .list_events(proto::ListEventsRequest {
+            parent_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("ListEvents while metrics are staged")
+        .into_inner()
+        .events;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].name, "start");
+    let metrics = get_metrics(&mut c, &id, true).await;
+    assert_eq!(metrics[0].values.len(), 5_000);
+    server.stop().await;
+}

@@ -122,7 +122,13 @@ impl Reader {
             .index
             .experiment_files(table, &experiment.namespace, &experiment.id)?;
         let published: HashSet<&str> = files.iter().map(|f| f.entry.key.as_str()).collect();
-        let live = live.without(&published);
+        let mut live = live.without(&published);
+        if table != Table::Metrics {
+            // Staged files are metrics files (events are buffered whole until they
+            // are published): another table's read must not open them.
+            live.staged.clear();
+            live.staged_keys.clear();
+        }
         Ok((files, live))
     }
 
