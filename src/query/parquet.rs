@@ -266,6 +266,14 @@ impl<'a> IntColumn<'a> {
             Self::Unsigned(a) => i64::try_from(a.value(row)).unwrap_or(i64::MAX),
         }
     }
+
+    /// The values as one slice, for an int64 column without nulls.
+    pub(crate) fn signed_values(&self) -> Option<&'a [i64]> {
+        match self {
+            Self::Signed(a) if a.null_count() == 0 => Some(a.values()),
+            _ => None,
+        }
+    }
 }
 
 fn filter_err(column: &str) -> ArrowError {

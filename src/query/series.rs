@@ -227,6 +227,14 @@ pub(crate) fn gather_batch(
         false => None,
     };
     let n = batch.num_rows();
+    // The usual batch: int64 steps and times, every value a double. Its runs are
+    // copied as slices rather than row by row.
+    let columns = match (steps.signed_values(), wallclocks.signed_values()) {
+        (Some(s), Some(w)) if doubles.null_count() == 0 && ingested.null_count() == 0 => {
+            Some((s, w, &doubles.values()[..], &ingested.values()[..]))
+        }
+        _ => None,
+    };
     let mut start = 0;
     // Rows come in runs of one key (files are sorted): one lookup per run.
     while start < n {
@@ -238,6 +246,14 @@ pub(crate) fn gather_batch(
         let Some(g) = out.get_mut(key) else {
             break;
         };
+        if let Some((s, w, v, i)) = columns {
+            g.steps.extend_from_slice(&s[start..end]);
+            g.wallclocks.extend_from_slice(&w[start..end]);
+            g.values.extend_from_slice(&v[start..end]);
+            g.ingested.extend_from_slice(&i[start..end]);
+            start = end;
+            continue;
+        }
         for row in start..end {
             let (step, wallclock, at) =
                 (steps.value(row), wallclocks.value(row), ingested.value(row));
