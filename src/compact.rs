@@ -617,43 +617,44 @@ impl Inputs {
         match job.partition.table {
             Table::Metrics => {
                 let mut buffer = MetricsBuffer::default();
-                for (entry, reader, metadata) in &self.files {
-                    read_rows(
-                        reader.clone(),
-                        metadata.clone(),
-                        &entry.key,
-                        None,
-                        &want,
-                        &mut |batch| {
-                            for chunk in metric_chunks(&batch, &namespace, &entry.key)? {
-                                buffer.append(Arc::new(chunk));
-                            }
-                            Ok(())
-                        },
-                    )?;
-                }
+                self.read_inputs(&want, &mut |batch, key| {
+                    for chunk in metric_chunks(&batch, &namespace, key)? {
+                        buffer.append(Arc::new(chunk));
+                    }
+                    Ok(())
+                })?;
                 Ok(buffer.to_record_batch().map_err(WriterError::from)?)
             }
             Table::Events => {
                 let mut buffer = EventsBuffer::default();
-                for (entry, reader, metadata) in &self.files {
-                    read_rows(
-                        reader.clone(),
-                        metadata.clone(),
-                        &entry.key,
-                        None,
-                        &want,
-                        &mut |batch| {
-                            for chunk in event_chunks(&batch, &namespace, &entry.key)? {
-                                buffer.append(Arc::new(chunk));
-                            }
-                            Ok(())
-                        },
-                    )?;
-                }
+                self.read_inputs(&want, &mut |batch, key| {
+                    for chunk in event_chunks(&batch, &namespace, key)? {
+                        buffer.append(Arc::new(chunk));
+                    }
+                    Ok(())
+                })?;
                 Ok(buffer.to_record_batch().map_err(WriterError::from)?)
             }
         }
+    }
+
+    /// Hands `sink` every wanted batch of every input, with the input's key.
+    fn read_inputs(
+        &self,
+        want: &RowsWanted,
+        sink: &mut dyn FnMut(RecordBatch, &str) -> Result<(), QueryError>,
+    ) -> Result<(), QueryError> {
+        for (entry, reader, metadata) in &self.files {
+            read_rows(
+                reader.clone(),
+                metadata.clone(),
+                &entry.key,
+                None,
+                want,
+                &mut |batch| sink(batch, &entry.key),
+            )?;
+        }
+        Ok(())
     }
 }
 

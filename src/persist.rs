@@ -20,13 +20,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use object_store::ObjectStoreExt;
-
 use crate::index::{FileEntry, FilePart, Forget, Index, IndexError, PublishIntent, ReplaceIntent};
 use crate::model::{MetricSummary, Micros, now_micros};
 use crate::paths::{ObjectKey, Table};
 use crate::sink::upload::Uploader;
-use crate::sink::{LocalSink, Remote, SinkError, StagedFile, object_path};
+use crate::sink::{LocalSink, Remote, SinkError, StagedFile, delete_remote};
 use crate::telemetry::{Metrics, TableLabel, TableName};
 use crate::wal::{Seq, Tracker};
 use crate::writer::WriterError;
@@ -279,18 +277,7 @@ impl Persister {
     fn delete_object(&self, key: &ObjectKey) -> Result<(), SinkError> {
         self.sink.remove(key);
         if let Some(Remote { store, runtime }) = &self.remote {
-            let location = object_path(key)?;
-            match runtime.block_on(store.delete(&location)) {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(source) => {
-                    return Err(SinkError::Remote {
-                        action: "deleting",
-                        key: key.to_string(),
-                        store: store.to_string(),
-                        source: Box::new(source),
-                    });
-                }
-            }
+            runtime.block_on(delete_remote(store.as_ref(), key))?;
         }
         Ok(())
     }

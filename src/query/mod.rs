@@ -245,8 +245,11 @@ impl Reader {
                 }
                 points += n;
                 group.push(key.clone());
-                // A step range may want a sliver of a long series: no reservation.
-                let whole = query.start_step.is_none() && query.end_step.is_none();
+                // A step range, or a page resuming inside this series, may want a
+                // sliver of a long series: no reservation.
+                let whole = query.start_step.is_none()
+                    && query.end_step.is_none()
+                    && query.cursor.as_ref().is_none_or(|c| c.key != *key);
                 sizes.push(if whole { *n } else { 0 });
                 keys.pop();
             }

@@ -55,11 +55,40 @@ impl SinkError {
     }
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SinkError + 'a {
+pub(crate) fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> SinkError + 'a {
     move |source| SinkError::Io {
         action,
         path: path.to_owned(),
         source,
+    }
+}
+
+/// The error of `action` on `key` in `store`.
+pub(crate) fn remote_err(
+    action: &'static str,
+    key: &str,
+    store: &dyn ObjectStore,
+) -> impl FnOnce(object_store::Error) -> SinkError {
+    let (key, store) = (key.to_owned(), store.to_string());
+    move |source| SinkError::Remote {
+        action,
+        key,
+        store,
+        source: Box::new(source),
+    }
+}
+
+/// Deletes `key` from `store`; an object already gone is fine.
+pub(crate) async fn delete_remote(
+    store: &dyn ObjectStore,
+    key: &ObjectKey,
+) -> Result<(), SinkError> {
+    match store.delete(&object_path(key)?).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(remote_err("deleting", key.as_str(), store)(e)),
     }
 }
 
@@ -227,12 +256,7 @@ impl RemoteObject {
         let Remote { store, runtime } = &self.remote;
         runtime
             .block_on(store.get_range(&self.location, range))
-            .map_err(|source| SinkError::Remote {
-                action: "reading",
-                key: self.key.clone(),
-                store: store.to_string(),
-                source: Box::new(source),
-            })
+            .map_err(remote_err("reading", &self.key, store.as_ref()))
     }
 }
 

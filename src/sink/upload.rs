@@ -21,7 +21,7 @@ use rand::Rng;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{Notify, Semaphore, mpsc};
 
-use super::{LocalSink, SinkError, object_path};
+use super::{LocalSink, SinkError, io_err, object_path, remote_err};
 use crate::config::Storage;
 use crate::index::Index;
 use crate::paths::ObjectKey;
@@ -289,24 +289,6 @@ fn jittered(backoff: Duration) -> Duration {
 async fn upload_once(shared: &Shared, job: &Job) -> Result<(), UploadError> {
     let location = object_path(&job.key)?;
     let path = shared.spool_dir.path_of(&job.key);
-    let remote = |action| {
-        let key = job.key.to_string();
-        let store = shared.store.to_string();
-        move |source| SinkError::Remote {
-            action,
-            key,
-            store,
-            source: Box::new(source),
-        }
-    };
-    let local = |action| {
-        let path = path.clone();
-        move |source| SinkError::Io {
-            action,
-            path,
-            source,
-        }
-    };
     let file = match tokio::fs::File::open(&path).await {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -315,10 +297,12 @@ async fn upload_once(shared: &Shared, job: &Job) -> Result<(), UploadError> {
             return match shared.store.head(&location).await {
                 Ok(_) => Ok(()),
                 Err(object_store::Error::NotFound { .. }) => Err(UploadError::Missing),
-                Err(e) => Err(remote("checking")(e).into()),
+                Err(e) => {
+                    Err(remote_err("checking", job.key.as_str(), shared.store.as_ref())(e).into())
+                }
             };
         }
-        Err(e) => return Err(local("opening spooled file")(e).into()),
+        Err(e) => return Err(io_err("opening spooled file", &path)(e).into()),
     };
     put_file(
         shared.store.as_ref(),
@@ -346,24 +330,8 @@ pub async fn put_file(
     path: &std::path::Path,
 ) -> Result<(), SinkError> {
     let location = object_path(key)?;
-    let remote = |action| {
-        let key = key.to_string();
-        let store = store.to_string();
-        move |source| SinkError::Remote {
-            action,
-            key,
-            store,
-            source: Box::new(source),
-        }
-    };
-    let local = |action| {
-        let path = path.to_owned();
-        move |source| SinkError::Io {
-            action,
-            path,
-            source,
-        }
-    };
+    let remote = |action| remote_err(action, key.as_str(), store);
+    let local = |action| io_err(action, path);
     if bytes < threshold {
         let mut data = Vec::with_capacity(bytes as usize);
         file.read_to_end(&mut data)

@@ -30,7 +30,7 @@ use crate::index::search::framework_name;
 use crate::index::{CatalogRows, Index};
 use crate::model::now_micros;
 use crate::paths::ObjectKey;
-use crate::sink::{LocalSink, SinkError, object_path};
+use crate::sink::{LocalSink, SinkError, delete_remote, object_path, remote_err};
 
 /// Where the catalog files go.
 #[derive(Debug, Clone)]
@@ -259,12 +259,7 @@ impl Snapshots {
                 let location = object_path(key)?;
                 runtime
                     .block_on(store.put(&location, PutPayload::from(bytes)))
-                    .map_err(|source| SinkError::Remote {
-                        action: "uploading",
-                        key: key.to_string(),
-                        store: store.to_string(),
-                        source: Box::new(source),
-                    })?;
+                    .map_err(remote_err("uploading", key.as_str(), store.as_ref()))?;
             }
         }
         tracing::debug!(file = %key, "catalog file written");
@@ -275,19 +270,7 @@ impl Snapshots {
         match &self.target {
             SnapshotTarget::Local(sink) => sink.remove(key),
             SnapshotTarget::Remote { store, runtime, .. } => {
-                let location = object_path(key)?;
-                match runtime.block_on(store.delete(&location)) {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                    Err(source) => {
-                        return Err(SinkError::Remote {
-                            action: "deleting",
-                            key: key.to_string(),
-                            store: store.to_string(),
-                            source: Box::new(source),
-                        }
-                        .into());
-                    }
-                }
+                runtime.block_on(delete_remote(store.as_ref(), key))?;
             }
         }
         Ok(())
