@@ -77,16 +77,11 @@ impl Follower {
             .filter(|d| !daemons.contains_key(d))
             .collect();
         report.new_daemons = new.len();
-        #[allow(clippy::type_complexity)]
-        let loaded: Vec<(String, Result<Option<(Position, usize)>, ChangeLogError>)> =
-            futures::stream::iter(new)
-                .map(|d| async move {
-                    let r = self.load(&d).await;
-                    (d, r)
-                })
-                .buffer_unordered(DAEMON_CONCURRENCY)
-                .collect()
-                .await;
+        let loaded = per_daemon(new, |d| async move {
+            let r = self.load(&d).await;
+            (d, r)
+        })
+        .await;
         let mut first_error = None;
         for (daemon, r) in loaded {
             match r {
@@ -103,18 +98,11 @@ impl Follower {
             }
         }
         let known: Vec<(String, Position)> = daemons.iter().map(|(d, p)| (d.clone(), *p)).collect();
-        #[allow(clippy::type_complexity)]
-        let followed: Vec<(
-            String,
-            Result<(Position, usize), (Position, ChangeLogError)>,
-        )> = futures::stream::iter(known)
-            .map(|(d, p)| async move {
-                let r = self.follow(&d, p).await;
-                (d, r)
-            })
-            .buffer_unordered(DAEMON_CONCURRENCY)
-            .collect()
-            .await;
+        let followed = per_daemon(known, |(d, p)| async move {
+            let r = self.follow(&d, p).await;
+            (d, r)
+        })
+        .await;
         let mut fell_behind = None;
         for (daemon, r) in followed {
             match r {
@@ -360,6 +348,18 @@ impl Follower {
         });
         FollowLoop { stop, task }
     }
+}
+
+/// `f` of every item, `DAEMON_CONCURRENCY` at once, in completion order.
+async fn per_daemon<I, T, F: std::future::Future<Output = T>>(
+    items: Vec<I>,
+    f: impl FnMut(I) -> F,
+) -> Vec<T> {
+    futures::stream::iter(items)
+        .map(f)
+        .buffer_unordered(DAEMON_CONCURRENCY)
+        .collect()
+        .await
 }
 
 /// Runs index work on the blocking pool.
