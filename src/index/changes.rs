@@ -644,7 +644,8 @@ fn merge_metadata(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::{Forget, NewExperiment, PublishIntent, ReplaceIntent, SCHEMA_INT64};
+    use crate::index::tests::new_exp;
+    use crate::index::{Forget, PublishIntent, ReplaceIntent, SCHEMA_INT64};
     use crate::paths::Table;
     use serde_json::json;
 
@@ -653,17 +654,6 @@ mod tests {
         let index = Index::open(&dir.path().join("i.redb")).unwrap();
         index.enable_change_log().unwrap();
         (dir, index)
-    }
-
-    fn new_exp(name: &str) -> NewExperiment {
-        NewExperiment {
-            name: name.into(),
-            namespace: "cv".into(),
-            owner: "o".into(),
-            framework: 1,
-            task: String::new(),
-            external_id: String::new(),
-        }
     }
 
     fn publish(index: &Index, key: &str, experiment: &str, step: i64, value: f64) {

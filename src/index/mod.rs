@@ -334,7 +334,7 @@ mod tests {
         assert_eq!(index.recover_intents(|_| true, true).unwrap(), (0, 0));
     }
 
-    fn new_exp(name: &str) -> NewExperiment {
+    pub(super) fn new_exp(name: &str) -> NewExperiment {
         NewExperiment {
             name: name.into(),
             namespace: "cv".into(),
