@@ -42,7 +42,8 @@ use crate::paths::{ObjectKey, PartitionKey, Table};
 use crate::persist::{Persister, Replacement};
 use crate::query::QueryError;
 use crate::query::parquet::{
-    IntColumn, KeyFilter, PositionalFile, RowsWanted, StrColumn, local_metadata, read_rows,
+    EVENT_COLUMNS, IntColumn, KeyFilter, METRIC_COLUMNS, PositionalFile, RowsWanted, StrColumn,
+    local_metadata, read_rows,
 };
 use crate::sink::{FileData, Files, SinkError};
 use crate::telemetry::Metrics;
@@ -592,17 +593,9 @@ impl Inputs {
 
     /// The rows of a group of experiments from every input, sorted as one row group.
     fn merge(&mut self, job: &Job, group: &Group) -> Result<SortedRows, CompactError> {
-        let columns: &[&str] = match job.partition.table {
-            Table::Metrics => &[
-                "key",
-                "step",
-                "wallclock_time",
-                "value_double",
-                "value_string",
-                "value_bytes",
-                "ingested_at",
-            ],
-            Table::Events => &["name", "source", "wallclock", "metadata", "ingested_at"],
+        let columns = match job.partition.table {
+            Table::Metrics => METRIC_COLUMNS,
+            Table::Events => EVENT_COLUMNS,
         };
         let want = RowsWanted {
             experiments: (&group.lo, &group.hi),

@@ -27,8 +27,8 @@ use crate::paths::Table;
 use crate::sink::{FileData, Files, SinkError};
 
 use self::parquet::{
-    KeyFilter, PositionalFile, RowsWanted, StrColumn, fetch_remote, local_metadata, metadata_from,
-    read_rows,
+    EVENT_COLUMNS, KeyFilter, PositionalFile, RowsWanted, StrColumn, fetch_remote, local_metadata,
+    metadata_from, read_rows,
 };
 pub use series::{Cursor, SeriesOut, SeriesPage, SeriesQuery};
 
@@ -334,7 +334,7 @@ impl Reader {
                 experiments: (&experiment.id, &experiment.id),
                 keys: KeyFilter::All,
                 steps: (i64::MIN, i64::MAX),
-                columns: &["name", "source", "wallclock", "metadata", "ingested_at"],
+                columns: EVENT_COLUMNS,
             };
             let mut out = Vec::new();
             let read = self.read_files(&files, &live, &want, &mut |batch| {

@@ -83,6 +83,21 @@ impl ChunkReader for PositionalFile {
     }
 }
 
+/// Every column of a metrics row a read needs besides `experiment_id`.
+pub(crate) const METRIC_COLUMNS: &[&str] = &[
+    "key",
+    "step",
+    "wallclock_time",
+    "value_double",
+    "value_string",
+    "value_bytes",
+    "ingested_at",
+];
+
+/// Every column of an events row a read needs besides `experiment_id`.
+pub(crate) const EVENT_COLUMNS: &[&str] =
+    &["name", "source", "wallclock", "metadata", "ingested_at"];
+
 /// Which metric keys to read.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum KeyFilter<'a> {

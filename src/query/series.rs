@@ -8,7 +8,7 @@ use arrow_array::types::{Float64Type, TimestampMicrosecondType};
 use arrow_array::{Array, RecordBatch};
 
 use super::QueryError;
-use super::parquet::{IntColumn, StrColumn};
+use super::parquet::{IntColumn, METRIC_COLUMNS, StrColumn};
 use crate::model::{MetricChunk, MetricValue};
 
 /// What a series read asks for.
@@ -69,15 +69,7 @@ impl SeriesQuery {
                 "ingested_at",
             ]
         } else {
-            &[
-                "key",
-                "step",
-                "wallclock_time",
-                "value_double",
-                "value_string",
-                "value_bytes",
-                "ingested_at",
-            ]
+            METRIC_COLUMNS
         }
     }
 }
