@@ -467,37 +467,28 @@ fn bucketed(key: &str, g: &Gathered, order: &[u32], max: usize, total: u64) -> S
         total_points: total,
         ..SeriesOut::default()
     };
-    // The current bucket's steps end before `bucket_end`: one division per bucket
-    // rather than per point.
-    let mut bucket_end: Option<i128> = None;
-    for &i in order {
-        let i = i as usize;
-        let (step, value) = (g.steps[i], g.values[i]);
-        if bucket_end.is_none_or(|end| step as i128 >= end) {
-            bucket_end = Some(lo as i128 + (bucket_of(step) + 1) * width);
-            out.steps.push(step);
-            out.wallclocks.push(g.wallclocks[i]);
-            out.values.push(MetricValue::Double(value));
-            out.min.push(f64::NAN);
-            out.max.push(f64::NAN);
-        }
-        // Points come in step order: the last one seen is the bucket's last.
-        let at = out.steps.len() - 1;
-        out.steps[at] = step;
-        out.wallclocks[at] = g.wallclocks[i];
-        out.values[at] = MetricValue::Double(value);
-        if !value.is_nan() {
-            out.min[at] = if out.min[at].is_nan() {
-                value
-            } else {
-                out.min[at].min(value)
-            };
-            out.max[at] = if out.max[at].is_nan() {
-                value
-            } else {
-                out.max[at].max(value)
-            };
-        }
+    // Points come in step order: each bucket is a run of `order`, its last point
+    // the bucket's last. f64::min and max skip a NaN operand, so a bucket of NaNs
+    // keeps NaN bounds.
+    let mut rest = order;
+    while let Some(&first) = rest.first() {
+        let end = lo as i128 + (bucket_of(g.steps[first as usize]) + 1) * width;
+        let n = rest
+            .iter()
+            .take_while(|&&i| (g.steps[i as usize] as i128) < end)
+            .count();
+        let (run, next) = rest.split_at(n);
+        let (min, max) = run.iter().fold((f64::NAN, f64::NAN), |(min, max), &i| {
+            let v = g.values[i as usize];
+            (min.min(v), max.max(v))
+        });
+        let last = run[n - 1] as usize;
+        out.steps.push(g.steps[last]);
+        out.wallclocks.push(g.wallclocks[last]);
+        out.values.push(MetricValue::Double(g.values[last]));
+        out.min.push(min);
+        out.max.push(max);
+        rest = next;
     }
     out
 }
