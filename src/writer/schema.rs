@@ -84,7 +84,7 @@ pub fn summaries_schema() -> SchemaRef {
     ]))
 }
 
-/// zstd everywhere, dictionaries on the string columns, delta encoding on the
+/// zstd (but on the run-length-encoded dictionary columns), dictionaries on the string columns, delta encoding on the
 /// monotone integer columns, and page-level statistics (which write the page index).
 pub fn writer_properties(roll: &RollPolicy) -> WriterProperties {
     properties(roll.zstd_level)
@@ -111,6 +111,12 @@ fn properties(zstd_level: i32) -> WriterProperties {
         props = props
             .set_column_dictionary_enabled(path.clone(), false)
             .set_column_encoding(path, Encoding::DELTA_BINARY_PACKED);
+    }
+    // Dictionary indices of sorted rows are runs that RLE already shrinks to a
+    // few bytes per page; zstd would gain little and cost a reader a fresh
+    // decompression context per page (a tenth of a long series read).
+    for column in ["experiment_id", "key", "ingested_at"] {
+        props = props.set_column_compression(ColumnPath::from(column), Compression::UNCOMPRESSED);
     }
     let value = ColumnPath::from("value_double");
     props = props
