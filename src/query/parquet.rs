@@ -586,12 +586,16 @@ fn row_filter(
                     let key = StrColumn::of(batch.column(0)).ok_or_else(|| filter_err("key"))?;
                     let step = IntColumn::of(batch.column(1)).ok_or_else(|| filter_err("step"))?;
                     let in_keys = keys.as_ref().map(|k| key.in_mask(k));
-                    Ok((0..batch.num_rows())
-                        .map(|r| {
-                            let s = step.value(r);
-                            Some(lo <= s && s <= hi && in_keys.as_ref().is_none_or(|m| m.value(r)))
-                        })
-                        .collect())
+                    let in_steps = |r: usize| {
+                        let s = step.value(r);
+                        lo <= s && s <= hi
+                    };
+                    let bits = match in_keys {
+                        Some(m) if lo == i64::MIN && hi == i64::MAX => return Ok(m),
+                        Some(m) => &BooleanBuffer::collect_bool(m.len(), in_steps) & m.values(),
+                        None => BooleanBuffer::collect_bool(batch.num_rows(), in_steps),
+                    };
+                    Ok(BooleanArray::new(bits, None))
                 },
             );
             predicates.push(Box::new(by_key_and_step));

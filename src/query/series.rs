@@ -168,6 +168,41 @@ impl Gathered {
         self.push(step, wallclock, f64::NAN, ingested);
     }
 
+    /// Puts the points in (step, ingest time) order; among equals, arrival order
+    /// (file order, then staged, then buffered). Files are sorted and mostly
+    /// follow one another in step order, so the common case is one pass; else a
+    /// stable sort, which merges the sorted runs each file contributed.
+    fn sort(&mut self) {
+        let n = self.steps.len();
+        let sorted = (1..n).all(|i| {
+            (self.steps[i - 1], self.ingested[i - 1]) <= (self.steps[i], self.ingested[i])
+        });
+        if sorted {
+            return;
+        }
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.sort_by_key(|&i| (self.steps[i as usize], self.ingested[i as usize]));
+        let permute = |v: &[i64]| order.iter().map(|&i| v[i as usize]).collect::<Vec<_>>();
+        let (steps, wallclocks, ingested) = (
+            permute(&self.steps),
+            permute(&self.wallclocks),
+            permute(&self.ingested),
+        );
+        let values = order.iter().map(|&i| self.values[i as usize]).collect();
+        if !self.other.is_empty() {
+            let mut new_index = vec![0u32; n];
+            for (to, &from) in order.iter().enumerate() {
+                new_index[from as usize] = to as u32;
+            }
+            for (i, _) in &mut self.other {
+                *i = new_index[*i as usize];
+            }
+            self.other.sort_unstable_by_key(|(i, _)| *i);
+        }
+        (self.steps, self.wallclocks, self.values, self.ingested) =
+            (steps, wallclocks, values, ingested);
+    }
+
     fn value(&self, i: usize, other: &BTreeMap<u32, &MetricValue>) -> MetricValue {
         match other.get(&(i as u32)) {
             Some(v) => (*v).clone(),
@@ -352,39 +387,32 @@ impl<'q> PageBuilder<'q> {
     }
 
     /// Adds as much of one series as the page takes.
-    pub(crate) fn add(&mut self, key: &str, g: Gathered) {
-        let mut order: Vec<u32> = (0..g.steps.len() as u32).collect();
-        // Among equal (step, ingest time), arrival order (file order, then staged,
-        // then buffered). Files are sorted and mostly follow one another in step
-        // order, so the common case is a single check rather than a sort.
-        let key_of = |i: u32| (g.steps[i as usize], g.ingested[i as usize], i);
-        if !order.is_sorted_by_key(|&i| key_of(i)) {
-            order.sort_unstable_by_key(|&i| key_of(i));
-        }
+    pub(crate) fn add(&mut self, key: &str, mut g: Gathered) {
+        g.sort();
+        let n = g.steps.len();
         // Resume inside this series where the previous page stopped.
         let mut start = 0;
         let mut skipped_at_step = 0;
         if let Some(c) = &self.query.cursor
             && c.key == key
         {
-            start = order.partition_point(|&i| g.steps[i as usize] < c.step);
-            let run = order[start..]
+            start = g.steps.partition_point(|&s| s < c.step);
+            let run = g.steps[start..]
                 .iter()
-                .take_while(|&&i| g.steps[i as usize] == c.step)
+                .take_while(|&&s| s == c.step)
                 .count();
             let skip = (c.skip as usize).min(run);
             start += skip;
             skipped_at_step = skip;
         }
-        let order = &order[start..];
-        if order.is_empty() {
+        if start == n {
             return;
         }
         let other: BTreeMap<u32, &MetricValue> = g.other.iter().map(|(i, v)| (*i, v)).collect();
-        let total = order.len() as u64;
+        let total = (n - start) as u64;
         match self.query.max_points {
-            Some(max) if order.len() > max => {
-                let out = bucketed(key, &g, order, max, total);
+            Some(max) if n - start > max => {
+                let out = bucketed(key, &g, start, max, total);
                 if self.points > 0
                     && (self.points + out.steps.len() > self.query.page_points
                         || self.bytes + out.steps.len() * (POINT_BYTES + BUCKET_EXTRA_BYTES)
@@ -405,32 +433,31 @@ impl<'q> PageBuilder<'q> {
                     ..SeriesOut::default()
                 };
                 self.bytes += key.len() + 8;
-                let mut taken = 0;
-                for &i in order {
-                    if self.points >= self.query.page_points || self.bytes >= self.query.page_bytes
-                    {
-                        break;
-                    }
-                    let i = i as usize;
-                    let value = g.value(i, &other);
+                let mut end = start;
+                while end < n
+                    && self.points < self.query.page_points
+                    && self.bytes < self.query.page_bytes
+                {
+                    let value = g.value(end, &other);
                     self.bytes += POINT_BYTES
                         + match &value {
                             MetricValue::Double(_) => 0,
                             MetricValue::String(s) => s.len(),
                             MetricValue::Bytes(b) => b.len(),
                         };
-                    out.steps.push(g.steps[i]);
-                    out.wallclocks.push(g.wallclocks[i]);
+                    out.steps.push(g.steps[end]);
+                    out.wallclocks.push(g.wallclocks[end]);
                     out.values.push(value);
                     self.points += 1;
-                    taken += 1;
+                    end += 1;
                 }
-                if taken < order.len() {
-                    let next_step = g.steps[order[taken] as usize];
-                    let before = order[..taken]
+                if end < n {
+                    let next_step = g.steps[end];
+                    let taken = end - start;
+                    let before = g.steps[start..end]
                         .iter()
                         .rev()
-                        .take_while(|&&i| g.steps[i as usize] == next_step)
+                        .take_while(|&&s| s == next_step)
                         .count();
                     let carried = match &self.query.cursor {
                         Some(c) if c.key == key && c.step == next_step && before == taken => {
@@ -452,12 +479,15 @@ impl<'q> PageBuilder<'q> {
     }
 }
 
-/// A series as at most `max` step buckets with min, max and last value.
-fn bucketed(key: &str, g: &Gathered, order: &[u32], max: usize, total: u64) -> SeriesOut {
+/// A series (sorted) from point `start` on as at most `max` step buckets with
+/// min, max and last value.
+fn bucketed(key: &str, g: &Gathered, start: usize, max: usize, total: u64) -> SeriesOut {
+    let (steps, values) = (&g.steps[start..], &g.values[start..]);
+    let wallclocks = &g.wallclocks[start..];
     // Buckets of equal width from the first step, as docs/http-api.md defines
     // them: width = ceil((last - first + 1) / max).
-    let lo = g.steps[order[0] as usize];
-    let hi = g.steps[order[order.len() - 1] as usize];
+    let lo = steps[0];
+    let hi = steps[steps.len() - 1];
     let span = hi as i128 - lo as i128 + 1;
     let width = ((span + max as i128 - 1) / max as i128).max(1);
     let bucket_of = |step: i64| -> i128 { (step as i128 - lo as i128) / width };
@@ -467,28 +497,26 @@ fn bucketed(key: &str, g: &Gathered, order: &[u32], max: usize, total: u64) -> S
         total_points: total,
         ..SeriesOut::default()
     };
-    // Points come in step order: each bucket is a run of `order`, its last point
-    // the bucket's last. f64::min and max skip a NaN operand, so a bucket of NaNs
-    // keeps NaN bounds.
-    let mut rest = order;
-    while let Some(&first) = rest.first() {
-        let end = lo as i128 + (bucket_of(g.steps[first as usize]) + 1) * width;
-        let n = rest
+    // Each bucket is a run of points, its last point the bucket's last. f64::min
+    // and max skip a NaN operand, so a bucket of NaNs keeps NaN bounds.
+    let mut first = 0;
+    while first < steps.len() {
+        let end = lo as i128 + (bucket_of(steps[first]) + 1) * width;
+        let n = steps[first..]
             .iter()
-            .take_while(|&&i| (g.steps[i as usize] as i128) < end)
+            .take_while(|&&s| (s as i128) < end)
             .count();
-        let (run, next) = rest.split_at(n);
-        let (min, max) = run.iter().fold((f64::NAN, f64::NAN), |(min, max), &i| {
-            let v = g.values[i as usize];
+        let run = &values[first..first + n];
+        let (min, max) = run.iter().fold((f64::NAN, f64::NAN), |(min, max), &v| {
             (min.min(v), max.max(v))
         });
-        let last = run[n - 1] as usize;
-        out.steps.push(g.steps[last]);
-        out.wallclocks.push(g.wallclocks[last]);
-        out.values.push(MetricValue::Double(g.values[last]));
+        let last = first + n - 1;
+        out.steps.push(steps[last]);
+        out.wallclocks.push(wallclocks[last]);
+        out.values.push(MetricValue::Double(values[last]));
         out.min.push(min);
         out.max.push(max);
-        rest = next;
+        first += n;
     }
     out
 }
@@ -549,6 +577,25 @@ mod tests {
             .map(MetricValue::Double)
             .collect();
         assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn sorting_carries_every_column_and_the_string_values_along() {
+        // Two sorted runs, as two files give them, interleaved in step.
+        let mut g = Gathered::default();
+        for (step, at) in [(1, 1), (3, 1), (5, 1), (0, 2), (3, 0), (4, 2)] {
+            match step {
+                4 => g.push_other(step, step * 10, MetricValue::String("four".into()), at),
+                _ => g.push(step, step * 10, step as f64 + at as f64 / 10.0, at),
+            }
+        }
+        g.sort();
+        assert_eq!(g.steps, [0, 1, 3, 3, 4, 5]);
+        assert_eq!(g.ingested, [2, 1, 0, 1, 2, 1]);
+        assert_eq!(g.wallclocks, [0, 10, 30, 30, 40, 50]);
+        assert_eq!(g.values[..4], [0.2, 1.1, 3.0, 3.1]);
+        assert_eq!(g.values[5], 5.1);
+        assert_eq!(g.other, [(4, MetricValue::String("four".into()))]);
     }
 
     #[test]
