@@ -301,7 +301,8 @@ impl Reader {
             }
             let want = RowsWanted {
                 experiments: (&experiment.id, &experiment.id),
-                keys: KeyFilter::Set(keys),
+                // gather_batch skips the runs of other keys.
+                keys: KeyFilter::Pages(keys),
                 steps: (lo, hi),
                 columns: query.columns(),
             };

@@ -258,8 +258,9 @@ fn schema_err(column: &str) -> QueryError {
     }
 }
 
-/// Adds a batch of one experiment's rows (already filtered by key and step) to
-/// the per-key gatherings.
+/// Adds a batch of one experiment's rows (filtered by step) to the per-key
+/// gatherings of `out`, which holds one for each wanted key; rows of other keys
+/// are skipped.
 pub(crate) fn gather_batch(
     batch: &RecordBatch,
     out: &mut BTreeMap<String, Gathered>,
@@ -307,11 +308,10 @@ pub(crate) fn gather_batch(
     while start < n {
         let key = keys.value(start);
         let end = keys.run_end(start, n);
-        if !out.contains_key(key) {
-            out.insert(key.to_owned(), Gathered::default());
-        }
+        // `out` holds every wanted key: a run of another is skipped.
         let Some(g) = out.get_mut(key) else {
-            break;
+            start = end;
+            continue;
         };
         if let Some((s, w, v, i)) = columns {
             g.steps.extend_from_slice(&s[start..end]);
