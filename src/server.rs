@@ -94,15 +94,12 @@ pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP/2 flow control (see [`run`]). A connection's window is also what a client
 /// can make mboxd buffer unread, so it is part of the memory bound.
 pub(crate) const CONNECTION_WINDOW: u32 = crate::config::CONNECTION_WINDOW_BYTES;
-/// A stream waiting for a receive slot (or a concurrency permit) holds its data
-/// unread, up to its stream window. Were the stream windows of a connection's
-/// streams more than its connection window, such streams could take all of it, and
-/// the streams holding slots, starved of the rest of their messages, would never
-/// give them back (a deadlock `tests/bad_input.rs` hit: eight 1 MB requests on one
-/// channel, four slots). So up to this many streams, each with its share of the
-/// connection window, can never deadlock. The count is not enforced with
-/// SETTINGS_MAX_CONCURRENT_STREAMS: a client that opens many streams on a new
-/// connection before it reads the server's settings has the extra ones refused.
+/// Streams one connection may have open at once. A stream waiting for a receive
+/// slot (or a concurrency permit) holds its data unread, up to its stream window;
+/// were the windows of all a connection's streams more than the connection's, such
+/// streams could take the whole connection window, and the streams holding slots,
+/// starved of the rest of their messages, would never give them back (a deadlock
+/// `tests/bad_input.rs` hit: eight 1 MB requests on one channel, four slots).
 pub(crate) const STREAMS_PER_CONNECTION: u32 = 8;
 pub(crate) const STREAM_WINDOW: u32 = CONNECTION_WINDOW / STREAMS_PER_CONNECTION;
 
@@ -502,6 +499,7 @@ pub async fn run(
     let served = Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(STREAMS_PER_CONNECTION)
         .layer(crate::api::receive::ReceiveLimitLayer::new(
             config.concurrent_requests(),
         ))
