@@ -33,8 +33,8 @@ use crate::live::LiveView;
 use crate::proto::model_store_server::ModelStoreServer;
 use crate::query::{Reader, Refresh};
 use crate::server::{
-    CONNECTION_WINDOW, CountingBody, DRAIN_TIMEOUT, STREAM_WINDOW, STREAMS_PER_CONNECTION,
-    ServerError, count_refused, limit_connections, oversized_is_resource_exhausted,
+    CONNECTION_WINDOW, CountingBody, DRAIN_TIMEOUT, STREAM_WINDOW, ServerError, count_refused,
+    limit_connections, oversized_is_resource_exhausted,
 };
 use crate::sink::counting::CountingStore;
 use crate::sink::s3::S3Settings;
@@ -283,7 +283,6 @@ pub async fn run_reader(
     let served = Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_concurrent_streams(STREAMS_PER_CONNECTION)
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             config.concurrent_requests(),
         ))
