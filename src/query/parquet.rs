@@ -533,6 +533,12 @@ pub(crate) fn read_rows<R: ChunkReader + Clone + 'static>(
         return Ok(());
     }
 
+    // Pages of other keys are pruned either way; with `Pages` their rows on
+    // admitted pages are the caller's to skip.
+    let filter_keys = match want.keys {
+        KeyFilter::Pages(_) => None,
+        _ => keys.clone(),
+    };
     for &group in &groups {
         let selection = page_selection(
             metadata.metadata(),
@@ -545,15 +551,11 @@ pub(crate) fn read_rows<R: ChunkReader + Clone + 'static>(
         if selection.as_ref().is_some_and(|s| !s.selects_any()) {
             continue;
         }
-        let filter_keys = match want.keys {
-            KeyFilter::Pages(_) => None,
-            _ => keys.clone(),
-        };
         let mut builder = new_builder().with_row_filter(row_filter(
             &parquet_schema,
             id_col,
             key_and_step,
-            filter_keys,
+            filter_keys.clone(),
             want,
         ));
         if let Some(selection) = selection {

@@ -176,10 +176,7 @@ impl Gathered {
     /// raised a 1M-point read's peak by about 20 MiB); without, an in-place sort.
     fn sorted_order(&self, merge: bool) -> Option<Vec<u32>> {
         let n = self.steps.len();
-        let sorted = (1..n).all(|i| {
-            (self.steps[i - 1], self.ingested[i - 1]) <= (self.steps[i], self.ingested[i])
-        });
-        if sorted {
+        if (0..n).is_sorted_by_key(|i| (self.steps[i], self.ingested[i])) {
             return None;
         }
         let mut order: Vec<u32> = (0..n as u32).collect();
@@ -447,14 +444,10 @@ impl<'q> PageBuilder<'q> {
         if let Some(c) = &self.query.cursor
             && c.key == key
         {
-            let mut hi = n;
-            while start < hi {
-                let mid = start + (hi - start) / 2;
-                match step_at(mid) < c.step {
-                    true => start = mid + 1,
-                    false => hi = mid,
-                }
-            }
+            start = match &order {
+                Some(o) => o.partition_point(|&i| g.steps[i as usize] < c.step),
+                None => g.steps.partition_point(|&s| s < c.step),
+            };
             let run = (start..n).take_while(|&k| step_at(k) == c.step).count();
             let skip = (c.skip as usize).min(run);
             start += skip;
