@@ -512,7 +512,8 @@ pub struct Config {
     /// Most client batch ids remembered at once.
     pub batch_ids_max: usize,
     /// Requests being received or served at once, across all connections; more wait
-    /// unread. Bounds the memory of request bodies to this times max_message_bytes.
+    /// unread, at most a second, then are answered RESOURCE_EXHAUSTED. Bounds the
+    /// memory of request bodies to this times max_message_bytes.
     pub max_concurrent_requests: usize,
     /// Client connections open at once; more wait in the listen backlog. Each may
     /// hold a connection window of unread request bytes.

@@ -497,6 +497,7 @@ pub async fn run(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .layer(crate::api::receive::ReceiveLimitLayer::new(
             config.concurrent_requests(),
+            crate::api::receive::SLOT_WAIT,
         ))
         .layer(tower::util::MapResponseLayer::new(
             oversized_is_resource_exhausted,

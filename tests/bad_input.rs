@@ -755,6 +755,53 @@ async fn full_buffers_answer_resource_exhausted_with_a_retry_hint_and_keep_acked
 }
 
 #[tokio::test]
+async fn more_large_requests_than_receive_slots_on_one_connection_are_all_answered() {
+    let (_dir, mut config) = temp_config();
+    config.max_concurrent_requests = 2;
+    config.limits.max_message_bytes = 4 << 20;
+    let mut server = TestServer::start(config).await;
+    let mut c = server.client().await;
+    let id = create_experiment(&mut c, "cv", "many-streams").await;
+    // Sixteen ~1 MB requests at once over one connection and two receive slots:
+    // the bodies of those waiting for a slot arrive anyway and fill the
+    // connection's flow-control window, which the slot holders need to receive
+    // the rest of theirs. Waiting is bounded, so every request gets an answer.
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..16u64 {
+        let (mut c, id) = (c.clone(), id.clone());
+        tasks.spawn(async move {
+            c.log_metrics(blocks(vec![numeric_block(&id, &["x"], 40_000, t * 40_000)]))
+                .await
+                .map(|r| r.into_inner().points_accepted)
+        });
+    }
+    let answers = tokio::time::timeout(Duration::from_secs(60), tasks.join_all())
+        .await
+        .expect("every request is answered (no flow-control deadlock)");
+    let mut acked = 0;
+    for answer in answers {
+        match answer {
+            Ok(n) => acked += n,
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+                assert!(e.metadata().get("grpc-retry-pushback-ms").is_some());
+            }
+        }
+    }
+    assert!(acked > 0);
+    let dir = server.config.data_dir.clone();
+    server.stop().await;
+    let rows: usize = parquet_files(&dir, "metrics")
+        .iter()
+        .map(|f| parquet_rows(f))
+        .sum();
+    assert_eq!(
+        rows as u64, acked,
+        "every acknowledged point, and only those"
+    );
+}
+
+#[tokio::test]
 async fn the_largest_int64_step_and_wallclock_are_accepted() {
     let (_dir, config) = temp_config();
     let mut server = TestServer::start(config).await;

@@ -4,13 +4,32 @@
 //! as its batch holds a reservation in the budget (which then bounds its memory),
 //! so requests that wait for a group commit's `fdatasync` no longer keep others
 //! from being received: the slots bound memory, not durability waits.
+//!
+//! A request waits for a slot at most [`SLOT_WAIT`], then is answered
+//! RESOURCE_EXHAUSTED with a retry hint, unread. The bound is what keeps HTTP/2
+//! flow control from deadlocking: a waiting request's body arrives anyway, up to
+//! its stream window, and sits unread in the connection window. Enough waiters on
+//! one connection fill that window, and the requests holding the slots can then
+//! never receive the rest of their messages. Answering a waiter drops its body,
+//! which gives its share of the connection window back.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The longest a request waits for a receive slot. Slots turn over within
+/// milliseconds while the daemon keeps up (a slot is held while a message is
+/// received and decoded, and at most the `when_full` wait for the budget); a
+/// request that waits longer meets a saturated daemon, or one whose waiters
+/// starve the slot holders of flow-control window (see the module docs).
+pub const SLOT_WAIT: Duration = Duration::from_secs(1);
+
+/// The retry hint a request refused for want of a slot carries.
+const RETRY_AFTER: Duration = Duration::from_millis(200);
 
 /// The slot a request holds; in the request's extensions for its handler.
 #[derive(Debug, Clone, Default)]
@@ -37,12 +56,15 @@ impl ReceiveSlot {
 #[derive(Debug, Clone)]
 pub struct ReceiveLimitLayer {
     slots: Arc<Semaphore>,
+    wait: Duration,
 }
 
 impl ReceiveLimitLayer {
-    pub fn new(max: usize) -> Self {
+    /// `max` slots; a request waits at most `wait` for one.
+    pub fn new(max: usize, wait: Duration) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(max)),
+            wait,
         }
     }
 }
@@ -54,6 +76,7 @@ impl<S> tower::Layer<S> for ReceiveLimitLayer {
         ReceiveLimit {
             inner,
             slots: Arc::clone(&self.slots),
+            wait: self.wait,
         }
     }
 }
@@ -63,13 +86,27 @@ impl<S> tower::Layer<S> for ReceiveLimitLayer {
 pub struct ReceiveLimit<S> {
     inner: S,
     slots: Arc<Semaphore>,
+    wait: Duration,
 }
 
-impl<S, B> tower::Service<http::Request<B>> for ReceiveLimit<S>
+/// The answer to a request that found no slot within the wait.
+fn refused(wait: Duration) -> tonic::Status {
+    let mut status = tonic::Status::resource_exhausted(format!(
+        "ingest buffers are full (memory budget for requests being received: \
+         no receive slot within {wait:?}); retry after {RETRY_AFTER:?}"
+    ));
+    if let Ok(v) = RETRY_AFTER.as_millis().to_string().parse() {
+        status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+    }
+    status
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for ReceiveLimit<S>
 where
-    S: tower::Service<http::Request<B>> + Clone + Send + 'static,
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
     S::Future: Send,
     B: Send + 'static,
+    R: Default,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -85,9 +122,14 @@ where
         let fresh = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, fresh);
         let slots = Arc::clone(&self.slots);
+        let wait = self.wait;
         Box::pin(async move {
-            // The semaphore is never closed, so this waits for a slot.
-            let permit = slots.acquire_owned().await.ok();
+            // The semaphore is never closed, so only the wait can end without one.
+            let Ok(permit) = tokio::time::timeout(wait, slots.acquire_owned()).await else {
+                // Dropping `req` unread releases its flow-control window.
+                return Ok(refused(wait).into_http());
+            };
+            let permit = permit.ok();
             let slot = ReceiveSlot(Some(Arc::new(Mutex::new(permit))));
             req.extensions_mut().insert(slot.clone());
             let response = inner.call(req).await;
@@ -116,10 +158,10 @@ mod tests {
                         let _ = wait.await;
                     }
                 }
-                Ok::<_, std::convert::Infallible>(())
+                Ok::<_, std::convert::Infallible>(http::Response::new(()))
             }
         });
-        let mut svc = tower::Layer::layer(&ReceiveLimitLayer::new(1), service);
+        let mut svc = tower::Layer::layer(&ReceiveLimitLayer::new(1, SLOT_WAIT), service);
         let first = tower::Service::call(&mut svc, http::Request::new(true));
         let first = tokio::spawn(first);
         tokio::task::yield_now().await;
@@ -138,14 +180,48 @@ mod tests {
             if *req.body() {
                 tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
             }
-            Ok::<_, std::convert::Infallible>(())
+            Ok::<_, std::convert::Infallible>(http::Response::new(()))
         });
-        let mut svc = tower::Layer::layer(&ReceiveLimitLayer::new(1), service);
+        let mut svc = tower::Layer::layer(&ReceiveLimitLayer::new(1, SLOT_WAIT), service);
         let first = tokio::spawn(tower::Service::call(&mut svc, http::Request::new(true)));
         tokio::task::yield_now().await;
         let second = tower::Service::call(&mut svc, http::Request::new(false));
         let waited = tokio::time::timeout(std::time::Duration::from_millis(200), second).await;
         assert!(waited.is_err(), "the second request must wait for the slot");
+        first.abort();
+    }
+
+    #[tokio::test]
+    async fn a_request_that_waits_too_long_is_refused_with_a_retry_hint() {
+        let service = tower::service_fn(|req: http::Request<bool>| async move {
+            if *req.body() {
+                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            }
+            Ok::<_, std::convert::Infallible>(http::Response::new(()))
+        });
+        let layer = ReceiveLimitLayer::new(1, Duration::from_millis(50));
+        let mut svc = tower::Layer::layer(&layer, service);
+        let first = tokio::spawn(tower::Service::call(&mut svc, http::Request::new(true)));
+        tokio::task::yield_now().await;
+        let second = tower::Service::call(&mut svc, http::Request::new(false));
+        let response = tokio::time::timeout(std::time::Duration::from_secs(5), second)
+            .await
+            .expect("the wait is bounded")
+            .expect("answered");
+        let status = tonic::Status::from_header_map(response.headers()).expect("a gRPC status");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("receive slot"),
+            "{}",
+            status.message()
+        );
+        assert_eq!(
+            response
+                .headers()
+                .get("grpc-retry-pushback-ms")
+                .map(|v| v.as_bytes()),
+            Some(&b"200"[..])
+        );
         first.abort();
     }
 }
