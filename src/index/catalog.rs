@@ -9,7 +9,7 @@ use redb::{ReadableTable, WriteTransaction};
 use super::changes::Change;
 use super::{
     BATCH_IDS, CATALOG_FILES, DIRTY, EXPERIMENTS, EXPERIMENTS_BY_NS, Index, IndexError, METADATA,
-    MetadataEntry, SUMMARIES, decode, encode, search, storage,
+    MetadataEntry, SEARCH, SUMMARIES, decode, encode, search, storage,
 };
 use crate::model::{
     ExperimentRecord, ExperimentRef, MetricSummary, Micros, experiment_id, now_micros,
@@ -115,73 +115,69 @@ impl Index {
         let mut out = Vec::with_capacity(batch.len());
         let mut changed = false;
         let mut logged = (Vec::new(), Vec::new());
-        for (new, metadata) in batch {
-            let id = experiment_id(&new.namespace, &new.name, &new.owner, &new.external_id);
-            let existing = {
-                let experiments = txn.open_table(EXPERIMENTS).map_err(storage)?;
-                let v = experiments.get(id.as_str()).map_err(storage)?;
-                match v {
+        {
+            let mut t = CatalogTables::open(&txn)?;
+            for (new, metadata) in batch {
+                let id = experiment_id(&new.namespace, &new.name, &new.owner, &new.external_id);
+                let existing = match t.experiments.get(id.as_str()).map_err(storage)? {
                     Some(v) => Some(decode::<ExperimentRecord>(&id, v.value())?),
                     None => None,
-                }
-            };
-            let (record, existed) = match existing {
-                Some(old) => {
-                    let mut record = old.clone();
-                    if !metadata.is_empty() {
-                        record.updated_at = now;
-                        txn.open_table(EXPERIMENTS)
-                            .map_err(storage)?
+                };
+                let (record, existed) = match existing {
+                    Some(old) => {
+                        let mut record = old.clone();
+                        if !metadata.is_empty() {
+                            record.updated_at = now;
+                            t.experiments
+                                .insert(id.as_str(), encode(&record).as_slice())
+                                .map_err(storage)?;
+                            search::index_record(&mut t.search, Some(&old), &record)?;
+                        }
+                        (record, true)
+                    }
+                    None => {
+                        let record = ExperimentRecord {
+                            id: id.clone(),
+                            name: new.name,
+                            namespace: new.namespace,
+                            owner: new.owner,
+                            framework: new.framework,
+                            task: new.task,
+                            external_id: new.external_id,
+                            created_at: now,
+                            updated_at: now,
+                        };
+                        t.experiments
                             .insert(id.as_str(), encode(&record).as_slice())
                             .map_err(storage)?;
-                        search::index_record(&txn, Some(&old), &record)?;
+                        t.by_namespace
+                            .insert((record.namespace.as_str(), id.as_str()), ())
+                            .map_err(storage)?;
+                        search::index_record(&mut t.search, None, &record)?;
+                        (record, false)
                     }
-                    (record, true)
+                };
+                t.write_metadata(&record, &metadata, now)?;
+                let touched = !existed || !metadata.is_empty();
+                if touched {
+                    t.mark_dirty(&record.id)?;
+                    if self.change_log_on() {
+                        logged.0.push(record.clone());
+                        logged.1.extend(metadata.into_iter().map(|(k, value)| {
+                            (
+                                record.id.clone(),
+                                k,
+                                MetadataEntry {
+                                    value,
+                                    updated_at: now,
+                                },
+                            )
+                        }));
+                    }
                 }
-                None => {
-                    let record = ExperimentRecord {
-                        id: id.clone(),
-                        name: new.name,
-                        namespace: new.namespace,
-                        owner: new.owner,
-                        framework: new.framework,
-                        task: new.task,
-                        external_id: new.external_id,
-                        created_at: now,
-                        updated_at: now,
-                    };
-                    txn.open_table(EXPERIMENTS)
-                        .map_err(storage)?
-                        .insert(id.as_str(), encode(&record).as_slice())
-                        .map_err(storage)?;
-                    txn.open_table(EXPERIMENTS_BY_NS)
-                        .map_err(storage)?
-                        .insert((record.namespace.as_str(), id.as_str()), ())
-                        .map_err(storage)?;
-                    search::index_record(&txn, None, &record)?;
-                    (record, false)
-                }
-            };
-            write_metadata(&txn, &record, &metadata, now)?;
-            let touched = !existed || !metadata.is_empty();
-            if touched {
-                mark_dirty(&txn, &record.id)?;
-                if self.change_log_on() {
-                    logged.0.push(record.clone());
-                    logged.1.extend(metadata.into_iter().map(|(k, value)| {
-                        (
-                            record.id.clone(),
-                            k,
-                            MetadataEntry {
-                                value,
-                                updated_at: now,
-                            },
-                        )
-                    }));
-                }
+                changed |= touched;
+                out.push((record, existed));
             }
-            changed |= touched;
-            out.push((record, existed));
         }
         if !logged.0.is_empty() {
             self.log_change(&txn, || Change::Catalog {
@@ -259,22 +255,21 @@ impl Index {
         let now = now_micros();
         let txn = self.db.begin_write().map_err(storage)?;
         let record = {
-            let mut experiments = txn.open_table(EXPERIMENTS).map_err(storage)?;
-            let old: ExperimentRecord = match experiments.get(parent_id).map_err(storage)? {
+            let mut t = CatalogTables::open(&txn)?;
+            let old: ExperimentRecord = match t.experiments.get(parent_id).map_err(storage)? {
                 Some(v) => decode(parent_id, v.value())?,
                 None => return Err(IndexError::ExperimentNotFound(parent_id.to_owned())),
             };
             let mut record = old.clone();
             record.updated_at = now;
-            experiments
+            t.experiments
                 .insert(parent_id, encode(&record).as_slice())
                 .map_err(storage)?;
-            drop(experiments);
-            search::index_record(&txn, Some(&old), &record)?;
+            search::index_record(&mut t.search, Some(&old), &record)?;
+            t.write_metadata(&record, entries, now)?;
+            t.mark_dirty(&record.id)?;
             record
         };
-        write_metadata(&txn, &record, entries, now)?;
-        mark_dirty(&txn, &record.id)?;
         self.log_change(&txn, || Change::Catalog {
             metadata: entries
                 .iter()
@@ -370,46 +365,65 @@ fn prefix_rows<T>(
     Ok(out)
 }
 
-fn write_metadata(
-    txn: &WriteTransaction,
-    record: &ExperimentRecord,
-    entries: &[(String, serde_json::Value)],
-    now: Micros,
-) -> Result<(), IndexError> {
-    if entries.is_empty() {
-        return Ok(());
-    }
-    let parent_id = record.id.as_str();
-    for (key, value) in entries {
-        let entry = MetadataEntry {
-            value: value.clone(),
-            updated_at: now,
-        };
-        let old = txn
-            .open_table(METADATA)
-            .map_err(storage)?
-            .insert((parent_id, key.as_str()), encode(&entry).as_slice())
-            .map_err(storage)?
-            .map(|v| decode::<MetadataEntry>(key, v.value()))
-            .transpose()?;
-        search::index_param(
-            txn,
-            &record.namespace,
-            parent_id,
-            key,
-            old.as_ref().map(|o| &o.value),
-            value,
-        )?;
-    }
-    Ok(())
+/// The catalog's tables, opened once for all of a write transaction's changes:
+/// opening a redb table looks its root up, and dropping it writes the root back.
+pub(super) struct CatalogTables<'txn> {
+    pub(super) experiments: redb::Table<'txn, &'static str, &'static [u8]>,
+    pub(super) by_namespace: redb::Table<'txn, (&'static str, &'static str), ()>,
+    pub(super) metadata: redb::Table<'txn, (&'static str, &'static str), &'static [u8]>,
+    pub(super) summaries: redb::Table<'txn, (&'static str, &'static str), &'static [u8]>,
+    pub(super) search: search::SearchTable<'txn>,
+    pub(super) dirty: redb::Table<'txn, &'static str, ()>,
 }
 
-fn mark_dirty(txn: &WriteTransaction, id: &str) -> Result<(), IndexError> {
-    txn.open_table(DIRTY)
-        .map_err(storage)?
-        .insert(id, ())
-        .map_err(storage)?;
-    Ok(())
+impl<'txn> CatalogTables<'txn> {
+    pub(super) fn open(txn: &'txn WriteTransaction) -> Result<Self, IndexError> {
+        Ok(Self {
+            experiments: txn.open_table(EXPERIMENTS).map_err(storage)?,
+            by_namespace: txn.open_table(EXPERIMENTS_BY_NS).map_err(storage)?,
+            metadata: txn.open_table(METADATA).map_err(storage)?,
+            summaries: txn.open_table(SUMMARIES).map_err(storage)?,
+            search: txn.open_table(SEARCH).map_err(storage)?,
+            dirty: txn.open_table(DIRTY).map_err(storage)?,
+        })
+    }
+
+    /// Writes `entries` into `record`'s metadata and the search index.
+    fn write_metadata(
+        &mut self,
+        record: &ExperimentRecord,
+        entries: &[(String, serde_json::Value)],
+        now: Micros,
+    ) -> Result<(), IndexError> {
+        let parent_id = record.id.as_str();
+        for (key, value) in entries {
+            let entry = MetadataEntry {
+                value: value.clone(),
+                updated_at: now,
+            };
+            let old = self
+                .metadata
+                .insert((parent_id, key.as_str()), encode(&entry).as_slice())
+                .map_err(storage)?
+                .map(|v| decode::<MetadataEntry>(key, v.value()))
+                .transpose()?;
+            search::index_param(
+                &mut self.search,
+                &record.namespace,
+                parent_id,
+                key,
+                old.as_ref().map(|o| &o.value),
+                value,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Marks an experiment's catalog rows out of date.
+    fn mark_dirty(&mut self, id: &str) -> Result<(), IndexError> {
+        self.dirty.insert(id, ()).map_err(storage)?;
+        Ok(())
+    }
 }
 
 /// Marks every experiment for the catalog tables (an index from before they were
@@ -423,8 +437,9 @@ pub(super) fn mark_all_dirty(txn: &WriteTransaction) -> Result<(), IndexError> {
         }
         out
     };
+    let mut dirty = txn.open_table(DIRTY).map_err(storage)?;
     for id in ids {
-        mark_dirty(txn, &id)?;
+        dirty.insert(id.as_str(), ()).map_err(storage)?;
     }
     Ok(())
 }
@@ -579,11 +594,11 @@ pub(super) fn merge_summaries(
     if summaries.is_empty() {
         return Ok(());
     }
+    let mut t = CatalogTables::open(txn)?;
     let mut namespaces: HashMap<&str, Option<String>> = HashMap::new();
     for (experiment, key, s) in summaries {
-        let old: Option<MetricSummary> = txn
-            .open_table(SUMMARIES)
-            .map_err(storage)?
+        let old: Option<MetricSummary> = t
+            .summaries
             .get((experiment.as_str(), key.as_str()))
             .map_err(storage)?
             .map(|v| decode(key, v.value()))
@@ -592,8 +607,7 @@ pub(super) fn merge_summaries(
         if let Some(old) = &old {
             merged.merge(old);
         }
-        txn.open_table(SUMMARIES)
-            .map_err(storage)?
+        t.summaries
             .insert(
                 (experiment.as_str(), key.as_str()),
                 encode(&merged).as_slice(),
@@ -602,9 +616,8 @@ pub(super) fn merge_summaries(
         let namespace = match namespaces.get(experiment.as_str()) {
             Some(ns) => ns.clone(),
             None => {
-                let ns = txn
-                    .open_table(EXPERIMENTS)
-                    .map_err(storage)?
+                let ns = t
+                    .experiments
                     .get(experiment.as_str())
                     .map_err(storage)?
                     .map(|v| decode::<ExperimentRecord>(experiment, v.value()))
@@ -615,9 +628,9 @@ pub(super) fn merge_summaries(
             }
         };
         if let Some(ns) = namespace {
-            search::index_summary(txn, &ns, experiment, key, old.as_ref(), &merged)?;
+            search::index_summary(&mut t.search, &ns, experiment, key, old.as_ref(), &merged)?;
         }
-        mark_dirty(txn, experiment)?;
+        t.mark_dirty(experiment)?;
     }
     Ok(())
 }

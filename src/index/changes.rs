@@ -26,8 +26,8 @@ use super::catalog::merge_summaries;
 use super::manifest::{insert_file, remove_file};
 use super::{
     DELETIONS, EXPERIMENTS, EXPERIMENTS_BY_NS, FILE_EXPERIMENTS, FILE_EXPERIMENTS_REV, FILES, HELD,
-    Index, IndexError, META, METADATA, MetadataEntry, OUTBOX, SUMMARIES, UNINDEXED, decode, encode,
-    search, storage,
+    Index, IndexError, META, METADATA, MetadataEntry, OUTBOX, SEARCH, SUMMARIES, UNINDEXED, decode,
+    encode, search, storage,
 };
 use crate::index::{FileEntry, FilePart};
 use crate::model::{ExperimentRecord, MetricSummary};
@@ -586,7 +586,8 @@ fn merge_experiment(txn: &WriteTransaction, incoming: &ExperimentRecord) -> Resu
             .insert((merged.namespace.as_str(), id), ())
             .map_err(storage)?;
     }
-    search::index_record(txn, old.as_ref(), &merged)
+    let mut search_table = txn.open_table(SEARCH).map_err(storage)?;
+    search::index_record(&mut search_table, old.as_ref(), &merged)
 }
 
 /// The order in which metadata updates win: the later update, then (for equal
@@ -630,7 +631,7 @@ fn merge_metadata(
         .map(|r| r.namespace);
     if let Some(ns) = namespace {
         search::index_param(
-            txn,
+            &mut txn.open_table(SEARCH).map_err(storage)?,
             &ns,
             id,
             key,

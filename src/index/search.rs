@@ -113,7 +113,8 @@ fn record_fields(r: &ExperimentRecord) -> [(&'static str, Value); 4] {
     ]
 }
 
-type SearchTable<'t> =
+/// The search table, opened by the caller once for all its changes.
+pub(super) type SearchTable<'t> =
     redb::Table<'t, (&'static str, &'static str, &'static [u8], &'static str), ()>;
 
 fn put(
@@ -142,19 +143,18 @@ fn del(
 
 /// Re-indexes a record's own fields after it changed (`old`: before, if any).
 pub(super) fn index_record(
-    txn: &WriteTransaction,
+    t: &mut SearchTable<'_>,
     old: Option<&ExperimentRecord>,
     new: &ExperimentRecord,
 ) -> Result<(), IndexError> {
-    let mut t = txn.open_table(SEARCH).map_err(storage)?;
     for scope in [new.namespace.as_str(), ALL] {
         if let Some(old) = old {
             for (field, v) in record_fields(old) {
-                del(&mut t, scope, field, &v, &old.id)?;
+                del(t, scope, field, &v, &old.id)?;
             }
         }
         for (field, v) in record_fields(new) {
-            put(&mut t, scope, field, &v, &new.id)?;
+            put(t, scope, field, &v, &new.id)?;
         }
     }
     Ok(())
@@ -162,19 +162,18 @@ pub(super) fn index_record(
 
 /// Re-indexes a metadata key after it changed.
 pub(super) fn index_param(
-    txn: &WriteTransaction,
+    t: &mut SearchTable<'_>,
     namespace: &str,
     id: &str,
     key: &str,
     old: Option<&serde_json::Value>,
     new: &serde_json::Value,
 ) -> Result<(), IndexError> {
-    let mut t = txn.open_table(SEARCH).map_err(storage)?;
     let field = param_field(key);
     if let Some(old) = old {
-        del(&mut t, namespace, &field, &Value::of_json(old), id)?;
+        del(t, namespace, &field, &Value::of_json(old), id)?;
     }
-    put(&mut t, namespace, &field, &Value::of_json(new), id)
+    put(t, namespace, &field, &Value::of_json(new), id)
 }
 
 fn summary_value(s: &MetricSummary, agg: Agg) -> Option<Value> {
@@ -192,21 +191,20 @@ fn summary_value(s: &MetricSummary, agg: Agg) -> Option<Value> {
 
 /// Re-indexes a metric summary after it changed.
 pub(super) fn index_summary(
-    txn: &WriteTransaction,
+    t: &mut SearchTable<'_>,
     namespace: &str,
     id: &str,
     key: &str,
     old: Option<&MetricSummary>,
     new: &MetricSummary,
 ) -> Result<(), IndexError> {
-    let mut t = txn.open_table(SEARCH).map_err(storage)?;
     for agg in INDEXED_AGGS {
         let field = metric_field(key, agg);
         if let Some(v) = old.and_then(|o| summary_value(o, agg)) {
-            del(&mut t, namespace, &field, &v, id)?;
+            del(t, namespace, &field, &v, id)?;
         }
         if let Some(v) = summary_value(new, agg) {
-            put(&mut t, namespace, &field, &v, id)?;
+            put(t, namespace, &field, &v, id)?;
         }
     }
     Ok(())
@@ -224,8 +222,9 @@ pub(super) fn rebuild(txn: &WriteTransaction) -> Result<(), IndexError> {
         }
         out
     };
+    let mut t = txn.open_table(SEARCH).map_err(storage)?;
     for r in &experiments {
-        index_record(txn, None, r)?;
+        index_record(&mut t, None, r)?;
         let metadata: Vec<(String, MetadataEntry)> = {
             let table = txn.open_table(METADATA).map_err(storage)?;
             let mut out = Vec::new();
@@ -240,7 +239,7 @@ pub(super) fn rebuild(txn: &WriteTransaction) -> Result<(), IndexError> {
             out
         };
         for (key, e) in &metadata {
-            index_param(txn, &r.namespace, &r.id, key, None, &e.value)?;
+            index_param(&mut t, &r.namespace, &r.id, key, None, &e.value)?;
         }
         let summaries: Vec<(String, MetricSummary)> = {
             let table = txn.open_table(SUMMARIES).map_err(storage)?;
@@ -256,7 +255,7 @@ pub(super) fn rebuild(txn: &WriteTransaction) -> Result<(), IndexError> {
             out
         };
         for (key, s) in &summaries {
-            index_summary(txn, &r.namespace, &r.id, key, None, s)?;
+            index_summary(&mut t, &r.namespace, &r.id, key, None, s)?;
         }
     }
     Ok(())
