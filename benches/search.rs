@@ -419,22 +419,29 @@ fn retryable(s: &tonic::Status) -> bool {
     )
 }
 
-const MAX_RETRIES: u32 = 200;
+/// How long a call keeps being retried: as long as a stalled daemon could
+/// plausibly take to catch up (a publish merging a million experiments' summaries).
+const RETRY_FOR: Duration = Duration::from_secs(300);
 
-/// Calls `call` until it succeeds, retrying refusals that say "later".
+/// Calls `call` until it succeeds, retrying refusals that say "later" after the
+/// pause the daemon asks for (`grpc-retry-pushback-ms`), as the SDK does.
 async fn with_retries<T, F, Fut>(retries: &AtomicU64, what: F, mut call: Fut) -> anyhow::Result<T>
 where
     F: Fn() -> String,
     Fut: AsyncCall<T>,
 {
-    let mut tries = 0;
+    let started = Instant::now();
     loop {
         match call.call().await {
             Ok(v) => return Ok(v),
-            Err(s) if retryable(&s) && tries < MAX_RETRIES => {
-                tries += 1;
+            Err(s) if retryable(&s) && started.elapsed() < RETRY_FOR => {
                 retries.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                let pause = s
+                    .metadata()
+                    .get("grpc-retry-pushback-ms")
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .map_or(Duration::from_millis(10), Duration::from_millis);
+                tokio::time::sleep(pause).await;
             }
             Err(s) => bail!("{}: {} {}", what(), s.code(), s.message()),
         }
