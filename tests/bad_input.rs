@@ -690,6 +690,20 @@ async fn invalid_utf8_and_oversized_messages() {
     server.stop().await;
 }
 
+/// Stops the server and checks that its metric files hold exactly `acked` points.
+async fn stop_and_assert_published(server: TestServer, acked: u64) {
+    let dir = server.config.data_dir.clone();
+    server.stop().await;
+    let rows: usize = parquet_files(&dir, "metrics")
+        .iter()
+        .map(|f| parquet_rows(f))
+        .sum();
+    assert_eq!(
+        rows as u64, acked,
+        "every acknowledged point, and only those, is published"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_buffers_answer_resource_exhausted_with_a_retry_hint_and_keep_acked_data() {
     let (_dir, mut config) = temp_config();
@@ -742,16 +756,7 @@ async fn full_buffers_answer_resource_exhausted_with_a_retry_hint_and_keep_acked
     assert!(err.metadata().get("grpc-retry-pushback-ms").is_some());
     assert!(err.message().contains("memory budget"), "{}", err.message());
     assert!(acked > 0);
-    let dir = server.config.data_dir.clone();
-    server.stop().await;
-    let rows: usize = parquet_files(&dir, "metrics")
-        .iter()
-        .map(|f| parquet_rows(f))
-        .sum();
-    assert_eq!(
-        rows as u64, acked,
-        "every acknowledged point, and only those, is published"
-    );
+    stop_and_assert_published(server, acked).await;
 }
 
 #[tokio::test]
@@ -789,16 +794,7 @@ async fn more_large_requests_than_receive_slots_on_one_connection_are_all_answer
         }
     }
     assert!(acked > 0);
-    let dir = server.config.data_dir.clone();
-    server.stop().await;
-    let rows: usize = parquet_files(&dir, "metrics")
-        .iter()
-        .map(|f| parquet_rows(f))
-        .sum();
-    assert_eq!(
-        rows as u64, acked,
-        "every acknowledged point, and only those"
-    );
+    stop_and_assert_published(server, acked).await;
 }
 
 #[tokio::test]
