@@ -92,8 +92,8 @@ pub struct ReceiveLimit<S> {
 /// The answer to a request that found no slot within the wait.
 fn refused(wait: Duration) -> tonic::Status {
     let mut status = tonic::Status::resource_exhausted(format!(
-        "ingest buffers are full (memory budget for requests being received: \
-         no receive slot within {wait:?}); retry after {RETRY_AFTER:?}"
+        "mboxd is busy: every receive slot stayed taken for {wait:?} (the memory \
+         budget for requests being received); retry after {RETRY_AFTER:?}"
     ));
     if let Ok(v) = RETRY_AFTER.as_millis().to_string().parse() {
         status.metadata_mut().insert("grpc-retry-pushback-ms", v);
