@@ -21,15 +21,14 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::ingest::RETRY_AFTER;
+
 /// The longest a request waits for a receive slot. Slots turn over within
 /// milliseconds while the daemon keeps up (a slot is held while a message is
 /// received and decoded, and at most the `when_full` wait for the budget); a
 /// request that waits longer meets a saturated daemon, or one whose waiters
 /// starve the slot holders of flow-control window (see the module docs).
 pub const SLOT_WAIT: Duration = Duration::from_secs(1);
-
-/// The retry hint a request refused for want of a slot carries.
-const RETRY_AFTER: Duration = Duration::from_millis(200);
 
 /// The slot a request holds; in the request's extensions for its handler.
 #[derive(Debug, Clone, Default)]
@@ -91,14 +90,13 @@ pub struct ReceiveLimit<S> {
 
 /// The answer to a request that found no slot within the wait.
 fn refused(wait: Duration) -> tonic::Status {
-    let mut status = tonic::Status::resource_exhausted(format!(
-        "mboxd is busy: every receive slot stayed taken for {wait:?} (the memory \
-         budget for requests being received); retry after {RETRY_AFTER:?}"
-    ));
-    if let Ok(v) = RETRY_AFTER.as_millis().to_string().parse() {
-        status.metadata_mut().insert("grpc-retry-pushback-ms", v);
-    }
-    status
+    super::status::retry_later(
+        format!(
+            "mboxd is busy: every receive slot stayed taken for {wait:?} (the memory \
+             budget for requests being received); retry after {RETRY_AFTER:?}"
+        ),
+        RETRY_AFTER,
+    )
 }
 
 impl<S, B, R> tower::Service<http::Request<B>> for ReceiveLimit<S>
@@ -174,18 +172,34 @@ mod tests {
         first.await.expect("joined").expect("served");
     }
 
-    #[tokio::test]
-    async fn a_held_slot_keeps_the_next_request_waiting() {
+    type Answer = Result<http::Response<()>, std::convert::Infallible>;
+
+    /// A first request that takes the only slot and is never answered (its task),
+    /// and the call of a second request, made once the first holds the slot.
+    async fn behind_a_held_slot(
+        wait: Duration,
+    ) -> (
+        tokio::task::JoinHandle<Answer>,
+        Pin<Box<dyn Future<Output = Answer> + Send>>,
+    ) {
         let service = tower::service_fn(|req: http::Request<bool>| async move {
             if *req.body() {
                 tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
             }
-            Ok::<_, std::convert::Infallible>(http::Response::new(()))
+            Ok(http::Response::new(()))
         });
-        let mut svc = tower::Layer::layer(&ReceiveLimitLayer::new(1, SLOT_WAIT), service);
+        let mut svc = tower::Layer::layer(&ReceiveLimitLayer::new(1, wait), service);
         let first = tokio::spawn(tower::Service::call(&mut svc, http::Request::new(true)));
         tokio::task::yield_now().await;
-        let second = tower::Service::call(&mut svc, http::Request::new(false));
+        (
+            first,
+            tower::Service::call(&mut svc, http::Request::new(false)),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_held_slot_keeps_the_next_request_waiting() {
+        let (first, second) = behind_a_held_slot(SLOT_WAIT).await;
         let waited = tokio::time::timeout(std::time::Duration::from_millis(200), second).await;
         assert!(waited.is_err(), "the second request must wait for the slot");
         first.abort();
@@ -193,17 +207,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_that_waits_too_long_is_refused_with_a_retry_hint() {
-        let service = tower::service_fn(|req: http::Request<bool>| async move {
-            if *req.body() {
-                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
-            }
-            Ok::<_, std::convert::Infallible>(http::Response::new(()))
-        });
-        let layer = ReceiveLimitLayer::new(1, Duration::from_millis(50));
-        let mut svc = tower::Layer::layer(&layer, service);
-        let first = tokio::spawn(tower::Service::call(&mut svc, http::Request::new(true)));
-        tokio::task::yield_now().await;
-        let second = tower::Service::call(&mut svc, http::Request::new(false));
+        let (first, second) = behind_a_held_slot(Duration::from_millis(50)).await;
         let response = tokio::time::timeout(std::time::Duration::from_secs(5), second)
             .await
             .expect("the wait is bounded")

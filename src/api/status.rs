@@ -65,6 +65,16 @@ impl From<AuthError> for Status {
     }
 }
 
+/// RESOURCE_EXHAUSTED with gRPC's retry pushback (proposal A6), which gRPC clients
+/// that retry, and the SDK, honour.
+pub fn retry_later(message: String, retry_after: std::time::Duration) -> Status {
+    let mut status = Status::resource_exhausted(message);
+    if let Ok(v) = retry_after.as_millis().to_string().parse() {
+        status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+    }
+    status
+}
+
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Self {
         match err {
@@ -77,12 +87,7 @@ impl From<ApiError> for Status {
                 Status::not_found(format!("parent_id: experiment {id:?} not found"))
             }
             ApiError::Ingest(IngestError::Full { retry_after, .. }) => {
-                let mut status = Status::resource_exhausted(err.to_string());
-                // gRPC's retry pushback (proposal A6), honoured by grpc clients that retry.
-                if let Ok(v) = retry_after.as_millis().to_string().parse() {
-                    status.metadata_mut().insert("grpc-retry-pushback-ms", v);
-                }
-                status
+                retry_later(err.to_string(), retry_after)
             }
             ApiError::Ingest(IngestError::TooLarge { .. }) => {
                 Status::resource_exhausted(err.to_string())

@@ -22,12 +22,11 @@
 use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::catalog::merge_summaries;
+use super::catalog::{CatalogTables, merge_summaries};
 use super::manifest::{insert_file, remove_file};
 use super::{
-    DELETIONS, EXPERIMENTS, EXPERIMENTS_BY_NS, FILE_EXPERIMENTS, FILE_EXPERIMENTS_REV, FILES, HELD,
-    Index, IndexError, META, METADATA, MetadataEntry, OUTBOX, SEARCH, SUMMARIES, UNINDEXED, decode,
-    encode, search, storage,
+    DELETIONS, EXPERIMENTS, FILE_EXPERIMENTS, FILE_EXPERIMENTS_REV, FILES, HELD, Index, IndexError,
+    META, METADATA, MetadataEntry, OUTBOX, SUMMARIES, UNINDEXED, decode, encode, search, storage,
 };
 use crate::index::{FileEntry, FilePart};
 use crate::model::{ExperimentRecord, MetricSummary};
@@ -400,11 +399,12 @@ impl Index {
                     experiments,
                     metadata,
                 } => {
+                    let mut t = CatalogTables::open(&txn)?;
                     for record in experiments {
-                        merge_experiment(&txn, record)?;
+                        merge_experiment(&mut t, record)?;
                     }
                     for (id, key, entry) in metadata {
-                        merge_metadata(&txn, id, key, entry)?;
+                        merge_metadata(&mut t, id, key, entry)?;
                     }
                 }
                 Change::Publish {
@@ -434,11 +434,14 @@ impl Index {
     pub fn apply_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), IndexError> {
         let _serial = self.publish.lock().unwrap_or_else(|p| p.into_inner());
         let txn = self.db.begin_write().map_err(storage)?;
-        for record in &checkpoint.experiments {
-            merge_experiment(&txn, record)?;
-        }
-        for (id, key, entry) in &checkpoint.metadata {
-            merge_metadata(&txn, id, key, entry)?;
+        {
+            let mut t = CatalogTables::open(&txn)?;
+            for record in &checkpoint.experiments {
+                merge_experiment(&mut t, record)?;
+            }
+            for (id, key, entry) in &checkpoint.metadata {
+                merge_metadata(&mut t, id, key, entry)?;
+            }
         }
         merge_summaries(&txn, &checkpoint.summaries)?;
         for file in &checkpoint.files {
@@ -552,11 +555,13 @@ fn snapshot(read: &ReadTransaction) -> Result<Checkpoint, IndexError> {
 
 /// One experiment as several daemons created it: the earliest creation's fields,
 /// the latest update.
-fn merge_experiment(txn: &WriteTransaction, incoming: &ExperimentRecord) -> Result<(), IndexError> {
+fn merge_experiment(
+    t: &mut CatalogTables<'_>,
+    incoming: &ExperimentRecord,
+) -> Result<(), IndexError> {
     let id = incoming.id.as_str();
-    let old: Option<ExperimentRecord> = txn
-        .open_table(EXPERIMENTS)
-        .map_err(storage)?
+    let old: Option<ExperimentRecord> = t
+        .experiments
         .get(id)
         .map_err(storage)?
         .map(|v| decode(id, v.value()))
@@ -576,18 +581,15 @@ fn merge_experiment(txn: &WriteTransaction, incoming: &ExperimentRecord) -> Resu
     if old.as_ref() == Some(&merged) {
         return Ok(());
     }
-    txn.open_table(EXPERIMENTS)
-        .map_err(storage)?
+    t.experiments
         .insert(id, encode(&merged).as_slice())
         .map_err(storage)?;
     if old.is_none() {
-        txn.open_table(EXPERIMENTS_BY_NS)
-            .map_err(storage)?
+        t.by_namespace
             .insert((merged.namespace.as_str(), id), ())
             .map_err(storage)?;
     }
-    let mut search_table = txn.open_table(SEARCH).map_err(storage)?;
-    search::index_record(&mut search_table, old.as_ref(), &merged)
+    search::index_record(&mut t.search, old.as_ref(), &merged)
 }
 
 /// The order in which metadata updates win: the later update, then (for equal
@@ -599,14 +601,13 @@ fn update_order(e: &MetadataEntry) -> (i64, String) {
 
 /// A metadata key as several daemons wrote it: the latest update wins.
 fn merge_metadata(
-    txn: &WriteTransaction,
+    t: &mut CatalogTables<'_>,
     id: &str,
     key: &str,
     incoming: &MetadataEntry,
 ) -> Result<(), IndexError> {
-    let old: Option<MetadataEntry> = txn
-        .open_table(METADATA)
-        .map_err(storage)?
+    let old: Option<MetadataEntry> = t
+        .metadata
         .get((id, key))
         .map_err(storage)?
         .map(|v| decode(key, v.value()))
@@ -617,13 +618,11 @@ fn merge_metadata(
     {
         return Ok(());
     }
-    txn.open_table(METADATA)
-        .map_err(storage)?
+    t.metadata
         .insert((id, key), encode(incoming).as_slice())
         .map_err(storage)?;
-    let namespace = txn
-        .open_table(EXPERIMENTS)
-        .map_err(storage)?
+    let namespace = t
+        .experiments
         .get(id)
         .map_err(storage)?
         .map(|v| decode::<ExperimentRecord>(id, v.value()))
@@ -631,7 +630,7 @@ fn merge_metadata(
         .map(|r| r.namespace);
     if let Some(ns) = namespace {
         search::index_param(
-            &mut txn.open_table(SEARCH).map_err(storage)?,
+            &mut t.search,
             &ns,
             id,
             key,

@@ -319,8 +319,9 @@ pub struct Policy {
     pub durability: Durability,
 }
 
-/// How long a client is told to wait before retrying after [`IngestError::Full`].
-const RETRY_AFTER: Duration = Duration::from_millis(200);
+/// How long a client is told to wait before retrying after [`IngestError::Full`]
+/// (or a receive slot that stayed taken).
+pub(crate) const RETRY_AFTER: Duration = Duration::from_millis(200);
 
 impl Ingest {
     /// Creates the handle and one queue per writer; the receivers go to the writer
