@@ -444,9 +444,8 @@ impl ModelStore for ModelStoreService {
             &m.points_rejected,
         )?;
         if !accepted.duplicate {
-            for (id, n) in &per_experiment {
-                self.activity.record(id, *n);
-            }
+            self.activity
+                .record(per_experiment.iter().map(|(id, n)| (id, *n)));
         }
         Ok(Response::new(proto::LogMetricsResponse {
             points_accepted: accepted.count as u64,
