@@ -123,6 +123,10 @@ pub struct RollPolicy {
     pub max_bytes: usize,
     /// Publish a partition's file once its oldest row is this old.
     pub max_age: Duration,
+    /// Publish a partition's file once it holds this many series (experiment,
+    /// key): what a publication carries per series (summaries, the experiment
+    /// index) is held in memory until it is committed.
+    pub max_series: usize,
     /// Rows a partition buffers before encoding them as a row group.
     pub row_group_rows: usize,
     /// Bytes a partition buffers before encoding them as a row group.
@@ -137,6 +141,7 @@ impl Default for RollPolicy {
             max_rows: 4_000_000,
             max_bytes: 128 << 20,
             max_age: Duration::from_secs(5),
+            max_series: 256 * 1024,
             row_group_rows: 128 * 1024,
             row_group_bytes: 16 << 20,
             zstd_level: 1,
@@ -726,7 +731,7 @@ impl Config {
         if self.max_connections == 0 {
             return invalid("server.max_connections", "must be at least 1");
         }
-        if self.roll.max_rows == 0 || self.roll.row_group_rows == 0 {
+        if self.roll.max_rows == 0 || self.roll.row_group_rows == 0 || self.roll.max_series == 0 {
             return invalid("writer.max_rows", "row counts must be at least 1");
         }
         if !(1..=22).contains(&self.roll.zstd_level) {
@@ -986,6 +991,7 @@ struct WriterSection {
     max_rows: Option<usize>,
     max_bytes: Option<usize>,
     max_age_ms: Option<u64>,
+    max_series: Option<usize>,
     row_group_rows: Option<usize>,
     row_group_bytes: Option<usize>,
     zstd_level: Option<i32>,
@@ -1132,6 +1138,7 @@ impl FileConfig {
         set(&mut c.roll.max_rows, w.max_rows);
         set(&mut c.roll.max_bytes, w.max_bytes);
         set(&mut c.roll.max_age, w.max_age_ms.map(Duration::from_millis));
+        set(&mut c.roll.max_series, w.max_series);
         set(&mut c.roll.row_group_rows, w.row_group_rows);
         set(&mut c.roll.row_group_bytes, w.row_group_bytes);
         let cp = self.compaction;

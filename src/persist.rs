@@ -42,12 +42,15 @@ pub struct Publication {
     pub experiments: BTreeMap<Arc<str>, FilePart>,
     /// (WAL seq, experiment) of every block in the file.
     pub pieces: Vec<(Seq, Arc<str>)>,
+    /// Moved into the intent when it is built (they can be as many as the file's
+    /// series, so they are not held twice).
     pub summaries: Vec<(Arc<str>, Arc<str>, MetricSummary)>,
     /// (client batch id, accepted at, points) of the batches in the file.
     pub batch_ids: Vec<(Arc<str>, Micros, u64)>,
     /// The writer's tag of the buffer the rows came from (for its live view).
     pub tag: u64,
-    intent: Option<PublishIntent>,
+    /// Built once, kept for retries.
+    intent: Option<Arc<PublishIntent>>,
 }
 
 impl Publication {
@@ -77,8 +80,8 @@ impl Publication {
         }
     }
 
-    fn intent(&mut self) -> &PublishIntent {
-        self.intent.get_or_insert_with(|| {
+    fn intent(&mut self) -> Arc<PublishIntent> {
+        let intent = self.intent.get_or_insert_with(|| {
             let mut pieces: Vec<(u64, String)> = self
                 .pieces
                 .iter()
@@ -88,7 +91,7 @@ impl Publication {
             pieces.dedup();
             let min = self.experiments.keys().next().map(|e| e.to_string());
             let max = self.experiments.keys().next_back().map(|e| e.to_string());
-            PublishIntent {
+            Arc::new(PublishIntent {
                 entry: FileEntry {
                     key: self.key.as_str().to_owned(),
                     rows: self.rows,
@@ -106,18 +109,18 @@ impl Publication {
                     .iter()
                     .map(|(e, p)| (e.to_string(), p.clone()))
                     .collect(),
-                summaries: self
-                    .summaries
-                    .iter()
-                    .map(|(e, k, s)| (e.to_string(), k.to_string(), *s))
+                summaries: std::mem::take(&mut self.summaries)
+                    .into_iter()
+                    .map(|(e, k, s)| (e.to_string(), k.to_string(), s))
                     .collect(),
                 batch_ids: self
                     .batch_ids
                     .iter()
                     .map(|(id, at, n)| (id.to_string(), *at, *n))
                     .collect(),
-            }
-        })
+            })
+        });
+        Arc::clone(intent)
     }
 }
 
@@ -166,7 +169,7 @@ impl Persister {
     /// again resumes where it stopped.
     pub fn publish(&self, p: &mut Publication) -> Result<(), WriterError> {
         let started = Instant::now();
-        let intent = p.intent().clone();
+        let intent = p.intent();
         if let Some(staged) = p.staged.take() {
             if let Err(e) = self.index.begin_publish(&intent) {
                 p.staged = Some(staged);

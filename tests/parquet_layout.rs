@@ -161,3 +161,61 @@ async fn files_are_partitioned_sorted_and_encoded_as_documented() {
     want.sort();
     assert_eq!(ids, want);
 }
+
+/// A staged file is published once it holds `writer.max_series` series, without
+/// waiting for its age: what a publication carries per series stays bounded when
+/// a burst spans many experiments.
+#[tokio::test]
+async fn a_file_is_published_once_it_holds_max_series_series() {
+    let (_dir, mut config) = temp_config();
+    config.roll.max_series = 10;
+    // Each request (one experiment, 2 keys x 4 points) is encoded at once, so
+    // series are counted as they arrive.
+    config.roll.row_group_rows = 8;
+    config.roll.max_age = std::time::Duration::from_secs(600);
+    let mut server = TestServer::start(config).await;
+    let mut c = server.client().await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(create_experiment(&mut c, "wide", &format!("e{i}")).await);
+    }
+    for id in &ids {
+        c.log_metrics(proto::LogMetricsRequest {
+            blocks: vec![numeric_block(id, &["a", "b"], 8, 0)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let dir = server.config.data_dir.clone();
+    // All 60 series are published in files of 10, long before max_age.
+    wait_for_rows(&dir, "metrics", 240).await;
+    let files = parquet_files(&dir, "metrics");
+    assert_eq!(files.len(), 6, "{files:?}");
+    let mut seen = std::collections::BTreeSet::new();
+    for path in &files {
+        let file = std::fs::File::open(path).unwrap();
+        let mut series = std::collections::BTreeSet::new();
+        for batch in ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+        {
+            let batch = batch.unwrap();
+            let ids = batch.column(0).as_dictionary::<Int32Type>();
+            let id_values = ids.values().as_string::<i32>();
+            let keys = batch.column(1).as_dictionary::<Int32Type>();
+            let key_values = keys.values().as_string::<i32>();
+            for r in 0..batch.num_rows() {
+                series.insert((
+                    id_values.value(ids.keys().value(r) as usize).to_owned(),
+                    key_values.value(keys.keys().value(r) as usize).to_owned(),
+                ));
+            }
+        }
+        assert_eq!(series.len(), 10, "{path:?}");
+        seen.extend(series);
+    }
+    assert_eq!(seen.len(), 60);
+    server.stop().await;
+}

@@ -288,15 +288,18 @@ impl Writer {
             }
         }
         self.relieve_pressure();
-        let (max_rows, max_bytes) = (
+        let (max_rows, max_bytes, max_series) = (
             self.ctx.roll.max_rows as u64,
             self.ctx.roll.max_bytes as u64,
+            self.ctx.roll.max_series,
         );
         for key in touched {
             let large = self.metrics.get(&key).is_some_and(|p| {
-                p.file
-                    .as_ref()
-                    .is_some_and(|f| f.rows() >= max_rows || f.bytes() >= max_bytes)
+                p.file.as_ref().is_some_and(|f| {
+                    f.rows() >= max_rows
+                        || f.bytes() >= max_bytes
+                        || p.summaries.len() >= max_series
+                })
             });
             if large {
                 self.roll_metrics(&key);
