@@ -141,7 +141,7 @@ impl Default for RollPolicy {
             max_rows: 4_000_000,
             max_bytes: 128 << 20,
             max_age: Duration::from_secs(5),
-            max_series: 256 * 1024,
+            max_series: 64 * 1024,
             row_group_rows: 128 * 1024,
             row_group_bytes: 16 << 20,
             zstd_level: 1,

@@ -8,11 +8,13 @@
 //!
 //! Every buffered chunk and every staged row group is visible to reads through the
 //! writer's [`WriterView`]; reads never pass through a writer's queue.
-//! Publication itself is [`Persister`]'s.
+//! Publication itself is [`Persister`]'s; a writer's metrics files are published
+//! on a thread of its own ([`publish`]), so commits do not hold up its queue.
 
 pub mod events;
 pub(crate) mod file;
 pub mod metrics;
+mod publish;
 pub mod schema;
 pub mod snapshot;
 
@@ -39,6 +41,7 @@ use crate::wal::Seq;
 use events::EventsBuffer;
 use file::StreamingFile;
 use metrics::MetricsBuffer;
+use publish::Publisher;
 
 /// Errors writing a file.
 #[derive(Debug, thiserror::Error)]
@@ -72,9 +75,10 @@ pub fn spawn(
     view: Arc<WriterView>,
     rx: Receiver<Command>,
 ) -> std::io::Result<JoinHandle<()>> {
+    let publisher = Publisher::start(id, ctx.persister.clone(), Arc::clone(&view))?;
     std::thread::Builder::new()
         .name(format!("mboxd-writer-{id}"))
-        .spawn(move || Writer::new(ctx, view).run(&rx))
+        .spawn(move || Writer::new(ctx, view, publisher).run(&rx))
 }
 
 /// What a file (or the rows on their way into one) owes the manifest.
@@ -149,7 +153,9 @@ struct Writer {
     view: Arc<WriterView>,
     metrics: HashMap<PartitionKey, MetricsPartition>,
     events: HashMap<PartitionKey, EventsPartition>,
-    /// Finished files whose publication failed, retried each tick.
+    /// Publishes finished metrics files.
+    publisher: Publisher,
+    /// Finished files whose publication failed here, retried each tick.
     unpublished: Vec<Publication>,
     next_tag: u64,
 }
@@ -160,7 +166,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 const MIN_EARLY_ROWS: usize = 4096;
 
 impl Writer {
-    fn new(ctx: WriterContext, view: Arc<WriterView>) -> Self {
+    fn new(ctx: WriterContext, view: Arc<WriterView>, publisher: Publisher) -> Self {
         let props = schema::writer_properties(&ctx.roll);
         Self {
             ctx,
@@ -168,6 +174,7 @@ impl Writer {
             view,
             metrics: HashMap::new(),
             events: HashMap::new(),
+            publisher,
             unpublished: Vec::new(),
             next_tag: 0,
         }
@@ -200,7 +207,10 @@ impl Writer {
                 Ok(Command::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
                     self.roll(|_| true);
                     self.retry_unpublished();
-                    let left = self.metrics.len() + self.events.len() + self.unpublished.len();
+                    let left = self.metrics.len()
+                        + self.events.len()
+                        + self.unpublished.len()
+                        + self.publisher.finish();
                     if left > 0 {
                         tracing::error!(
                             partitions = left,
@@ -428,7 +438,10 @@ impl Writer {
                 publication.batch_ids = owes.batch_ids;
                 publication.summaries =
                     summaries.into_iter().map(|((e, k), s)| (e, k, s)).collect();
-                self.publish(publication);
+                if let Some(publication) = self.publisher.send(publication) {
+                    // The publisher has stopped (it logged why): publish here.
+                    self.publish(publication);
+                }
             }
             Ok(None) => {}
             Err(e) => {
