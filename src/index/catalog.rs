@@ -1,7 +1,7 @@
 //! The catalog: experiments, their metadata, metric summaries and recent client
 //! batch ids.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use redb::{ReadableTable, WriteTransaction};
@@ -587,6 +587,11 @@ impl Index {
 }
 
 /// Merges per-file summaries into the stored ones, within a publish transaction.
+///
+/// The summaries are merged in (experiment, key) order and their search entries
+/// changed in key order ([`search::SearchUpdates`]): a merge of many summaries then
+/// changes each index page in one visit. Repeated (experiment, key) pairs are
+/// merged first, so each is read and written once.
 pub(super) fn merge_summaries(
     txn: &WriteTransaction,
     summaries: &[(String, String, MetricSummary)],
@@ -594,42 +599,55 @@ pub(super) fn merge_summaries(
     if summaries.is_empty() {
         return Ok(());
     }
-    let mut t = CatalogTables::open(txn)?;
-    let mut namespaces: HashMap<&str, Option<String>> = HashMap::new();
+    let mut merged_input: BTreeMap<(&str, &str), MetricSummary> = BTreeMap::new();
     for (experiment, key, s) in summaries {
+        merged_input
+            .entry((experiment.as_str(), key.as_str()))
+            .and_modify(|m| m.merge(s))
+            .or_insert(*s);
+    }
+    let mut t = CatalogTables::open(txn)?;
+    // Namespaces are looked up once per experiment, in id order.
+    let mut namespaces: BTreeMap<&str, Option<String>> = BTreeMap::new();
+    for &(experiment, _) in merged_input.keys() {
+        if namespaces.contains_key(experiment) {
+            continue;
+        }
+        let ns = t
+            .experiments
+            .get(experiment)
+            .map_err(storage)?
+            .map(|v| decode::<ExperimentRecord>(experiment, v.value()))
+            .transpose()?
+            .map(|r| r.namespace);
+        namespaces.insert(experiment, ns);
+    }
+    let mut changes: Vec<(&str, &str, Option<MetricSummary>, MetricSummary)> =
+        Vec::with_capacity(merged_input.len());
+    for ((experiment, key), s) in merged_input {
         let old: Option<MetricSummary> = t
             .summaries
-            .get((experiment.as_str(), key.as_str()))
+            .get((experiment, key))
             .map_err(storage)?
             .map(|v| decode(key, v.value()))
             .transpose()?;
-        let mut merged = *s;
+        let mut merged = s;
         if let Some(old) = &old {
             merged.merge(old);
         }
         t.summaries
-            .insert(
-                (experiment.as_str(), key.as_str()),
-                encode(&merged).as_slice(),
-            )
+            .insert((experiment, key), encode(&merged).as_slice())
             .map_err(storage)?;
-        let namespace = match namespaces.get(experiment.as_str()) {
-            Some(ns) => ns.clone(),
-            None => {
-                let ns = t
-                    .experiments
-                    .get(experiment.as_str())
-                    .map_err(storage)?
-                    .map(|v| decode::<ExperimentRecord>(experiment, v.value()))
-                    .transpose()?
-                    .map(|r| r.namespace);
-                namespaces.insert(experiment, ns.clone());
-                ns
-            }
-        };
-        if let Some(ns) = namespace {
-            search::index_summary(&mut t.search, &ns, experiment, key, old.as_ref(), &merged)?;
+        changes.push((experiment, key, old, merged));
+    }
+    let mut updates = search::SearchUpdates::default();
+    for (experiment, key, old, merged) in &changes {
+        if let Some(Some(ns)) = namespaces.get(experiment) {
+            updates.summary(ns, experiment, key, old.as_ref(), merged);
         }
+    }
+    updates.apply(&mut t.search)?;
+    for experiment in namespaces.keys() {
         t.mark_dirty(experiment)?;
     }
     Ok(())

@@ -189,25 +189,60 @@ fn summary_value(s: &MetricSummary, agg: Agg) -> Option<Value> {
     (s.count > 0 && v.is_finite()).then_some(Value::Number(v))
 }
 
-/// Re-indexes a metric summary after it changed.
-pub(super) fn index_summary(
-    t: &mut SearchTable<'_>,
-    namespace: &str,
-    id: &str,
-    key: &str,
-    old: Option<&MetricSummary>,
-    new: &MetricSummary,
-) -> Result<(), IndexError> {
-    for agg in INDEXED_AGGS {
-        let field = metric_field(key, agg);
-        if let Some(v) = old.and_then(|o| summary_value(o, agg)) {
-            del(t, namespace, &field, &v, id)?;
-        }
-        if let Some(v) = summary_value(new, agg) {
-            put(t, namespace, &field, &v, id)?;
+/// A search-index entry's key, owned where it is built.
+type EntryKey<'a> = (&'a str, String, Vec<u8>, &'a str);
+
+/// Search-index changes of a large merge, applied in key order: each B-tree page
+/// is then changed in one visit. In arrival order a merge of many summaries visits
+/// pages at random, and redb's write buffer (a tenth of its cache) holds too few
+/// pages for a revisited one to still be there, so it is read and written again.
+#[derive(Debug, Default)]
+pub(super) struct SearchUpdates<'a> {
+    removed: Vec<EntryKey<'a>>,
+    added: Vec<EntryKey<'a>>,
+}
+
+impl<'a> SearchUpdates<'a> {
+    /// Re-indexes a metric summary after it changed.
+    pub(super) fn summary(
+        &mut self,
+        namespace: &'a str,
+        id: &'a str,
+        key: &str,
+        old: Option<&MetricSummary>,
+        new: &MetricSummary,
+    ) {
+        for agg in INDEXED_AGGS {
+            let old = old.and_then(|o| summary_value(o, agg));
+            let new = summary_value(new, agg);
+            if old == new {
+                continue;
+            }
+            let field = metric_field(key, agg);
+            if let Some(v) = old {
+                self.removed
+                    .push((namespace, field.clone(), encode_value(&v), id));
+            }
+            if let Some(v) = new {
+                self.added.push((namespace, field, encode_value(&v), id));
+            }
         }
     }
-    Ok(())
+
+    /// Removes, then adds, each in key order.
+    pub(super) fn apply(mut self, t: &mut SearchTable<'_>) -> Result<(), IndexError> {
+        self.removed.sort_unstable();
+        self.added.sort_unstable();
+        for (scope, field, value, id) in &self.removed {
+            t.remove((*scope, field.as_str(), value.as_slice(), *id))
+                .map_err(storage)?;
+        }
+        for (scope, field, value, id) in &self.added {
+            t.insert((*scope, field.as_str(), value.as_slice(), *id), ())
+                .map_err(storage)?;
+        }
+        Ok(())
+    }
 }
 
 /// Indexes every experiment, metadata value and summary (an index from before
@@ -254,9 +289,11 @@ pub(super) fn rebuild(txn: &WriteTransaction) -> Result<(), IndexError> {
             }
             out
         };
+        let mut updates = SearchUpdates::default();
         for (key, s) in &summaries {
-            index_summary(&mut t, &r.namespace, &r.id, key, None, s)?;
+            updates.summary(&r.namespace, &r.id, key, None, s);
         }
+        updates.apply(&mut t)?;
     }
     Ok(())
 }
