@@ -420,6 +420,17 @@ impl<'txn> CatalogTables<'txn> {
     }
 
     /// Marks an experiment's catalog rows out of date.
+    /// The namespace of experiment `id`, if it exists.
+    pub(super) fn namespace_of(&self, id: &str) -> Result<Option<String>, IndexError> {
+        Ok(self
+            .experiments
+            .get(id)
+            .map_err(storage)?
+            .map(|v| decode::<ExperimentRecord>(id, v.value()))
+            .transpose()?
+            .map(|r| r.namespace))
+    }
+
     fn mark_dirty(&mut self, id: &str) -> Result<(), IndexError> {
         self.dirty.insert(id, ()).map_err(storage)?;
         Ok(())
@@ -613,14 +624,7 @@ pub(super) fn merge_summaries(
         if namespaces.contains_key(experiment) {
             continue;
         }
-        let ns = t
-            .experiments
-            .get(experiment)
-            .map_err(storage)?
-            .map(|v| decode::<ExperimentRecord>(experiment, v.value()))
-            .transpose()?
-            .map(|r| r.namespace);
-        namespaces.insert(experiment, ns);
+        namespaces.insert(experiment, t.namespace_of(experiment)?);
     }
     let mut changes: Vec<(&str, &str, Option<MetricSummary>, MetricSummary)> =
         Vec::with_capacity(merged_input.len());

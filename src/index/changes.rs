@@ -621,14 +621,7 @@ fn merge_metadata(
     t.metadata
         .insert((id, key), encode(incoming).as_slice())
         .map_err(storage)?;
-    let namespace = t
-        .experiments
-        .get(id)
-        .map_err(storage)?
-        .map(|v| decode::<ExperimentRecord>(id, v.value()))
-        .transpose()?
-        .map(|r| r.namespace);
-    if let Some(ns) = namespace {
+    if let Some(ns) = t.namespace_of(id)? {
         search::index_param(
             &mut t.search,
             &ns,
