@@ -9,17 +9,16 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use super::RETRY_AFTER;
 use crate::live::WriterView;
 use crate::persist::{Persister, Publication};
 
 /// Finished files waiting for the publisher.
 const QUEUE: usize = 1;
-/// How long a failed publication waits before it is tried again.
-const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub(super) struct Publisher {
