@@ -731,8 +731,11 @@ impl Config {
         if self.max_connections == 0 {
             return invalid("server.max_connections", "must be at least 1");
         }
-        if self.roll.max_rows == 0 || self.roll.row_group_rows == 0 || self.roll.max_series == 0 {
+        if self.roll.max_rows == 0 || self.roll.row_group_rows == 0 {
             return invalid("writer.max_rows", "row counts must be at least 1");
+        }
+        if self.roll.max_series == 0 {
+            return invalid("writer.max_series", "must be at least 1");
         }
         if !(1..=22).contains(&self.roll.zstd_level) {
             return invalid("writer.zstd_level", "must be between 1 and 22");

@@ -419,7 +419,6 @@ impl<'txn> CatalogTables<'txn> {
         Ok(())
     }
 
-    /// Marks an experiment's catalog rows out of date.
     /// The namespace of experiment `id`, if it exists.
     pub(super) fn namespace_of(&self, id: &str) -> Result<Option<String>, IndexError> {
         Ok(self
@@ -431,6 +430,7 @@ impl<'txn> CatalogTables<'txn> {
             .map(|r| r.namespace))
     }
 
+    /// Marks an experiment's catalog rows out of date.
     fn mark_dirty(&mut self, id: &str) -> Result<(), IndexError> {
         self.dirty.insert(id, ()).map_err(storage)?;
         Ok(())
@@ -621,13 +621,11 @@ pub(super) fn merge_summaries(
     // Namespaces are looked up once per experiment, in id order.
     let mut namespaces: BTreeMap<&str, Option<String>> = BTreeMap::new();
     for &(experiment, _) in merged_input.keys() {
-        if namespaces.contains_key(experiment) {
-            continue;
+        if !namespaces.contains_key(experiment) {
+            namespaces.insert(experiment, t.namespace_of(experiment)?);
         }
-        namespaces.insert(experiment, t.namespace_of(experiment)?);
     }
-    let mut changes: Vec<(&str, &str, Option<MetricSummary>, MetricSummary)> =
-        Vec::with_capacity(merged_input.len());
+    let mut updates = search::SearchUpdates::default();
     for ((experiment, key), s) in merged_input {
         let old: Option<MetricSummary> = t
             .summaries
@@ -642,12 +640,8 @@ pub(super) fn merge_summaries(
         t.summaries
             .insert((experiment, key), encode(&merged).as_slice())
             .map_err(storage)?;
-        changes.push((experiment, key, old, merged));
-    }
-    let mut updates = search::SearchUpdates::default();
-    for (experiment, key, old, merged) in &changes {
         if let Some(Some(ns)) = namespaces.get(experiment) {
-            updates.summary(ns, experiment, key, old.as_ref(), merged);
+            updates.summary(ns, experiment, key, old.as_ref(), &merged);
         }
     }
     updates.apply(&mut t.search)?;

@@ -455,28 +455,17 @@ impl Writer {
         }
     }
 
-    fn publish(&mut self, mut publication: Publication) {
-        match self.ctx.persister.publish(&mut publication) {
-            Ok(()) => self.view.published(&publication.key),
-            Err(e) => {
-                tracing::error!(file = %publication.key, error = %e, "publishing failed; keeping the file and retrying");
-                self.unpublished.push(publication);
-            }
-        }
+    fn publish(&mut self, publication: Publication) {
+        publish::publish_or_keep(
+            &self.ctx.persister,
+            &self.view,
+            publication,
+            &mut self.unpublished,
+        );
     }
 
     fn retry_unpublished(&mut self) {
-        for mut publication in std::mem::take(&mut self.unpublished) {
-            match self.ctx.persister.publish(&mut publication) {
-                Ok(()) => match publication.table {
-                    Table::Metrics => self.view.published(&publication.key),
-                    Table::Events => self
-                        .view
-                        .events_published(publication.tag, publication.experiments.keys()),
-                },
-                Err(_) => self.unpublished.push(publication),
-            }
-        }
+        publish::retry(&self.ctx.persister, &self.view, &mut self.unpublished);
     }
 
     /// Encodes what is buffered and publishes the partition's file.
@@ -582,15 +571,7 @@ impl Writer {
                 publication.tag = p.tag;
                 publication.pieces = p.owes.pieces;
                 publication.batch_ids = p.owes.batch_ids;
-                match self.ctx.persister.publish(&mut publication) {
-                    Ok(()) => self
-                        .view
-                        .events_published(publication.tag, publication.experiments.keys()),
-                    Err(e) => {
-                        tracing::error!(file = %publication.key, error = %e, "publishing failed; keeping the file and retrying");
-                        self.unpublished.push(publication);
-                    }
-                }
+                self.publish(publication);
                 drop(p.reservations);
             }
             Err(e) => {

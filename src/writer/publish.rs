@@ -13,8 +13,9 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use super::RETRY_AFTER;
+use super::{RETRY_AFTER, WriterError};
 use crate::live::WriterView;
+use crate::paths::Table;
 use crate::persist::{Persister, Publication};
 
 /// Finished files waiting for the publisher.
@@ -65,7 +66,7 @@ fn run(persister: &Persister, view: &WriterView, rx: &Receiver<Publication>) -> 
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
         match next {
-            Ok(publication) => publish(persister, view, publication, &mut failed),
+            Ok(publication) => publish_or_keep(persister, view, publication, &mut failed),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 retry(persister, view, &mut failed);
@@ -83,26 +84,38 @@ fn run(persister: &Persister, view: &WriterView, rx: &Receiver<Publication>) -> 
     }
 }
 
-fn publish(
+/// Publishes a finished file and tells the writer's view; if that fails, logs
+/// why and keeps the file in `failed` to be retried.
+pub(super) fn publish_or_keep(
     persister: &Persister,
     view: &WriterView,
     mut publication: Publication,
     failed: &mut Vec<Publication>,
 ) {
-    match persister.publish(&mut publication) {
-        Ok(()) => view.published(&publication.key),
-        Err(e) => {
-            tracing::error!(file = %publication.key, error = %e, "publishing failed; keeping the file and retrying");
+    if let Err(e) = try_publish(persister, view, &mut publication) {
+        tracing::error!(file = %publication.key, error = %e, "publishing failed; keeping the file and retrying");
+        failed.push(publication);
+    }
+}
+
+/// Tries each file in `failed` again; those that fail again stay.
+pub(super) fn retry(persister: &Persister, view: &WriterView, failed: &mut Vec<Publication>) {
+    for mut publication in std::mem::take(failed) {
+        if try_publish(persister, view, &mut publication).is_err() {
             failed.push(publication);
         }
     }
 }
 
-fn retry(persister: &Persister, view: &WriterView, failed: &mut Vec<Publication>) {
-    for mut publication in std::mem::take(failed) {
-        match persister.publish(&mut publication) {
-            Ok(()) => view.published(&publication.key),
-            Err(_) => failed.push(publication),
-        }
+fn try_publish(
+    persister: &Persister,
+    view: &WriterView,
+    publication: &mut Publication,
+) -> Result<(), WriterError> {
+    persister.publish(publication)?;
+    match publication.table {
+        Table::Metrics => view.published(&publication.key),
+        Table::Events => view.events_published(publication.tag, publication.experiments.keys()),
     }
+    Ok(())
 }
