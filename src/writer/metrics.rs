@@ -192,8 +192,10 @@ impl MetricsBuffer {
             scratch.clear();
             scratch.extend(rows.iter().map(|&r| (self.step(r), r)));
             // (step, row) pairs are distinct and row refs grow with arrival, so the
-            // sort keeps arrival order among equal steps.
-            scratch.sort_unstable();
+            // order keeps arrival order among equal steps. The stable sort finds the
+            // blocks' ascending runs and merges them (n log runs), where an unstable
+            // one would sort from scratch (n log n).
+            scratch.sort();
             for (dst, &(_, r)) in rows.iter_mut().zip(&scratch) {
                 *dst = r;
             }
@@ -242,11 +244,16 @@ impl MetricsBuffer {
             .iter()
             .map(|&r| experiment_of_series[entry(r).series(row(r)) as usize])
             .collect();
+        // Runs of one dictionary key are one experiment: compare keys, not ids.
         let mut experiments: Vec<(Arc<str>, u64)> = Vec::new();
+        let mut last = None;
         for &e in &experiment_keys {
             match experiments.last_mut() {
-                Some((id, n)) if **id == **experiment_values[e as usize] => *n += 1,
-                _ => experiments.push((Arc::clone(experiment_values[e as usize]), 1)),
+                Some((_, n)) if last == Some(e) => *n += 1,
+                _ => {
+                    experiments.push((Arc::clone(experiment_values[e as usize]), 1));
+                    last = Some(e);
+                }
             }
         }
         let experiment_id = DictionaryArray::<Int32Type>::try_new(
