@@ -281,16 +281,18 @@ impl Wal {
 
         let retained_from = Arc::new(AtomicU64::new(segments.front().map_or(next, |s| s.first)));
         let bytes = Arc::new(AtomicU64::new(segments.iter().map(|s| s.bytes).sum()));
+        let deleter = Deleter::start(Arc::clone(&retained_from), Arc::clone(&bytes))
+            .map_err(io_err("starting the deleting thread for", Path::new("wal")))?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let committer = Committer {
             config,
             rx,
             tracker: Arc::clone(&tracker),
-            retained_from: Arc::clone(&retained_from),
             bytes: Arc::clone(&bytes),
             segments,
             open: None,
             next,
+            deleter: Some(deleter),
         };
         let thread = std::thread::Builder::new()
             .name("mboxd-wal".into())
@@ -479,12 +481,79 @@ struct Committer {
     config: WalConfig,
     rx: Receiver<Append>,
     tracker: Arc<Tracker>,
-    retained_from: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
     /// Closed segments, oldest first, then (last) the open one.
     segments: VecDeque<Segment>,
     open: Option<(File, u64)>,
     next: Seq,
+    /// Released segments go here to be deleted.
+    deleter: Option<Deleter>,
+}
+
+/// Deletes released segments off the commit thread, oldest first. Unlinking a synced
+/// 64 MiB segment takes about 15 ms on ext4 mounted with online discard; on the
+/// commit thread every acknowledgement waited behind it. [`Wal::retained_from`]
+/// advances only once a segment's file is gone, so the index never forgets the
+/// published pieces of a segment that a crash could still leave to replay.
+struct Deleter {
+    tx: Sender<Segment>,
+    thread: JoinHandle<()>,
+}
+
+impl Deleter {
+    fn start(retained_from: Arc<AtomicU64>, bytes: Arc<AtomicU64>) -> io::Result<Self> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let thread = std::thread::Builder::new()
+            .name("mboxd-wal-delete".into())
+            .spawn(move || delete_segments(&rx, &retained_from, &bytes))?;
+        Ok(Self { tx, thread })
+    }
+
+    /// Deletes what was sent and stops.
+    fn finish(self) {
+        drop(self.tx);
+        let _ = self.thread.join();
+    }
+}
+
+/// How long a segment that could not be deleted waits before the next try.
+const DELETE_RETRY: Duration = Duration::from_secs(1);
+
+fn delete_segments(rx: &Receiver<Segment>, retained_from: &AtomicU64, bytes: &AtomicU64) {
+    let mut pending: VecDeque<Segment> = VecDeque::new();
+    let mut open = true;
+    while open || !pending.is_empty() {
+        let wait = if pending.is_empty() {
+            Duration::MAX
+        } else {
+            DELETE_RETRY
+        };
+        match rx.recv_timeout(wait) {
+            Ok(segment) => pending.push_back(segment),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => open = false,
+        }
+        pending.extend(rx.try_iter());
+        while let Some(segment) = pending.front() {
+            match std::fs::remove_file(&segment.path) {
+                Ok(()) => {
+                    tracing::debug!(segment = %segment.path.display(), "deleted published write-ahead log segment");
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(segment = %segment.path.display(), error = %e, "cannot delete a published write-ahead log segment; trying again");
+                    break;
+                }
+            }
+            bytes.fetch_sub(segment.bytes, Ordering::Relaxed);
+            retained_from.fetch_max(segment.end, Ordering::AcqRel);
+            pending.pop_front();
+        }
+        if !open && !pending.is_empty() {
+            // Stopping: what is left stays on disk, and replays as published.
+            break;
+        }
+    }
 }
 
 impl Committer {
@@ -518,6 +587,9 @@ impl Committer {
         // Closed now: after a graceful stop every record is published, and the
         // last segment goes too, so the next start has nothing to replay.
         self.delete_released();
+        if let Some(deleter) = self.deleter.take() {
+            deleter.finish();
+        }
     }
 
     fn commit(&mut self, group: Vec<Append>) {
@@ -650,22 +722,20 @@ impl Committer {
         let needed = self.tracker.oldest_pending().unwrap_or(self.next);
         let open = usize::from(self.open.is_some());
         while self.segments.len() > open {
-            let Some(oldest) = self.segments.front() else {
+            if self
+                .segments
+                .front()
+                .is_none_or(|oldest| oldest.end > needed)
+            {
+                break;
+            }
+            let (Some(oldest), Some(deleter)) = (self.segments.pop_front(), &self.deleter) else {
                 break;
             };
-            if oldest.end > needed {
-                break;
-            }
-            if let Err(e) = std::fs::remove_file(&oldest.path) {
-                tracing::warn!(segment = %oldest.path.display(), error = %e, "cannot delete a published write-ahead log segment");
-                break;
-            }
-            tracing::debug!(segment = %oldest.path.display(), "deleted published write-ahead log segment");
-            self.bytes.fetch_sub(oldest.bytes, Ordering::Relaxed);
-            self.segments.pop_front();
+            // Fails only if the deleting thread is gone; the file then stays, and
+            // replays as published at the next start.
+            let _ = deleter.tx.send(oldest);
         }
-        let from = self.segments.front().map_or(self.next, |s| s.first);
-        self.retained_from.store(from, Ordering::Release);
     }
 }
 
@@ -769,7 +839,9 @@ mod tests {
             .await
             .unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while segments(dir.path()).len() >= 4 && std::time::Instant::now() < deadline {
+        while (segments(dir.path()).len() >= 4 || wal.retained_from() == 1)
+            && std::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let left = segments(dir.path());
