@@ -281,8 +281,13 @@ impl Wal {
 
         let retained_from = Arc::new(AtomicU64::new(segments.front().map_or(next, |s| s.first)));
         let bytes = Arc::new(AtomicU64::new(segments.iter().map(|s| s.bytes).sum()));
-        let deleter = Deleter::start(Arc::clone(&retained_from), Arc::clone(&bytes))
-            .map_err(io_err("starting the deleting thread for", Path::new("wal")))?;
+        let deleter = Deleter::start(Deleted {
+            dir: config.dir.clone(),
+            sync: config.sync,
+            retained_from: Arc::clone(&retained_from),
+            bytes: Arc::clone(&bytes),
+        })
+        .map_err(io_err("starting the deleting thread for", Path::new("wal")))?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let committer = Committer {
             config,
@@ -493,19 +498,28 @@ struct Committer {
 /// Deletes released segments off the commit thread, oldest first. Unlinking a synced
 /// 64 MiB segment takes about 15 ms on ext4 mounted with online discard; on the
 /// commit thread every acknowledgement waited behind it. [`Wal::retained_from`]
-/// advances only once a segment's file is gone, so the index never forgets the
-/// published pieces of a segment that a crash could still leave to replay.
+/// advances only once a segment's file is gone (and, under [`SyncMode::Fsync`],
+/// the folder synced), so the index never forgets the published pieces of a
+/// segment that a crash could still leave to replay.
 struct Deleter {
     tx: Sender<Segment>,
     thread: JoinHandle<()>,
 }
 
+/// What the deleting thread updates once segments are gone.
+struct Deleted {
+    dir: PathBuf,
+    sync: SyncMode,
+    retained_from: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+}
+
 impl Deleter {
-    fn start(retained_from: Arc<AtomicU64>, bytes: Arc<AtomicU64>) -> io::Result<Self> {
+    fn start(deleted: Deleted) -> io::Result<Self> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let thread = std::thread::Builder::new()
             .name("mboxd-wal-delete".into())
-            .spawn(move || delete_segments(&rx, &retained_from, &bytes))?;
+            .spawn(move || delete_segments(&rx, &deleted))?;
         Ok(Self { tx, thread })
     }
 
@@ -519,7 +533,7 @@ impl Deleter {
 /// How long a segment that could not be deleted waits before the next try.
 const DELETE_RETRY: Duration = Duration::from_secs(1);
 
-fn delete_segments(rx: &Receiver<Segment>, retained_from: &AtomicU64, bytes: &AtomicU64) {
+fn delete_segments(rx: &Receiver<Segment>, deleted: &Deleted) {
     let mut pending: VecDeque<Segment> = VecDeque::new();
     let mut open = true;
     while open || !pending.is_empty() {
@@ -534,23 +548,43 @@ fn delete_segments(rx: &Receiver<Segment>, retained_from: &AtomicU64, bytes: &At
             Err(RecvTimeoutError::Disconnected) => open = false,
         }
         pending.extend(rx.try_iter());
-        while let Some(segment) = pending.front() {
+        let mut gone = 0;
+        for segment in &pending {
             match std::fs::remove_file(&segment.path) {
                 Ok(()) => {
                     tracing::debug!(segment = %segment.path.display(), "deleted published write-ahead log segment");
                 }
+                // Deleted before a directory sync that failed, say.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
                     tracing::warn!(segment = %segment.path.display(), error = %e, "cannot delete a published write-ahead log segment; trying again");
                     break;
                 }
             }
-            bytes.fetch_sub(segment.bytes, Ordering::Relaxed);
-            retained_from.fetch_max(segment.end, Ordering::AcqRel);
-            pending.pop_front();
+            gone += 1;
+        }
+        // The unlinks must be durable before the index may forget what the files
+        // held: a power loss could otherwise bring back a segment whose published
+        // pieces are forgotten, and its rows would be published twice.
+        let synced = gone == 0
+            || deleted.sync == SyncMode::Write
+            || File::open(&deleted.dir)
+                .and_then(|d| d.sync_all())
+                .inspect_err(|e| {
+                    tracing::warn!(dir = %deleted.dir.display(), error = %e, "cannot sync the write-ahead log folder after deleting segments; trying again");
+                })
+                .is_ok();
+        if synced {
+            for segment in pending.drain(..gone) {
+                deleted.bytes.fetch_sub(segment.bytes, Ordering::Relaxed);
+                deleted
+                    .retained_from
+                    .fetch_max(segment.end, Ordering::AcqRel);
+            }
         }
         if !open && !pending.is_empty() {
-            // Stopping: what is left stays on disk, and replays as published.
+            // Stopping: what is left is on disk (or not known to be gone), and
+            // replays as published at the next start.
             break;
         }
     }
@@ -653,12 +687,19 @@ impl Committer {
             File::open(&self.config.dir)
                 .and_then(|d| d.sync_all())
                 .map_err(io_err("syncing", &self.config.dir))?;
-            self.segments.push_back(Segment {
-                path,
-                first: self.next,
-                end: self.next,
-                bytes: len,
-            });
+            // A segment without records found at start-up (a crash before its first
+            // frame was whole) or left by a failed first write is this same file:
+            // one entry for it, or releasing the stale one would delete the file
+            // being appended to.
+            match self.segments.back() {
+                Some(last) if last.path == path => {}
+                _ => self.segments.push_back(Segment {
+                    path,
+                    first: self.next,
+                    end: self.next,
+                    bytes: len,
+                }),
+            }
             self.open = Some((file, len));
         }
         let path = self
@@ -717,8 +758,12 @@ impl Committer {
         }
     }
 
-    /// Deletes closed segments whose records are all published.
+    /// Hands closed segments whose records are all published to the deleting
+    /// thread.
     fn delete_released(&mut self) {
+        let Some(deleter) = &self.deleter else {
+            return;
+        };
         let needed = self.tracker.oldest_pending().unwrap_or(self.next);
         let open = usize::from(self.open.is_some());
         while self.segments.len() > open {
@@ -729,7 +774,7 @@ impl Committer {
             {
                 break;
             }
-            let (Some(oldest), Some(deleter)) = (self.segments.pop_front(), &self.deleter) else {
+            let Some(oldest) = self.segments.pop_front() else {
                 break;
             };
             // Fails only if the deleting thread is gone; the file then stays, and
@@ -852,6 +897,29 @@ mod tests {
         let replayed: Vec<_> = replayed.iter().map(|r| r.seq).collect();
         assert!(replayed.contains(&31) && replayed.contains(&40));
         assert!(!replayed.contains(&1));
+    }
+
+    #[tokio::test]
+    async fn an_empty_segment_left_at_start_up_is_appended_to_and_kept() {
+        // As a crash before the first frame of a new segment was whole leaves it.
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join(format!("{:020}.wal", 1));
+        File::create(&empty).unwrap();
+        let (wal, replayed) = Wal::open(config(dir.path())).unwrap();
+        assert!(replayed.is_empty());
+        let seqs = append_n(&wal, 3).await;
+        assert_eq!(seqs, [1, 2, 3]);
+        // Cleanup runs after every commit; give the deleting thread time to act on
+        // anything it was (wrongly) handed.
+        wal.append(RecordKind::Metrics, vec![], 0, noop())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(segments(dir.path()), [empty]);
+        wal.close();
+        let (_, replayed) = Wal::open(config(dir.path())).unwrap();
+        let replayed: Vec<_> = replayed.iter().map(|r| r.seq).collect();
+        assert_eq!(replayed, [1, 2, 3, 4]);
     }
 
     #[tokio::test]
