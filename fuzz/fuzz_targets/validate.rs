@@ -118,7 +118,7 @@ fuzz_target!(|input: Input| {
                 ..Default::default()
             };
             if let Ok(batch) = validate::log_event(req, &f.index, &limits, 0) {
-                let r = record::decode_events(&record::encode_events(&batch)).expect("own events record decodes");
+                let r = record::decode_events(&record::encode_events(&batch, "")).expect("own events record decodes");
                 assert_eq!(r.events.len(), batch.events().len());
             }
         }
@@ -129,8 +129,10 @@ fn check_metrics(f: &Fixture, req: proto::LogMetricsRequest, limits: &Limits) {
     let Ok(batch) = validate::log_metrics(req, &f.index, limits, 42) else {
         return;
     };
-    let (at, blocks) = record::decode_metrics(&record::encode_metrics(&batch)).expect("own metrics record decodes");
-    assert_eq!(at, 42);
+    let decoded = record::decode_metrics(&record::encode_metrics(&batch, "")).expect("own metrics record decodes");
+    assert_eq!(decoded.ingested_at, 42);
+    assert!(decoded.client_batch_id.is_empty());
+    let blocks: Vec<proto::MetricsBlock> = decoded.blocks.into_iter().map(Into::into).collect();
     assert_eq!(blocks.len(), batch.blocks().len());
     for (decoded, original) in blocks.iter().zip(batch.blocks()) {
         assert_eq!(decoded.parent_id, *original.experiment.id);

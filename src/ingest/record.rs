@@ -111,14 +111,19 @@ fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
 
+/// The bytes of `values` as packed zigzag deltas, without tag and length.
+fn delta_body_len(values: &[u64]) -> usize {
+    deltas(values)
+        .map(|d| encoding::encoded_len_varint(zigzag(d)))
+        .sum()
+}
+
 /// The length of field `tag` holding `values` as packed zigzag deltas (0 when empty).
 fn delta_packed_len(tag: u32, values: &[u64]) -> usize {
     if values.is_empty() {
         return 0;
     }
-    let body: usize = deltas(values)
-        .map(|d| encoding::encoded_len_varint(zigzag(d)))
-        .sum();
+    let body = delta_body_len(values);
     encoding::key_len(tag) + encoding::encoded_len_varint(body as u64) + body
 }
 
@@ -127,12 +132,9 @@ fn encode_delta_packed(tag: u32, values: &[u64], buf: &mut Vec<u8>) {
     if values.is_empty() {
         return;
     }
-    let body: usize = deltas(values)
-        .map(|d| encoding::encoded_len_varint(zigzag(d)))
-        .sum();
+    let body = delta_body_len(values);
     encoding::encode_key(tag, WireType::LengthDelimited, buf);
     encoding::encode_varint(body as u64, buf);
-    buf.reserve(body);
     for d in deltas(values) {
         encoding::encode_varint(zigzag(d), buf);
     }

@@ -244,18 +244,17 @@ impl MetricsBuffer {
             .iter()
             .map(|&r| experiment_of_series[entry(r).series(row(r)) as usize])
             .collect();
-        // Runs of one dictionary key are one experiment: compare keys, not ids.
-        let mut experiments: Vec<(Arc<str>, u64)> = Vec::new();
-        let mut last = None;
-        for &e in &experiment_keys {
-            match experiments.last_mut() {
-                Some((_, n)) if last == Some(e) => *n += 1,
-                _ => {
-                    experiments.push((Arc::clone(experiment_values[e as usize]), 1));
-                    last = Some(e);
-                }
-            }
-        }
+        // Each experiment's rows are one run of its dictionary key: compare keys,
+        // not ids.
+        let experiments: Vec<(Arc<str>, u64)> = experiment_keys
+            .chunk_by(|a, b| a == b)
+            .map(|run| {
+                (
+                    Arc::clone(experiment_values[run[0] as usize]),
+                    run.len() as u64,
+                )
+            })
+            .collect();
         let experiment_id = DictionaryArray::<Int32Type>::try_new(
             Int32Array::from(experiment_keys),
             Arc::new(StringArray::from_iter_values(
