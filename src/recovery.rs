@@ -104,9 +104,10 @@ impl Replayer<'_> {
 
     async fn metrics(&mut self, seq: Seq, payload: &[u8]) -> Result<(), Unusable> {
         let r = record::decode_metrics(payload).map_err(|e| Unusable(e.to_string()))?;
-        let (at, blocks) = (r.ingested_at, r.blocks);
+        let at = r.ingested_at;
         let client_batch = client_batch(r.client_batch_id);
-        let blocks: Vec<crate::proto::MetricsBlock> = blocks.into_iter().map(Into::into).collect();
+        let blocks: Vec<crate::proto::MetricsBlock> =
+            r.blocks.into_iter().map(Into::into).collect();
         let points: u64 = blocks.iter().map(|b| b.steps.len() as u64).sum();
         let date = utc_date(at);
         let mut kept = Vec::new();

@@ -297,7 +297,7 @@ impl Wal {
             segments,
             open: None,
             next,
-            deleter: Some(deleter),
+            deleter,
         };
         let thread = std::thread::Builder::new()
             .name("mboxd-wal".into())
@@ -492,7 +492,7 @@ struct Committer {
     open: Option<(File, u64)>,
     next: Seq,
     /// Released segments go here to be deleted.
-    deleter: Option<Deleter>,
+    deleter: Deleter,
 }
 
 /// Deletes released segments off the commit thread, oldest first. Unlinking a synced
@@ -536,7 +536,8 @@ const DELETE_RETRY: Duration = Duration::from_secs(1);
 fn delete_segments(rx: &Receiver<Segment>, deleted: &Deleted) {
     let mut pending: VecDeque<Segment> = VecDeque::new();
     let mut open = true;
-    while open || !pending.is_empty() {
+    // After the last segment arrives (the channel closes), one more pass.
+    while open {
         let wait = if pending.is_empty() {
             Duration::MAX
         } else {
@@ -582,12 +583,9 @@ fn delete_segments(rx: &Receiver<Segment>, deleted: &Deleted) {
                     .fetch_max(segment.end, Ordering::AcqRel);
             }
         }
-        if !open && !pending.is_empty() {
-            // Stopping: what is left is on disk (or not known to be gone), and
-            // replays as published at the next start.
-            break;
-        }
     }
+    // What is left is on disk (or not known to be gone), and replays as published
+    // at the next start.
 }
 
 impl Committer {
@@ -621,9 +619,7 @@ impl Committer {
         // Closed now: after a graceful stop every record is published, and the
         // last segment goes too, so the next start has nothing to replay.
         self.delete_released();
-        if let Some(deleter) = self.deleter.take() {
-            deleter.finish();
-        }
+        self.deleter.finish();
     }
 
     fn commit(&mut self, group: Vec<Append>) {
@@ -761,9 +757,6 @@ impl Committer {
     /// Hands closed segments whose records are all published to the deleting
     /// thread.
     fn delete_released(&mut self) {
-        let Some(deleter) = &self.deleter else {
-            return;
-        };
         let needed = self.tracker.oldest_pending().unwrap_or(self.next);
         let open = usize::from(self.open.is_some());
         while self.segments.len() > open {
@@ -779,7 +772,7 @@ impl Committer {
             };
             // Fails only if the deleting thread is gone; the file then stays, and
             // replays as published at the next start.
-            let _ = deleter.tx.send(oldest);
+            let _ = self.deleter.tx.send(oldest);
         }
     }
 }

@@ -118,21 +118,20 @@ fn delta_body_len(values: &[u64]) -> usize {
         .sum()
 }
 
-/// The length of field `tag` holding `values` as packed zigzag deltas (0 when empty).
-fn delta_packed_len(tag: u32, values: &[u64]) -> usize {
-    if values.is_empty() {
+/// The length of field `tag` whose packed body is `body` bytes (0 when empty).
+fn packed_len(tag: u32, body: usize) -> usize {
+    if body == 0 {
         return 0;
     }
-    let body = delta_body_len(values);
     encoding::key_len(tag) + encoding::encoded_len_varint(body as u64) + body
 }
 
-/// Writes `values` as field `tag`, packed zigzag deltas (as prost's `sint64`).
-fn encode_delta_packed(tag: u32, values: &[u64], buf: &mut Vec<u8>) {
+/// Writes `values` as field `tag`, packed zigzag deltas (as prost's `sint64`)
+/// taking `body` bytes ([`delta_body_len`]).
+fn encode_delta_packed(tag: u32, values: &[u64], body: usize, buf: &mut Vec<u8>) {
     if values.is_empty() {
         return;
     }
-    let body = delta_body_len(values);
     encoding::encode_key(tag, WireType::LengthDelimited, buf);
     encoding::encode_varint(body as u64, buf);
     for d in deltas(values) {
@@ -187,31 +186,46 @@ fn encode_str(tag: u32, s: &str, buf: &mut Vec<u8>) {
     buf.extend_from_slice(s.as_bytes());
 }
 
-fn block_len(b: &MetricBlock) -> usize {
-    str_len(1, &b.experiment.id)
+/// A block's encoded length, and its step and time deltas' packed bodies (each
+/// walked once per point, not again when written).
+struct BlockLen {
+    len: usize,
+    steps: usize,
+    wallclocks: usize,
+}
+
+fn block_len(b: &MetricBlock) -> BlockLen {
+    let steps = delta_body_len(&b.steps);
+    let wallclocks = delta_body_len(&b.wallclocks);
+    let len = str_len(1, &b.experiment.id)
         + encoding::string::encoded_len_repeated(2, &b.keys)
         + encoding::uint32::encoded_len_packed(3, &b.key_index)
-        + delta_packed_len(11, &b.steps)
-        + delta_packed_len(12, &b.wallclocks)
+        + packed_len(11, steps)
+        + packed_len(12, wallclocks)
         + encoding::double::encoded_len_packed(6, &b.values)
         + encoding::uint32::encoded_len_packed(7, &b.strings.rows)
         + encoding::string::encoded_len_repeated(8, &b.strings.values)
         + encoding::uint32::encoded_len_packed(9, &b.bytes.rows)
-        + encoding::bytes::encoded_len_repeated(10, &b.bytes.values)
+        + encoding::bytes::encoded_len_repeated(10, &b.bytes.values);
+    BlockLen {
+        len,
+        steps,
+        wallclocks,
+    }
 }
 
 /// Encodes a metrics batch as a [`MetricsRecord`].
 pub fn encode_metrics(batch: &MetricsBatch, client_batch_id: &str) -> Vec<u8> {
-    let lens: Vec<usize> = batch.blocks().iter().map(block_len).collect();
+    let lens: Vec<BlockLen> = batch.blocks().iter().map(block_len).collect();
     let total: usize = lens
         .iter()
-        .map(|l| 1 + encoding::encoded_len_varint(*l as u64) + l)
+        .map(|l| 1 + encoding::encoded_len_varint(l.len as u64) + l.len)
         .sum();
     let mut buf = Vec::with_capacity(total + 11 + str_len(3, client_batch_id));
     encoding::int64::encode(1, &batch.ingested_at(), &mut buf);
-    for (b, len) in batch.blocks().iter().zip(lens) {
+    for (b, l) in batch.blocks().iter().zip(lens) {
         encoding::encode_key(2, WireType::LengthDelimited, &mut buf);
-        encoding::encode_varint(len as u64, &mut buf);
+        encoding::encode_varint(l.len as u64, &mut buf);
         encode_str(1, &b.experiment.id, &mut buf);
         encoding::string::encode_repeated(2, &b.keys, &mut buf);
         encoding::uint32::encode_packed(3, &b.key_index, &mut buf);
@@ -220,8 +234,8 @@ pub fn encode_metrics(batch: &MetricsBatch, client_batch_id: &str) -> Vec<u8> {
         encoding::string::encode_repeated(8, &b.strings.values, &mut buf);
         encoding::uint32::encode_packed(9, &b.bytes.rows, &mut buf);
         encoding::bytes::encode_repeated(10, &b.bytes.values, &mut buf);
-        encode_delta_packed(11, &b.steps, &mut buf);
-        encode_delta_packed(12, &b.wallclocks, &mut buf);
+        encode_delta_packed(11, &b.steps, l.steps, &mut buf);
+        encode_delta_packed(12, &b.wallclocks, l.wallclocks, &mut buf);
     }
     if !client_batch_id.is_empty() {
         encode_str(3, client_batch_id, &mut buf);
