@@ -19,6 +19,8 @@ use prost_types::value::Kind;
 #[derive(Debug, Clone)]
 struct Known {
     id: String,
+    /// Creation order, which breaks ties in a sort.
+    seq: usize,
     name: String,
     owner: String,
     namespace: String,
@@ -201,6 +203,7 @@ async fn every_filter_and_sort_matches_a_brute_force_evaluation() {
             .into_inner();
         let mut k = Known {
             id: created.experiment_id.clone(),
+            seq: i,
             name,
             owner,
             namespace: namespace.into(),
@@ -420,7 +423,7 @@ async fn every_filter_and_sort_matches_a_brute_force_evaluation() {
                             return o;
                         }
                     }
-                    a.id.cmp(&b.id)
+                    a.seq.cmp(&b.seq)
                 });
                 let want: Vec<String> = want.into_iter().map(|k| k.id.clone()).collect();
                 for page in [5, 1000] {

@@ -567,7 +567,12 @@ fn merge_experiment(
         .map(|v| decode(id, v.value()))
         .transpose()?;
     let merged = match &old {
-        None => incoming.clone(),
+        None => {
+            // Placed anew: the writer's sequence numbers are its own.
+            let mut m = incoming.clone();
+            t.place(&mut m)?;
+            m
+        }
         Some(old) => {
             let mut m = if incoming.created_at < old.created_at {
                 incoming.clone()
@@ -575,6 +580,7 @@ fn merge_experiment(
                 old.clone()
             };
             m.updated_at = old.updated_at.max(incoming.updated_at);
+            m.seq = old.seq;
             m
         }
     };
@@ -584,11 +590,6 @@ fn merge_experiment(
     t.experiments
         .insert(id, encode(&merged).as_slice())
         .map_err(storage)?;
-    if old.is_none() {
-        t.by_namespace
-            .insert((merged.namespace.as_str(), id), ())
-            .map_err(storage)?;
-    }
     search::index_record(&mut t.search, old.as_ref(), &merged)
 }
 
@@ -621,11 +622,10 @@ fn merge_metadata(
     t.metadata
         .insert((id, key), encode(incoming).as_slice())
         .map_err(storage)?;
-    if let Some(ns) = t.namespace_of(id)? {
+    if let Some((ns, seq)) = t.placement_of(id)? {
         search::index_param(
             &mut t.search,
-            &ns,
-            id,
+            (&ns, seq, id),
             key,
             old.as_ref().map(|o| &o.value),
             &incoming.value,

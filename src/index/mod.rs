@@ -5,13 +5,14 @@
 //!
 //! Catalog tables ([`catalog`]):
 //! - `experiments`: id → [`ExperimentRecord`]
-//! - `experiments_by_namespace`: (namespace, id) → ()
+//! - `experiments_by_scope`: (namespace, seq) → id, and (`*`, seq) → id for
+//!   every namespace: experiments in creation order ([`ExperimentRecord::seq`])
 //! - `metadata`: (parent id, key) → [`MetadataEntry`]
 //! - `summaries`: (experiment id, metric key) → [`MetricSummary`]
 //! - `batch_ids`: (accepted at, client batch id) → points, for recognising retries
-//! - `search_index`: (scope, field, value, id) → (), for run search ([`search`])
-//! - `catalog_dirty`: experiment ids whose rows in the catalog tables
-//!   (`experiments/`, `metadata/`, `summaries/`) are out of date
+//! - `search_entries`: (scope, field, value, seq) → id, for run search ([`search`])
+//! - `catalog_dirty_by_seq`: seq → id of experiments whose rows in the catalog
+//!   tables (`experiments/`, `metadata/`, `summaries/`) are out of date
 //! - `catalog_files`: the catalog table files this daemon wrote
 //!
 //! Manifest tables ([`manifest`]):
@@ -82,7 +83,10 @@ pub use manifest::{
 use crate::model::Micros;
 
 const EXPERIMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("experiments");
-const EXPERIMENTS_BY_NS: TableDefinition<(&str, &str), ()> =
+const EXPERIMENTS_BY_NS: TableDefinition<(&str, u64), &str> =
+    TableDefinition::new("experiments_by_scope");
+/// Layout 1's namespace table, keyed by id (dropped by the migration).
+const OLD_EXPERIMENTS_BY_NS: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("experiments_by_namespace");
 const METADATA: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("metadata");
 const SUMMARIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("summaries");
@@ -99,14 +103,25 @@ const SPOOLED: TableDefinition<&str, u64> = TableDefinition::new("spooled");
 const REPLACE_INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("replace_intents");
 const DELETIONS: TableDefinition<&str, ()> = TableDefinition::new("deletions");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const DIRTY: TableDefinition<&str, ()> = TableDefinition::new("catalog_dirty");
+const DIRTY: TableDefinition<u64, &str> = TableDefinition::new("catalog_dirty_by_seq");
+/// Layout 1's dirty set, keyed by id (moved by the migration).
+const OLD_DIRTY: TableDefinition<&str, ()> = TableDefinition::new("catalog_dirty");
 const CATALOG_FILES: TableDefinition<&str, ()> = TableDefinition::new("catalog_files");
-const SEARCH: TableDefinition<(&str, &str, &[u8], &str), ()> = TableDefinition::new("search_index");
+const SEARCH: TableDefinition<(&str, &str, &[u8], u64), &str> =
+    TableDefinition::new("search_entries");
+/// Layout 1's search index, keyed by id (dropped by the migration).
+const OLD_SEARCH: TableDefinition<(&str, &str, &[u8], &str), ()> =
+    TableDefinition::new("search_index");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("change_outbox");
 const HELD: TableDefinition<(u64, &str), ()> = TableDefinition::new("held_deletions");
 
 /// The index layout version; see [`Index::open`] for what each step migrates.
 const LAYOUT_VERSION: u64 = 2;
+
+/// The catalog's layout: 2 places experiments in creation order
+/// ([`ExperimentRecord::seq`]) and keys `experiments_by_scope` and
+/// `search_entries` by it.
+const CATALOG_LAYOUT: u64 = 2;
 
 /// Errors from the index.
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +224,17 @@ impl Index {
                 .get("layout_version")
                 .map_err(storage)?
                 .map(|v| v.value());
+            let catalog_layout = meta
+                .get("catalog_layout")
+                .map_err(storage)?
+                .map(|v| v.value());
+            let mut rebuild_search = false;
+            if catalog_layout.is_none_or(|v| v < CATALOG_LAYOUT) {
+                catalog::place_all(&txn)?;
+                meta.insert("catalog_layout", CATALOG_LAYOUT)
+                    .map_err(storage)?;
+                rebuild_search = true;
+            }
             if version.is_none_or(|v| v < LAYOUT_VERSION) {
                 for row in files.iter().map_err(storage)? {
                     let (key, _) = row.map_err(storage)?;
@@ -216,8 +242,11 @@ impl Index {
                 }
                 meta.insert("layout_version", LAYOUT_VERSION)
                     .map_err(storage)?;
-                search::rebuild(&txn)?;
+                rebuild_search = true;
                 catalog::mark_all_dirty(&txn)?;
+            }
+            if rebuild_search {
+                search::rebuild(&txn)?;
             }
         }
         txn.commit().map_err(storage)?;
@@ -553,6 +582,101 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_layout_1_catalog_is_placed_in_creation_order_and_searchable() {
+        use crate::search::{Search, parse_filter, parse_order_by};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        let mut ids = Vec::new();
+        {
+            let index = Index::open(&path).unwrap();
+            for (name, ns, lr) in [("z", "cv", 0.1), ("y", "nlp", 0.2), ("x", "cv", 0.1)] {
+                let mut new = new_exp(name);
+                new.namespace = ns.into();
+                let (rec, _) = index
+                    .create_experiment(new, &[("lr".into(), json!(lr))])
+                    .unwrap();
+                ids.push(rec.id);
+            }
+        }
+        // Turn it into what layout 1 wrote: records without a seq, id-keyed
+        // namespace and search tables, no catalog layout.
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut experiments = txn.open_table(EXPERIMENTS).unwrap();
+                let mut by_ns = txn.open_table(OLD_EXPERIMENTS_BY_NS).unwrap();
+                let mut old_search = txn.open_table(OLD_SEARCH).unwrap();
+                for id in &ids {
+                    let bytes = experiments
+                        .get(id.as_str())
+                        .unwrap()
+                        .unwrap()
+                        .value()
+                        .to_vec();
+                    let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                    let ns = v["namespace"].as_str().unwrap().to_owned();
+                    v.as_object_mut().unwrap().remove("seq");
+                    experiments
+                        .insert(id.as_str(), serde_json::to_vec(&v).unwrap().as_slice())
+                        .unwrap();
+                    by_ns.insert((ns.as_str(), id.as_str()), ()).unwrap();
+                    old_search
+                        .insert((ns.as_str(), "name", [3u8].as_slice(), id.as_str()), ())
+                        .unwrap();
+                }
+                // Only "y"'s catalog rows are out of date.
+                let mut old_dirty = txn.open_table(OLD_DIRTY).unwrap();
+                old_dirty.insert(ids[1].as_str(), ()).unwrap();
+                let mut meta = txn.open_table(META).unwrap();
+                meta.remove("catalog_layout").unwrap();
+            }
+            assert!(txn.delete_table(EXPERIMENTS_BY_NS).unwrap());
+            assert!(txn.delete_table(SEARCH).unwrap());
+            assert!(txn.delete_table(DIRTY).unwrap());
+            txn.commit().unwrap();
+        }
+        let index = Index::open(&path).unwrap();
+        let cv: Vec<(String, u64)> = index
+            .list_experiments("cv")
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.name, r.seq))
+            .collect();
+        assert_eq!(cv, [("z".to_owned(), 1), ("x".to_owned(), 3)]);
+        assert_eq!(index.namespaces().unwrap(), ["cv", "nlp"]);
+        let dirty: Vec<String> = index
+            .dirty_catalog(10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.record.name)
+            .collect();
+        assert_eq!(dirty, ["y"]);
+        let search = |ns: Option<&str>, filter: &str, order: &str| -> Vec<String> {
+            let s = Search {
+                conditions: parse_filter(filter).unwrap(),
+                order_by: vec![parse_order_by(order).unwrap()],
+            };
+            let p = index.search(ns, &s, 10, None).unwrap();
+            p.experiments.into_iter().map(|d| d.record.name).collect()
+        };
+        assert_eq!(search(Some("cv"), "params.lr = 0.1", "name"), ["x", "z"]);
+        // Equal values: creation order.
+        assert_eq!(
+            search(Some("cv"), "params.lr = 0.1", "params.lr DESC"),
+            ["z", "x"]
+        );
+        assert_eq!(search(None, "owner = \"o\"", "owner"), ["z", "y", "x"]);
+        // New experiments are placed after the migrated ones.
+        let (rec, _) = index.create_experiment(new_exp("w"), &[]).unwrap();
+        assert_eq!(rec.seq, 4);
+        let read = index.db.begin_read().unwrap();
+        assert!(read.open_table(OLD_SEARCH).is_err());
+        assert!(read.open_table(OLD_EXPERIMENTS_BY_NS).is_err());
+        assert!(read.open_table(OLD_DIRTY).is_err());
     }
 
     #[test]

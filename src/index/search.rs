@@ -1,17 +1,21 @@
 //! Run search over the catalog: secondary indexes kept with every change, and the
 //! query that uses them.
 //!
-//! `search_index`: (scope, field, value, experiment id) → (). The scope is a
-//! namespace, or `*` for every namespace (namespaces never contain `*`); the value
-//! is an order-preserving encoding of a [`Value`], so a range scan walks one
-//! field's values in order. Indexed: `created_at`, `updated_at`, `name` and
+//! `search_entries`: (scope, field, value, experiment seq) → experiment id. The
+//! scope is a namespace, or `*` for every namespace (namespaces never contain `*`);
+//! the value is an order-preserving encoding of a [`Value`], so a range scan walks
+//! one field's values in order. Equal values are in creation order
+//! ([`ExperimentRecord::seq`]): a new experiment's entries go to the end of their
+//! value's run, so creating experiments appends to the index where keys ending in
+//! the (hashed) id would put every entry on a random page. Indexed: `created_at`, `updated_at`, `name` and
 //! `owner` in both scopes; top-level metadata values (`p:<key>`) and metric
 //! summaries' last, min and max (`m:<key>:<aggregate>`) in the namespace scope.
 //!
 //! A search whose (single) sort key is indexed walks that index from the page
 //! cursor and stops once a page matched; experiments without the sort value come
-//! after the others (by id). Any other search walks its scope once, keeping only
-//! the best page after the cursor.
+//! after the others (in creation order). Any other search walks its scope once,
+//! keeping only the best page after the cursor. Ties in the sort order are broken
+//! by creation order, so pages are stable while experiments are added.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -115,16 +119,19 @@ fn record_fields(r: &ExperimentRecord) -> [(&'static str, Value); 4] {
 
 /// The search table, opened by the caller once for all its changes.
 pub(super) type SearchTable<'t> =
-    redb::Table<'t, (&'static str, &'static str, &'static [u8], &'static str), ()>;
+    redb::Table<'t, (&'static str, &'static str, &'static [u8], u64), &'static str>;
+
+/// Where an experiment's entries go: its namespace, seq and id.
+pub(super) type Placed<'a> = (&'a str, u64, &'a str);
 
 fn put(
     t: &mut SearchTable<'_>,
     scope: &str,
     field: &str,
     v: &Value,
-    id: &str,
+    (seq, id): (u64, &str),
 ) -> Result<(), IndexError> {
-    t.insert((scope, field, encode_value(v).as_slice(), id), ())
+    t.insert((scope, field, encode_value(v).as_slice(), seq), id)
         .map_err(storage)?;
     Ok(())
 }
@@ -134,9 +141,9 @@ fn del(
     scope: &str,
     field: &str,
     v: &Value,
-    id: &str,
+    seq: u64,
 ) -> Result<(), IndexError> {
-    t.remove((scope, field, encode_value(v).as_slice(), id))
+    t.remove((scope, field, encode_value(v).as_slice(), seq))
         .map_err(storage)?;
     Ok(())
 }
@@ -150,11 +157,11 @@ pub(super) fn index_record(
     for scope in [new.namespace.as_str(), ALL] {
         if let Some(old) = old {
             for (field, v) in record_fields(old) {
-                del(t, scope, field, &v, &old.id)?;
+                del(t, scope, field, &v, old.seq)?;
             }
         }
         for (field, v) in record_fields(new) {
-            put(t, scope, field, &v, &new.id)?;
+            put(t, scope, field, &v, (new.seq, &new.id))?;
         }
     }
     Ok(())
@@ -163,17 +170,16 @@ pub(super) fn index_record(
 /// Re-indexes a metadata key after it changed.
 pub(super) fn index_param(
     t: &mut SearchTable<'_>,
-    namespace: &str,
-    id: &str,
+    (namespace, seq, id): Placed<'_>,
     key: &str,
     old: Option<&serde_json::Value>,
     new: &serde_json::Value,
 ) -> Result<(), IndexError> {
     let field = param_field(key);
     if let Some(old) = old {
-        del(t, namespace, &field, &Value::of_json(old), id)?;
+        del(t, namespace, &field, &Value::of_json(old), seq)?;
     }
-    put(t, namespace, &field, &Value::of_json(new), id)
+    put(t, namespace, &field, &Value::of_json(new), (seq, id))
 }
 
 fn summary_value(s: &MetricSummary, agg: Agg) -> Option<Value> {
@@ -190,7 +196,7 @@ fn summary_value(s: &MetricSummary, agg: Agg) -> Option<Value> {
 }
 
 /// A search-index entry's key, owned where it is built.
-type EntryKey<'a> = (&'a str, String, Vec<u8>, &'a str);
+type EntryKey<'a> = (&'a str, String, Vec<u8>, u64);
 
 /// Search-index changes of a large merge, applied in key order: each B-tree page
 /// is then changed in one visit. In arrival order a merge of many summaries visits
@@ -199,15 +205,14 @@ type EntryKey<'a> = (&'a str, String, Vec<u8>, &'a str);
 #[derive(Debug, Default)]
 pub(super) struct SearchUpdates<'a> {
     removed: Vec<EntryKey<'a>>,
-    added: Vec<EntryKey<'a>>,
+    added: Vec<(EntryKey<'a>, &'a str)>,
 }
 
 impl<'a> SearchUpdates<'a> {
     /// Re-indexes a metric summary after it changed.
     pub(super) fn summary(
         &mut self,
-        namespace: &'a str,
-        id: &'a str,
+        (namespace, seq, id): Placed<'a>,
         key: &str,
         old: Option<&MetricSummary>,
         new: &MetricSummary,
@@ -221,10 +226,11 @@ impl<'a> SearchUpdates<'a> {
             let field = metric_field(key, agg);
             if let Some(v) = old {
                 self.removed
-                    .push((namespace, field.clone(), encode_value(&v), id));
+                    .push((namespace, field.clone(), encode_value(&v), seq));
             }
             if let Some(v) = new {
-                self.added.push((namespace, field, encode_value(&v), id));
+                self.added
+                    .push(((namespace, field, encode_value(&v), seq), id));
             }
         }
     }
@@ -233,20 +239,21 @@ impl<'a> SearchUpdates<'a> {
     pub(super) fn apply(mut self, t: &mut SearchTable<'_>) -> Result<(), IndexError> {
         self.removed.sort_unstable();
         self.added.sort_unstable();
-        for (scope, field, value, id) in &self.removed {
-            t.remove((*scope, field.as_str(), value.as_slice(), *id))
+        for (scope, field, value, seq) in &self.removed {
+            t.remove((*scope, field.as_str(), value.as_slice(), *seq))
                 .map_err(storage)?;
         }
-        for (scope, field, value, id) in &self.added {
-            t.insert((*scope, field.as_str(), value.as_slice(), *id), ())
+        for ((scope, field, value, seq), id) in &self.added {
+            t.insert((*scope, field.as_str(), value.as_slice(), *seq), *id)
                 .map_err(storage)?;
         }
         Ok(())
     }
 }
 
-/// Indexes every experiment, metadata value and summary (an index from before
-/// run search existed).
+/// Indexes every experiment, metadata value and summary anew (an index from before
+/// run search existed, or from before its layout changed). Experiments must be
+/// placed ([`ExperimentRecord::seq`]).
 pub(super) fn rebuild(txn: &WriteTransaction) -> Result<(), IndexError> {
     let experiments: Vec<ExperimentRecord> = {
         let table = txn.open_table(EXPERIMENTS).map_err(storage)?;
@@ -258,6 +265,7 @@ pub(super) fn rebuild(txn: &WriteTransaction) -> Result<(), IndexError> {
         out
     };
     let mut t = txn.open_table(SEARCH).map_err(storage)?;
+    t.retain(|_, _| false).map_err(storage)?;
     for r in &experiments {
         index_record(&mut t, None, r)?;
         let metadata: Vec<(String, MetadataEntry)> = {
@@ -274,7 +282,7 @@ pub(super) fn rebuild(txn: &WriteTransaction) -> Result<(), IndexError> {
             out
         };
         for (key, e) in &metadata {
-            index_param(&mut t, &r.namespace, &r.id, key, None, &e.value)?;
+            index_param(&mut t, (&r.namespace, r.seq, &r.id), key, None, &e.value)?;
         }
         let summaries: Vec<(String, MetricSummary)> = {
             let table = txn.open_table(SUMMARIES).map_err(storage)?;
@@ -291,7 +299,7 @@ pub(super) fn rebuild(txn: &WriteTransaction) -> Result<(), IndexError> {
         };
         let mut updates = SearchUpdates::default();
         for (key, s) in &summaries {
-            updates.summary(&r.namespace, &r.id, key, None, s);
+            updates.summary((&r.namespace, r.seq, &r.id), key, None, s);
         }
         updates.apply(&mut t)?;
     }
@@ -306,11 +314,14 @@ pub struct ExperimentDetail {
     pub summaries: Vec<(String, MetricSummary)>,
 }
 
-/// Where a search page stopped: the last experiment's sort values and id.
+/// Where a search page stopped: the last experiment's sort values, id and
+/// [`ExperimentRecord::seq`] (which breaks ties).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SearchCursor {
     pub values: Vec<Value>,
     pub id: String,
+    #[serde(default)]
+    pub seq: u64,
 }
 
 impl SearchCursor {
@@ -343,6 +354,7 @@ pub struct SearchPage {
 /// One candidate, loaded as far as the search needed.
 struct Candidate<'t> {
     id: String,
+    seq: u64,
     record: Option<ExperimentRecord>,
     metadata: Option<BTreeMap<String, MetadataEntry>>,
     summaries: Option<BTreeMap<String, MetricSummary>>,
@@ -372,9 +384,10 @@ fn prefix<T: for<'de> Deserialize<'de>>(
 }
 
 impl<'t> Candidate<'t> {
-    fn new(id: String, tables: &'t Tables) -> Self {
+    fn new(id: String, seq: u64, tables: &'t Tables) -> Self {
         Self {
             id,
+            seq,
             record: None,
             metadata: None,
             summaries: None,
@@ -524,8 +537,8 @@ fn param_value(metadata: &BTreeMap<String, MetadataEntry>, key: &str) -> Option<
 }
 
 /// Compares sort values under `order`; missing values (null) come last in either
-/// direction; the id breaks ties.
-fn compare(order: &[OrderBy], a: (&[Value], &str), b: (&[Value], &str)) -> Ordering {
+/// direction; creation order ([`ExperimentRecord::seq`]) breaks ties.
+fn compare(order: &[OrderBy], a: (&[Value], u64), b: (&[Value], u64)) -> Ordering {
     for (i, o) in order.iter().enumerate() {
         let (x, y) = (&a.0[i], &b.0[i]);
         let ord = match (x, y) {
@@ -539,7 +552,7 @@ fn compare(order: &[OrderBy], a: (&[Value], &str), b: (&[Value], &str)) -> Order
             return ord;
         }
     }
-    a.1.cmp(b.1)
+    a.1.cmp(&b.1)
 }
 
 /// Whether, walking a sort field's values in order, a condition on that field can
@@ -598,8 +611,8 @@ impl Index {
         let order = search.order();
         let conditions = &search.conditions;
         let page_size = page_size.max(1);
-        let after = |values: &[Value], id: &str| {
-            cursor.is_none_or(|c| compare(&order, (values, id), (&c.values, &c.id)).is_gt())
+        let after = |values: &[Value], seq: u64| {
+            cursor.is_none_or(|c| compare(&order, (values, seq), (&c.values, c.seq)).is_gt())
         };
         let mut found: Vec<(Vec<Value>, Candidate<'_>)> = Vec::new();
         let indexed = match order.as_slice() {
@@ -613,30 +626,31 @@ impl Index {
             if !matches!(cursor_value, Some(Value::Null)) {
                 let from = cursor_value.map(encode_value);
                 let (low, high): (&[u8], &[u8]) = (&[0u8], &[0xffu8]);
-                let lo = (scope, field.as_str(), low, "");
-                let hi = (scope, field.as_str(), high, "");
+                let lo = (scope, field.as_str(), low, 0);
+                let hi = (scope, field.as_str(), high, 0);
                 let mut past = from.clone().unwrap_or_default();
                 past.push(0);
                 let rows: Box<dyn Iterator<Item = _>> = match (&from, sort.descending) {
                     (Some(from), false) => Box::new(
                         search_table
-                            .range((scope, field.as_str(), from.as_slice(), "")..hi)
+                            .range((scope, field.as_str(), from.as_slice(), 0)..hi)
                             .map_err(storage)?,
                     ),
                     (Some(_), true) => {
-                        let end = (scope, field.as_str(), past.as_slice(), "");
+                        let end = (scope, field.as_str(), past.as_slice(), 0);
                         Box::new(search_table.range(lo..end).map_err(storage)?.rev())
                     }
                     (None, false) => Box::new(search_table.range(lo..hi).map_err(storage)?),
                     (None, true) => Box::new(search_table.range(lo..hi).map_err(storage)?.rev()),
                 };
-                // Within one value the index holds ids ascending, so a descending
-                // walk meets them backwards: once the page is full, the rest of the
-                // last value's run is taken too, and the page sorted.
+                // Within one value the index holds experiments in creation order,
+                // so a descending walk meets them backwards: once the page is full,
+                // the rest of the last value's run is taken too, and the page sorted.
                 let mut full_at: Option<Vec<u8>> = None;
                 for row in rows {
-                    let (k, _) = row.map_err(storage)?;
-                    let (_, _, v, id) = k.value();
+                    let (k, id) = row.map_err(storage)?;
+                    let (_, _, v, seq) = k.value();
+                    let id = id.value();
                     if full_at.as_deref().is_some_and(|f| f != v) {
                         break;
                     }
@@ -644,10 +658,10 @@ impl Index {
                     if bound_passed(conditions, &sort.field, &values[0], sort.descending) {
                         break;
                     }
-                    if !after(&values, id) {
+                    if !after(&values, seq) {
                         continue;
                     }
-                    let mut c = Candidate::new(id.to_owned(), &tables);
+                    let mut c = Candidate::new(id.to_owned(), seq, &tables);
                     if c.visible(visible)? && c.matches(conditions)? {
                         found.push((values, c));
                         if found.len() > page_size && full_at.is_none() {
@@ -658,18 +672,18 @@ impl Index {
                         }
                     }
                 }
-                found.sort_by(|(a, x), (b, y)| compare(&order, (a, &x.id), (b, &y.id)));
+                found.sort_by(|(a, x), (b, y)| compare(&order, (a, x.seq), (b, y.seq)));
             }
-            // Then those without the sort value, by id.
+            // Then those without the sort value, in creation order.
             if found.len() <= page_size && !requires_value(conditions, &sort.field) {
                 let from = cursor
                     .filter(|c| matches!(c.values.first(), Some(Value::Null)))
-                    .map(|c| c.id.as_str());
-                self.each_id(&read, scope, from, &mut |id| {
-                    let mut c = Candidate::new(id.to_owned(), &tables);
+                    .map(|c| c.seq);
+                self.each_id(&read, scope, from, &mut |id, seq| {
+                    let mut c = Candidate::new(id.to_owned(), seq, &tables);
                     let values = c.sort_values(&order)?;
                     if values[0] == Value::Null
-                        && after(&values, id)
+                        && after(&values, seq)
                         && c.visible(visible)?
                         && c.matches(conditions)?
                     {
@@ -680,17 +694,17 @@ impl Index {
             }
         } else {
             // Walk the whole scope, keeping the best page after the cursor.
-            self.each_id(&read, scope, None, &mut |id| {
-                let mut c = Candidate::new(id.to_owned(), &tables);
+            self.each_id(&read, scope, None, &mut |id, seq| {
+                let mut c = Candidate::new(id.to_owned(), seq, &tables);
                 if !c.visible(visible)? || !c.matches(conditions)? {
                     return Ok(true);
                 }
                 let values = c.sort_values(&order)?;
-                if !after(&values, id) {
+                if !after(&values, seq) {
                     return Ok(true);
                 }
                 let at = found
-                    .partition_point(|(v, f)| compare(&order, (v, &f.id), (&values, id)).is_lt());
+                    .partition_point(|(v, f)| compare(&order, (v, f.seq), (&values, seq)).is_lt());
                 if at <= page_size {
                     found.insert(at, (values, c));
                     found.truncate(page_size + 1);
@@ -704,6 +718,7 @@ impl Index {
             (true, Some((values, c))) => Some(SearchCursor {
                 values: values.clone(),
                 id: c.id.clone(),
+                seq: c.seq,
             }),
             _ => None,
         };
@@ -716,41 +731,24 @@ impl Index {
         Ok(SearchPage { experiments, next })
     }
 
-    /// Calls `f` with each experiment id of a scope, in id order, after `from`,
-    /// until it answers false.
+    /// Calls `f` with each experiment (id, seq) of a scope, in creation order,
+    /// after `from`, until it answers false.
     fn each_id(
         &self,
         read: &redb::ReadTransaction,
         scope: &str,
-        from: Option<&str>,
-        f: &mut dyn FnMut(&str) -> Result<bool, IndexError>,
+        from: Option<u64>,
+        f: &mut dyn FnMut(&str, u64) -> Result<bool, IndexError>,
     ) -> Result<(), IndexError> {
-        let start = from.unwrap_or("");
-        if scope == ALL {
-            let table = read.open_table(EXPERIMENTS).map_err(storage)?;
-            for row in table.range(start..).map_err(storage)? {
-                let (k, _) = row.map_err(storage)?;
-                if from.is_some_and(|x| k.value() == x) {
-                    continue;
-                }
-                if !f(k.value())? {
-                    break;
-                }
-            }
-        } else {
-            let table = read.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
-            for row in table.range((scope, start)..).map_err(storage)? {
-                let (k, _) = row.map_err(storage)?;
-                let (ns, id) = k.value();
-                if ns != scope {
-                    break;
-                }
-                if from.is_some_and(|x| id == x) {
-                    continue;
-                }
-                if !f(id)? {
-                    break;
-                }
+        let start = from.map_or(0, |seq| seq.saturating_add(1));
+        let table = read.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
+        for row in table
+            .range((scope, start)..=(scope, u64::MAX))
+            .map_err(storage)?
+        {
+            let (k, id) = row.map_err(storage)?;
+            if !f(id.value(), k.value().1)? {
+                break;
             }
         }
         Ok(())
@@ -792,6 +790,7 @@ mod tests {
         let c = SearchCursor {
             values: vec![Value::Number(0.5), Value::Text("x\"y".into()), Value::Null],
             id: "abc".into(),
+            seq: 7,
         };
         assert_eq!(SearchCursor::decode(&c.encode()), Some(c));
         assert_eq!(SearchCursor::decode("nonsense"), None);
