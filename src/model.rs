@@ -84,12 +84,6 @@ pub struct ExperimentRecord {
     pub external_id: String,
     pub created_at: Micros,
     pub updated_at: Micros,
-    /// Where this daemon's index placed the experiment: its creation order here,
-    /// from 1 (0: not yet placed). Index entries end with it rather than the id, so
-    /// new experiments append to each index instead of landing at random pages.
-    /// Local to one index: a reader merging several daemons places them anew.
-    #[serde(default)]
-    pub seq: u64,
 }
 
 /// What the write path needs to know about an experiment: its id and namespace.

@@ -19,7 +19,8 @@ use prost_types::value::Kind;
 #[derive(Debug, Clone)]
 struct Known {
     id: String,
-    /// Creation order, which breaks ties in a sort.
+    /// Creation order (creation time, strictly increasing here), which breaks
+    /// ties in a sort.
     seq: usize,
     name: String,
     owner: String,

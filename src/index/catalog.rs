@@ -9,8 +9,8 @@ use redb::{ReadableTable, WriteTransaction};
 use super::changes::Change;
 use super::{
     BATCH_IDS, CATALOG_FILES, DIRTY, EXPERIMENTS, EXPERIMENTS_BY_NS, Index, IndexError, METADATA,
-    MetadataEntry, OLD_DIRTY, OLD_EXPERIMENTS_BY_NS, OLD_SEARCH, SEARCH, SUMMARIES, decode, encode,
-    search, storage,
+    MetadataEntry, OLD_EXPERIMENTS_BY_NS, OLD_SEARCH, SEARCH, SUMMARIES, decode, encode, search,
+    storage,
 };
 use crate::model::{
     ExperimentRecord, ExperimentRef, MetricSummary, Micros, experiment_id, now_micros,
@@ -137,7 +137,7 @@ impl Index {
                         (record, true)
                     }
                     None => {
-                        let mut record = ExperimentRecord {
+                        let record = ExperimentRecord {
                             id: id.clone(),
                             name: new.name,
                             namespace: new.namespace,
@@ -147,9 +147,8 @@ impl Index {
                             external_id: new.external_id,
                             created_at: now,
                             updated_at: now,
-                            seq: 0,
                         };
-                        t.place(&mut record)?;
+                        t.place(&record)?;
                         t.experiments
                             .insert(id.as_str(), encode(&record).as_slice())
                             .map_err(storage)?;
@@ -160,7 +159,7 @@ impl Index {
                 t.write_metadata(&record, &metadata, now)?;
                 let touched = !existed || !metadata.is_empty();
                 if touched {
-                    t.mark_dirty(&record)?;
+                    t.mark_dirty(&record.id)?;
                     if self.change_log_on() {
                         logged.0.push(record.clone());
                         logged.1.extend(metadata.into_iter().map(|(k, value)| {
@@ -210,12 +209,12 @@ impl Index {
         let by_ns = read.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
         let experiments = read.open_table(EXPERIMENTS).map_err(storage)?;
         let mut out = Vec::new();
-        for row in by_ns
-            .range((namespace, 0)..=(namespace, u64::MAX))
-            .map_err(storage)?
-        {
-            let (_, id) = row.map_err(storage)?;
-            let id = id.value();
+        for row in by_ns.range((namespace, i64::MIN, "")..).map_err(storage)? {
+            let (key, _) = row.map_err(storage)?;
+            let (ns, _, id) = key.value();
+            if ns != namespace {
+                break;
+            }
             if let Some(v) = experiments.get(id).map_err(storage)? {
                 out.push(decode(id, v.value())?);
             }
@@ -232,7 +231,7 @@ impl Index {
         // Skip from namespace to namespace instead of walking every experiment.
         loop {
             let next = by_ns
-                .range((from.as_str(), 0)..)
+                .range((from.as_str(), i64::MIN, "")..)
                 .map_err(storage)?
                 .next()
                 .transpose()
@@ -269,7 +268,7 @@ impl Index {
                 .map_err(storage)?;
             search::index_record(&mut t.search, Some(&old), &record)?;
             t.write_metadata(&record, entries, now)?;
-            t.mark_dirty(&record)?;
+            t.mark_dirty(&record.id)?;
             record
         };
         self.log_change(&txn, || Change::Catalog {
@@ -371,13 +370,11 @@ fn prefix_rows<T>(
 /// opening a redb table looks its root up, and dropping it writes the root back.
 pub(super) struct CatalogTables<'txn> {
     pub(super) experiments: redb::Table<'txn, &'static str, &'static [u8]>,
-    pub(super) by_namespace: redb::Table<'txn, (&'static str, u64), &'static str>,
+    pub(super) by_namespace: redb::Table<'txn, (&'static str, i64, &'static str), ()>,
     pub(super) metadata: redb::Table<'txn, (&'static str, &'static str), &'static [u8]>,
     pub(super) summaries: redb::Table<'txn, (&'static str, &'static str), &'static [u8]>,
     pub(super) search: search::SearchTable<'txn>,
-    pub(super) dirty: redb::Table<'txn, u64, &'static str>,
-    /// The next [`ExperimentRecord::seq`], once looked up in this transaction.
-    next_seq: Option<u64>,
+    pub(super) dirty: redb::Table<'txn, &'static str, ()>,
 }
 
 impl<'txn> CatalogTables<'txn> {
@@ -389,32 +386,51 @@ impl<'txn> CatalogTables<'txn> {
             summaries: txn.open_table(SUMMARIES).map_err(storage)?,
             search: txn.open_table(SEARCH).map_err(storage)?,
             dirty: txn.open_table(DIRTY).map_err(storage)?,
-            next_seq: None,
         })
     }
 
-    /// Places a new experiment: gives it the next sequence number and lists it in
-    /// its namespace and in every namespace's scope. Before it is stored.
-    pub(super) fn place(&mut self, record: &mut ExperimentRecord) -> Result<(), IndexError> {
-        let seq = match self.next_seq {
-            Some(seq) => seq,
-            None => self
-                .by_namespace
-                .range((search::ALL, 0)..=(search::ALL, u64::MAX))
-                .map_err(storage)?
-                .next_back()
-                .transpose()
-                .map_err(storage)?
-                .map_or(1, |(k, _)| k.value().1 + 1),
-        };
-        self.next_seq = Some(seq + 1);
-        record.seq = seq;
+    /// Lists a new experiment in its namespace and in every namespace's scope.
+    pub(super) fn place(&mut self, record: &ExperimentRecord) -> Result<(), IndexError> {
         for scope in [record.namespace.as_str(), search::ALL] {
             self.by_namespace
-                .insert((scope, seq), record.id.as_str())
+                .insert((scope, record.created_at, record.id.as_str()), ())
                 .map_err(storage)?;
         }
         Ok(())
+    }
+
+    /// Moves an experiment whose creation time changed (a reader learnt of an
+    /// earlier creation by another daemon): every entry that ends with it.
+    pub(super) fn replace_created(
+        &mut self,
+        old: &ExperimentRecord,
+        new: &ExperimentRecord,
+    ) -> Result<(), IndexError> {
+        let id = old.id.as_str();
+        for scope in [old.namespace.as_str(), search::ALL] {
+            self.by_namespace
+                .remove((scope, old.created_at, id))
+                .map_err(storage)?;
+        }
+        self.place(new)?;
+        let params: Vec<(String, MetadataEntry)> =
+            prefix_rows(&self.metadata, id, |k, v| Ok((k.to_owned(), decode(k, v)?)))?;
+        let summaries: Vec<(String, MetricSummary)> = prefix_rows(&self.summaries, id, |k, v| {
+            Ok((k.to_owned(), decode(k, v)?))
+        })?;
+        let (from, to) = (
+            (old.namespace.as_str(), old.created_at, id),
+            (new.namespace.as_str(), new.created_at, id),
+        );
+        for (key, e) in &params {
+            search::unindex_param(&mut self.search, from, key, &e.value)?;
+            search::index_param(&mut self.search, to, key, None, &e.value)?;
+        }
+        let mut updates = search::SearchUpdates::default();
+        for (key, s) in &summaries {
+            updates.summary_moved(from, to, key, s);
+        }
+        updates.apply(&mut self.search)
     }
 
     /// Writes `entries` into `record`'s metadata and the search index.
@@ -438,7 +454,7 @@ impl<'txn> CatalogTables<'txn> {
                 .transpose()?;
             search::index_param(
                 &mut self.search,
-                (&record.namespace, record.seq, parent_id),
+                (&record.namespace, record.created_at, parent_id),
                 key,
                 old.as_ref().map(|o| &o.value),
                 value,
@@ -448,74 +464,40 @@ impl<'txn> CatalogTables<'txn> {
     }
 
     /// The namespace of experiment `id`, if it exists.
-    /// An experiment's namespace and [`ExperimentRecord::seq`].
-    pub(super) fn placement_of(&self, id: &str) -> Result<Option<(String, u64)>, IndexError> {
+    /// An experiment's namespace and creation time.
+    pub(super) fn placement_of(&self, id: &str) -> Result<Option<(String, Micros)>, IndexError> {
         Ok(self
             .experiments
             .get(id)
             .map_err(storage)?
             .map(|v| decode::<ExperimentRecord>(id, v.value()))
             .transpose()?
-            .map(|r| (r.namespace, r.seq)))
+            .map(|r| (r.namespace, r.created_at)))
     }
 
     /// Marks an experiment's catalog rows out of date.
-    fn mark_dirty(&mut self, record: &ExperimentRecord) -> Result<(), IndexError> {
-        self.dirty
-            .insert(record.seq, record.id.as_str())
-            .map_err(storage)?;
+    fn mark_dirty(&mut self, id: &str) -> Result<(), IndexError> {
+        self.dirty.insert(id, ()).map_err(storage)?;
         Ok(())
     }
 }
 
-/// Places every experiment (an index from before experiments had a
-/// [`ExperimentRecord::seq`]): in creation order, then by id, and lists them by
-/// scope anew; the dirty set moves to its seq-keyed table. Layout 1's id-keyed
-/// tables are dropped; the search index must be rebuilt after this
-/// ([`search::rebuild`]).
+/// Lists every experiment by scope anew (an index from before the catalog
+/// layout 2) and drops layout 1's id-keyed tables. The search index must be
+/// rebuilt after this ([`search::rebuild`]).
 pub(super) fn place_all(txn: &WriteTransaction) -> Result<(), IndexError> {
     txn.delete_table(OLD_EXPERIMENTS_BY_NS).map_err(storage)?;
     txn.delete_table(OLD_SEARCH).map_err(storage)?;
-    let old_dirty: std::collections::HashSet<String> = {
-        let table = txn.open_table(OLD_DIRTY).map_err(storage)?;
-        let mut out = std::collections::HashSet::new();
-        for row in table.iter().map_err(storage)? {
-            out.insert(row.map_err(storage)?.0.value().to_owned());
-        }
-        out
-    };
-    txn.delete_table(OLD_DIRTY).map_err(storage)?;
-    let mut dirty = txn.open_table(DIRTY).map_err(storage)?;
-    let mut experiments = txn.open_table(EXPERIMENTS).map_err(storage)?;
-    let mut order: Vec<(Micros, String)> = Vec::new();
+    let experiments = txn.open_table(EXPERIMENTS).map_err(storage)?;
+    let mut by_scope = txn.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
+    by_scope.retain(|_, _| false).map_err(storage)?;
     for row in experiments.iter().map_err(storage)? {
         let (k, v) = row.map_err(storage)?;
         let r: ExperimentRecord = decode(k.value(), v.value())?;
-        order.push((r.created_at, r.id));
-    }
-    order.sort_unstable();
-    let mut by_scope = txn.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
-    by_scope.retain(|_, _| false).map_err(storage)?;
-    for (seq, (_, id)) in (1..).zip(&order) {
-        let Some(bytes) = experiments
-            .get(id.as_str())
-            .map_err(storage)?
-            .map(|v| v.value().to_vec())
-        else {
-            continue;
-        };
-        let mut r: ExperimentRecord = decode(id, &bytes)?;
-        r.seq = seq;
-        experiments
-            .insert(id.as_str(), encode(&r).as_slice())
-            .map_err(storage)?;
         for scope in [r.namespace.as_str(), search::ALL] {
             by_scope
-                .insert((scope, seq), id.as_str())
+                .insert((scope, r.created_at, r.id.as_str()), ())
                 .map_err(storage)?;
-        }
-        if old_dirty.contains(id) {
-            dirty.insert(seq, id.as_str()).map_err(storage)?;
         }
     }
     Ok(())
@@ -524,14 +506,17 @@ pub(super) fn place_all(txn: &WriteTransaction) -> Result<(), IndexError> {
 /// Marks every experiment for the catalog tables (an index from before they were
 /// written incrementally).
 pub(super) fn mark_all_dirty(txn: &WriteTransaction) -> Result<(), IndexError> {
-    let table = txn.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
+    let ids: Vec<String> = {
+        let table = txn.open_table(EXPERIMENTS).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(storage)? {
+            out.push(row.map_err(storage)?.0.value().to_owned());
+        }
+        out
+    };
     let mut dirty = txn.open_table(DIRTY).map_err(storage)?;
-    for row in table
-        .range((search::ALL, 0)..=(search::ALL, u64::MAX))
-        .map_err(storage)?
-    {
-        let (k, id) = row.map_err(storage)?;
-        dirty.insert(k.value().1, id.value()).map_err(storage)?;
+    for id in ids {
+        dirty.insert(id.as_str(), ()).map_err(storage)?;
     }
     Ok(())
 }
@@ -552,7 +537,7 @@ impl Index {
         let dirty = read.open_table(DIRTY).map_err(storage)?;
         let mut ids = Vec::new();
         for row in dirty.iter().map_err(storage)?.take(limit) {
-            ids.push(row.map_err(storage)?.1.value().to_owned());
+            ids.push(row.map_err(storage)?.0.value().to_owned());
         }
         self.catalog_rows(&read, ids)
     }
@@ -636,7 +621,7 @@ impl Index {
                         Ok((k.to_owned(), decode::<MetricSummary>(k, v)?))
                     })? == r.summaries;
                 if same {
-                    dirty.remove(r.record.seq).map_err(storage)?;
+                    dirty.remove(id).map_err(storage)?;
                 }
             }
         }
@@ -700,7 +685,7 @@ pub(super) fn merge_summaries(
     }
     let mut t = CatalogTables::open(txn)?;
     // Placements are looked up once per experiment, in id order.
-    let mut placements: BTreeMap<&str, Option<(String, u64)>> = BTreeMap::new();
+    let mut placements: BTreeMap<&str, Option<(String, Micros)>> = BTreeMap::new();
     for &(experiment, _) in merged_input.keys() {
         if !placements.contains_key(experiment) {
             placements.insert(experiment, t.placement_of(experiment)?);
@@ -721,15 +706,13 @@ pub(super) fn merge_summaries(
         t.summaries
             .insert((experiment, key), encode(&merged).as_slice())
             .map_err(storage)?;
-        if let Some(Some((ns, seq))) = placements.get(experiment) {
-            updates.summary((ns, *seq, experiment), key, old.as_ref(), &merged);
+        if let Some(Some((ns, created_at))) = placements.get(experiment) {
+            updates.summary((ns, *created_at, experiment), key, old.as_ref(), &merged);
         }
     }
     updates.apply(&mut t.search)?;
-    for (experiment, placed) in &placements {
-        if let Some((_, seq)) = placed {
-            t.dirty.insert(*seq, *experiment).map_err(storage)?;
-        }
+    for experiment in placements.keys() {
+        t.mark_dirty(experiment)?;
     }
     Ok(())
 }

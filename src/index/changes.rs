@@ -567,12 +567,7 @@ fn merge_experiment(
         .map(|v| decode(id, v.value()))
         .transpose()?;
     let merged = match &old {
-        None => {
-            // Placed anew: the writer's sequence numbers are its own.
-            let mut m = incoming.clone();
-            t.place(&mut m)?;
-            m
-        }
+        None => incoming.clone(),
         Some(old) => {
             let mut m = if incoming.created_at < old.created_at {
                 incoming.clone()
@@ -580,7 +575,6 @@ fn merge_experiment(
                 old.clone()
             };
             m.updated_at = old.updated_at.max(incoming.updated_at);
-            m.seq = old.seq;
             m
         }
     };
@@ -590,6 +584,11 @@ fn merge_experiment(
     t.experiments
         .insert(id, encode(&merged).as_slice())
         .map_err(storage)?;
+    match &old {
+        None => t.place(&merged)?,
+        Some(old) if old.created_at != merged.created_at => t.replace_created(old, &merged)?,
+        Some(_) => {}
+    }
     search::index_record(&mut t.search, old.as_ref(), &merged)
 }
 
@@ -622,10 +621,10 @@ fn merge_metadata(
     t.metadata
         .insert((id, key), encode(incoming).as_slice())
         .map_err(storage)?;
-    if let Some((ns, seq)) = t.placement_of(id)? {
+    if let Some((ns, created_at)) = t.placement_of(id)? {
         search::index_param(
             &mut t.search,
-            (&ns, seq, id),
+            (&ns, created_at, id),
             key,
             old.as_ref().map(|o| &o.value),
             &incoming.value,
@@ -638,8 +637,10 @@ fn merge_metadata(
 mod tests {
     use super::*;
     use crate::index::tests::new_exp;
+    use crate::index::{EXPERIMENTS_BY_NS, SEARCH};
     use crate::index::{Forget, PublishIntent, ReplaceIntent, SCHEMA_INT64};
     use crate::paths::Table;
+    use redb::ReadableTable;
     use serde_json::json;
 
     fn writer() -> (tempfile::TempDir, Index) {
@@ -745,6 +746,7 @@ mod tests {
         );
         let (log_a, log_b) = (ship(&a), ship(&b));
         assert!(a.outbox_is_empty().unwrap());
+        let mut entries = Vec::new();
         for order in [[&log_a, &log_b], [&log_b, &log_a]] {
             let reader = Index::open_in_memory().unwrap();
             for log in order {
@@ -779,7 +781,25 @@ mod tests {
                     "metrics/namespace=cv/date=2026-01-01/b1.parquet",
                 ]
             );
+            // Every search and listing entry ends with the earliest creation, even
+            // where the later one was read first.
+            let read = reader.db.begin_read().unwrap();
+            let mut keys: Vec<(String, String, Vec<u8>, i64)> = Vec::new();
+            for row in read.open_table(SEARCH).unwrap().iter().unwrap() {
+                let (key, _) = row.unwrap();
+                let (scope, field, value, created_at, _) = key.value();
+                assert_eq!(created_at, rec_a.created_at, "{field}");
+                keys.push((scope.into(), field.into(), value.to_vec(), created_at));
+            }
+            for row in read.open_table(EXPERIMENTS_BY_NS).unwrap().iter().unwrap() {
+                assert_eq!(row.unwrap().0.value().1, rec_a.created_at);
+            }
+            entries.push(keys);
         }
+        // Both orders index the same entries: two params, three summary
+        // aggregates, four record fields in two scopes.
+        assert_eq!(entries[0].len(), 2 + 3 + 8);
+        assert_eq!(entries[0], entries[1]);
     }
 
     #[test]

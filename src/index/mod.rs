@@ -5,14 +5,15 @@
 //!
 //! Catalog tables ([`catalog`]):
 //! - `experiments`: id → [`ExperimentRecord`]
-//! - `experiments_by_scope`: (namespace, seq) → id, and (`*`, seq) → id for
-//!   every namespace: experiments in creation order ([`ExperimentRecord::seq`])
+//! - `experiments_by_scope`: (namespace, created at, id) → (), and the same under
+//!   `*` for every namespace: experiments in creation order
 //! - `metadata`: (parent id, key) → [`MetadataEntry`]
 //! - `summaries`: (experiment id, metric key) → [`MetricSummary`]
 //! - `batch_ids`: (accepted at, client batch id) → points, for recognising retries
-//! - `search_entries`: (scope, field, value, seq) → id, for run search ([`search`])
-//! - `catalog_dirty_by_seq`: seq → id of experiments whose rows in the catalog
-//!   tables (`experiments/`, `metadata/`, `summaries/`) are out of date
+//! - `search_entries`: (scope, field, value, created at, id) → (), for run search
+//!   ([`search`])
+//! - `catalog_dirty`: experiment ids whose rows in the catalog tables
+//!   (`experiments/`, `metadata/`, `summaries/`) are out of date
 //! - `catalog_files`: the catalog table files this daemon wrote
 //!
 //! Manifest tables ([`manifest`]):
@@ -83,7 +84,7 @@ pub use manifest::{
 use crate::model::Micros;
 
 const EXPERIMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("experiments");
-const EXPERIMENTS_BY_NS: TableDefinition<(&str, u64), &str> =
+const EXPERIMENTS_BY_NS: TableDefinition<(&str, i64, &str), ()> =
     TableDefinition::new("experiments_by_scope");
 /// Layout 1's namespace table, keyed by id (dropped by the migration).
 const OLD_EXPERIMENTS_BY_NS: TableDefinition<(&str, &str), ()> =
@@ -103,11 +104,9 @@ const SPOOLED: TableDefinition<&str, u64> = TableDefinition::new("spooled");
 const REPLACE_INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("replace_intents");
 const DELETIONS: TableDefinition<&str, ()> = TableDefinition::new("deletions");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const DIRTY: TableDefinition<u64, &str> = TableDefinition::new("catalog_dirty_by_seq");
-/// Layout 1's dirty set, keyed by id (moved by the migration).
-const OLD_DIRTY: TableDefinition<&str, ()> = TableDefinition::new("catalog_dirty");
+const DIRTY: TableDefinition<&str, ()> = TableDefinition::new("catalog_dirty");
 const CATALOG_FILES: TableDefinition<&str, ()> = TableDefinition::new("catalog_files");
-const SEARCH: TableDefinition<(&str, &str, &[u8], u64), &str> =
+const SEARCH: TableDefinition<(&str, &str, &[u8], i64, &str), ()> =
     TableDefinition::new("search_entries");
 /// Layout 1's search index, keyed by id (dropped by the migration).
 const OLD_SEARCH: TableDefinition<(&str, &str, &[u8], &str), ()> =
@@ -118,9 +117,8 @@ const HELD: TableDefinition<(u64, &str), ()> = TableDefinition::new("held_deleti
 /// The index layout version; see [`Index::open`] for what each step migrates.
 const LAYOUT_VERSION: u64 = 2;
 
-/// The catalog's layout: 2 places experiments in creation order
-/// ([`ExperimentRecord::seq`]) and keys `experiments_by_scope` and
-/// `search_entries` by it.
+/// The catalog's layout: 2 keys `experiments_by_scope` and `search_entries` by
+/// (created at, id) after the value, so that new experiments append.
 const CATALOG_LAYOUT: u64 = 2;
 
 /// Errors from the index.
@@ -601,60 +599,44 @@ mod tests {
                 ids.push(rec.id);
             }
         }
-        // Turn it into what layout 1 wrote: records without a seq, id-keyed
-        // namespace and search tables, no catalog layout.
+        // Turn it into what layout 1 wrote: id-keyed namespace and search tables,
+        // no catalog layout.
         {
             let db = Database::create(&path).unwrap();
             let txn = db.begin_write().unwrap();
             {
-                let mut experiments = txn.open_table(EXPERIMENTS).unwrap();
+                let experiments = txn.open_table(EXPERIMENTS).unwrap();
                 let mut by_ns = txn.open_table(OLD_EXPERIMENTS_BY_NS).unwrap();
                 let mut old_search = txn.open_table(OLD_SEARCH).unwrap();
                 for id in &ids {
-                    let bytes = experiments
-                        .get(id.as_str())
-                        .unwrap()
-                        .unwrap()
-                        .value()
-                        .to_vec();
-                    let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-                    let ns = v["namespace"].as_str().unwrap().to_owned();
-                    v.as_object_mut().unwrap().remove("seq");
-                    experiments
-                        .insert(id.as_str(), serde_json::to_vec(&v).unwrap().as_slice())
+                    let r: crate::model::ExperimentRecord =
+                        decode(id, experiments.get(id.as_str()).unwrap().unwrap().value()).unwrap();
+                    by_ns
+                        .insert((r.namespace.as_str(), id.as_str()), ())
                         .unwrap();
-                    by_ns.insert((ns.as_str(), id.as_str()), ()).unwrap();
                     old_search
-                        .insert((ns.as_str(), "name", [3u8].as_slice(), id.as_str()), ())
+                        .insert(
+                            (r.namespace.as_str(), "name", [3u8].as_slice(), id.as_str()),
+                            (),
+                        )
                         .unwrap();
                 }
-                // Only "y"'s catalog rows are out of date.
-                let mut old_dirty = txn.open_table(OLD_DIRTY).unwrap();
-                old_dirty.insert(ids[1].as_str(), ()).unwrap();
                 let mut meta = txn.open_table(META).unwrap();
                 meta.remove("catalog_layout").unwrap();
             }
             assert!(txn.delete_table(EXPERIMENTS_BY_NS).unwrap());
             assert!(txn.delete_table(SEARCH).unwrap());
-            assert!(txn.delete_table(DIRTY).unwrap());
             txn.commit().unwrap();
         }
         let index = Index::open(&path).unwrap();
-        let cv: Vec<(String, u64)> = index
+        let cv: Vec<String> = index
             .list_experiments("cv")
             .unwrap()
             .into_iter()
-            .map(|r| (r.name, r.seq))
+            .map(|r| r.name)
             .collect();
-        assert_eq!(cv, [("z".to_owned(), 1), ("x".to_owned(), 3)]);
+        assert_eq!(cv, ["z", "x"]);
         assert_eq!(index.namespaces().unwrap(), ["cv", "nlp"]);
-        let dirty: Vec<String> = index
-            .dirty_catalog(10)
-            .unwrap()
-            .into_iter()
-            .map(|r| r.record.name)
-            .collect();
-        assert_eq!(dirty, ["y"]);
         let search = |ns: Option<&str>, filter: &str, order: &str| -> Vec<String> {
             let s = Search {
                 conditions: parse_filter(filter).unwrap(),
@@ -670,13 +652,49 @@ mod tests {
             ["z", "x"]
         );
         assert_eq!(search(None, "owner = \"o\"", "owner"), ["z", "y", "x"]);
-        // New experiments are placed after the migrated ones.
-        let (rec, _) = index.create_experiment(new_exp("w"), &[]).unwrap();
-        assert_eq!(rec.seq, 4);
+        // New experiments are listed after the migrated ones.
+        index.create_experiment(new_exp("w"), &[]).unwrap();
+        assert_eq!(search(None, "owner = \"o\"", "owner"), ["z", "y", "x", "w"]);
         let read = index.db.begin_read().unwrap();
         assert!(read.open_table(OLD_SEARCH).is_err());
         assert!(read.open_table(OLD_EXPERIMENTS_BY_NS).is_err());
-        assert!(read.open_table(OLD_DIRTY).is_err());
+    }
+
+    #[test]
+    fn explicit_null_values_page_with_the_missing_ones_once() {
+        use crate::search::{Search, parse_order_by};
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("i.redb")).unwrap();
+        let mut want = Vec::new();
+        for i in 0..7 {
+            let note = if i == 3 { json!("x") } else { json!(null) };
+            let (rec, _) = index
+                .create_experiment(new_exp(&format!("e{i}")), &[("note".into(), note)])
+                .unwrap();
+            want.push(rec.name);
+        }
+        // "x" first, then the nulls in creation order.
+        let x = want.remove(3);
+        want.insert(0, x);
+        for desc in ["", " DESC"] {
+            let s = Search {
+                conditions: vec![],
+                order_by: vec![parse_order_by(&format!("params.note{desc}")).unwrap()],
+            };
+            for page in [1, 2, 5, 10] {
+                let mut got = Vec::new();
+                let mut cursor = None;
+                loop {
+                    let p = index.search(Some("cv"), &s, page, cursor.as_ref()).unwrap();
+                    got.extend(p.experiments.into_iter().map(|d| d.record.name));
+                    match p.next {
+                        Some(c) => cursor = Some(c),
+                        None => break,
+                    }
+                }
+                assert_eq!(got, want, "order {desc:?}, page {page}");
+            }
+        }
     }
 
     #[test]

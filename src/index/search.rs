@@ -1,13 +1,14 @@
 //! Run search over the catalog: secondary indexes kept with every change, and the
 //! query that uses them.
 //!
-//! `search_entries`: (scope, field, value, experiment seq) → experiment id. The
+//! `search_entries`: (scope, field, value, created at, experiment id) → (). The
 //! scope is a namespace, or `*` for every namespace (namespaces never contain `*`);
 //! the value is an order-preserving encoding of a [`Value`], so a range scan walks
-//! one field's values in order. Equal values are in creation order
-//! ([`ExperimentRecord::seq`]): a new experiment's entries go to the end of their
-//! value's run, so creating experiments appends to the index where keys ending in
-//! the (hashed) id would put every entry on a random page. Indexed: `created_at`, `updated_at`, `name` and
+//! one field's values in order. Equal values are in creation order (then id): a new
+//! experiment's entries go to the end of their value's run, so creating
+//! experiments appends to the index, where keys ending in the (hashed) id put every
+//! entry on a random page. Creation time and id are the experiment's own, so every
+//! daemon and reader orders ties alike and a page token works on any of them. Indexed: `created_at`, `updated_at`, `name` and
 //! `owner` in both scopes; top-level metadata values (`p:<key>`) and metric
 //! summaries' last, min and max (`m:<key>:<aggregate>`) in the namespace scope.
 //!
@@ -15,7 +16,7 @@
 //! cursor and stops once a page matched; experiments without the sort value come
 //! after the others (in creation order). Any other search walks its scope once,
 //! keeping only the best page after the cursor. Ties in the sort order are broken
-//! by creation order, so pages are stable while experiments are added.
+//! by creation time, then id, so pages are stable while experiments are added.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -27,7 +28,7 @@ use super::{
     EXPERIMENTS, EXPERIMENTS_BY_NS, Index, IndexError, METADATA, MetadataEntry, SEARCH, SUMMARIES,
     decode, storage,
 };
-use crate::model::{ExperimentRecord, MetricSummary};
+use crate::model::{ExperimentRecord, MetricSummary, Micros};
 use crate::search::{Agg, Condition, Field, Op, OrderBy, Search, Value};
 
 /// Every namespace.
@@ -119,20 +120,26 @@ fn record_fields(r: &ExperimentRecord) -> [(&'static str, Value); 4] {
 
 /// The search table, opened by the caller once for all its changes.
 pub(super) type SearchTable<'t> =
-    redb::Table<'t, (&'static str, &'static str, &'static [u8], u64), &'static str>;
+    redb::Table<'t, (&'static str, &'static str, &'static [u8], i64, &'static str), ()>;
 
-/// Where an experiment's entries go: its namespace, seq and id.
-pub(super) type Placed<'a> = (&'a str, u64, &'a str);
+/// What ends an experiment's entries, and breaks ties: creation time, then id.
+type Tie<'a> = (Micros, &'a str);
+
+/// Where an experiment's entries go: its namespace, creation time and id.
+pub(super) type Placed<'a> = (&'a str, Micros, &'a str);
 
 fn put(
     t: &mut SearchTable<'_>,
     scope: &str,
     field: &str,
     v: &Value,
-    (seq, id): (u64, &str),
+    (created_at, id): Tie<'_>,
 ) -> Result<(), IndexError> {
-    t.insert((scope, field, encode_value(v).as_slice(), seq), id)
-        .map_err(storage)?;
+    t.insert(
+        (scope, field, encode_value(v).as_slice(), created_at, id),
+        (),
+    )
+    .map_err(storage)?;
     Ok(())
 }
 
@@ -141,9 +148,9 @@ fn del(
     scope: &str,
     field: &str,
     v: &Value,
-    seq: u64,
+    (created_at, id): Tie<'_>,
 ) -> Result<(), IndexError> {
-    t.remove((scope, field, encode_value(v).as_slice(), seq))
+    t.remove((scope, field, encode_value(v).as_slice(), created_at, id))
         .map_err(storage)?;
     Ok(())
 }
@@ -157,11 +164,11 @@ pub(super) fn index_record(
     for scope in [new.namespace.as_str(), ALL] {
         if let Some(old) = old {
             for (field, v) in record_fields(old) {
-                del(t, scope, field, &v, old.seq)?;
+                del(t, scope, field, &v, (old.created_at, &old.id))?;
             }
         }
         for (field, v) in record_fields(new) {
-            put(t, scope, field, &v, (new.seq, &new.id))?;
+            put(t, scope, field, &v, (new.created_at, &new.id))?;
         }
     }
     Ok(())
@@ -170,16 +177,32 @@ pub(super) fn index_record(
 /// Re-indexes a metadata key after it changed.
 pub(super) fn index_param(
     t: &mut SearchTable<'_>,
-    (namespace, seq, id): Placed<'_>,
+    (namespace, created_at, id): Placed<'_>,
     key: &str,
     old: Option<&serde_json::Value>,
     new: &serde_json::Value,
 ) -> Result<(), IndexError> {
     let field = param_field(key);
     if let Some(old) = old {
-        del(t, namespace, &field, &Value::of_json(old), seq)?;
+        del(t, namespace, &field, &Value::of_json(old), (created_at, id))?;
     }
-    put(t, namespace, &field, &Value::of_json(new), (seq, id))
+    put(t, namespace, &field, &Value::of_json(new), (created_at, id))
+}
+
+/// Removes a metadata key's entry.
+pub(super) fn unindex_param(
+    t: &mut SearchTable<'_>,
+    (namespace, created_at, id): Placed<'_>,
+    key: &str,
+    value: &serde_json::Value,
+) -> Result<(), IndexError> {
+    del(
+        t,
+        namespace,
+        &param_field(key),
+        &Value::of_json(value),
+        (created_at, id),
+    )
 }
 
 fn summary_value(s: &MetricSummary, agg: Agg) -> Option<Value> {
@@ -196,7 +219,7 @@ fn summary_value(s: &MetricSummary, agg: Agg) -> Option<Value> {
 }
 
 /// A search-index entry's key, owned where it is built.
-type EntryKey<'a> = (&'a str, String, Vec<u8>, u64);
+type EntryKey<'a> = (&'a str, String, Vec<u8>, Micros, &'a str);
 
 /// Search-index changes of a large merge, applied in key order: each B-tree page
 /// is then changed in one visit. In arrival order a merge of many summaries visits
@@ -205,14 +228,14 @@ type EntryKey<'a> = (&'a str, String, Vec<u8>, u64);
 #[derive(Debug, Default)]
 pub(super) struct SearchUpdates<'a> {
     removed: Vec<EntryKey<'a>>,
-    added: Vec<(EntryKey<'a>, &'a str)>,
+    added: Vec<EntryKey<'a>>,
 }
 
 impl<'a> SearchUpdates<'a> {
     /// Re-indexes a metric summary after it changed.
     pub(super) fn summary(
         &mut self,
-        (namespace, seq, id): Placed<'a>,
+        (namespace, created_at, id): Placed<'a>,
         key: &str,
         old: Option<&MetricSummary>,
         new: &MetricSummary,
@@ -226,11 +249,29 @@ impl<'a> SearchUpdates<'a> {
             let field = metric_field(key, agg);
             if let Some(v) = old {
                 self.removed
-                    .push((namespace, field.clone(), encode_value(&v), seq));
+                    .push((namespace, field.clone(), encode_value(&v), created_at, id));
             }
             if let Some(v) = new {
                 self.added
-                    .push(((namespace, field, encode_value(&v), seq), id));
+                    .push((namespace, field, encode_value(&v), created_at, id));
+            }
+        }
+    }
+
+    /// Moves a summary's entries to an experiment's new placement.
+    pub(super) fn summary_moved(
+        &mut self,
+        (from_ns, from, id): Placed<'a>,
+        (to_ns, to, _): Placed<'a>,
+        key: &str,
+        s: &MetricSummary,
+    ) {
+        for agg in INDEXED_AGGS {
+            if let Some(v) = summary_value(s, agg) {
+                let (field, value) = (metric_field(key, agg), encode_value(&v));
+                self.removed
+                    .push((from_ns, field.clone(), value.clone(), from, id));
+                self.added.push((to_ns, field, value, to, id));
             }
         }
     }
@@ -239,21 +280,23 @@ impl<'a> SearchUpdates<'a> {
     pub(super) fn apply(mut self, t: &mut SearchTable<'_>) -> Result<(), IndexError> {
         self.removed.sort_unstable();
         self.added.sort_unstable();
-        for (scope, field, value, seq) in &self.removed {
-            t.remove((*scope, field.as_str(), value.as_slice(), *seq))
+        for (scope, field, value, created_at, id) in &self.removed {
+            t.remove((*scope, field.as_str(), value.as_slice(), *created_at, *id))
                 .map_err(storage)?;
         }
-        for ((scope, field, value, seq), id) in &self.added {
-            t.insert((*scope, field.as_str(), value.as_slice(), *seq), *id)
-                .map_err(storage)?;
+        for (scope, field, value, created_at, id) in &self.added {
+            t.insert(
+                (*scope, field.as_str(), value.as_slice(), *created_at, *id),
+                (),
+            )
+            .map_err(storage)?;
         }
         Ok(())
     }
 }
 
 /// Indexes every experiment, metadata value and summary anew (an index from before
-/// run search existed, or from before its layout changed). Experiments must be
-/// placed ([`ExperimentRecord::seq`]).
+/// run search existed, or from before its layout changed).
 pub(super) fn rebuild(txn: &WriteTransaction) -> Result<(), IndexError> {
     let experiments: Vec<ExperimentRecord> = {
         let table = txn.open_table(EXPERIMENTS).map_err(storage)?;
@@ -282,7 +325,13 @@ pub(super) fn rebuild(txn: &WriteTransaction) -> Result<(), IndexError> {
             out
         };
         for (key, e) in &metadata {
-            index_param(&mut t, (&r.namespace, r.seq, &r.id), key, None, &e.value)?;
+            index_param(
+                &mut t,
+                (&r.namespace, r.created_at, &r.id),
+                key,
+                None,
+                &e.value,
+            )?;
         }
         let summaries: Vec<(String, MetricSummary)> = {
             let table = txn.open_table(SUMMARIES).map_err(storage)?;
@@ -299,7 +348,7 @@ pub(super) fn rebuild(txn: &WriteTransaction) -> Result<(), IndexError> {
         };
         let mut updates = SearchUpdates::default();
         for (key, s) in &summaries {
-            updates.summary((&r.namespace, r.seq, &r.id), key, None, s);
+            updates.summary((&r.namespace, r.created_at, &r.id), key, None, s);
         }
         updates.apply(&mut t)?;
     }
@@ -315,13 +364,14 @@ pub struct ExperimentDetail {
 }
 
 /// Where a search page stopped: the last experiment's sort values, id and
-/// [`ExperimentRecord::seq`] (which breaks ties).
+/// creation time (which break ties; absent from tokens of earlier releases, then
+/// looked up by id).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SearchCursor {
     pub values: Vec<Value>,
     pub id: String,
-    #[serde(default)]
-    pub seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<Micros>,
 }
 
 impl SearchCursor {
@@ -354,7 +404,7 @@ pub struct SearchPage {
 /// One candidate, loaded as far as the search needed.
 struct Candidate<'t> {
     id: String,
-    seq: u64,
+    created_at: Micros,
     record: Option<ExperimentRecord>,
     metadata: Option<BTreeMap<String, MetadataEntry>>,
     summaries: Option<BTreeMap<String, MetricSummary>>,
@@ -384,15 +434,19 @@ fn prefix<T: for<'de> Deserialize<'de>>(
 }
 
 impl<'t> Candidate<'t> {
-    fn new(id: String, seq: u64, tables: &'t Tables) -> Self {
+    fn new(id: String, created_at: Micros, tables: &'t Tables) -> Self {
         Self {
             id,
-            seq,
+            created_at,
             record: None,
             metadata: None,
             summaries: None,
             tables,
         }
+    }
+
+    fn tie(&self) -> Tie<'_> {
+        (self.created_at, &self.id)
     }
 
     fn record(&mut self) -> Result<Option<&ExperimentRecord>, IndexError> {
@@ -537,10 +591,11 @@ fn param_value(metadata: &BTreeMap<String, MetadataEntry>, key: &str) -> Option<
 }
 
 /// Compares sort values under `order`; missing values (null) come last in either
-/// direction; creation order ([`ExperimentRecord::seq`]) breaks ties.
-fn compare(order: &[OrderBy], a: (&[Value], u64), b: (&[Value], u64)) -> Ordering {
+/// direction; creation time, then id, breaks ties.
+fn compare(order: &[OrderBy], a: (&[Value], Tie<'_>), b: (&[Value], Tie<'_>)) -> Ordering {
     for (i, o) in order.iter().enumerate() {
-        let (x, y) = (&a.0[i], &b.0[i]);
+        let value = |v: &[Value]| v.get(i).cloned().unwrap_or(Value::Null);
+        let (x, y) = (&value(a.0), &value(b.0));
         let ord = match (x, y) {
             (Value::Null, Value::Null) => Ordering::Equal,
             (Value::Null, _) => Ordering::Greater,
@@ -611,8 +666,24 @@ impl Index {
         let order = search.order();
         let conditions = &search.conditions;
         let page_size = page_size.max(1);
-        let after = |values: &[Value], seq: u64| {
-            cursor.is_none_or(|c| compare(&order, (values, seq), (&c.values, c.seq)).is_gt())
+        // Tokens of earlier releases carry no creation time: looked up by id.
+        let cursor_created = match cursor {
+            Some(c) => match c.created_at {
+                Some(t) => t,
+                None => tables
+                    .experiments
+                    .get(c.id.as_str())
+                    .map_err(storage)?
+                    .map(|v| decode::<ExperimentRecord>(&c.id, v.value()))
+                    .transpose()?
+                    .map_or(Micros::MIN, |r| r.created_at),
+            },
+            None => Micros::MIN,
+        };
+        let after = |values: &[Value], tie: Tie<'_>| {
+            cursor.is_none_or(|c| {
+                compare(&order, (values, tie), (&c.values, (cursor_created, &c.id))).is_gt()
+            })
         };
         let mut found: Vec<(Vec<Value>, Candidate<'_>)> = Vec::new();
         let indexed = match order.as_slice() {
@@ -625,19 +696,21 @@ impl Index {
             let cursor_value = cursor.and_then(|c| c.values.first());
             if !matches!(cursor_value, Some(Value::Null)) {
                 let from = cursor_value.map(encode_value);
-                let (low, high): (&[u8], &[u8]) = (&[0u8], &[0xffu8]);
-                let lo = (scope, field.as_str(), low, 0);
-                let hi = (scope, field.as_str(), high, 0);
+                // From just above null (entries of explicit null values sort with
+                // the missing ones, after the walk).
+                let (low, high): (&[u8], &[u8]) = (&[1u8], &[0xffu8]);
+                let lo = (scope, field.as_str(), low, Micros::MIN, "");
+                let hi = (scope, field.as_str(), high, Micros::MIN, "");
                 let mut past = from.clone().unwrap_or_default();
                 past.push(0);
                 let rows: Box<dyn Iterator<Item = _>> = match (&from, sort.descending) {
                     (Some(from), false) => Box::new(
                         search_table
-                            .range((scope, field.as_str(), from.as_slice(), 0)..hi)
+                            .range((scope, field.as_str(), from.as_slice(), Micros::MIN, "")..hi)
                             .map_err(storage)?,
                     ),
                     (Some(_), true) => {
-                        let end = (scope, field.as_str(), past.as_slice(), 0);
+                        let end = (scope, field.as_str(), past.as_slice(), Micros::MIN, "");
                         Box::new(search_table.range(lo..end).map_err(storage)?.rev())
                     }
                     (None, false) => Box::new(search_table.range(lo..hi).map_err(storage)?),
@@ -648,9 +721,8 @@ impl Index {
                 // the rest of the last value's run is taken too, and the page sorted.
                 let mut full_at: Option<Vec<u8>> = None;
                 for row in rows {
-                    let (k, id) = row.map_err(storage)?;
-                    let (_, _, v, seq) = k.value();
-                    let id = id.value();
+                    let (k, _) = row.map_err(storage)?;
+                    let (_, _, v, created_at, id) = k.value();
                     if full_at.as_deref().is_some_and(|f| f != v) {
                         break;
                     }
@@ -658,10 +730,10 @@ impl Index {
                     if bound_passed(conditions, &sort.field, &values[0], sort.descending) {
                         break;
                     }
-                    if !after(&values, seq) {
+                    if !after(&values, (created_at, id)) {
                         continue;
                     }
-                    let mut c = Candidate::new(id.to_owned(), seq, &tables);
+                    let mut c = Candidate::new(id.to_owned(), created_at, &tables);
                     if c.visible(visible)? && c.matches(conditions)? {
                         found.push((values, c));
                         if found.len() > page_size && full_at.is_none() {
@@ -672,18 +744,18 @@ impl Index {
                         }
                     }
                 }
-                found.sort_by(|(a, x), (b, y)| compare(&order, (a, x.seq), (b, y.seq)));
+                found.sort_by(|(a, x), (b, y)| compare(&order, (a, x.tie()), (b, y.tie())));
             }
             // Then those without the sort value, in creation order.
             if found.len() <= page_size && !requires_value(conditions, &sort.field) {
                 let from = cursor
                     .filter(|c| matches!(c.values.first(), Some(Value::Null)))
-                    .map(|c| c.seq);
-                self.each_id(&read, scope, from, &mut |id, seq| {
-                    let mut c = Candidate::new(id.to_owned(), seq, &tables);
+                    .map(|c| (cursor_created, c.id.as_str()));
+                self.each_id(&read, scope, from, &mut |id, created_at| {
+                    let mut c = Candidate::new(id.to_owned(), created_at, &tables);
                     let values = c.sort_values(&order)?;
                     if values[0] == Value::Null
-                        && after(&values, seq)
+                        && after(&values, (created_at, id))
                         && c.visible(visible)?
                         && c.matches(conditions)?
                     {
@@ -694,17 +766,18 @@ impl Index {
             }
         } else {
             // Walk the whole scope, keeping the best page after the cursor.
-            self.each_id(&read, scope, None, &mut |id, seq| {
-                let mut c = Candidate::new(id.to_owned(), seq, &tables);
+            self.each_id(&read, scope, None, &mut |id, created_at| {
+                let mut c = Candidate::new(id.to_owned(), created_at, &tables);
                 if !c.visible(visible)? || !c.matches(conditions)? {
                     return Ok(true);
                 }
                 let values = c.sort_values(&order)?;
-                if !after(&values, seq) {
+                if !after(&values, (created_at, id)) {
                     return Ok(true);
                 }
-                let at = found
-                    .partition_point(|(v, f)| compare(&order, (v, f.seq), (&values, seq)).is_lt());
+                let at = found.partition_point(|(v, f)| {
+                    compare(&order, (v, f.tie()), (&values, (created_at, id))).is_lt()
+                });
                 if at <= page_size {
                     found.insert(at, (values, c));
                     found.truncate(page_size + 1);
@@ -718,7 +791,7 @@ impl Index {
             (true, Some((values, c))) => Some(SearchCursor {
                 values: values.clone(),
                 id: c.id.clone(),
-                seq: c.seq,
+                created_at: Some(c.created_at),
             }),
             _ => None,
         };
@@ -731,23 +804,27 @@ impl Index {
         Ok(SearchPage { experiments, next })
     }
 
-    /// Calls `f` with each experiment (id, seq) of a scope, in creation order,
-    /// after `from`, until it answers false.
+    /// Calls `f` with each experiment (id, creation time) of a scope, in creation
+    /// order, after `from`, until it answers false.
     fn each_id(
         &self,
         read: &redb::ReadTransaction,
         scope: &str,
-        from: Option<u64>,
-        f: &mut dyn FnMut(&str, u64) -> Result<bool, IndexError>,
+        from: Option<Tie<'_>>,
+        f: &mut dyn FnMut(&str, Micros) -> Result<bool, IndexError>,
     ) -> Result<(), IndexError> {
-        let start = from.map_or(0, |seq| seq.saturating_add(1));
+        let (start, start_id) = from.unwrap_or((Micros::MIN, ""));
         let table = read.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
-        for row in table
-            .range((scope, start)..=(scope, u64::MAX))
-            .map_err(storage)?
-        {
-            let (k, id) = row.map_err(storage)?;
-            if !f(id.value(), k.value().1)? {
+        for row in table.range((scope, start, start_id)..).map_err(storage)? {
+            let (k, _) = row.map_err(storage)?;
+            let (ns, created_at, id) = k.value();
+            if ns != scope {
+                break;
+            }
+            if from.is_some_and(|f| f == (created_at, id)) {
+                continue;
+            }
+            if !f(id, created_at)? {
                 break;
             }
         }
@@ -790,7 +867,7 @@ mod tests {
         let c = SearchCursor {
             values: vec![Value::Number(0.5), Value::Text("x\"y".into()), Value::Null],
             id: "abc".into(),
-            seq: 7,
+            created_at: Some(7),
         };
         assert_eq!(SearchCursor::decode(&c.encode()), Some(c));
         assert_eq!(SearchCursor::decode("nonsense"), None);
