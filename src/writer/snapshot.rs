@@ -15,6 +15,7 @@
 //! fails is done again at the next tick or start.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arrow_array::{
@@ -46,7 +47,7 @@ pub enum SnapshotTarget {
 }
 
 /// Experiments per delta file and per page of a full rewrite.
-const PAGE: usize = 20_000;
+const PAGE: usize = 4_096;
 /// Files per table after which the catalog is rewritten whole.
 const CONSOLIDATE_AFTER: usize = 16;
 const TABLES: [&str; 3] = ["experiments", "metadata", "summaries"];
@@ -59,6 +60,12 @@ pub struct Snapshots {
     daemon_id: Arc<str>,
     props: WriterProperties,
     legacy_noted: bool,
+    /// Experiments per delta file and per page of a full rewrite.
+    page: usize,
+    /// Set when the daemon stops: a pass then ends after the page it is writing
+    /// and skips the whole rewrite. What is left stays marked in the index and is
+    /// written at the next start, so a stop does not wait for a large catalogue.
+    stopping: Arc<AtomicBool>,
 }
 
 impl Snapshots {
@@ -74,7 +81,13 @@ impl Snapshots {
             daemon_id,
             props,
             legacy_noted: false,
+            page: PAGE,
+            stopping: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 
     /// Writes delta files for every changed experiment, and rewrites the catalog
@@ -92,7 +105,7 @@ impl Snapshots {
         }
         let mut wrote = false;
         loop {
-            let rows = self.index.dirty_catalog(PAGE)?;
+            let rows = self.index.dirty_catalog(self.page)?;
             if rows.is_empty() {
                 break;
             }
@@ -111,12 +124,12 @@ impl Snapshots {
             }
             self.index.catalog_written(&rows)?;
             wrote = true;
-            if rows.len() < PAGE {
+            if rows.len() < self.page || self.stopping() {
                 break;
             }
         }
         let files = self.index.catalog_files()?;
-        if files.len() > CONSOLIDATE_AFTER * TABLES.len() {
+        if files.len() > CONSOLIDATE_AFTER * TABLES.len() && !self.stopping() {
             self.consolidate(files)?;
         }
         Ok(wrote)
@@ -146,7 +159,14 @@ impl Snapshots {
         let written_at = now_micros();
         let mut after: Option<String> = None;
         loop {
-            let rows = self.index.catalog_page(after.as_deref(), PAGE)?;
+            if self.stopping() {
+                // Done again after the next start; the deltas are still in place.
+                for (staged, _) in files {
+                    let _ = std::fs::remove_file(staged.path());
+                }
+                return Ok(());
+            }
+            let rows = self.index.catalog_page(after.as_deref(), self.page)?;
             let Some(last) = rows.last() else {
                 break;
             };
@@ -156,7 +176,7 @@ impl Snapshots {
                 writer.write(&batch)?;
                 writer.flush()?;
             }
-            if rows.len() < PAGE {
+            if rows.len() < self.page {
                 break;
             }
         }
@@ -383,17 +403,19 @@ fn batches(
     ])
 }
 
-/// The running catalog-table task; [`SnapshotLoop::finish`] writes what changed
-/// last and stops it.
+/// The running catalog-table task; [`SnapshotLoop::finish`] writes a last page of
+/// what changed and stops it.
 #[derive(Debug)]
 pub struct SnapshotLoop {
     stop: oneshot::Sender<()>,
+    stopping: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl SnapshotLoop {
     /// Checks for changes every `every` on the current runtime.
     pub fn start(snapshots: Snapshots, every: Duration) -> Self {
+        let stopping = Arc::clone(&snapshots.stopping);
         let (stop, mut stopped) = oneshot::channel();
         let task = tokio::spawn(async move {
             let mut snapshots = Some(snapshots);
@@ -420,11 +442,18 @@ impl SnapshotLoop {
                 }
             }
         });
-        Self { stop, task }
+        Self {
+            stop,
+            stopping,
+            task,
+        }
     }
 
-    /// Writes the catalog tables once more if anything changed, then stops.
+    /// Ends a pass in progress after its current page, writes one more page of
+    /// what changed, then stops. Experiments left over (a large catalogue changed
+    /// in bulk) stay marked in the index and are written after the next start.
     pub async fn finish(self) {
+        self.stopping.store(true, Ordering::Relaxed);
         let _ = self.stop.send(());
         let _ = self.task.await;
     }
@@ -498,5 +527,54 @@ mod tests {
         snapshots.consolidate(old).unwrap();
         assert_eq!(rows_of(&root, "experiments"), (1, CONSOLIDATE_AFTER + 1));
         assert_eq!(rows_of(&root, "metadata"), (1, CONSOLIDATE_AFTER + 1));
+    }
+
+    #[test]
+    fn a_stopping_pass_writes_one_page_and_leaves_the_rest_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(Index::open(&dir.path().join("index.redb")).unwrap());
+        let sink = LocalSink::open(&dir.path().join("root"), &dir.path().join("staging")).unwrap();
+        let mut snapshots = Snapshots::new(
+            Arc::clone(&index),
+            SnapshotTarget::Local(sink),
+            Arc::from("d"),
+            schema::writer_properties(&crate::config::RollPolicy::default()),
+        );
+        snapshots.page = 2;
+        for i in 0..5 {
+            index
+                .create_experiment(
+                    NewExperiment {
+                        name: format!("e{i}"),
+                        namespace: "ns".into(),
+                        owner: String::new(),
+                        framework: 0,
+                        task: String::new(),
+                        external_id: String::new(),
+                    },
+                    &[],
+                )
+                .unwrap();
+        }
+        snapshots.stopping.store(true, Ordering::Relaxed);
+        assert!(snapshots.write_if_changed().unwrap());
+        let root = dir.path().join("root");
+        assert_eq!(rows_of(&root, "experiments"), (1, 2));
+        assert_eq!(index.dirty_catalog(10).unwrap().len(), 3);
+        // After a restart (not stopping) the rest is written, a page a file.
+        snapshots.stopping.store(false, Ordering::Relaxed);
+        assert!(snapshots.write_if_changed().unwrap());
+        assert_eq!(rows_of(&root, "experiments"), (3, 5));
+        assert!(!index.catalog_is_dirty().unwrap());
+        // A whole rewrite started while stopping is dropped, staged files and all.
+        snapshots.stopping.store(true, Ordering::Relaxed);
+        let old = index.catalog_files().unwrap();
+        snapshots.consolidate(old.clone()).unwrap();
+        assert_eq!(index.catalog_files().unwrap(), old);
+        assert_eq!(rows_of(&root, "experiments"), (3, 5));
+        let staged = std::fs::read_dir(dir.path().join("staging"))
+            .unwrap()
+            .count();
+        assert_eq!(staged, 0);
     }
 }
