@@ -72,7 +72,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 
 pub use catalog::{CatalogRows, ExperimentCache, NewExperiment};
@@ -226,8 +226,14 @@ impl Index {
                 .get("catalog_layout")
                 .map_err(storage)?
                 .map(|v| v.value());
+            // Layout 1's tables are back if an earlier release ran on this index
+            // since (it creates them, and indexes its changes there only).
+            let layout_1_tables = txn
+                .list_tables()
+                .map_err(storage)?
+                .any(|t| t.name() == OLD_SEARCH.name() || t.name() == OLD_EXPERIMENTS_BY_NS.name());
             let mut rebuild_search = false;
-            if catalog_layout.is_none_or(|v| v < CATALOG_LAYOUT) {
+            if catalog_layout.is_none_or(|v| v < CATALOG_LAYOUT) || layout_1_tables {
                 catalog::place_all(&txn)?;
                 meta.insert("catalog_layout", CATALOG_LAYOUT)
                     .map_err(storage)?;
@@ -655,9 +661,58 @@ mod tests {
         // New experiments are listed after the migrated ones.
         index.create_experiment(new_exp("w"), &[]).unwrap();
         assert_eq!(search(None, "owner = \"o\"", "owner"), ["z", "y", "x", "w"]);
-        let read = index.db.begin_read().unwrap();
-        assert!(read.open_table(OLD_SEARCH).is_err());
-        assert!(read.open_table(OLD_EXPERIMENTS_BY_NS).is_err());
+        {
+            let read = index.db.begin_read().unwrap();
+            assert!(read.open_table(OLD_SEARCH).is_err());
+            assert!(read.open_table(OLD_EXPERIMENTS_BY_NS).is_err());
+        }
+        drop(index);
+        // An earlier release runs on the index again: it recreates its tables and
+        // creates "v" into them only. The next open lists it again.
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut experiments = txn.open_table(EXPERIMENTS).unwrap();
+                let mut r: crate::model::ExperimentRecord = decode(
+                    &ids[0],
+                    experiments.get(ids[0].as_str()).unwrap().unwrap().value(),
+                )
+                .unwrap();
+                r.id = "v-id".into();
+                r.name = "v".into();
+                r.created_at += 1;
+                experiments
+                    .insert(r.id.as_str(), encode(&r).as_slice())
+                    .unwrap();
+                txn.open_table(OLD_EXPERIMENTS_BY_NS)
+                    .unwrap()
+                    .insert(("cv", "v-id"), ())
+                    .unwrap();
+                txn.open_table(OLD_SEARCH).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let index = Index::open(&path).unwrap();
+        let cv: Vec<String> = index
+            .list_experiments("cv")
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(cv, ["z", "v", "x", "w"]);
+        let s = Search {
+            conditions: parse_filter("name = \"v\"").unwrap(),
+            order_by: vec![],
+        };
+        assert_eq!(
+            index
+                .search(Some("cv"), &s, 10, None)
+                .unwrap()
+                .experiments
+                .len(),
+            1
+        );
     }
 
     #[test]
