@@ -124,7 +124,10 @@ impl Snapshots {
             }
             self.index.catalog_written(&rows)?;
             wrote = true;
-            if rows.len() < self.page || self.stopping() {
+            let last_page = rows.len() < self.page;
+            drop(rows);
+            release_freed_memory();
+            if last_page || self.stopping() {
                 break;
             }
         }
@@ -179,6 +182,8 @@ impl Snapshots {
             if rows.len() < self.page {
                 break;
             }
+            drop(rows);
+            release_freed_memory();
         }
         for (table, (staged, mut writer)) in TABLES.iter().zip(files) {
             writer.finish()?;
@@ -401,6 +406,16 @@ fn batches(
         ("metadata", metadata),
         ("summaries", summaries),
     ])
+}
+
+/// Hands memory freed on this thread back to the system now. A catch-up after a
+/// bulk change writes hundreds of pages back to back, and mimalloc would keep each
+/// page's freed buffers (Arrow arrays, Parquet and zstd state) for a while: some
+/// 30 MiB above what is in use, sampled during a catch-up of a million experiments.
+fn release_freed_memory() {
+    // SAFETY: mi_collect has no preconditions; it frees only memory that holds no
+    // live allocation. Without mimalloc as the global allocator it finds nothing.
+    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 /// The running catalog-table task; [`SnapshotLoop::finish`] writes a last page of
