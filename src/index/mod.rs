@@ -634,14 +634,12 @@ mod tests {
             assert!(txn.delete_table(SEARCH).unwrap());
             txn.commit().unwrap();
         }
+        let names = |index: &Index| -> Vec<String> {
+            let listed = index.list_experiments("cv").unwrap();
+            listed.into_iter().map(|r| r.name).collect()
+        };
         let index = Index::open(&path).unwrap();
-        let cv: Vec<String> = index
-            .list_experiments("cv")
-            .unwrap()
-            .into_iter()
-            .map(|r| r.name)
-            .collect();
-        assert_eq!(cv, ["z", "x"]);
+        assert_eq!(names(&index), ["z", "x"]);
         assert_eq!(index.namespaces().unwrap(), ["cv", "nlp"]);
         let search = |ns: Option<&str>, filter: &str, order: &str| -> Vec<String> {
             let s = Search {
@@ -694,13 +692,7 @@ mod tests {
             txn.commit().unwrap();
         }
         let index = Index::open(&path).unwrap();
-        let cv: Vec<String> = index
-            .list_experiments("cv")
-            .unwrap()
-            .into_iter()
-            .map(|r| r.name)
-            .collect();
-        assert_eq!(cv, ["z", "v", "x", "w"]);
+        assert_eq!(names(&index), ["z", "v", "x", "w"]);
         let s = Search {
             conditions: parse_filter("name = \"v\"").unwrap(),
             order_by: vec![],

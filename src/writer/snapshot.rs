@@ -495,17 +495,23 @@ mod tests {
         (files, rows)
     }
 
-    #[test]
-    fn deltas_pile_up_then_the_catalog_is_rewritten_whole() {
+    /// An index and its catalog tables under a temporary root (`root/`).
+    fn local_snapshots() -> (tempfile::TempDir, Arc<Index>, Snapshots) {
         let dir = tempfile::tempdir().unwrap();
         let index = Arc::new(Index::open(&dir.path().join("index.redb")).unwrap());
         let sink = LocalSink::open(&dir.path().join("root"), &dir.path().join("staging")).unwrap();
-        let mut snapshots = Snapshots::new(
+        let snapshots = Snapshots::new(
             Arc::clone(&index),
             SnapshotTarget::Local(sink),
             Arc::from("d"),
             schema::writer_properties(&crate::config::RollPolicy::default()),
         );
+        (dir, index, snapshots)
+    }
+
+    #[test]
+    fn deltas_pile_up_then_the_catalog_is_rewritten_whole() {
+        let (dir, index, mut snapshots) = local_snapshots();
         assert!(
             !snapshots.write_if_changed().unwrap(),
             "nothing to write yet"
@@ -546,15 +552,7 @@ mod tests {
 
     #[test]
     fn a_stopping_pass_writes_one_page_and_leaves_the_rest_marked() {
-        let dir = tempfile::tempdir().unwrap();
-        let index = Arc::new(Index::open(&dir.path().join("index.redb")).unwrap());
-        let sink = LocalSink::open(&dir.path().join("root"), &dir.path().join("staging")).unwrap();
-        let mut snapshots = Snapshots::new(
-            Arc::clone(&index),
-            SnapshotTarget::Local(sink),
-            Arc::from("d"),
-            schema::writer_properties(&crate::config::RollPolicy::default()),
-        );
+        let (dir, index, mut snapshots) = local_snapshots();
         snapshots.page = 2;
         for i in 0..5 {
             index
