@@ -263,7 +263,9 @@ def test_the_proxy_loses_responses_only_where_told(tmp_path):
             assert e.code() == grpc.StatusCode.UNAVAILABLE, e
     # A new channel, so a new connection: an old one may not yet have seen the cut and
     # would send the next call into the closed socket (grpcio 1.84 does, now and then).
-    with grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as channel:
+    # Its own subchannel pool, or grpcio hands it the old connection again (1.85 did).
+    with grpc.insecure_channel(f"127.0.0.1:{proxy.port}",
+                               options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         pb.ModelStoreStub(channel).LogEvent(pb.LogEventRequest(parent_id=exp, event=pb.Event(name="four")))
     proxy.close()
     assert (proxy.responses, proxy.cuts) == (4, 1)
