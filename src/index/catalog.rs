@@ -391,12 +391,7 @@ impl<'txn> CatalogTables<'txn> {
 
     /// Lists a new experiment in its namespace and in every namespace's scope.
     pub(super) fn place(&mut self, record: &ExperimentRecord) -> Result<(), IndexError> {
-        for scope in [record.namespace.as_str(), search::ALL] {
-            self.by_namespace
-                .insert((scope, record.created_at, record.id.as_str()), ())
-                .map_err(storage)?;
-        }
-        Ok(())
+        place(&mut self.by_namespace, record)
     }
 
     /// Moves an experiment whose creation time changed (a reader learnt of an
@@ -422,11 +417,10 @@ impl<'txn> CatalogTables<'txn> {
             (old.namespace.as_str(), old.created_at, id),
             (new.namespace.as_str(), new.created_at, id),
         );
-        for (key, e) in &params {
-            search::unindex_param(&mut self.search, from, key, &e.value)?;
-            search::index_param(&mut self.search, to, key, None, &e.value)?;
-        }
         let mut updates = search::SearchUpdates::default();
+        for (key, e) in &params {
+            updates.param_moved(from, to, key, &e.value);
+        }
         for (key, s) in &summaries {
             updates.summary_moved(from, to, key, s);
         }
@@ -482,8 +476,8 @@ impl<'txn> CatalogTables<'txn> {
     }
 }
 
-/// Lists every experiment by scope anew (an index from before the catalog
-/// layout 2) and drops layout 1's id-keyed tables. The search index must be
+/// Lists every experiment by scope anew and drops the id-keyed tables of earlier
+/// releases. The search index must be
 /// rebuilt after this ([`search::rebuild`]).
 pub(super) fn place_all(txn: &WriteTransaction) -> Result<(), IndexError> {
     txn.delete_table(OLD_EXPERIMENTS_BY_NS).map_err(storage)?;
@@ -493,12 +487,20 @@ pub(super) fn place_all(txn: &WriteTransaction) -> Result<(), IndexError> {
     by_scope.retain(|_, _| false).map_err(storage)?;
     for row in experiments.iter().map_err(storage)? {
         let (k, v) = row.map_err(storage)?;
-        let r: ExperimentRecord = decode(k.value(), v.value())?;
-        for scope in [r.namespace.as_str(), search::ALL] {
-            by_scope
-                .insert((scope, r.created_at, r.id.as_str()), ())
-                .map_err(storage)?;
-        }
+        place(&mut by_scope, &decode(k.value(), v.value())?)?;
+    }
+    Ok(())
+}
+
+/// Lists an experiment in its namespace and in every namespace's scope.
+fn place(
+    by_scope: &mut redb::Table<'_, (&'static str, i64, &'static str), ()>,
+    record: &ExperimentRecord,
+) -> Result<(), IndexError> {
+    for scope in [record.namespace.as_str(), search::ALL] {
+        by_scope
+            .insert((scope, record.created_at, record.id.as_str()), ())
+            .map_err(storage)?;
     }
     Ok(())
 }

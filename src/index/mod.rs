@@ -117,10 +117,6 @@ const HELD: TableDefinition<(u64, &str), ()> = TableDefinition::new("held_deleti
 /// The index layout version; see [`Index::open`] for what each step migrates.
 const LAYOUT_VERSION: u64 = 2;
 
-/// The catalog's layout: 2 keys `experiments_by_scope` and `search_entries` by
-/// (created at, id) after the value, so that new experiments append.
-const CATALOG_LAYOUT: u64 = 2;
-
 /// Errors from the index.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -222,23 +218,15 @@ impl Index {
                 .get("layout_version")
                 .map_err(storage)?
                 .map(|v| v.value());
-            let catalog_layout = meta
-                .get("catalog_layout")
-                .map_err(storage)?
-                .map(|v| v.value());
-            // Layout 1's tables are back if an earlier release ran on this index
-            // since (it creates them, and indexes its changes there only).
-            let layout_1_tables = txn
+            // Earlier releases keep the id-keyed catalog tables (every one creates
+            // them at start-up, and indexes its changes there only): their presence
+            // is what says the scope listing and search entries need rebuilding,
+            // whether from an upgrade or after an earlier release ran again.
+            let id_keyed_tables = txn
                 .list_tables()
                 .map_err(storage)?
                 .any(|t| t.name() == OLD_SEARCH.name() || t.name() == OLD_EXPERIMENTS_BY_NS.name());
-            let mut rebuild_search = false;
-            if catalog_layout.is_none_or(|v| v < CATALOG_LAYOUT) || layout_1_tables {
-                catalog::place_all(&txn)?;
-                meta.insert("catalog_layout", CATALOG_LAYOUT)
-                    .map_err(storage)?;
-                rebuild_search = true;
-            }
+            let mut rebuild_search = id_keyed_tables;
             if version.is_none_or(|v| v < LAYOUT_VERSION) {
                 for row in files.iter().map_err(storage)? {
                     let (key, _) = row.map_err(storage)?;
@@ -250,6 +238,7 @@ impl Index {
                 catalog::mark_all_dirty(&txn)?;
             }
             if rebuild_search {
+                catalog::place_all(&txn)?;
                 search::rebuild(&txn)?;
             }
         }
@@ -605,8 +594,8 @@ mod tests {
                 ids.push(rec.id);
             }
         }
-        // Turn it into what layout 1 wrote: id-keyed namespace and search tables,
-        // no catalog layout.
+        // Turn it into what an earlier release wrote: id-keyed namespace and
+        // search tables.
         {
             let db = Database::create(&path).unwrap();
             let txn = db.begin_write().unwrap();
@@ -627,8 +616,6 @@ mod tests {
                         )
                         .unwrap();
                 }
-                let mut meta = txn.open_table(META).unwrap();
-                meta.remove("catalog_layout").unwrap();
             }
             assert!(txn.delete_table(EXPERIMENTS_BY_NS).unwrap());
             assert!(txn.delete_table(SEARCH).unwrap());

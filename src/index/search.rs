@@ -189,22 +189,6 @@ pub(super) fn index_param(
     put(t, namespace, &field, &Value::of_json(new), (created_at, id))
 }
 
-/// Removes a metadata key's entry.
-pub(super) fn unindex_param(
-    t: &mut SearchTable<'_>,
-    (namespace, created_at, id): Placed<'_>,
-    key: &str,
-    value: &serde_json::Value,
-) -> Result<(), IndexError> {
-    del(
-        t,
-        namespace,
-        &param_field(key),
-        &Value::of_json(value),
-        (created_at, id),
-    )
-}
-
 fn summary_value(s: &MetricSummary, agg: Agg) -> Option<Value> {
     let v = match agg {
         Agg::Last => s.last,
@@ -258,22 +242,43 @@ impl<'a> SearchUpdates<'a> {
         }
     }
 
+    /// Moves a metadata value's entry to an experiment's new placement.
+    pub(super) fn param_moved(
+        &mut self,
+        from: Placed<'a>,
+        to: Placed<'a>,
+        key: &str,
+        value: &serde_json::Value,
+    ) {
+        self.moved(from, to, param_field(key), &Value::of_json(value));
+    }
+
     /// Moves a summary's entries to an experiment's new placement.
     pub(super) fn summary_moved(
         &mut self,
-        (from_ns, from, id): Placed<'a>,
-        (to_ns, to, _): Placed<'a>,
+        from: Placed<'a>,
+        to: Placed<'a>,
         key: &str,
         s: &MetricSummary,
     ) {
         for agg in INDEXED_AGGS {
             if let Some(v) = summary_value(s, agg) {
-                let (field, value) = (metric_field(key, agg), encode_value(&v));
-                self.removed
-                    .push((from_ns, field.clone(), value.clone(), from, id));
-                self.added.push((to_ns, field, value, to, id));
+                self.moved(from, to, metric_field(key, agg), &v);
             }
         }
+    }
+
+    fn moved(
+        &mut self,
+        (from_ns, from, id): Placed<'a>,
+        (to_ns, to, _): Placed<'a>,
+        field: String,
+        v: &Value,
+    ) {
+        let value = encode_value(v);
+        self.removed
+            .push((from_ns, field.clone(), value.clone(), from, id));
+        self.added.push((to_ns, field, value, to, id));
     }
 
     /// Removes, then adds, each in key order.
@@ -593,9 +598,10 @@ fn param_value(metadata: &BTreeMap<String, MetadataEntry>, key: &str) -> Option<
 /// Compares sort values under `order`; missing values (null) come last in either
 /// direction; creation time, then id, breaks ties.
 fn compare(order: &[OrderBy], a: (&[Value], Tie<'_>), b: (&[Value], Tie<'_>)) -> Ordering {
+    // A token's values may be fewer than the sort keys: the missing compare as null.
+    let null = Value::Null;
     for (i, o) in order.iter().enumerate() {
-        let value = |v: &[Value]| v.get(i).cloned().unwrap_or(Value::Null);
-        let (x, y) = (&value(a.0), &value(b.0));
+        let (x, y) = (a.0.get(i).unwrap_or(&null), b.0.get(i).unwrap_or(&null));
         let ord = match (x, y) {
             (Value::Null, Value::Null) => Ordering::Equal,
             (Value::Null, _) => Ordering::Greater,

@@ -165,7 +165,7 @@ impl Snapshots {
             if self.stopping() {
                 // Done again after the next start; the deltas are still in place.
                 for (staged, _) in files {
-                    let _ = std::fs::remove_file(staged.path());
+                    sink.discard(staged);
                 }
                 return Ok(());
             }
@@ -495,6 +495,17 @@ mod tests {
         (files, rows)
     }
 
+    fn experiment(i: usize) -> NewExperiment {
+        NewExperiment {
+            name: format!("e{i}"),
+            namespace: "ns".into(),
+            owner: String::new(),
+            framework: 0,
+            task: String::new(),
+            external_id: String::new(),
+        }
+    }
+
     /// An index and its catalog tables under a temporary root (`root/`).
     fn local_snapshots() -> (tempfile::TempDir, Arc<Index>, Snapshots) {
         let dir = tempfile::tempdir().unwrap();
@@ -518,17 +529,7 @@ mod tests {
         );
         for i in 0..(CONSOLIDATE_AFTER + 1) {
             index
-                .create_experiment(
-                    NewExperiment {
-                        name: format!("e{i}"),
-                        namespace: "ns".into(),
-                        owner: String::new(),
-                        framework: 0,
-                        task: String::new(),
-                        external_id: String::new(),
-                    },
-                    &[("i".into(), serde_json::json!(i))],
-                )
+                .create_experiment(experiment(i), &[("i".into(), serde_json::json!(i))])
                 .unwrap();
             assert!(snapshots.write_if_changed().unwrap());
             assert!(!snapshots.write_if_changed().unwrap(), "no change, no file");
@@ -555,19 +556,7 @@ mod tests {
         let (dir, index, mut snapshots) = local_snapshots();
         snapshots.page = 2;
         for i in 0..5 {
-            index
-                .create_experiment(
-                    NewExperiment {
-                        name: format!("e{i}"),
-                        namespace: "ns".into(),
-                        owner: String::new(),
-                        framework: 0,
-                        task: String::new(),
-                        external_id: String::new(),
-                    },
-                    &[],
-                )
-                .unwrap();
+            index.create_experiment(experiment(i), &[]).unwrap();
         }
         snapshots.stopping.store(true, Ordering::Relaxed);
         assert!(snapshots.write_if_changed().unwrap());
