@@ -209,6 +209,7 @@ pub async fn run(
         },
         appends: metrics.wal_appends.clone(),
         fsync_seconds: metrics.wal_fsync_seconds.clone(),
+        preallocate: config.durability == Durability::WalFsync,
     })?;
     let wal = Arc::new(wal);
     index.forget_published_below(wal.retained_from())?;

@@ -18,10 +18,18 @@
 //! A record stays needed until all its blocks are in published Parquet. The
 //! [`Tracker`] counts unpublished blocks per sequence number; a closed segment whose
 //! records are all released is deleted.
+//!
+//! Under [`SyncMode::Fsync`] segments are preallocated: a thread writes the next
+//! segment's file full of zeros and syncs it before it is needed, and frames then
+//! overwrite those blocks. Appending to a file changes its size and block map, so
+//! every `fdatasync` of an appended file also commits the file system's journal;
+//! overwriting blocks already written needs only the data flushed (on ext4 here,
+//! `fdatasync` after 4 KiB took 0.12 ms at p50 instead of 0.20 ms). The zeros after
+//! the last frame read as the log's end, not as damage.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,6 +53,8 @@ const MAX_GROUP_BYTES: usize = 16 << 20;
 /// The commit thread's write buffer: frames are copied through it, never gathered
 /// whole, so the thread's own memory stays this small.
 const WRITE_BUFFER: usize = 256 << 10;
+/// Suffix of a zero-filled file waiting to become the next segment.
+const PREPARED_SUFFIX: &str = ".zeros";
 
 /// What a record holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +170,9 @@ pub struct WalConfig {
     pub appends: prometheus_client::metrics::counter::Counter,
     /// Times each group commit's fdatasync.
     pub fsync_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Whether segments are zero-filled ahead of need (see the module docs); only
+    /// under [`SyncMode::Fsync`], where the journal commits it saves are paid.
+    pub preallocate: bool,
 }
 
 /// Runs on the commit thread once a record is durable, before its caller hears.
@@ -209,6 +222,11 @@ impl Wal {
             .filter_map(|e| e.ok())
             .filter_map(|e| {
                 let path = e.path();
+                // A file prepared for a run that ended before it was used.
+                if path.to_str().is_some_and(|p| p.ends_with(PREPARED_SUFFIX)) {
+                    let _ = std::fs::remove_file(&path);
+                    return None;
+                }
                 let first = path
                     .file_name()?
                     .to_str()?
@@ -270,7 +288,8 @@ impl Wal {
                 }
             }
             replayed.extend(scan.records);
-            let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+            // What the frames take, not the file's (preallocated) length.
+            let bytes = scan.end as u64;
             segments.push_back(Segment {
                 path,
                 first,
@@ -288,6 +307,16 @@ impl Wal {
             bytes: Arc::clone(&bytes),
         })
         .map_err(io_err("starting the deleting thread for", Path::new("wal")))?;
+        let preparer = if config.preallocate {
+            Some(
+                Preparer::start(config.dir.clone(), config.segment_bytes).map_err(io_err(
+                    "starting the preallocating thread for",
+                    Path::new("wal"),
+                ))?,
+            )
+        } else {
+            None
+        };
         let (tx, rx) = crossbeam_channel::unbounded();
         let committer = Committer {
             config,
@@ -298,6 +327,7 @@ impl Wal {
             open: None,
             next,
             deleter,
+            preparer,
         };
         let thread = std::thread::Builder::new()
             .name("mboxd-wal".into())
@@ -424,6 +454,8 @@ pub struct Scan {
     /// How many of `records` were found after the damage (by resynchronising on the
     /// next intact frame).
     pub records_after_damage: usize,
+    /// Offset just past the last intact frame.
+    pub end: usize,
 }
 
 /// Parses one frame at the start of `bytes`; `None` if it is not an intact frame.
@@ -467,7 +499,10 @@ pub fn scan(bytes: &[u8]) -> Scan {
                 }
                 out.records.push(record);
                 at += len;
+                out.end = at;
             }
+            // A preallocated segment's unused blocks: the end of the log, not damage.
+            None if bytes[at..].iter().all(|&b| b == 0) => break,
             None => {
                 out.damage.get_or_insert(at);
                 // Resynchronise on the next magic that starts an intact frame.
@@ -489,10 +524,132 @@ struct Committer {
     bytes: Arc<AtomicU64>,
     /// Closed segments, oldest first, then (last) the open one.
     segments: VecDeque<Segment>,
-    open: Option<(File, u64)>,
+    open: Option<OpenSegment>,
     next: Seq,
     /// Released segments go here to be deleted.
     deleter: Deleter,
+    /// Zero-filled files for the next segments, when preallocating.
+    preparer: Option<Preparer>,
+}
+
+/// The segment being appended to.
+struct OpenSegment {
+    file: File,
+    /// Bytes of frames in it; the next frame goes here.
+    len: u64,
+    /// Whether its blocks past `len` are zeros already written and synced.
+    preallocated: bool,
+}
+
+/// Fills the next segment's file with zeros and syncs it, off the commit thread; one
+/// file waits at a time.
+struct Preparer {
+    ready: Receiver<PathBuf>,
+    /// Dropped to stop the thread while it waits to try again.
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Preparer {
+    fn start(dir: PathBuf, bytes: u64) -> io::Result<Self> {
+        let (tx, ready) = crossbeam_channel::bounded(0);
+        let (stop, stopped) = crossbeam_channel::bounded(0);
+        let thread = std::thread::Builder::new()
+            .name("mboxd-wal-prealloc".into())
+            .spawn(move || prepare_segments(&dir, bytes, &tx, &stopped))?;
+        Ok(Self {
+            ready,
+            stop,
+            thread,
+        })
+    }
+
+    /// A prepared file, if one is ready now.
+    fn take(&self) -> Option<PathBuf> {
+        self.ready.try_recv().ok()
+    }
+
+    /// Stops the thread; a file it prepared is removed.
+    fn finish(self) {
+        drop(self.ready);
+        drop(self.stop);
+        let _ = self.thread.join();
+    }
+}
+
+/// How long the preparing thread waits after a failure (a full disk, say).
+const PREPARE_RETRY: Duration = Duration::from_secs(10);
+
+fn prepare_segments(dir: &Path, bytes: u64, ready: &Sender<PathBuf>, stop: &Receiver<()>) {
+    let wait = || {
+        !matches!(
+            stop.recv_timeout(PREPARE_RETRY),
+            Err(RecvTimeoutError::Disconnected)
+        )
+    };
+    for n in 0u64.. {
+        // A nearly full disk keeps its last space for frames: filling it with
+        // zeros would refuse appends that fit.
+        if !has_room(dir, bytes) {
+            tracing::debug!(dir = %dir.display(), "too little free space to preallocate a write-ahead log segment");
+            if wait() {
+                continue;
+            }
+            return;
+        }
+        let path = dir.join(format!("next-{n}{PREPARED_SUFFIX}"));
+        match zero_fill(&path, bytes, stop) {
+            Ok(true) => {
+                if ready.send(path.clone()).is_err() {
+                    let _ = std::fs::remove_file(&path);
+                    return;
+                }
+            }
+            Ok(false) => {
+                let _ = std::fs::remove_file(&path);
+                return;
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                tracing::warn!(file = %path.display(), error = %e, "cannot preallocate a write-ahead log segment; segments are appended to until it works");
+                if !wait() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Whether the file system of `dir` would keep at least `bytes` free after
+/// `bytes` more were written.
+fn has_room(dir: &Path, bytes: u64) -> bool {
+    rustix::fs::statvfs(dir)
+        .is_ok_and(|s| s.f_bavail.saturating_mul(s.f_frsize) >= bytes.saturating_mul(2))
+}
+
+/// Writes `bytes` zeros to a new file at `path` and makes them durable.
+///
+/// One MiB at a time, each synced before the next after a pause: a whole segment
+/// flushed at once held the device for tens of milliseconds, and every commit's
+/// `fdatasync` waited behind it (ack p99 at half load 12-21 ms before, 26-38 ms
+/// with unpaced fills). Returns `false` if the log closed meanwhile.
+fn zero_fill(path: &Path, bytes: u64, stop: &Receiver<()>) -> io::Result<bool> {
+    const CHUNK: usize = 1 << 20;
+    const PAUSE: Duration = Duration::from_millis(5);
+    let zeros = vec![0u8; CHUNK];
+    let mut file = File::create(path)?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        file.write_all(&zeros[..n])?;
+        file.sync_data()?;
+        left -= n as u64;
+        if let Err(RecvTimeoutError::Disconnected) = stop.recv_timeout(PAUSE) {
+            return Ok(false);
+        }
+    }
+    file.sync_all()?;
+    Ok(true)
 }
 
 /// Deletes released segments off the commit thread, oldest first. Unlinking a synced
@@ -613,8 +770,11 @@ impl Committer {
             self.commit(group);
             self.delete_released();
         }
-        if let Some((file, _)) = self.open.take() {
-            let _ = file.sync_all();
+        if let Some(open) = self.open.take() {
+            let _ = open.file.sync_all();
+        }
+        if let Some(preparer) = self.preparer.take() {
+            preparer.finish();
         }
         // Closed now: after a graceful stop every record is published, and the
         // last segment goes too, so the next start has nothing to replay.
@@ -641,7 +801,7 @@ impl Committer {
                 if self
                     .open
                     .as_ref()
-                    .is_some_and(|(_, len)| *len >= self.config.segment_bytes)
+                    .is_some_and(|o| o.len >= self.config.segment_bytes)
                 {
                     self.open = None;
                 }
@@ -672,43 +832,31 @@ impl Committer {
     /// syncs it. On failure the segment is cut back to its previous length, so a
     /// failed group leaves no partial frame behind and the next append can succeed.
     fn write_group(&mut self, group: &[Append]) -> Result<(), WalError> {
-        if self.open.is_none() {
-            let path = self.config.dir.join(format!("{:020}.wal", self.next));
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(io_err("creating", &path))?;
-            let len = file.metadata().map_err(io_err("reading", &path))?.len();
-            File::open(&self.config.dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err("syncing", &self.config.dir))?;
-            // A segment without records found at start-up (a crash before its first
-            // frame was whole) or left by a failed first write is this same file:
-            // one entry for it, or releasing the stale one would delete the file
-            // being appended to.
-            match self.segments.back() {
-                Some(last) if last.path == path => {}
-                _ => self.segments.push_back(Segment {
-                    path,
-                    first: self.next,
-                    end: self.next,
-                    bytes: len,
-                }),
+        // A segment opened before a preallocated file was ready (the first after a
+        // start, say) is closed as soon as one is.
+        let mut prepared = None;
+        if self.open.as_ref().is_none_or(|o| !o.preallocated) {
+            prepared = self.preparer.as_ref().and_then(Preparer::take);
+            if prepared.is_some() {
+                self.open = None;
             }
-            self.open = Some((file, len));
+        }
+        if self.open.is_none() {
+            self.open = Some(self.open_segment(prepared)?);
         }
         let path = self
             .segments
             .back()
             .map(|s| s.path.clone())
             .unwrap_or_default();
-        let Some((file, len)) = self.open.as_mut() else {
+        let Some(OpenSegment { file, len, .. }) = self.open.as_mut() else {
             return Err(WalError::Closed);
         };
         let first_seq = self.next;
         let mut bytes = 0u64;
         let written = (|| {
+            // Where the last group ended, whatever a failed write left.
+            file.seek(SeekFrom::Start(*len))?;
             let mut out = io::BufWriter::with_capacity(WRITE_BUFFER, &mut *file);
             for (i, a) in group.iter().enumerate() {
                 out.write_all(&frame_header(
@@ -745,13 +893,69 @@ impl Committer {
                 Ok(())
             }
             Err(e) => {
+                // Cut back to the last whole frame (a preallocated file loses its
+                // zeros, and syncs like an appended one from here on).
                 if let Err(cut) = file.set_len(*len) {
                     tracing::error!(error = %cut, "cannot cut a failed write-ahead log append back; starting a new segment");
                     self.open = None;
+                } else if let Some(open) = self.open.as_mut() {
+                    open.preallocated = false;
                 }
                 Err(io_err("appending to", &path)(e))
             }
         }
+    }
+
+    /// Opens the segment that starts at `self.next`: from a preallocated file when
+    /// one is given, else a new (or left-over empty) file.
+    fn open_segment(&mut self, prepared: Option<PathBuf>) -> Result<OpenSegment, WalError> {
+        let path = self.config.dir.join(format!("{:020}.wal", self.next));
+        // A segment without records found at start-up (a crash before its first
+        // frame was whole) or left by a failed first write is this same file: its
+        // frames (none) end where the scan found, and it keeps its one entry, or
+        // releasing the stale one would delete the file being appended to.
+        let reused = match self.segments.back() {
+            Some(last) if last.path == path => Some(last.bytes),
+            _ => None,
+        };
+        let preallocated = match prepared {
+            Some(from) => match std::fs::rename(&from, &path) {
+                Ok(()) => true,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&from);
+                    tracing::warn!(file = %from.display(), error = %e, "cannot use a preallocated write-ahead log segment; appending instead");
+                    false
+                }
+            },
+            None => false,
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err("creating", &path))?;
+        let len = match (preallocated, reused) {
+            (true, _) => 0,
+            (false, Some(bytes)) => bytes,
+            (false, None) => file.metadata().map_err(io_err("reading", &path))?.len(),
+        };
+        File::open(&self.config.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("syncing", &self.config.dir))?;
+        if reused.is_none() {
+            self.segments.push_back(Segment {
+                path,
+                first: self.next,
+                end: self.next,
+                bytes: len,
+            });
+        }
+        Ok(OpenSegment {
+            file,
+            len,
+            preallocated,
+        })
     }
 
     /// Hands closed segments whose records are all published to the deleting
@@ -793,6 +997,7 @@ mod tests {
             sync: SyncMode::Fsync,
             appends: Default::default(),
             fsync_seconds: prometheus_client::metrics::histogram::Histogram::new([0.001]),
+            preallocate: false,
         }
     }
 
@@ -973,6 +1178,164 @@ mod tests {
                 .unwrap(),
             6
         );
+    }
+
+    fn preallocating(dir: &Path) -> WalConfig {
+        WalConfig {
+            preallocate: true,
+            ..config(dir)
+        }
+    }
+
+    fn prepared(dir: &Path) -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_str().is_some_and(|p| p.ends_with(PREPARED_SUFFIX)))
+            .collect()
+    }
+
+    /// Opens a preallocating log and waits until its first zero-filled file is ready.
+    async fn open_preallocated(dir: &Path) -> Wal {
+        let (wal, replayed) = Wal::open(preallocating(dir)).unwrap();
+        assert!(replayed.is_empty());
+        for _ in 0..500 {
+            let full = prepared(dir)
+                .iter()
+                .any(|p| std::fs::metadata(p).is_ok_and(|m| m.len() == 1 << 20));
+            if full {
+                // Offered as soon as it is synced.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return wal;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no preallocated segment after 5 s");
+    }
+
+    #[tokio::test]
+    async fn preallocated_segments_replay_and_their_zeros_are_the_end_not_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = open_preallocated(dir.path()).await;
+        assert_eq!(append_n(&wal, 5).await, [1, 2, 3, 4, 5]);
+        let seg = segments(dir.path()).pop().unwrap();
+        // The frames went into the zero-filled file, which kept its length.
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), 1 << 20);
+        assert_eq!(wal.bytes(), 5 * (HEADER as u64 + 100));
+        wal.close();
+        assert_eq!(
+            prepared(dir.path()),
+            Vec::<PathBuf>::new(),
+            "close removes the spare"
+        );
+
+        let (wal, replayed) = Wal::open(preallocating(dir.path())).unwrap();
+        assert_eq!(
+            replayed.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
+        assert_eq!(replayed[4].payload, vec![4u8; 100]);
+        assert!(!dir.path().join("corrupt").exists());
+        assert_eq!(
+            std::fs::metadata(&seg).unwrap().len(),
+            1 << 20,
+            "nothing cut"
+        );
+        assert_eq!(wal.bytes(), 5 * (HEADER as u64 + 100));
+        assert_eq!(
+            wal.append(RecordKind::Metrics, vec![], 1, noop())
+                .await
+                .unwrap(),
+            6
+        );
+    }
+
+    #[tokio::test]
+    async fn preallocated_segments_roll_over_and_replay_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = open_preallocated(dir.path()).await;
+        let mut seqs = Vec::new();
+        // 100 KB records: ten or eleven to a 1 MiB segment.
+        for i in 0..40u8 {
+            seqs.push(
+                wal.append(RecordKind::Events, vec![i; 100_000], 1, noop())
+                    .await
+                    .unwrap(),
+            );
+        }
+        assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
+        assert!(
+            segments(dir.path()).len() >= 4,
+            "{:?}",
+            segments(dir.path())
+        );
+        wal.close();
+        let (_, replayed) = Wal::open(preallocating(dir.path())).unwrap();
+        assert_eq!(
+            replayed.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (1..=40).collect::<Vec<_>>()
+        );
+        for r in &replayed {
+            assert_eq!(r.payload, vec![(r.seq - 1) as u8; 100_000]);
+        }
+        assert!(!dir.path().join("corrupt").exists());
+    }
+
+    #[tokio::test]
+    async fn a_torn_frame_in_a_preallocated_segment_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = open_preallocated(dir.path()).await;
+        append_n(&wal, 3).await;
+        wal.close();
+        let seg = segments(dir.path()).pop().unwrap();
+        // A crash mid-write: the next frame's first bytes in the zeros.
+        let mut frame = Vec::new();
+        encode_frame(&mut frame, 4, RecordKind::Metrics, &[7; 100]);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let end = 3 * (HEADER + 100);
+        bytes[end..end + 40].copy_from_slice(&frame[..40]);
+        std::fs::write(&seg, &bytes).unwrap();
+
+        let (wal, replayed) = Wal::open(preallocating(dir.path())).unwrap();
+        assert_eq!(
+            replayed.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), end as u64);
+        assert!(!dir.path().join("corrupt").exists());
+        assert_eq!(
+            wal.append(RecordKind::Metrics, vec![9], 1, noop())
+                .await
+                .unwrap(),
+            4
+        );
+    }
+
+    #[tokio::test]
+    async fn prepared_files_left_by_a_crash_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let left = dir.path().join(format!("next-0{PREPARED_SUFFIX}"));
+        std::fs::write(&left, vec![0u8; 4096]).unwrap();
+        let (wal, replayed) = Wal::open(config(dir.path())).unwrap();
+        assert!(replayed.is_empty());
+        assert!(!left.exists());
+        assert_eq!(append_n(&wal, 1).await, [1]);
+    }
+
+    #[test]
+    fn scan_reads_zeros_after_the_last_frame_as_the_end() {
+        let mut bytes = Vec::new();
+        encode_frame(&mut bytes, 1, RecordKind::Metrics, b"one");
+        encode_frame(&mut bytes, 2, RecordKind::Metrics, b"two");
+        let end = bytes.len();
+        bytes.resize(end + 10_000, 0);
+        let s = scan(&bytes);
+        assert_eq!(s.records.len(), 2);
+        assert_eq!((s.damage, s.end), (None, end));
+        // A non-zero byte anywhere in the tail is damage again.
+        bytes[end + 9_000] = 1;
+        let s = scan(&bytes);
+        assert_eq!((s.records.len(), s.damage, s.end), (2, Some(end), end));
     }
 
     #[test]

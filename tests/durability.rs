@@ -47,11 +47,12 @@ fn only_segment(data: &Path) -> PathBuf {
     segs[0].clone()
 }
 
-/// Byte offsets of the frames in a segment (24-byte header, length at 8..12).
+/// Byte offsets of the frames in a segment (24-byte header, magic at 0..4, length
+/// at 8..12), up to the zeros of a preallocated segment.
 fn frame_offsets(bytes: &[u8]) -> Vec<usize> {
     let mut at = 0;
     let mut out = Vec::new();
-    while at + 24 <= bytes.len() {
+    while at + 24 <= bytes.len() && &bytes[at..at + 4] == b"MBXW" {
         out.push(at);
         at += 24 + u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap()) as usize;
     }
@@ -70,13 +71,34 @@ fn batches_on_disk(data: &Path) -> Vec<u64> {
     batches
 }
 
+/// Waits until the log's first zero-filled segment is ready, so the first record
+/// goes into it and no later one moves on to a new segment.
+async fn wait_for_preallocated_segment(data: &Path) {
+    let file = data.join("wal").join("next-0.zeros");
+    for _ in 0..1000 {
+        if std::fs::metadata(&file).is_ok_and(|m| m.len() == 64 << 20) {
+            // Offered to the commit thread as soon as it is synced.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("no preallocated write-ahead log segment after 10 s");
+}
+
 /// Six acknowledged batches, one WAL record each, none published; then SIGKILL.
 async fn six_records_then_kill(data: &Path) {
     let proc = Process::start(data, &["--roll-max-age-ms", "600000"]).await;
     let mut c = proc.client().await;
     let id = experiment(&mut c).await;
+    wait_for_preallocated_segment(data).await;
     log_batches(&mut c, &id, 0..6).await;
     proc.kill().await;
+    // The records went into the preallocated file, which kept its length.
+    assert_eq!(
+        std::fs::metadata(only_segment(data)).unwrap().len(),
+        64 << 20
+    );
 }
 
 #[tokio::test]
@@ -112,12 +134,16 @@ async fn a_torn_tail_is_truncated_and_everything_before_it_replayed() {
     let data = dir.path().join("data");
     six_records_then_kill(&data).await;
     let seg = only_segment(&data);
-    let len = std::fs::metadata(&seg).unwrap().len();
+    let bytes = std::fs::read(&seg).unwrap();
+    let last = *frame_offsets(&bytes).last().unwrap();
+    let end =
+        last + 24 + u32::from_le_bytes(bytes[last + 8..last + 12].try_into().unwrap()) as usize;
+    // The last frame loses its last bytes, and whatever followed it is gone.
     std::fs::OpenOptions::new()
         .write(true)
         .open(&seg)
         .unwrap()
-        .set_len(len - 10)
+        .set_len(end as u64 - 10)
         .unwrap();
 
     let proc = Process::start(&data, &[]).await;
