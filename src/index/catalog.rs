@@ -2,15 +2,16 @@
 //! batch ids.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 
-use redb::{ReadableTable, WriteTransaction};
+use redb::{Database, ReadableTable, WriteTransaction};
 
 use super::changes::Change;
 use super::{
-    BATCH_IDS, CATALOG_FILES, DIRTY, EXPERIMENTS, EXPERIMENTS_BY_NS, Index, IndexError, METADATA,
-    MetadataEntry, OLD_EXPERIMENTS_BY_NS, OLD_SEARCH, SEARCH, SUMMARIES, decode, encode, search,
-    storage,
+    BATCH_IDS, CATALOG_FILES, DIRTY, EXPERIMENTS, EXPERIMENTS_BY_NS, Index, IndexError, META,
+    METADATA, MetadataEntry, OLD_EXPERIMENTS_BY_NS, OLD_SEARCH, REBUILD_PENDING, SEARCH, SUMMARIES,
+    decode, encode, search, storage,
 };
 use crate::model::{
     ExperimentRecord, ExperimentRef, MetricSummary, Micros, experiment_id, now_micros,
@@ -292,31 +293,6 @@ impl Index {
         Ok(now)
     }
 
-    /// Every experiment, ordered by id.
-    pub fn all_experiments(&self) -> Result<Vec<ExperimentRecord>, IndexError> {
-        let read = self.db.begin_read().map_err(storage)?;
-        let table = read.open_table(EXPERIMENTS).map_err(storage)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(storage)? {
-            let (key, value) = row.map_err(storage)?;
-            out.push(decode(key.value(), value.value())?);
-        }
-        Ok(out)
-    }
-
-    /// Every metadata entry as (experiment id, key, entry), ordered by both.
-    pub fn all_metadata(&self) -> Result<Vec<(String, String, MetadataEntry)>, IndexError> {
-        let read = self.db.begin_read().map_err(storage)?;
-        let table = read.open_table(METADATA).map_err(storage)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(storage)? {
-            let (key, value) = row.map_err(storage)?;
-            let (parent, k) = key.value();
-            out.push((parent.to_owned(), k.to_owned(), decode(k, value.value())?));
-        }
-        Ok(out)
-    }
-
     /// All metadata of `parent_id`, ordered by key.
     pub fn list_metadata(
         &self,
@@ -476,20 +452,66 @@ impl<'txn> CatalogTables<'txn> {
     }
 }
 
-/// Lists every experiment by scope anew and drops the id-keyed tables of earlier
-/// releases. The search index must be
-/// rebuilt after this ([`search::rebuild`]).
-pub(super) fn place_all(txn: &WriteTransaction) -> Result<(), IndexError> {
+/// Experiments listed and indexed per transaction of a rebuild.
+pub(super) const REBUILD_CHUNK: usize = 10_000;
+
+/// Lists every experiment by scope and indexes it for search anew, then drops the
+/// id-keyed tables of earlier releases and the [`REBUILD_PENDING`] mark.
+///
+/// The emptied tables are committed first, so their pages are free for the new
+/// entries, and the experiments follow in transactions of `chunk`, one
+/// at a time from the tables: neither the file nor memory grows with the
+/// catalogue beyond what the entries take. A crash part-way leaves the mark (or
+/// the earlier tables), and the next start rebuilds from the beginning.
+pub(super) fn rebuild_listings(db: &Database, chunk: usize) -> Result<(), IndexError> {
+    let txn = db.begin_write().map_err(storage)?;
+    txn.delete_table(EXPERIMENTS_BY_NS).map_err(storage)?;
+    txn.delete_table(SEARCH).map_err(storage)?;
+    txn.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
+    txn.open_table(SEARCH).map_err(storage)?;
+    txn.commit().map_err(storage)?;
+
+    let mut after: Option<String> = None;
+    loop {
+        let txn = db.begin_write().map_err(storage)?;
+        let (listed, last) = {
+            let experiments = txn.open_table(EXPERIMENTS).map_err(storage)?;
+            let metadata = txn.open_table(METADATA).map_err(storage)?;
+            let summaries = txn.open_table(SUMMARIES).map_err(storage)?;
+            let mut by_scope = txn.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
+            let mut search = txn.open_table(SEARCH).map_err(storage)?;
+            let from = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+            let mut listed = 0;
+            let mut last = None;
+            for row in experiments
+                .range::<&str>((from, Bound::Unbounded))
+                .map_err(storage)?
+                .take(chunk)
+            {
+                let (k, v) = row.map_err(storage)?;
+                let record: ExperimentRecord = decode(k.value(), v.value())?;
+                place(&mut by_scope, &record)?;
+                search::index_experiment(&mut search, &metadata, &summaries, &record)?;
+                listed += 1;
+                last = Some(record.id);
+            }
+            (listed, last)
+        };
+        txn.commit().map_err(storage)?;
+        after = last;
+        if listed < chunk {
+            break;
+        }
+    }
+
+    let txn = db.begin_write().map_err(storage)?;
     txn.delete_table(OLD_EXPERIMENTS_BY_NS).map_err(storage)?;
     txn.delete_table(OLD_SEARCH).map_err(storage)?;
-    let experiments = txn.open_table(EXPERIMENTS).map_err(storage)?;
-    let mut by_scope = txn.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
-    by_scope.retain(|_, _| false).map_err(storage)?;
-    for row in experiments.iter().map_err(storage)? {
-        let (k, v) = row.map_err(storage)?;
-        place(&mut by_scope, &decode(k.value(), v.value())?)?;
-    }
-    Ok(())
+    txn.open_table(META)
+        .map_err(storage)?
+        .remove(REBUILD_PENDING)
+        .map_err(storage)?;
+    txn.commit().map_err(storage)
 }
 
 /// Lists an experiment in its namespace and in every namespace's scope.
@@ -508,17 +530,12 @@ fn place(
 /// Marks every experiment for the catalog tables (an index from before they were
 /// written incrementally).
 pub(super) fn mark_all_dirty(txn: &WriteTransaction) -> Result<(), IndexError> {
-    let ids: Vec<String> = {
-        let table = txn.open_table(EXPERIMENTS).map_err(storage)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(storage)? {
-            out.push(row.map_err(storage)?.0.value().to_owned());
-        }
-        out
-    };
+    let experiments = txn.open_table(EXPERIMENTS).map_err(storage)?;
     let mut dirty = txn.open_table(DIRTY).map_err(storage)?;
-    for id in ids {
-        dirty.insert(id.as_str(), ()).map_err(storage)?;
+    for row in experiments.iter().map_err(storage)? {
+        dirty
+            .insert(row.map_err(storage)?.0.value(), ())
+            .map_err(storage)?;
     }
     Ok(())
 }

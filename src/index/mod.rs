@@ -116,6 +116,8 @@ const HELD: TableDefinition<(u64, &str), ()> = TableDefinition::new("held_deleti
 
 /// The index layout version; see [`Index::open`] for what each step migrates.
 const LAYOUT_VERSION: u64 = 2;
+/// Meta key present while the scope listing and search entries are being rebuilt.
+const REBUILD_PENDING: &str = "rebuild_listings";
 
 /// Errors from the index.
 #[derive(Debug, thiserror::Error)]
@@ -192,7 +194,7 @@ impl Index {
 
     fn init(db: Database) -> Result<Self, IndexError> {
         let txn = db.begin_write().map_err(storage)?;
-        {
+        let rebuild_search = {
             // Create every table so read transactions never meet a missing one.
             txn.open_table(EXPERIMENTS).map_err(storage)?;
             txn.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
@@ -226,7 +228,8 @@ impl Index {
                 .list_tables()
                 .map_err(storage)?
                 .any(|t| t.name() == OLD_SEARCH.name() || t.name() == OLD_EXPERIMENTS_BY_NS.name());
-            let mut rebuild_search = id_keyed_tables;
+            let mut rebuild_search =
+                id_keyed_tables || meta.get(REBUILD_PENDING).map_err(storage)?.is_some();
             if version.is_none_or(|v| v < LAYOUT_VERSION) {
                 for row in files.iter().map_err(storage)? {
                     let (key, _) = row.map_err(storage)?;
@@ -238,11 +241,14 @@ impl Index {
                 catalog::mark_all_dirty(&txn)?;
             }
             if rebuild_search {
-                catalog::place_all(&txn)?;
-                search::rebuild(&txn)?;
+                meta.insert(REBUILD_PENDING, 1).map_err(storage)?;
             }
-        }
+            rebuild_search
+        };
         txn.commit().map_err(storage)?;
+        if rebuild_search {
+            catalog::rebuild_listings(&db, catalog::REBUILD_CHUNK)?;
+        }
         Ok(Self {
             db,
             cache: ExperimentCache::new(catalog::CACHE_ENTRIES),
@@ -692,6 +698,71 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn an_interrupted_rebuild_is_done_again_at_the_next_open() {
+        use crate::search::{Search, parse_filter, parse_order_by};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        {
+            let index = Index::open(&path).unwrap();
+            for i in 0..25 {
+                let mut new = new_exp(&format!("e{i:02}"));
+                new.namespace = if i % 2 == 0 { "even" } else { "odd" }.into();
+                index
+                    .create_experiment(new, &[("i".into(), json!(i))])
+                    .unwrap();
+            }
+        }
+        let interrupt = || {
+            // As a crash after the rebuild's first transaction leaves it: the
+            // tables emptied, the mark still there.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(REBUILD_PENDING, 1)
+                .unwrap();
+            assert!(txn.delete_table(EXPERIMENTS_BY_NS).unwrap());
+            assert!(txn.delete_table(SEARCH).unwrap());
+            txn.commit().unwrap();
+            db
+        };
+        let check = |index: &Index| {
+            let names: Vec<String> = index
+                .list_experiments("odd")
+                .unwrap()
+                .into_iter()
+                .map(|r| r.name)
+                .collect();
+            let want: Vec<String> = (0..25)
+                .filter(|i| i % 2 == 1)
+                .map(|i| format!("e{i:02}"))
+                .collect();
+            assert_eq!(names, want);
+            let s = Search {
+                conditions: parse_filter("params.i >= 20").unwrap(),
+                order_by: vec![parse_order_by("params.i").unwrap()],
+            };
+            let page = index.search(None, &s, 10, None).unwrap();
+            let found: Vec<String> = page
+                .experiments
+                .into_iter()
+                .map(|d| d.record.name)
+                .collect();
+            assert_eq!(found, ["e20", "e21", "e22", "e23", "e24"]);
+            let read = index.db.begin_read().unwrap();
+            let meta = read.open_table(META).unwrap();
+            assert!(meta.get(REBUILD_PENDING).unwrap().is_none());
+        };
+        // The mark alone makes the next open rebuild.
+        drop(interrupt());
+        check(&Index::open(&path).unwrap());
+        // In transactions of a few experiments, as a large catalogue is.
+        let db = interrupt();
+        catalog::rebuild_listings(&db, 4).unwrap();
+        check(&Index::init(db).unwrap());
     }
 
     #[test]

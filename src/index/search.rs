@@ -21,7 +21,7 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
-use redb::{ReadableTable, WriteTransaction};
+use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -300,64 +300,36 @@ impl<'a> SearchUpdates<'a> {
     }
 }
 
-/// Indexes every experiment, metadata value and summary anew (an index from before
-/// run search existed, or from before its layout changed).
-pub(super) fn rebuild(txn: &WriteTransaction) -> Result<(), IndexError> {
-    let experiments: Vec<ExperimentRecord> = {
-        let table = txn.open_table(EXPERIMENTS).map_err(storage)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(storage)? {
-            let (k, v) = row.map_err(storage)?;
-            out.push(decode(k.value(), v.value())?);
+/// Indexes an experiment with its metadata values and summaries, as a rebuild of
+/// the search entries does ([`super::catalog::rebuild_listings`]).
+pub(super) fn index_experiment(
+    t: &mut SearchTable<'_>,
+    metadata: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    summaries: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    r: &ExperimentRecord,
+) -> Result<(), IndexError> {
+    index_record(t, None, r)?;
+    let at = (r.namespace.as_str(), r.created_at, r.id.as_str());
+    for row in metadata.range((r.id.as_str(), "")..).map_err(storage)? {
+        let (k, v) = row.map_err(storage)?;
+        let (parent, key) = k.value();
+        if parent != r.id {
+            break;
         }
-        out
-    };
-    let mut t = txn.open_table(SEARCH).map_err(storage)?;
-    t.retain(|_, _| false).map_err(storage)?;
-    for r in &experiments {
-        index_record(&mut t, None, r)?;
-        let metadata: Vec<(String, MetadataEntry)> = {
-            let table = txn.open_table(METADATA).map_err(storage)?;
-            let mut out = Vec::new();
-            for row in table.range((r.id.as_str(), "")..).map_err(storage)? {
-                let (k, v) = row.map_err(storage)?;
-                let (p, key) = k.value();
-                if p != r.id {
-                    break;
-                }
-                out.push((key.to_owned(), decode(key, v.value())?));
-            }
-            out
-        };
-        for (key, e) in &metadata {
-            index_param(
-                &mut t,
-                (&r.namespace, r.created_at, &r.id),
-                key,
-                None,
-                &e.value,
-            )?;
-        }
-        let summaries: Vec<(String, MetricSummary)> = {
-            let table = txn.open_table(SUMMARIES).map_err(storage)?;
-            let mut out = Vec::new();
-            for row in table.range((r.id.as_str(), "")..).map_err(storage)? {
-                let (k, v) = row.map_err(storage)?;
-                let (p, key) = k.value();
-                if p != r.id {
-                    break;
-                }
-                out.push((key.to_owned(), decode(key, v.value())?));
-            }
-            out
-        };
-        let mut updates = SearchUpdates::default();
-        for (key, s) in &summaries {
-            updates.summary((&r.namespace, r.created_at, &r.id), key, None, s);
-        }
-        updates.apply(&mut t)?;
+        let e: MetadataEntry = decode(key, v.value())?;
+        index_param(t, at, key, None, &e.value)?;
     }
-    Ok(())
+    let mut updates = SearchUpdates::default();
+    for row in summaries.range((r.id.as_str(), "")..).map_err(storage)? {
+        let (k, v) = row.map_err(storage)?;
+        let (parent, key) = k.value();
+        if parent != r.id {
+            break;
+        }
+        let s: MetricSummary = decode(key, v.value())?;
+        updates.summary(at, key, None, &s);
+    }
+    updates.apply(t)
 }
 
 /// An experiment with its metadata and summaries.
