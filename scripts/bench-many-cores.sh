@@ -12,8 +12,8 @@
 # at most 64 (the default server.max_connections): clients past it wait in the
 # listen backlog for the whole run. Override any of these from the environment.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 BIN="$(cd "${1:?usage: scripts/bench-many-cores.sh DIR-with-mboxd-and-loadgen}" && pwd)"
+cd "$(dirname "$0")/.."
 for f in mboxd loadgen; do
   [ -x "$BIN/$f" ] || { echo "no executable $BIN/$f" >&2; exit 1; }
 done

@@ -325,7 +325,7 @@ impl Index {
 }
 
 /// The rows of a `(parent, key)` table under one parent, decoded by `f`.
-fn prefix_rows<T>(
+pub(super) fn prefix_rows<T>(
     table: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
     parent: &str,
     f: impl Fn(&str, &[u8]) -> Result<T, IndexError>,
@@ -493,7 +493,7 @@ pub(super) fn rebuild_listings(db: &Database, chunk: usize) -> Result<(), IndexE
                 place(&mut by_scope, &record)?;
                 search::index_experiment(&mut search, &metadata, &summaries, &record)?;
                 listed += 1;
-                last = Some(record.id);
+                last = Some(k.value().to_owned());
             }
             (listed, last)
         };

@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
+use super::catalog::prefix_rows;
 use super::{
     EXPERIMENTS, EXPERIMENTS_BY_NS, Index, IndexError, METADATA, MetadataEntry, SEARCH, SUMMARIES,
     decode, storage,
@@ -310,24 +311,16 @@ pub(super) fn index_experiment(
 ) -> Result<(), IndexError> {
     index_record(t, None, r)?;
     let at = (r.namespace.as_str(), r.created_at, r.id.as_str());
-    for row in metadata.range((r.id.as_str(), "")..).map_err(storage)? {
-        let (k, v) = row.map_err(storage)?;
-        let (parent, key) = k.value();
-        if parent != r.id {
-            break;
-        }
-        let e: MetadataEntry = decode(key, v.value())?;
+    let params: Vec<(String, MetadataEntry)> =
+        prefix_rows(metadata, &r.id, |k, v| Ok((k.to_owned(), decode(k, v)?)))?;
+    for (key, e) in &params {
         index_param(t, at, key, None, &e.value)?;
     }
+    let summaries: Vec<(String, MetricSummary)> =
+        prefix_rows(summaries, &r.id, |k, v| Ok((k.to_owned(), decode(k, v)?)))?;
     let mut updates = SearchUpdates::default();
-    for row in summaries.range((r.id.as_str(), "")..).map_err(storage)? {
-        let (k, v) = row.map_err(storage)?;
-        let (parent, key) = k.value();
-        if parent != r.id {
-            break;
-        }
-        let s: MetricSummary = decode(key, v.value())?;
-        updates.summary(at, key, None, &s);
+    for (key, s) in &summaries {
+        updates.summary(at, key, None, s);
     }
     updates.apply(t)
 }
@@ -398,16 +391,9 @@ fn prefix<T: for<'de> Deserialize<'de>>(
     table: &redb::ReadOnlyTable<(&'static str, &'static str), &'static [u8]>,
     id: &str,
 ) -> Result<BTreeMap<String, T>, IndexError> {
-    let mut out = BTreeMap::new();
-    for row in table.range((id, "")..).map_err(storage)? {
-        let (k, v) = row.map_err(storage)?;
-        let (p, key) = k.value();
-        if p != id {
-            break;
-        }
-        out.insert(key.to_owned(), decode(key, v.value())?);
-    }
-    Ok(out)
+    // Rows come in key order, so collecting them builds the map in order.
+    let rows = prefix_rows(table, id, |k, v| Ok((k.to_owned(), decode(k, v)?)))?;
+    Ok(rows.into_iter().collect())
 }
 
 impl<'t> Candidate<'t> {
