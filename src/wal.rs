@@ -859,11 +859,6 @@ impl Committer {
         if self.open.is_none() {
             self.open = Some(self.open_segment(prepared)?);
         }
-        let path = self
-            .segments
-            .back()
-            .map(|s| s.path.clone())
-            .unwrap_or_default();
         let Some(OpenSegment { file, len, .. }) = self.open.as_mut() else {
             return Err(WalError::Closed);
         };
@@ -908,6 +903,11 @@ impl Committer {
                 Ok(())
             }
             Err(e) => {
+                let path = self
+                    .segments
+                    .back()
+                    .map(|s| s.path.clone())
+                    .unwrap_or_default();
                 // Cut back to the last whole frame (a preallocated file loses its
                 // zeros, and syncs like an appended one from here on).
                 if let Err(cut) = file.set_len(*len) {
@@ -944,25 +944,18 @@ impl Committer {
             },
             None => false,
         };
+        let len = match (preallocated, reused) {
+            (false, Some(bytes)) => bytes,
+            _ => 0,
+        };
+        // A file at a name that is no known segment holds no acknowledged frame:
+        // what a failed earlier open left (a renamed zero-filled file, say) goes.
         let file = OpenOptions::new()
             .create(true)
             .write(true)
-            .truncate(false)
+            .truncate(!preallocated && reused.is_none())
             .open(&path)
             .map_err(io_err("creating", &path))?;
-        let len = match (preallocated, reused) {
-            (true, _) => 0,
-            (false, Some(bytes)) => bytes,
-            // Not a known segment, so no acknowledged frame is in it: what a failed
-            // earlier open left (a renamed zero-filled file, say) is cut away.
-            (false, None) => {
-                let left = file.metadata().map_err(io_err("reading", &path))?.len();
-                if left > 0 {
-                    file.set_len(0).map_err(io_err("truncating", &path))?;
-                }
-                0
-            }
-        };
         File::open(&self.config.dir)
             .and_then(|d| d.sync_all())
             .map_err(io_err("syncing", &self.config.dir))?;
@@ -1237,11 +1230,17 @@ mod tests {
     async fn open_preallocated(dir: &Path) -> Wal {
         let (wal, replayed) = Wal::open(preallocating(dir)).unwrap();
         assert!(replayed.is_empty());
+        wait_for_spare(dir).await;
+        wal
+    }
+
+    /// Waits until a zero-filled file is ready for the next segment.
+    async fn wait_for_spare(dir: &Path) {
         for _ in 0..500 {
             if !prepared(dir).is_empty() {
                 // Named ready once synced, and offered right after.
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                return wal;
+                return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -1290,8 +1289,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let wal = open_preallocated(dir.path()).await;
         let mut seqs = Vec::new();
-        // 100 KB records: ten or eleven to a 1 MiB segment.
+        // 100 KB records: eleven fill a 1 MiB segment, whose frames then run past
+        // its zeros; three full segments, then seven records into a fresh spare
+        // (each segment starts once its spare is ready, so none is cut short).
         for i in 0..40u8 {
+            if i % 11 == 0 {
+                wait_for_spare(dir.path()).await;
+            }
             seqs.push(
                 wal.append(RecordKind::Events, vec![i; 100_000], 1, noop())
                     .await
@@ -1299,13 +1303,16 @@ mod tests {
             );
         }
         assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
-        assert!(
-            segments(dir.path()).len() >= 4,
-            "{:?}",
-            segments(dir.path())
-        );
+        let segs = segments(dir.path());
+        assert_eq!(segs.len(), 4, "{segs:?}");
+        let frame = (HEADER + 100_000) as u64;
+        let lengths: Vec<u64> = segs
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .collect();
+        assert_eq!(lengths, [11 * frame, 11 * frame, 11 * frame, 1 << 20]);
         wal.close();
-        let (_, replayed) = Wal::open(preallocating(dir.path())).unwrap();
+        let (wal, replayed) = Wal::open(preallocating(dir.path())).unwrap();
         assert_eq!(
             replayed.iter().map(|r| r.seq).collect::<Vec<_>>(),
             (1..=40).collect::<Vec<_>>()
@@ -1314,6 +1321,8 @@ mod tests {
             assert_eq!(r.payload, vec![(r.seq - 1) as u8; 100_000]);
         }
         assert!(!dir.path().join("corrupt").exists());
+        // Frames counted, not the last segment's zeros.
+        assert_eq!(wal.bytes(), 40 * frame);
     }
 
     #[tokio::test]

@@ -433,8 +433,7 @@ impl<'txn> CatalogTables<'txn> {
         Ok(())
     }
 
-    /// The namespace of experiment `id`, if it exists.
-    /// An experiment's namespace and creation time.
+    /// Experiment `id`'s namespace and creation time, if it exists.
     pub(super) fn placement_of(&self, id: &str) -> Result<Option<(String, Micros)>, IndexError> {
         Ok(self
             .experiments
@@ -475,23 +474,20 @@ pub(super) fn rebuild_listings(db: &Database, chunk: usize) -> Result<(), IndexE
     loop {
         let txn = db.begin_write().map_err(storage)?;
         let (listed, last) = {
-            let experiments = txn.open_table(EXPERIMENTS).map_err(storage)?;
-            let metadata = txn.open_table(METADATA).map_err(storage)?;
-            let summaries = txn.open_table(SUMMARIES).map_err(storage)?;
-            let mut by_scope = txn.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
-            let mut search = txn.open_table(SEARCH).map_err(storage)?;
+            let mut t = CatalogTables::open(&txn)?;
             let from = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
             let mut listed = 0;
             let mut last = None;
-            for row in experiments
+            for row in t
+                .experiments
                 .range::<&str>((from, Bound::Unbounded))
                 .map_err(storage)?
                 .take(chunk)
             {
                 let (k, v) = row.map_err(storage)?;
                 let record: ExperimentRecord = decode(k.value(), v.value())?;
-                place(&mut by_scope, &record)?;
-                search::index_experiment(&mut search, &metadata, &summaries, &record)?;
+                place(&mut t.by_namespace, &record)?;
+                search::index_experiment(&mut t.search, &t.metadata, &t.summaries, &record)?;
                 listed += 1;
                 last = Some(k.value().to_owned());
             }

@@ -8,8 +8,8 @@
 //! experiment's entries go to the end of their value's run, so creating
 //! experiments appends to the index, where keys ending in the (hashed) id put every
 //! entry on a random page. Creation time and id are the experiment's own, so every
-//! daemon and reader orders ties alike and a page token works on any of them. Indexed: `created_at`, `updated_at`, `name` and
-//! `owner` in both scopes; top-level metadata values (`p:<key>`) and metric
+//! daemon and reader orders ties alike and a page token works on any of them.
+//! Indexed: `created_at`, `updated_at`, `name` and `owner` in both scopes; top-level metadata values (`p:<key>`) and metric
 //! summaries' last, min and max (`m:<key>:<aggregate>`) in the namespace scope.
 //!
 //! A search whose (single) sort key is indexed walks that index from the page
