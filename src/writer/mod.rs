@@ -165,6 +165,23 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Under memory pressure, buffers at least this large are encoded early.
 const MIN_EARLY_ROWS: usize = 4096;
 
+/// How long a writer whose queue ran dry waits before it blocks on the queue
+/// again. A blocked writer is woken (a futex call, two context switches) by every
+/// batch handed to it: under single-point LogMetrics (16 clients, 2 cores) that
+/// was one wake per request, and the two writers took a quarter of the daemon's
+/// CPU, nearly all of it switching. A writer that naps instead takes whatever
+/// arrived meanwhile in one go, and senders find no one to wake (5 % of the CPU,
+/// 11 % more requests a second). The rows are visible to reads from the hand-off
+/// and their memory is bounded by the budget, so the nap delays nothing a client
+/// sees; a busy writer never naps.
+const LINGER: Duration = Duration::from_millis(1);
+
+fn linger(rx: &Receiver<Command>) {
+    if rx.is_empty() {
+        std::thread::sleep(LINGER);
+    }
+}
+
 impl Writer {
     fn new(ctx: WriterContext, view: Arc<WriterView>, publisher: Publisher) -> Self {
         let props = schema::writer_properties(&ctx.roll);
@@ -199,10 +216,12 @@ impl Writer {
                 Ok(Command::Metrics(work)) => {
                     self.ctx.persister.metrics.queue_pops.inc();
                     self.add_metrics(work);
+                    linger(rx);
                 }
                 Ok(Command::Events(work)) => {
                     self.ctx.persister.metrics.queue_pops.inc();
                     self.add_events(work);
+                    linger(rx);
                 }
                 Ok(Command::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
                     self.roll(|_| true);
