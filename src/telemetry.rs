@@ -152,6 +152,9 @@ pub struct Metrics {
     pub publish_seconds: Histogram,
     pub wal_appends: Counter,
     pub wal_fsync_seconds: Histogram,
+    /// Accepted writes (LogMetrics, LogEvent), from the handler's start (the
+    /// message decoded) to the acknowledgement.
+    pub ack_seconds: Histogram,
     pub uploads: Counter,
     pub uploaded_bytes: Counter,
     pub upload_errors: Counter,
@@ -199,6 +202,7 @@ impl Metrics {
             publish_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             wal_appends: Counter::default(),
             wal_fsync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            ack_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             uploads: Counter::default(),
             uploaded_bytes: Counter::default(),
             upload_errors: Counter::default(),
@@ -294,6 +298,11 @@ impl Metrics {
             "wal_fsync_duration_seconds",
             "Time of one write-ahead log group commit's fdatasync",
             m.wal_fsync_seconds.clone(),
+        );
+        r.register(
+            "ingest_ack_duration_seconds",
+            "Time from an accepted write request's handler starting (its message decoded) to its acknowledgement: validation, the memory budget's wait, the durability mode's commit",
+            m.ack_seconds.clone(),
         );
         r.register(
             "uploads",

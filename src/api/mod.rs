@@ -18,6 +18,7 @@ pub mod status;
 pub mod validate;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -151,13 +152,18 @@ impl ModelStoreService {
         batch: Result<Batch, ApiError>,
         client_batch_id: &str,
         slot: &ReceiveSlot,
+        started: Instant,
     ) -> Result<Accepted, Status> {
         let id = (!client_batch_id.is_empty()).then_some(client_batch_id);
-        Ok(writes
+        let accepted = writes
             .ingest
             .submit(batch?, id, || slot.release())
             .await
-            .map_err(ApiError::from)?)
+            .map_err(ApiError::from)?;
+        self.metrics
+            .ack_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(accepted)
     }
 }
 
@@ -411,6 +417,7 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::LogMetricsRequest>,
     ) -> Reply<proto::LogMetricsResponse> {
+        let started = Instant::now();
         let who = principal(&req)?;
         let slot = ReceiveSlot::of(&req);
         let writes = self.writes("LogMetrics")?;
@@ -437,8 +444,14 @@ impl ModelStore for ModelStoreService {
         };
         let m = &self.metrics;
         let accepted = tally(
-            self.submit(writes, batch.map(Batch::Metrics), &client_batch_id, &slot)
-                .await,
+            self.submit(
+                writes,
+                batch.map(Batch::Metrics),
+                &client_batch_id,
+                &slot,
+                started,
+            )
+            .await,
             sent,
             &m.points_accepted,
             &m.points_rejected,
@@ -508,6 +521,7 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::LogEventRequest>,
     ) -> Reply<proto::LogEventResponse> {
+        let started = Instant::now();
         let who = principal(&req)?;
         let slot = ReceiveSlot::of(&req);
         let writes = self.writes("LogEvent")?;
@@ -522,8 +536,14 @@ impl ModelStore for ModelStoreService {
         });
         let m = &self.metrics;
         let accepted = tally(
-            self.submit(writes, batch.map(Batch::Events), &client_batch_id, &slot)
-                .await,
+            self.submit(
+                writes,
+                batch.map(Batch::Events),
+                &client_batch_id,
+                &slot,
+                started,
+            )
+            .await,
             sent,
             &m.events_accepted,
             &m.events_rejected,

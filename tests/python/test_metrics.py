@@ -69,6 +69,11 @@ def test_metrics_count_exactly_what_was_sent(full, tmp_path):
     assert value(f, "mboxd_received_bytes") >= sent_bytes
     assert value(f, "mboxd_wal_appends") == 10
     assert f["mboxd_wal_fsync_duration_seconds"][0].type == "histogram"
+    # Accepted writes only: 7 LogMetrics and 3 LogEvent, not the 2 refused.
+    assert f["mboxd_ingest_ack_duration_seconds"][0].type == "histogram"
+    ack = {s.name: s.value for s in samples(f, "mboxd_ingest_ack_duration_seconds") if not s.labels}
+    assert ack["mboxd_ingest_ack_duration_seconds_count"] == 10
+    assert ack["mboxd_ingest_ack_duration_seconds_sum"] > 0
     assert samples(f, "mboxd_build_info")[0].labels["version"]
     assert "# TYPE mboxd_points_accepted counter" in text
 
