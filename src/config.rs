@@ -525,8 +525,9 @@ pub struct Config {
     pub max_connections: usize,
     /// How long memory freed inside the allocator (mimalloc) stays there for reuse
     /// before it goes back to the system; `None`: the allocator's own default
-    /// (10 ms, or `MIMALLOC_PURGE_DELAY`). Zero keeps the resident size near what is
-    /// in use, at a CPU cost under heavy load (the sidecar preset's choice).
+    /// (1 s in mimalloc v3, or `MIMALLOC_PURGE_DELAY`), which a set value overrides.
+    /// Zero keeps the resident size near what is in use, at a CPU cost under heavy
+    /// load (the sidecar preset's choice).
     pub allocator_purge_delay: Option<Duration>,
     /// Roll policy for metric and event files.
     pub roll: RollPolicy,
@@ -1123,9 +1124,12 @@ impl FileConfig {
             self.server.not_serving_grace_ms.map(Duration::from_millis),
         );
         set(&mut c.max_connections, self.server.max_connections);
-        if let Some(ms) = self.server.allocator_purge_delay_ms {
-            c.allocator_purge_delay = Some(Duration::from_millis(ms));
-        }
+        set(
+            &mut c.allocator_purge_delay,
+            self.server
+                .allocator_purge_delay_ms
+                .map(|ms| Some(Duration::from_millis(ms))),
+        );
         set(&mut c.durability, self.ingest.durability);
         set(&mut c.max_buffered_bytes, self.ingest.max_buffered_bytes);
         set(&mut c.writer_threads, self.ingest.writer_threads);

@@ -215,22 +215,25 @@ fn describe_security(config: &Config) -> (serde_json::Value, serde_json::Value) 
     (serde_json::json!(tls), auth)
 }
 
-/// The settings operators check against their deployment (ports, paths, time
-/// budgets, memory bound, TLS files, token scopes), as JSON.
 /// mimalloc's `mi_option_purge_delay` (the same in its v2 and v3 headers); the sys
 /// crate names no constant for it.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Applies `[server] allocator_purge_delay_ms`, if set, to the global allocator.
+/// Applies `[server] allocator_purge_delay_ms`, if set, to the global allocator
+/// (over `MIMALLOC_PURGE_DELAY`).
 fn set_allocator_options(config: &Config) {
     if let Some(delay) = config.allocator_purge_delay {
         let ms = std::ffi::c_long::try_from(delay.as_millis()).unwrap_or(std::ffi::c_long::MAX);
-        // SAFETY: mi_option_set stores an option's value; the allocator reads it
-        // when it next decides whether to purge, and any value is valid for it.
+        // SAFETY: mi_option_set stores one aligned `long` and marks the option
+        // initialised; any value is valid. Threads already running (the runtime's)
+        // read the option at their next purge decision and see the old or the new
+        // value, either of which is a valid delay.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, ms) }
     }
 }
 
+/// The settings operators check against their deployment (ports, paths, time
+/// budgets, memory bound, TLS files, token scopes), as JSON.
 fn describe(config: &Config) -> serde_json::Value {
     let (tls, auth) = describe_security(config);
     let storage_root = match &config.storage.root {

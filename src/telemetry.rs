@@ -152,8 +152,8 @@ pub struct Metrics {
     pub publish_seconds: Histogram,
     pub wal_appends: Counter,
     pub wal_fsync_seconds: Histogram,
-    /// Accepted writes (LogMetrics, LogEvent), from the handler's start (the
-    /// message decoded) to the acknowledgement.
+    /// Accepted writes (LogMetrics, LogEvent; not a retry's duplicate), from the
+    /// handler's start (the message decoded) to the acknowledgement.
     pub ack_seconds: Histogram,
     pub uploads: Counter,
     pub uploaded_bytes: Counter,
@@ -301,7 +301,7 @@ impl Metrics {
         );
         r.register(
             "ingest_ack_duration_seconds",
-            "Time from an accepted write request's handler starting (its message decoded) to its acknowledgement: validation, the memory budget's wait, the durability mode's commit",
+            "Time from an accepted write request's handler starting (its message decoded) to its acknowledgement: validation, the memory budget's wait, the durability mode's commit (a retry's duplicate is not counted)",
             m.ack_seconds.clone(),
         );
         r.register(

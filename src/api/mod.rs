@@ -160,9 +160,12 @@ impl ModelStoreService {
             .submit(batch?, id, || slot.release())
             .await
             .map_err(ApiError::from)?;
-        self.metrics
-            .ack_seconds
-            .observe(started.elapsed().as_secs_f64());
+        // A duplicate was committed before; its wait is not a commit's.
+        if !accepted.duplicate {
+            self.metrics
+                .ack_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
         Ok(accepted)
     }
 }

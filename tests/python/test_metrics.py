@@ -50,6 +50,11 @@ def test_metrics_count_exactly_what_was_sent(full, tmp_path):
         req = pb2.LogMetricsRequest(blocks=[block])
         sent_bytes += req.ByteSize()
         assert s.LogMetrics(req).points_accepted == 1000
+    # A retry with the same client batch id: acknowledged again, written once.
+    block = pb2.MetricsBlock(parent_id=exp, keys=["loss"], key_index=[0] * 1000,
+                             steps=range(7000, 8000), wallclock_times=[1] * 1000, values=[0.5] * 1000)
+    for _ in range(2):
+        assert s.LogMetrics(pb2.LogMetricsRequest(blocks=[block], client_batch_id="b-1")).points_accepted == 1000
     for _ in range(3):
         s.LogEvent(pb2.LogEventRequest(parent_id=exp, event=pb2.Event(name="e")))
     # Refused: 2 points for an unknown experiment, 5 events without a name.
@@ -60,19 +65,20 @@ def test_metrics_count_exactly_what_was_sent(full, tmp_path):
         s.LogEvent(pb2.LogEventRequest(parent_id=exp, events=[pb2.Event(name="")] * 5))
 
     text, f = scrape(port)
-    assert value(f, "mboxd_points_accepted") == 7000
+    assert value(f, "mboxd_points_accepted") == 8000
     assert value(f, "mboxd_events_accepted") == 3
     assert value(f, "mboxd_points_rejected", reason="not_found") == 2
     assert value(f, "mboxd_events_rejected", reason="invalid_argument") == 5
-    assert value(f, "mboxd_queue_pushes") == 10
+    assert value(f, "mboxd_queue_pushes") == 11
     # Request bodies: at least the protobuf payloads (plus gRPC's 5-byte framing).
     assert value(f, "mboxd_received_bytes") >= sent_bytes
-    assert value(f, "mboxd_wal_appends") == 10
+    assert value(f, "mboxd_wal_appends") == 11
     assert f["mboxd_wal_fsync_duration_seconds"][0].type == "histogram"
-    # Accepted writes only: 7 LogMetrics and 3 LogEvent, not the 2 refused.
+    # Accepted writes only: 8 LogMetrics and 3 LogEvent, not the 2 refused nor the
+    # duplicate.
     assert f["mboxd_ingest_ack_duration_seconds"][0].type == "histogram"
     ack = {s.name: s.value for s in samples(f, "mboxd_ingest_ack_duration_seconds") if not s.labels}
-    assert ack["mboxd_ingest_ack_duration_seconds_count"] == 10
+    assert ack["mboxd_ingest_ack_duration_seconds_count"] == 11
     assert ack["mboxd_ingest_ack_duration_seconds_sum"] > 0
     assert samples(f, "mboxd_build_info")[0].labels["version"]
     assert "# TYPE mboxd_points_accepted counter" in text
@@ -83,13 +89,13 @@ def test_metrics_count_exactly_what_was_sent(full, tmp_path):
     deadline = time.time() + 10
     while time.time() < deadline:
         _, f = scrape(port)
-        if value(f, "mboxd_published_rows", table="metrics") == 7000 and \
+        if value(f, "mboxd_published_rows", table="metrics") == 8000 and \
                 value(f, "mboxd_published_rows", table="events") == 3:
             break
         time.sleep(0.05)
-    assert value(f, "mboxd_published_rows", table="metrics") == 7000
+    assert value(f, "mboxd_published_rows", table="metrics") == 8000
     assert value(f, "mboxd_files_published", table="events") >= 1
-    assert value(f, "mboxd_queue_pops") == 10
+    assert value(f, "mboxd_queue_pops") == 11
     assert value(f, "mboxd_buffered_bytes") == 0
     for name in ("mboxd_points_accepted", "mboxd_publish_duration_seconds"):
         assert "experiment" not in str([s.labels for s in samples(f, name)])
