@@ -99,6 +99,17 @@ def effective_config(docs, spec: dict, container: dict, tmp_path: pathlib.Path) 
     return json.loads(out.stdout)
 
 
+def test_mboxd_config_prints_the_allocator_purge_delay_in_effect(tmp_path):
+    run = lambda *args, **env: json.loads(subprocess.run(
+        [mboxd_binary(), "config", "--data-dir", str(tmp_path), *args], check=True, capture_output=True, text=True,
+        env={"PATH": os.environ["PATH"], **env}).stdout)["allocator_purge_delay_ms"]
+    # mimalloc's own default (v3: a second), then the environment's, then the file's.
+    assert run() == 1000
+    assert run(MIMALLOC_PURGE_DELAY="250") == 250
+    sidecar = str(ROOT / "config" / "sidecar.toml")
+    assert run("--config", sidecar, MIMALLOC_PURGE_DELAY="250") == 0
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_validates_and_agrees_with_mboxd_config(overlay, tmp_path):
     docs = render(overlay)
@@ -122,6 +133,7 @@ def test_overlay_renders_validates_and_agrees_with_mboxd_config(overlay, tmp_pat
     # (metrics, probes) on the pod IP.
     if overlay == "sidecar":
         assert cfg["listen"] == "127.0.0.1:8085", "a sidecar's gRPC stays on the pod's loopback"
+        assert cfg["allocator_purge_delay_ms"] == 0, "freed memory goes back at once, within the pod's bound"
         assert ports == {"metrics": 9185}, "no gRPC port on the pod IP"
     else:
         assert cfg["listen"] == f"0.0.0.0:{ports['grpc']}"
