@@ -219,30 +219,16 @@ fn describe_security(config: &Config) -> (serde_json::Value, serde_json::Value) 
 /// crate names no constant for it.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Applies `[server] allocator_purge_delay_ms`, if set, to the global allocator
-/// (over `MIMALLOC_PURGE_DELAY`).
+/// Applies `[server] allocator_purge_delay_ms` to the global allocator (over
+/// `MIMALLOC_PURGE_DELAY`).
 fn set_allocator_options(config: &Config) {
-    if let Some(delay) = config.allocator_purge_delay {
-        let ms = as_c_millis(delay);
-        // SAFETY: mi_option_set stores one aligned `long` and marks the option
-        // initialised; any value is valid. Threads already running (the runtime's)
-        // read the option at their next purge decision and see the old or the new
-        // value, either of which is a valid delay.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, ms) }
-    }
-}
-
-/// `d` in whole milliseconds as the allocator takes them (saturating).
-fn as_c_millis(d: Duration) -> std::ffi::c_long {
-    std::ffi::c_long::try_from(d.as_millis()).unwrap_or(std::ffi::c_long::MAX)
-}
-
-/// The allocator's purge delay in effect, in ms (-1: never): its default, or
-/// `MIMALLOC_PURGE_DELAY`.
-fn allocator_purge_delay_ms() -> std::ffi::c_long {
-    // SAFETY: mi_option_get reads an option, initialising it from the environment
-    // the first time; it has no preconditions.
-    unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) }
+    let ms = std::ffi::c_long::try_from(config.allocator_purge_delay.as_millis())
+        .unwrap_or(std::ffi::c_long::MAX);
+    // SAFETY: mi_option_set stores one aligned `long` and marks the option
+    // initialised; any value is valid. Threads already running (the runtime's)
+    // read the option at their next purge decision and see the old or the new
+    // value, either of which is a valid delay.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, ms) }
 }
 
 /// The settings operators check against their deployment (ports, paths, time
@@ -267,9 +253,7 @@ fn describe(config: &Config) -> serde_json::Value {
         "max_buffered_bytes": config.max_buffered_bytes,
         "max_concurrent_requests": config.concurrent_requests(),
         "max_connections": config.max_connections,
-        "allocator_purge_delay_ms": config
-            .allocator_purge_delay
-            .map_or_else(allocator_purge_delay_ms, as_c_millis),
+        "allocator_purge_delay_ms": config.allocator_purge_delay.as_millis() as u64,
         "max_message_bytes": config.limits.max_message_bytes,
         "max_rows": config.roll.max_rows,
         "memory_bound_bytes": config.memory_bound_bytes(),
