@@ -610,11 +610,16 @@ impl Default for Config {
     }
 }
 
+/// Cores this process may run on (its affinity and cgroup quota), at least one.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 impl Config {
     /// Writer threads to run: as configured, or one per available core.
     pub fn writer_threads(&self) -> usize {
         match self.writer_threads {
-            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            0 => available_cores(),
             n => n,
         }
     }

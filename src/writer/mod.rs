@@ -180,11 +180,6 @@ const MIN_EARLY_ROWS: usize = 4096;
 /// (single-point `memory` on one core: 39 k/s without the nap, 31 k/s with it).
 const LINGER: Duration = Duration::from_millis(1);
 
-/// The nap for this machine: none on a single core.
-fn linger_for(cores: usize) -> Option<Duration> {
-    (cores > 1).then_some(LINGER)
-}
-
 fn linger(rx: &Receiver<Command>, nap: Option<Duration>) {
     if let Some(nap) = nap
         && rx.is_empty()
@@ -221,7 +216,8 @@ impl Writer {
         let tick =
             (self.ctx.roll.max_age / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         let mut next_tick = Instant::now() + tick;
-        let nap = linger_for(std::thread::available_parallelism().map_or(1, |n| n.get()));
+        // None on a single core (see LINGER).
+        let nap = (crate::config::available_cores() > 1).then_some(LINGER);
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
