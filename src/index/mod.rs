@@ -287,6 +287,22 @@ mod tests {
     use crate::paths::Table;
     use serde_json::json;
 
+    #[test]
+    fn stored_numbers_come_back_bit_for_bit() {
+        // serde_json's default float parser may land one ULP off; summaries and
+        // metadata must read back exactly what was stored.
+        for k in 0..100_000u32 {
+            let v = f64::from(k) / 7.0;
+            let back: f64 = decode("n", &encode(&v)).unwrap();
+            assert_eq!(back.to_bits(), v.to_bits(), "{k}/7");
+        }
+        let edges = [f64::MIN_POSITIVE, 5e-324, 1.7976931348623157e308, 0.1 + 0.2];
+        for v in edges {
+            let back: f64 = decode("n", &encode(&v)).unwrap();
+            assert_eq!(back.to_bits(), v.to_bits(), "{v:e}");
+        }
+    }
+
     fn intent(key: &str, seq: u64) -> PublishIntent {
         PublishIntent {
             entry: FileEntry {
