@@ -303,6 +303,41 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_metadata_number_reads_back_and_matches_exactly() {
+        use crate::search::{Search, parse_filter};
+        // 632/7 is a number serde_json's default parser read back one ULP off: the
+        // stored value then no longer equalled what was sent, in a read or a filter.
+        let index = Index::open_in_memory().unwrap();
+        let lr: f64 = 632.0 / 7.0;
+        let (rec, _) = index
+            .create_experiment(new_exp("lr"), &[("lr".into(), json!(lr))])
+            .unwrap();
+        let stored = index.list_metadata(&rec.id).unwrap();
+        let [(key, entry)] = stored.as_slice() else {
+            panic!("{stored:?}");
+        };
+        assert_eq!(key, "lr");
+        assert_eq!(entry.value.as_f64().map(f64::to_bits), Some(lr.to_bits()));
+        let count = |filter: &str| {
+            let s = Search {
+                conditions: parse_filter(filter).unwrap(),
+                order_by: vec![],
+            };
+            index
+                .search(Some("cv"), &s, 10, None)
+                .unwrap()
+                .experiments
+                .len()
+        };
+        assert_eq!(count(&format!("params.lr = {lr:?}")), 1);
+        index
+            .update_metadata(&rec.id, &[("lr".into(), json!(1.5))])
+            .unwrap();
+        assert_eq!(count(&format!("params.lr = {lr:?}")), 0);
+        assert_eq!(count("params.lr = 1.5"), 1);
+    }
+
     fn intent(key: &str, seq: u64) -> PublishIntent {
         PublishIntent {
             entry: FileEntry {
