@@ -698,6 +698,13 @@ impl Index {
                         continue;
                     }
                     let mut c = Candidate::new(id.to_owned(), created_at, &tables);
+                    // An entry whose value is no longer the experiment's is stale
+                    // (an index written while stored numbers could read back one
+                    // ULP off missed some deletes): the current entry places it.
+                    let current = c.value(&sort.field)?;
+                    if current.is_none_or(|now| now.total_cmp(&values[0]).is_ne()) {
+                        continue;
+                    }
                     if c.visible(visible)? && c.matches(conditions)? {
                         found.push((values, c));
                         if found.len() > page_size && full_at.is_none() {
@@ -823,6 +830,62 @@ mod tests {
         assert!(encoded.windows(2).all(|w| w[0] <= w[1]));
         for v in &values {
             assert_eq!(decode_value(&encode_value(v)).total_cmp(v), Ordering::Equal);
+        }
+    }
+
+    #[test]
+    fn a_sorted_walk_skips_stale_entries() {
+        use crate::index::tests::new_exp;
+        use crate::search::parse_order_by;
+        let index = Index::open_in_memory().unwrap();
+        let mut ids = Vec::new();
+        for lr in [1, 2, 3] {
+            let (rec, _) = index
+                .create_experiment(
+                    new_exp(&format!("e{lr}")),
+                    &[("lr".into(), serde_json::json!(lr))],
+                )
+                .unwrap();
+            ids.push(rec);
+        }
+        // What a missed delete left behind: e1 still indexed at its old lr = 10.
+        let txn = index.db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(SEARCH).unwrap();
+            let e1 = &ids[0];
+            put(
+                &mut t,
+                "cv",
+                &param_field("lr"),
+                &Value::Number(10.0),
+                (e1.created_at, &e1.id),
+            )
+            .unwrap();
+        }
+        txn.commit().unwrap();
+        for (order, want) in [
+            ("params.lr DESC", ["e3", "e2", "e1"]),
+            ("params.lr", ["e1", "e2", "e3"]),
+        ] {
+            let s = Search {
+                conditions: vec![],
+                order_by: vec![parse_order_by(order).unwrap()],
+            };
+            for page_size in [1, 2, 10] {
+                let mut names = Vec::new();
+                let mut cursor = None;
+                loop {
+                    let page = index
+                        .search(Some("cv"), &s, page_size, cursor.as_ref())
+                        .unwrap();
+                    names.extend(page.experiments.into_iter().map(|d| d.record.name));
+                    match page.next {
+                        Some(next) => cursor = Some(next),
+                        None => break,
+                    }
+                }
+                assert_eq!(names, want, "{order}, pages of {page_size}");
+            }
         }
     }
 
