@@ -698,14 +698,15 @@ impl Index {
                         continue;
                     }
                     let mut c = Candidate::new(id.to_owned(), created_at, &tables);
+                    if !c.visible(visible)? || !c.matches(conditions)? {
+                        continue;
+                    }
                     // An entry whose value is no longer the experiment's is stale
                     // (an index written while stored numbers could read back one
                     // ULP off missed some deletes): the current entry places it.
+                    // Checked after the filter, so only matches pay for the lookup.
                     let current = c.value(&sort.field)?;
-                    if current.is_none_or(|now| now.total_cmp(&values[0]).is_ne()) {
-                        continue;
-                    }
-                    if c.visible(visible)? && c.matches(conditions)? {
+                    if current.is_some_and(|now| now.total_cmp(&values[0]).is_eq()) {
                         found.push((values, c));
                         if found.len() > page_size && full_at.is_none() {
                             if !sort.descending {
@@ -863,12 +864,14 @@ mod tests {
             .unwrap();
         }
         txn.commit().unwrap();
-        for (order, want) in [
-            ("params.lr DESC", ["e3", "e2", "e1"]),
-            ("params.lr", ["e1", "e2", "e3"]),
+        for (filter, order, want) in [
+            ("", "params.lr DESC", ["e3", "e2", "e1"]),
+            ("", "params.lr", ["e1", "e2", "e3"]),
+            ("params.lr >= 1", "params.lr DESC", ["e3", "e2", "e1"]),
+            ("params.lr < 20", "params.lr", ["e1", "e2", "e3"]),
         ] {
             let s = Search {
-                conditions: vec![],
+                conditions: crate::search::parse_filter(filter).unwrap(),
                 order_by: vec![parse_order_by(order).unwrap()],
             };
             for page_size in [1, 2, 10] {
@@ -884,7 +887,7 @@ mod tests {
                         None => break,
                     }
                 }
-                assert_eq!(names, want, "{order}, pages of {page_size}");
+                assert_eq!(names, want, "{filter} / {order}, pages of {page_size}");
             }
         }
     }
