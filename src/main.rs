@@ -231,6 +231,12 @@ fn set_allocator_options(config: &Config) {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, ms) }
 }
 
+/// The allocator's purge delay in effect, in milliseconds.
+fn allocator_purge_delay_ms() -> std::ffi::c_long {
+    // SAFETY: mi_option_get reads one option's value; any option index is valid.
+    unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) }
+}
+
 /// The settings operators check against their deployment (ports, paths, time
 /// budgets, memory bound, TLS files, token scopes), as JSON.
 fn describe(config: &Config) -> serde_json::Value {
@@ -253,7 +259,8 @@ fn describe(config: &Config) -> serde_json::Value {
         "max_buffered_bytes": config.max_buffered_bytes,
         "max_concurrent_requests": config.concurrent_requests(),
         "max_connections": config.max_connections,
-        "allocator_purge_delay_ms": config.allocator_purge_delay.as_millis() as u64,
+        // Read back from the allocator, so this shows what start-up put in effect.
+        "allocator_purge_delay_ms": allocator_purge_delay_ms(),
         "max_message_bytes": config.limits.max_message_bytes,
         "max_rows": config.roll.max_rows,
         "memory_bound_bytes": config.memory_bound_bytes(),
@@ -304,6 +311,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => args,
         Command::Config(args) => {
             let (config, _) = args.into_config()?;
+            set_allocator_options(&config);
             println!("{:#}", describe(&config));
             return Ok(());
         }

@@ -103,8 +103,8 @@ def test_mboxd_config_prints_the_allocator_purge_delay(tmp_path):
     run = lambda *args, **env: json.loads(subprocess.run(
         [mboxd_binary(), "config", "--data-dir", str(tmp_path), *args], check=True, capture_output=True, text=True,
         env={"PATH": os.environ["PATH"], **env}).stdout)["allocator_purge_delay_ms"]
-    # mboxd's default, which it sets over the allocator's environment variable, and
-    # the sidecar preset's.
+    # mboxd config prints the allocator's own value after start-up's setting: mboxd's
+    # default, set over the allocator's environment variable, and the sidecar preset's.
     assert run() == 300
     assert run(MIMALLOC_PURGE_DELAY="250") == 300
     assert run("--config", str(ROOT / "config" / "sidecar.toml")) == 0
