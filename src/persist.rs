@@ -175,10 +175,16 @@ impl Persister {
                 p.staged = Some(staged);
                 return Err(e.into());
             }
-            // The rename consumes the staged file whatever happens; a failed rename
-            // leaves it in staging, which is cleared at the next start (its rows are
-            // still in the WAL).
-            self.sink.publish(staged, &p.key)?;
+            if let Err(failed) = self.sink.try_publish(staged, &p.key) {
+                // Handed back: not renamed, tried again next time.
+                p.staged = failed.staged;
+                return Err(failed.error.into());
+            }
+        } else if !self.sink.is_placed(&p.key)? {
+            // The file could not be synced, or was lost after a failed rename: never
+            // list a file that is not there. Its rows stay in the WAL (nothing is
+            // released), and the next start drops the intent and writes them again.
+            return Err(WriterError::NotPlaced(p.key.to_string()));
         }
         let forget = Forget {
             pieces_below: self
@@ -357,11 +363,16 @@ mod tests {
         }
     }
 
-    /// Publishes a one-byte-file under `key` as a writer would.
+    /// Publishes a small file under `key` as a writer would.
     fn publish(p: &Persister, key: &str) {
+        p.publish(&mut publication(p, key)).unwrap();
+    }
+
+    /// A small file staged for `key`, as a writer hands it over.
+    fn publication(p: &Persister, key: &str) -> Publication {
         let mut staged = p.sink.stage().unwrap();
         staged.file.write_all(b"input").unwrap();
-        let mut publication = Publication::new(
+        Publication::new(
             staged,
             Arc::new(ObjectKey::from_manifest(key.into())),
             Table::Metrics,
@@ -376,8 +387,59 @@ mod tests {
                 },
             )]
             .into(),
+        )
+    }
+
+    #[test]
+    fn a_publish_that_failed_before_the_rename_places_the_file_when_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = setup(dir.path());
+        // A file where the partition's folder goes: creating the folder fails.
+        let blocker = dir.path().join("root/metrics/namespace=a");
+        std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+        std::fs::write(&blocker, b"not a folder").unwrap();
+        let mut publication = publication(&p, IN1);
+        let e = p.publish(&mut publication).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                WriterError::Sink(SinkError::Io {
+                    action: "creating",
+                    ..
+                })
+            ),
+            "{e}"
         );
+        assert!(keys(&p).is_empty());
+
+        std::fs::remove_file(&blocker).unwrap();
         p.publish(&mut publication).unwrap();
+        assert_eq!(keys(&p), [IN1]);
+        let placed = p.sink.path_of(&ObjectKey::from_manifest(IN1.into()));
+        assert_eq!(std::fs::read(placed).unwrap(), b"input");
+    }
+
+    #[test]
+    fn a_publish_whose_file_is_gone_is_never_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = setup(dir.path());
+        let mut publication = publication(&p, IN1);
+        p.index.begin_publish(&publication.intent()).unwrap();
+        // What a failed sync leaves: the intent, and no file to rename.
+        let staged = publication.staged.take().unwrap();
+        p.sink.discard(staged);
+        for _ in 0..2 {
+            let e = p.publish(&mut publication).unwrap_err();
+            assert!(
+                matches!(&e, WriterError::NotPlaced(key) if key == IN1),
+                "{e}"
+            );
+        }
+        assert!(keys(&p).is_empty());
+        // The next start drops the intent; the WAL (not released) writes the rows again.
+        p.recover().unwrap();
+        assert!(keys(&p).is_empty());
+        assert!(p.index.recover_intents(|_| true, false).unwrap() == (0, 0));
     }
 
     fn staged(p: &Persister, key: &str) -> Replacement {

@@ -99,6 +99,14 @@ pub struct LocalSink {
     staging: PathBuf,
 }
 
+/// A [`LocalSink::try_publish`] that failed: why, and the staged file when it can
+/// be published again.
+#[derive(Debug)]
+pub struct PublishFailed {
+    pub error: SinkError,
+    pub staged: Option<StagedFile>,
+}
+
 /// A file being written, not yet visible to readers.
 #[derive(Debug)]
 pub struct StagedFile {
@@ -141,23 +149,71 @@ impl LocalSink {
         Ok(StagedFile { file, path })
     }
 
-    /// Makes a staged file durable and visible as `key`; returns its size.
+    /// Makes a staged file durable and visible as `key`; returns its size. A
+    /// failure drops the staged file; see [`LocalSink::try_publish`] to keep it.
     pub fn publish(&self, staged: StagedFile, key: &ObjectKey) -> Result<u64, SinkError> {
-        let StagedFile { file, path } = staged;
-        file.sync_all().map_err(io_err("syncing", &path))?;
-        let size = file
-            .metadata()
-            .map_err(io_err("reading size of", &path))?
-            .len();
-        drop(file);
+        self.try_publish(staged, key).map_err(|failed| failed.error)
+    }
+
+    /// [`LocalSink::publish`], handing the staged file back when it failed before
+    /// the rename with the file synced (a folder that could not be created, a
+    /// rename refused), so the caller can try again. A file that could not be
+    /// synced is removed: its contents may not be on disk whatever a later sync
+    /// says.
+    pub fn try_publish(
+        &self,
+        staged: StagedFile,
+        key: &ObjectKey,
+    ) -> Result<u64, Box<PublishFailed>> {
+        let size = match staged.file.sync_all().and_then(|()| staged.file.metadata()) {
+            Ok(metadata) => metadata.len(),
+            Err(source) => {
+                let error = io_err("syncing", &staged.path)(source);
+                self.discard(staged);
+                return Err(Box::new(PublishFailed {
+                    error,
+                    staged: None,
+                }));
+            }
+        };
         let target = self.path_of(key);
         let dir = target.parent().unwrap_or(&self.root);
-        std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
-        std::fs::rename(&path, &target).map_err(io_err("renaming into", &target))?;
+        let placed = std::fs::create_dir_all(dir)
+            .map_err(io_err("creating", dir))
+            .and_then(|()| {
+                std::fs::rename(&staged.path, &target).map_err(io_err("renaming into", &target))
+            });
+        if let Err(error) = placed {
+            return Err(Box::new(PublishFailed {
+                error,
+                staged: Some(staged),
+            }));
+        }
+        drop(staged);
+        self.sync_dir(dir).map_err(|error| {
+            Box::new(PublishFailed {
+                error,
+                staged: None,
+            })
+        })?;
+        Ok(size)
+    }
+
+    /// Whether `key` is in place, its folder entry made durable: after a
+    /// [`LocalSink::try_publish`] that failed without handing the file back.
+    pub fn is_placed(&self, key: &ObjectKey) -> Result<bool, SinkError> {
+        let target = self.path_of(key);
+        if !target.exists() {
+            return Ok(false);
+        }
+        self.sync_dir(target.parent().unwrap_or(&self.root))?;
+        Ok(true)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> Result<(), SinkError> {
         File::open(dir)
             .and_then(|d| d.sync_all())
-            .map_err(io_err("syncing", dir))?;
-        Ok(size)
+            .map_err(io_err("syncing", dir))
     }
 
     /// Removes a published file (an uploaded spool file); a missing one is fine.

@@ -55,6 +55,10 @@ pub enum WriterError {
     Sink(#[from] SinkError),
     #[error("recording the file in the index: {0}")]
     Index(#[from] IndexError),
+    #[error(
+        "{0} could not be made durable; its rows stay in the WAL and are written again at the next start"
+    )]
+    NotPlaced(String),
 }
 
 /// What every writer thread shares.
