@@ -88,6 +88,8 @@ pub struct PassReport {
     pub partitions: Vec<PartitionReport>,
     /// Files deleted by retention.
     pub expired_files: usize,
+    /// Partitions left as they were, and why.
+    pub failed: Vec<(String, String)>,
 }
 
 /// Which files of a partition to merge.
@@ -227,9 +229,20 @@ impl Compactor {
             if self.stop.load(Ordering::Relaxed) {
                 return Err(CompactError::Stopped);
             }
-            let done = self.compact(job)?;
-            progress(&done);
-            report.partitions.push(done);
+            // One partition that cannot be compacted (a damaged file) is left as it
+            // was; it must not hold back every partition after it.
+            let dir = job.dir.clone();
+            match self.compact(job) {
+                Ok(done) => {
+                    progress(&done);
+                    report.partitions.push(done);
+                }
+                Err(CompactError::Stopped) => return Err(CompactError::Stopped),
+                Err(e) => {
+                    tracing::error!(partition = %dir, error = %e, "cannot compact a partition; it is left as it was");
+                    report.failed.push((dir, e.to_string()));
+                }
+            }
         }
         Ok(report)
     }
@@ -292,11 +305,17 @@ impl Compactor {
         };
         let written = (|| -> Result<(), CompactError> {
             let index = &self.persister.index;
+            // Metric keys cut a large experiment between row groups; events have
+            // no key column, so an experiment's events are one group, whatever its
+            // metrics.
             let keys_of = |e: &str| -> Vec<(String, u64)> {
-                index
-                    .summaries(e)
-                    .map(|s| s.into_iter().map(|(k, s)| (k, s.points)).collect())
-                    .unwrap_or_default()
+                match job.partition.table {
+                    Table::Metrics => index
+                        .summaries(e)
+                        .map(|s| s.into_iter().map(|(k, s)| (k, s.points)).collect())
+                        .unwrap_or_default(),
+                    Table::Events => Vec::new(),
+                }
             };
             for group in groups(&experiments, self.config.row_group_rows as u64, &keys_of) {
                 if self.stop.load(Ordering::Relaxed) {

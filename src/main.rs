@@ -302,6 +302,12 @@ async fn compact(args: ServeArgs) -> anyhow::Result<()> {
         report.partitions.len(),
         report.expired_files
     );
+    for (partition, reason) in &report.failed {
+        println!("  {partition}: left as it was: {reason}");
+    }
+    if !report.failed.is_empty() {
+        anyhow::bail!("{} partitions could not be compacted", report.failed.len());
+    }
     Ok(())
 }
 

@@ -499,3 +499,86 @@ async fn retention_deletes_exactly_the_expired_partitions() {
     );
     server.stop().await;
 }
+
+/// An experiment with more events than a row group, and metric keys that cut its
+/// metrics between row groups: its events are one group (they have no key column),
+/// every row is kept once, and the metrics partition after it is compacted too.
+#[tokio::test]
+async fn a_large_experiments_events_compact_whole_and_hold_back_no_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::test_config(dir.path().join("data"));
+    config.roll.max_age = Duration::from_millis(50);
+    config.compaction.enabled = false;
+    config.compaction.row_group_rows = 4;
+    let mut server = TestServer::start(config.clone()).await;
+    let mut c = server.client().await;
+    let id = create_experiment(&mut c, "vision", "big").await;
+    for round in 0..3u64 {
+        c.log_metrics(proto::LogMetricsRequest {
+            blocks: vec![numeric_block(&id, &["k1", "k2"], 6, round * 6)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let events = (0..3)
+            .map(|i| proto::Event {
+                name: format!("e{round}-{i}"),
+                source: Some(proto::EventSource {
+                    name: "trainer".into(),
+                }),
+                wallclock_time: Some(prost_types::Timestamp {
+                    seconds: 1_000 + (round * 3 + i) as i64,
+                    nanos: 0,
+                }),
+                metadata: None,
+            })
+            .collect();
+        c.log_event(proto::LogEventRequest {
+            parent_id: id.clone(),
+            events,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    server.stop().await;
+    let data = &config.data_dir;
+    let rows = |table: &str| -> (usize, usize) {
+        let files = parquet_files(data, table);
+        (files.len(), files.iter().map(|f| parquet_rows(f)).sum())
+    };
+    let (event_files, events) = rows("events");
+    let (metric_files, points) = rows("metrics");
+    assert_eq!((events, points), (9, 18));
+    assert!(
+        event_files >= 2 && metric_files >= 2,
+        "{event_files} {metric_files}"
+    );
+
+    let report = mboxd::server::compact_once(config.clone(), |_| {})
+        .await
+        .unwrap();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(report.partitions.len(), 2, "{report:?}");
+    assert_eq!(rows("events"), (1, 9));
+    assert_eq!(rows("metrics"), (1, 18));
+    let names: Vec<String> = {
+        let file = std::fs::File::open(&parquet_files(data, "events")[0]).unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        let mut out = Vec::new();
+        for batch in reader {
+            out.extend(text_column(&batch.unwrap(), "name"));
+        }
+        out.sort();
+        out
+    };
+    let mut want: Vec<String> = (0..3)
+        .flat_map(|r| (0..3).map(move |i| format!("e{r}-{i}")))
+        .collect();
+    want.sort();
+    assert_eq!(names, want);
+}
