@@ -373,3 +373,63 @@ async fn a_million_point_read_stays_within_the_memory_bound() {
     );
     assert!(proc.terminate().await);
 }
+
+/// A series no longer than `max_points` comes back exact, string and bytes values
+/// included, whether its points are still buffered or in files.
+#[tokio::test]
+async fn max_points_keeps_a_short_series_string_and_bytes_values() {
+    let (dir, mut config) = config();
+    config.roll.max_age = Duration::from_secs(3600);
+    let mut server = TestServer::start(config.clone()).await;
+    let mut c = server.client().await;
+    let id = create_experiment(&mut c, "s", "mixed").await;
+    let mut block = numeric_block(&id, &["status"], 4, 0);
+    block.string_rows = vec![1];
+    block.string_values = vec!["ok".into()];
+    block.bytes_rows = vec![2];
+    block.bytes_values = vec![vec![0, 255]];
+    c.log_metrics(proto::LogMetricsRequest {
+        blocks: vec![block],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let want = vec![
+        (0, Some(V::DVal(0.0))),
+        (1, Some(V::STensor("ok".into()))),
+        (2, Some(V::BTensor(vec![0, 255]))),
+        (3, Some(V::DVal(1.5))),
+    ];
+    let read = |c: &mut Client| {
+        let mut c = c.clone();
+        let id = id.clone();
+        async move {
+            let page = get(
+                &mut c,
+                proto::GetMetricsRequest {
+                    parent_id: id,
+                    max_points: 10,
+                    ..Default::default()
+                },
+            )
+            .await;
+            let [m] = page.metrics.as_slice() else {
+                panic!("one series expected: {:?}", page.metrics);
+            };
+            assert!(!m.bucketed);
+            m.values
+                .iter()
+                .map(|v| (v.step, v.value.clone()))
+                .collect::<Vec<_>>()
+        }
+    };
+    // Buffered.
+    assert_eq!(read(&mut c).await, want);
+    // In a file, after a restart.
+    server.stop().await;
+    assert_eq!(parquet_files(&dir.path().join("data"), "metrics").len(), 1);
+    let mut server = TestServer::start(config).await;
+    let mut c = server.client().await;
+    assert_eq!(read(&mut c).await, want);
+    server.stop().await;
+}

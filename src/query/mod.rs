@@ -304,10 +304,10 @@ impl Reader {
                 // gather_batch skips the runs of other keys.
                 keys: KeyFilter::Pages(keys),
                 steps: (lo, hi),
-                columns: query.columns(),
+                columns: parquet::METRIC_COLUMNS,
             };
             let read = self.read_files(&files, &live, &want, &mut |batch| {
-                series::gather_batch(&batch, &mut out, query)
+                series::gather_batch(&batch, &mut out)
             });
             match read {
                 Err(e) if e.is_vanished() && attempt < ATTEMPTS => {

@@ -8,7 +8,7 @@ use arrow_array::types::{Float64Type, TimestampMicrosecondType};
 use arrow_array::{Array, RecordBatch};
 
 use super::QueryError;
-use super::parquet::{IntColumn, METRIC_COLUMNS, StrColumn};
+use super::parquet::{IntColumn, StrColumn};
 use crate::model::{MetricChunk, MetricValue};
 
 /// What a series read asks for.
@@ -57,20 +57,6 @@ impl SeriesQuery {
             self.start_step.unwrap_or(i64::MIN),
             self.end_step.unwrap_or(i64::MAX),
         )
-    }
-
-    pub(crate) fn columns(&self) -> &'static [&'static str] {
-        if self.max_points.is_some() {
-            &[
-                "key",
-                "step",
-                "wallclock_time",
-                "value_double",
-                "ingested_at",
-            ]
-        } else {
-            METRIC_COLUMNS
-        }
     }
 }
 
@@ -261,7 +247,6 @@ fn schema_err(column: &str) -> QueryError {
 pub(crate) fn gather_batch(
     batch: &RecordBatch,
     out: &mut BTreeMap<String, Gathered>,
-    query: &SeriesQuery,
 ) -> Result<(), QueryError> {
     let col = |name: &str| batch.column_by_name(name).ok_or_else(|| schema_err(name));
     let keys = StrColumn::of(col("key")?).ok_or_else(|| schema_err("key"))?;
@@ -274,23 +259,14 @@ pub(crate) fn gather_batch(
     let ingested = col("ingested_at")?
         .as_primitive_opt::<TimestampMicrosecondType>()
         .ok_or_else(|| schema_err("ingested_at"))?;
-    let exact = query.max_points.is_none();
-    let strings = match exact {
-        true => Some(
-            col("value_string")?
-                .as_string_opt::<i32>()
-                .ok_or_else(|| schema_err("value_string"))?,
-        ),
-        false => None,
-    };
-    let bytes = match exact {
-        true => Some(
-            col("value_bytes")?
-                .as_binary_opt::<i32>()
-                .ok_or_else(|| schema_err("value_bytes"))?,
-        ),
-        false => None,
-    };
+    // Read even for a bucketed query: a series no longer than `max_points` comes
+    // back exact, string and bytes values included.
+    let strings = col("value_string")?
+        .as_string_opt::<i32>()
+        .ok_or_else(|| schema_err("value_string"))?;
+    let bytes = col("value_bytes")?
+        .as_binary_opt::<i32>()
+        .ok_or_else(|| schema_err("value_bytes"))?;
     let n = batch.num_rows();
     // The usual batch: int64 steps and times, every value a double. Its runs are
     // copied as slices rather than row by row.
@@ -323,18 +299,18 @@ pub(crate) fn gather_batch(
                 (steps.value(row), wallclocks.value(row), ingested.value(row));
             if doubles.is_valid(row) {
                 g.push(step, wallclock, doubles.value(row), at);
-            } else if let Some(s) = strings.filter(|s| s.is_valid(row)) {
+            } else if strings.is_valid(row) {
                 g.push_other(
                     step,
                     wallclock,
-                    MetricValue::String(s.value(row).to_owned()),
+                    MetricValue::String(strings.value(row).to_owned()),
                     at,
                 );
-            } else if let Some(b) = bytes.filter(|b| b.is_valid(row)) {
+            } else if bytes.is_valid(row) {
                 g.push_other(
                     step,
                     wallclock,
-                    MetricValue::Bytes(b.value(row).to_vec()),
+                    MetricValue::Bytes(bytes.value(row).to_vec()),
                     at,
                 );
             } else {
@@ -373,8 +349,7 @@ pub(crate) fn gather_chunk(
         let (wallclock, at) = (b.wallclocks[row] as i64, chunk.ingested_at(row));
         match chunk.value(row) {
             MetricValue::Double(v) => g.push(step, wallclock, v, at),
-            other if query.max_points.is_none() => g.push_other(step, wallclock, other, at),
-            _ => g.push(step, wallclock, f64::NAN, at),
+            other => g.push_other(step, wallclock, other, at),
         }
     }
 }
@@ -644,6 +619,29 @@ mod tests {
         assert_eq!(g.values[..4], [0.2, 1.1, 3.0, 3.1]);
         assert_eq!(g.values[5], 5.1);
         assert_eq!(g.other, [(4, MetricValue::String("four".into()))]);
+    }
+
+    #[test]
+    fn a_series_within_max_points_keeps_its_string_and_bytes_values() {
+        let mut g = Gathered::default();
+        g.push(0, 0, 0.5, 1);
+        g.push_other(1, 10, MetricValue::String("ok".into()), 2);
+        g.push_other(2, 20, MetricValue::Bytes(vec![0, 255]), 3);
+        let mut query = SeriesQuery::all(usize::MAX, usize::MAX);
+        query.max_points = Some(3);
+        let mut page = PageBuilder::new(&query);
+        page.add("k", g);
+        let page = page.finish();
+        assert_eq!(page.series.len(), 1);
+        assert!(!page.series[0].bucketed);
+        assert_eq!(
+            page.series[0].values,
+            [
+                MetricValue::Double(0.5),
+                MetricValue::String("ok".into()),
+                MetricValue::Bytes(vec![0, 255]),
+            ]
+        );
     }
 
     #[test]
