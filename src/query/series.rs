@@ -435,7 +435,10 @@ impl<'q> PageBuilder<'q> {
         let total = (n - start) as u64;
         match self.query.max_points {
             Some(max) if n - start > max => {
-                let out = bucketed(key, &g, start, max, total);
+                // No more buckets than one page's bytes hold (a bucketed series is
+                // not split between pages), so a page fits a client's limit.
+                let fit = (self.query.page_bytes / (POINT_BYTES + BUCKET_EXTRA_BYTES)).max(1);
+                let out = bucketed(key, &g, start, max.min(fit), total);
                 if self.points > 0
                     && (self.points + out.steps.len() > self.query.page_points
                         || self.bytes + out.steps.len() * (POINT_BYTES + BUCKET_EXTRA_BYTES)
@@ -642,6 +645,23 @@ mod tests {
                 MetricValue::Bytes(vec![0, 255]),
             ]
         );
+    }
+
+    #[test]
+    fn a_bucketed_series_has_no_more_buckets_than_a_page_holds() {
+        let points: Vec<(i64, f64, i64)> = (0..10_000).map(|s| (s, s as f64, s)).collect();
+        let page_bytes = 100 * (POINT_BYTES + BUCKET_EXTRA_BYTES);
+        let mut query = SeriesQuery::all(usize::MAX, page_bytes);
+        query.max_points = Some(5_000);
+        let mut page = PageBuilder::new(&query);
+        page.add("k", gathered(&points));
+        let page = page.finish();
+        let s = &page.series[0];
+        assert!(s.bucketed);
+        assert_eq!(s.steps.len(), 100);
+        assert_eq!(s.total_points, 10_000);
+        assert_eq!(s.steps.last(), Some(&9_999));
+        assert_eq!(page.next, None);
     }
 
     #[test]
