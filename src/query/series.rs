@@ -433,8 +433,15 @@ impl<'q> PageBuilder<'q> {
         }
         let other: BTreeMap<u32, &MetricValue> = g.other.iter().map(|(i, v)| (*i, v)).collect();
         let total = (n - start) as u64;
+        // A page resuming inside a series continues it as it began: exact (a
+        // bucketed series is never split), even if points arrived since.
+        let resumed_inside = self
+            .query
+            .cursor
+            .as_ref()
+            .is_some_and(|c| c.key == key && (c.step, c.skip) != (i64::MIN, 0));
         match self.query.max_points {
-            Some(max) if n - start > max => {
+            Some(max) if n - start > max && !resumed_inside => {
                 // No more buckets than one page's bytes hold (a bucketed series is
                 // not split between pages), so a page fits a client's limit.
                 let fit = (self.query.page_bytes / (POINT_BYTES + BUCKET_EXTRA_BYTES)).max(1);
@@ -662,6 +669,27 @@ mod tests {
         assert_eq!(s.total_points, 10_000);
         assert_eq!(s.steps.last(), Some(&9_999));
         assert_eq!(page.next, None);
+    }
+
+    #[test]
+    fn a_series_begun_exact_stays_exact_when_points_arrive_between_pages() {
+        let points: Vec<(i64, f64, i64)> = (0..1_000).map(|s| (s, s as f64, s)).collect();
+        let mut query = SeriesQuery::all(600, usize::MAX);
+        query.max_points = Some(1_000);
+        let mut page = PageBuilder::new(&query);
+        page.add("k", gathered(&points));
+        let first = page.finish();
+        assert!(!first.series[0].bucketed);
+        assert_eq!(first.series[0].steps.len(), 600);
+        // 601 points arrive before the next page: 1,001 left, more than max_points.
+        let more: Vec<(i64, f64, i64)> = (0..1_601).map(|s| (s, s as f64, s)).collect();
+        query.cursor = first.next;
+        let mut page = PageBuilder::new(&query);
+        page.add("k", gathered(&more));
+        let second = page.finish();
+        assert!(!second.series[0].bucketed);
+        assert_eq!(second.series[0].steps, (600..1_200).collect::<Vec<i64>>());
+        assert!(second.next.is_some());
     }
 
     #[test]
