@@ -377,7 +377,8 @@ impl Compactor {
         self.persister.replace(id, outputs, inputs_keys)?;
         // On S3 the old objects go once the new ones are in the bucket, and with
         // a change log once the change is shipped (see `Index::queue_deletions`),
-        // so a reader of the bucket, or an mboxd reader, never meets a gap.
+        // so a reader of the bucket, or an mboxd reader, never meets a gap. The
+        // index holds them until then; this wait only deletes them in this pass.
         let index = &self.persister.index;
         let deadline = Instant::now() + Duration::from_secs(600);
         while (output_keys

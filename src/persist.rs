@@ -472,6 +472,58 @@ mod tests {
     const OUT1: &str = "metrics/namespace=a/date=2026-01-01/out1.parquet";
     const OUT2: &str = "metrics/namespace=a/date=2026-01-01/out2.parquet";
 
+    /// On an S3 root without a change log (nothing holds the deletions until a
+    /// change ships), a replaced input leaves the bucket only once every output
+    /// that replaced it is uploaded: whatever stops the compaction pass early.
+    #[test]
+    fn without_a_change_log_replaced_inputs_wait_for_every_spooled_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = setup(dir.path());
+        publish(&p, IN1);
+        publish(&p, IN2);
+        let intent = ReplaceIntent {
+            id: "compact:a".into(),
+            outputs: vec![(entry(OUT1), Vec::new()), (entry(OUT2), Vec::new())],
+            inputs: vec![IN1.into(), IN2.into()],
+        };
+        p.index.begin_replace(&intent).unwrap();
+        p.index.commit_replace(&intent, true).unwrap();
+        assert_eq!(keys(&p), [OUT1, OUT2]);
+        assert!(p.index.deletions().unwrap().is_empty());
+        p.finish_deletions();
+        assert!(p.index.deletions().unwrap().is_empty());
+        p.index.mark_uploaded(OUT1).unwrap();
+        assert!(p.index.deletions().unwrap().is_empty());
+        p.index.mark_uploaded(OUT2).unwrap();
+        assert_eq!(p.index.deletions().unwrap(), [IN1, IN2]);
+    }
+
+    /// Retention removing a spooled output before its upload frees what it
+    /// replaced: the partition is going as a whole.
+    #[test]
+    fn an_expired_spooled_output_releases_the_inputs_it_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = setup(dir.path());
+        publish(&p, IN1);
+        let intent = ReplaceIntent {
+            id: "compact:a".into(),
+            outputs: vec![(entry(OUT1), Vec::new())],
+            inputs: vec![IN1.into()],
+        };
+        p.index.begin_replace(&intent).unwrap();
+        p.index.commit_replace(&intent, true).unwrap();
+        assert!(p.index.deletions().unwrap().is_empty());
+        let expire = ReplaceIntent {
+            id: "expire:a".into(),
+            outputs: Vec::new(),
+            inputs: vec![OUT1.into()],
+        };
+        p.index.begin_replace(&expire).unwrap();
+        p.index.commit_replace(&expire, true).unwrap();
+        assert!(keys(&p).is_empty());
+        assert_eq!(p.index.deletions().unwrap(), [IN1, OUT1]);
+    }
+
     #[test]
     fn a_replacement_cut_short_by_a_crash_is_undone_or_finished_at_start_up() {
         for renamed in [0, 1, 2] {

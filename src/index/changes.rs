@@ -25,8 +25,9 @@ use serde::{Deserialize, Serialize};
 use super::catalog::{CatalogTables, merge_summaries};
 use super::manifest::{insert_file, remove_file};
 use super::{
-    DELETIONS, EXPERIMENTS, FILE_EXPERIMENTS, FILE_EXPERIMENTS_REV, FILES, HELD, Index, IndexError,
-    META, METADATA, MetadataEntry, OUTBOX, SUMMARIES, UNINDEXED, decode, encode, search, storage,
+    AWAITING_UPLOAD, DELETIONS, EXPERIMENTS, FILE_EXPERIMENTS, FILE_EXPERIMENTS_REV, FILES, HELD,
+    Index, IndexError, META, METADATA, MetadataEntry, OUTBOX, SUMMARIES, UNINDEXED, decode, encode,
+    search, storage,
 };
 use crate::index::{FileEntry, FilePart};
 use crate::model::{ExperimentRecord, MetricSummary};
@@ -202,19 +203,31 @@ impl Index {
         Ok(Some(entry))
     }
 
-    /// Queues objects a replacement removed for deletion: at once, or, with the
-    /// change log on, once the change's `entry` is shipped.
+    /// Queues objects a replacement removed for deletion: with the change log
+    /// on, once the change's `entry` is shipped (which waits for the uploads);
+    /// else once the `spooled` outputs are uploaded; else at once.
     pub(super) fn queue_deletions(
         &self,
         txn: &WriteTransaction,
         entry: Option<u64>,
         keys: &[String],
+        spooled: &[&str],
     ) -> Result<(), IndexError> {
         match entry {
             Some(entry) => {
                 let mut held = txn.open_table(HELD).map_err(storage)?;
                 for key in keys {
                     held.insert((entry, key.as_str()), ()).map_err(storage)?;
+                }
+            }
+            None if !spooled.is_empty() => {
+                let mut awaiting = txn.open_table(AWAITING_UPLOAD).map_err(storage)?;
+                for output in spooled {
+                    for key in keys {
+                        awaiting
+                            .insert((*output, key.as_str()), ())
+                            .map_err(storage)?;
+                    }
                 }
             }
             None => {
@@ -460,6 +473,38 @@ impl Index {
         self.bump_generation();
         Ok(())
     }
+}
+
+/// An output of a replacement left the spool (uploaded, or removed by retention):
+/// the inputs that waited for no other output go into the deletion queue.
+pub(super) fn release_awaiting(txn: &WriteTransaction, output: &str) -> Result<(), IndexError> {
+    let mut awaiting = txn.open_table(AWAITING_UPLOAD).map_err(storage)?;
+    let mut inputs = Vec::new();
+    for row in awaiting.range((output, "")..).map_err(storage)? {
+        let (k, _) = row.map_err(storage)?;
+        let (out, input) = k.value();
+        if out != output {
+            break;
+        }
+        inputs.push(input.to_owned());
+    }
+    if inputs.is_empty() {
+        return Ok(());
+    }
+    for input in &inputs {
+        awaiting.remove((output, input.as_str())).map_err(storage)?;
+    }
+    // The table holds the replacements still uploading: few rows.
+    let mut still = std::collections::HashSet::new();
+    for row in awaiting.iter().map_err(storage)? {
+        let (k, _) = row.map_err(storage)?;
+        still.insert(k.value().1.to_owned());
+    }
+    let mut deletions = txn.open_table(DELETIONS).map_err(storage)?;
+    for input in inputs.iter().filter(|i| !still.contains(*i)) {
+        deletions.insert(input.as_str(), ()).map_err(storage)?;
+    }
+    Ok(())
 }
 
 /// Moves deletions held by entries up to `last` into the deletion queue.

@@ -5,7 +5,7 @@ use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::catalog::{merge_summaries, record_batch_ids};
-use super::changes::Change;
+use super::changes::{Change, release_awaiting};
 use super::{
     DELETIONS, FILE_EXPERIMENTS, FILE_EXPERIMENTS_REV, FILES, INTENTS, Index, IndexError,
     PUBLISHED, REPLACE_INTENTS, SPOOLED, UNINDEXED, decode, encode, storage,
@@ -167,10 +167,15 @@ pub(super) fn remove_file(
         .map_err(storage)?
         .remove(key)
         .map_err(storage)?;
-    txn.open_table(SPOOLED)
+    if txn
+        .open_table(SPOOLED)
         .map_err(storage)?
         .remove(key)
-        .map_err(storage)?;
+        .map_err(storage)?
+        .is_some()
+    {
+        release_awaiting(txn, key)?;
+    }
     let mut rev = txn.open_table(FILE_EXPERIMENTS_REV).map_err(storage)?;
     let mut experiments = Vec::new();
     for row in rev.range((key, "")..).map_err(storage)? {
@@ -363,6 +368,7 @@ impl Index {
             .map_err(storage)?
             .remove(key)
             .map_err(storage)?;
+        release_awaiting(&txn, key)?;
         txn.commit().map_err(storage)
     }
 
@@ -517,7 +523,11 @@ impl Index {
                 added: intent.outputs.clone(),
                 removed: intent.inputs.clone(),
             })?;
-            self.queue_deletions(&txn, entry, &intent.inputs)?;
+            let outputs: Vec<&str> = match spooled {
+                true => intent.outputs.iter().map(|(e, _)| e.key.as_str()).collect(),
+                false => Vec::new(),
+            };
+            self.queue_deletions(&txn, entry, &intent.inputs, &outputs)?;
             txn.open_table(REPLACE_INTENTS)
                 .map_err(storage)?
                 .remove(intent.id.as_str())

@@ -113,6 +113,10 @@ const OLD_SEARCH: TableDefinition<(&str, &str, &[u8], &str), ()> =
     TableDefinition::new("search_index");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("change_outbox");
 const HELD: TableDefinition<(u64, &str), ()> = TableDefinition::new("held_deletions");
+/// (spooled output, replaced input): on an S3 root without a change log, an input
+/// is deleted once every output that replaced it is uploaded.
+const AWAITING_UPLOAD: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("deletions_awaiting_upload");
 
 /// The index layout version; see [`Index::open`] for what each step migrates.
 const LAYOUT_VERSION: u64 = 2;
@@ -213,6 +217,7 @@ impl Index {
             txn.open_table(CATALOG_FILES).map_err(storage)?;
             txn.open_table(OUTBOX).map_err(storage)?;
             txn.open_table(HELD).map_err(storage)?;
+            txn.open_table(AWAITING_UPLOAD).map_err(storage)?;
             let files = txn.open_table(FILES).map_err(storage)?;
             let mut unindexed = txn.open_table(UNINDEXED).map_err(storage)?;
             let mut meta = txn.open_table(META).map_err(storage)?;
