@@ -439,7 +439,7 @@ mod tests {
         // The next start drops the intent; the WAL (not released) writes the rows again.
         p.recover().unwrap();
         assert!(keys(&p).is_empty());
-        assert!(p.index.recover_intents(|_| true, false).unwrap() == (0, 0));
+        assert_eq!(p.index.recover_intents(|_| true, false).unwrap(), (0, 0));
     }
 
     fn staged(p: &Persister, key: &str) -> Replacement {

@@ -523,11 +523,12 @@ impl Index {
                 added: intent.outputs.clone(),
                 removed: intent.inputs.clone(),
             })?;
-            let outputs: Vec<&str> = match spooled {
-                true => intent.outputs.iter().map(|(e, _)| e.key.as_str()).collect(),
-                false => Vec::new(),
+            let uploading: Vec<&str> = if spooled {
+                intent.outputs.iter().map(|(e, _)| e.key.as_str()).collect()
+            } else {
+                Vec::new()
             };
-            self.queue_deletions(&txn, entry, &intent.inputs, &outputs)?;
+            self.queue_deletions(&txn, entry, &intent.inputs, &uploading)?;
             txn.open_table(REPLACE_INTENTS)
                 .map_err(storage)?
                 .remove(intent.id.as_str())

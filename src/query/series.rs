@@ -632,15 +632,36 @@ mod tests {
     }
 
     #[test]
-    fn a_series_within_max_points_keeps_its_string_and_bytes_values() {
-        let mut g = Gathered::default();
-        g.push(0, 0, 0.5, 1);
-        g.push_other(1, 10, MetricValue::String("ok".into()), 2);
-        g.push_other(2, 20, MetricValue::Bytes(vec![0, 255]), 3);
+    fn a_buffered_series_within_max_points_keeps_its_string_and_bytes_values() {
+        use crate::model::{ExperimentRef, MetricBlock, SparseColumn};
+        let chunk = MetricChunk::new(
+            MetricBlock {
+                experiment: ExperimentRef {
+                    id: "e".into(),
+                    namespace: "ns".into(),
+                },
+                keys: vec!["k".into()],
+                key_index: vec![0; 3],
+                steps: vec![0, 1, 2],
+                wallclocks: vec![0, 10, 20],
+                values: vec![0.5, 0.0, 0.0],
+                strings: SparseColumn {
+                    rows: vec![1],
+                    values: vec!["ok".into()],
+                },
+                bytes: SparseColumn {
+                    rows: vec![2],
+                    values: vec![vec![0, 255]],
+                },
+            },
+            7,
+        );
         let mut query = SeriesQuery::all(usize::MAX, usize::MAX);
         query.max_points = Some(3);
+        let mut out = BTreeMap::from([("k".to_owned(), Gathered::default())]);
+        gather_chunk(&chunk, &["k".into()], &mut out, &query);
         let mut page = PageBuilder::new(&query);
-        page.add("k", g);
+        page.add("k", out.remove("k").unwrap_or_default());
         let page = page.finish();
         assert_eq!(page.series.len(), 1);
         assert!(!page.series[0].bucketed);

@@ -165,10 +165,14 @@ impl LocalSink {
         staged: StagedFile,
         key: &ObjectKey,
     ) -> Result<u64, Box<PublishFailed>> {
-        let size = match staged.file.sync_all().and_then(|()| staged.file.metadata()) {
+        let synced = (staged
+            .file
+            .sync_all()
+            .map_err(io_err("syncing", &staged.path)))
+        .and_then(|()| (staged.file.metadata()).map_err(io_err("reading size of", &staged.path)));
+        let size = match synced {
             Ok(metadata) => metadata.len(),
-            Err(source) => {
-                let error = io_err("syncing", &staged.path)(source);
+            Err(error) => {
                 self.discard(staged);
                 return Err(Box::new(PublishFailed {
                     error,
@@ -190,7 +194,7 @@ impl LocalSink {
             }));
         }
         drop(staged);
-        self.sync_dir(dir).map_err(|error| {
+        sync_dir(dir).map_err(|error| {
             Box::new(PublishFailed {
                 error,
                 staged: None,
@@ -206,14 +210,8 @@ impl LocalSink {
         if !target.exists() {
             return Ok(false);
         }
-        self.sync_dir(target.parent().unwrap_or(&self.root))?;
+        sync_dir(target.parent().unwrap_or(&self.root))?;
         Ok(true)
-    }
-
-    fn sync_dir(&self, dir: &Path) -> Result<(), SinkError> {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("syncing", dir))
     }
 
     /// Removes a published file (an uploaded spool file); a missing one is fine.
@@ -259,6 +257,13 @@ impl LocalSink {
         drop(staged.file);
         let _ = std::fs::remove_file(&staged.path);
     }
+}
+
+/// Makes a folder's entries (a rename into it) durable.
+fn sync_dir(dir: &Path) -> Result<(), SinkError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("syncing", dir))
 }
 
 /// The location of `key` in an object store.
