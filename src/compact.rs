@@ -22,7 +22,7 @@
 //! Retention drops whole date partitions older than a namespace's limit, through
 //! the same swap (with no new files).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -148,18 +148,30 @@ impl Compactor {
         crate::paths::utc_date(now - margin)
     }
 
+    /// Files waiting in the spool for their upload (none on a local root). Neither
+    /// compaction nor retention touches them: compaction would read an object not
+    /// in the bucket yet, and retention's deletion would race the upload in flight,
+    /// which could then put the object back with nothing in the index naming it.
+    fn spooled(&self) -> Result<HashSet<String>, CompactError> {
+        if self.persister.remote.is_none() {
+            return Ok(HashSet::new());
+        }
+        let spooled = self.persister.index.spooled()?;
+        Ok(spooled.into_iter().map(|(key, _)| key).collect())
+    }
+
     /// Decides what to merge: every partition's small files (and any file of the
     /// old schema) if its day is closed, else a size tier with enough files.
     fn plan(&self, everything: bool) -> Result<Vec<Job>, CompactError> {
         let index = &self.persister.index;
         let closed_before = self.closed_before(self.clock.now());
+        let spooled = self.spooled()?;
         let mut by_partition: BTreeMap<String, (PartitionKey, Vec<FileEntry>)> = BTreeMap::new();
         for entry in index.all_files()? {
             let Some(partition) = partition_of(&entry) else {
                 continue;
             };
-            // On S3, a file waiting for its upload is not in the bucket yet.
-            if self.persister.remote.is_some() && index.is_spooled(&entry.key)? {
+            if spooled.contains(&entry.key) {
                 continue;
             }
             by_partition
@@ -247,14 +259,19 @@ impl Compactor {
         Ok(report)
     }
 
-    /// Deletes date partitions older than their namespace's retention.
+    /// Deletes date partitions older than their namespace's retention. Files still
+    /// waiting for their upload go in a later pass, once uploaded.
     fn expire(&self) -> Result<usize, CompactError> {
         let today = crate::paths::utc_date(self.clock.now());
+        let spooled = self.spooled()?;
         let mut expired: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for entry in self.persister.index.all_files()? {
             let Some(p) = partition_of(&entry) else {
                 continue;
             };
+            if spooled.contains(&entry.key) {
+                continue;
+            }
             let days = self.config.retention_days_of(&p.namespace);
             if days == 0 {
                 continue;

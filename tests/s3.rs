@@ -1,6 +1,7 @@
 //! S3 roots under failure, against a real S3-compatible server (s3s-fs): the
 //! server goes away during sustained ingest; mboxd is SIGKILLed with files in its
-//! spool; a full spool pushes back; three daemons share one bucket prefix. And how
+//! spool; a full spool pushes back; retention waits for a spooled file's upload;
+//! three daemons share one bucket prefix. And how
 //! S3 is configured: through the AWS environment alone, and with the config file
 //! overriding the environment.
 
@@ -11,7 +12,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::s3::{
@@ -20,6 +21,7 @@ use common::s3::{
 };
 use common::*;
 use mboxd::config::{Config, WhenFull};
+use mboxd::model::Clock;
 use mboxd::proto;
 use object_store::ObjectStore;
 
@@ -202,6 +204,69 @@ async fn files_spooled_at_a_sigkill_are_uploaded_after_restart() {
     assert!(proc.terminate().await, "mboxd did not stop cleanly");
     assert_eq!(spooled_files(&data), 0);
     assert_exactly_once(s3.store(PREFIX).as_ref(), &sent).await;
+}
+
+/// Retention leaves a file that waits for its upload: deleting it then would race
+/// the upload in flight, which could put the object back with nothing naming it.
+/// The file expires in the first pass after it is uploaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_waits_for_a_spooled_file_to_be_uploaded() {
+    const DAY: i64 = 86_400_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s3 = S3Server::start(&dir.path().join("s3")).await;
+    let mut config = s3_config(dir.path(), &s3);
+    let offset = Arc::new(AtomicI64::new(0));
+    let shift = Arc::clone(&offset);
+    config.clock = Clock::new(move || mboxd::model::now_micros() + shift.load(Ordering::Relaxed));
+    config.compaction.enabled = false;
+    config
+        .compaction
+        .retention_by_namespace
+        .insert("short".into(), 5);
+    config.shutdown_timeout = Duration::from_secs(2);
+
+    let mut server = TestServer::start(config.clone()).await;
+    let mut c = server.client().await;
+    let id = create_experiment(&mut c, "short", "old").await;
+    s3.stop();
+    offset.store(-10 * DAY, Ordering::Relaxed);
+    c.log_metrics(proto::LogMetricsRequest {
+        blocks: vec![numeric_block(&id, &["loss"], 100, 0)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while spooled_files(&config.data_dir) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the file never reached the spool"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    offset.store(0, Ordering::Relaxed);
+    server.stop().await;
+    assert_eq!(spooled_files(&config.data_dir), 1);
+
+    // The store is still away: the file stays listed and spooled.
+    let report = mboxd::server::compact_once(config.clone(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.expired_files, 0, "{report:?}");
+    assert_eq!(spooled_files(&config.data_dir), 1);
+
+    s3.resume().await;
+    let server = TestServer::start(config.clone()).await;
+    wait_for_empty_spool(&config.data_dir).await;
+    server.stop().await;
+    let store = s3.store(PREFIX);
+    assert_eq!(parquet_objects(store.as_ref(), "metrics").await.len(), 1);
+
+    let report = mboxd::server::compact_once(config.clone(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.expired_files, 1, "{report:?}");
+    assert!(parquet_objects(store.as_ref(), "metrics").await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
