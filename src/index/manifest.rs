@@ -534,6 +534,8 @@ impl Index {
                 .remove(intent.id.as_str())
                 .map_err(storage)?;
         }
+        // Before the commit: once a reader's manifest lacks them, it knows.
+        self.removed.note(&intent.inputs);
         txn.commit().map_err(storage)?;
         Ok(removed)
     }

@@ -68,9 +68,11 @@ mod changes;
 mod manifest;
 pub mod search;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
@@ -168,6 +170,37 @@ pub struct Index {
     publish: Mutex<()>,
     /// Whether each transaction records its [`Change`] in the outbox.
     change_log: AtomicBool,
+    /// Files this process dropped from the manifest lately (replaced or expired).
+    removed: RecentlyRemoved,
+}
+
+/// How long a file dropped from the manifest is remembered as dropped: far longer
+/// than a read takes from its live snapshot to its manifest read.
+const REMEMBER_REMOVED: Duration = Duration::from_secs(600);
+
+/// Object keys recently dropped from the manifest, with when.
+///
+/// A reader takes the writers' live view first and the manifest second, and drops
+/// live rows bound for a file the manifest lists (see [`crate::live`]). A file
+/// published and then compacted away between the two is in neither list, though
+/// its rows are in the manifest's replacement: without this memory the reader
+/// would read them twice. Keys are noted before the replacement commits, so a
+/// reader whose manifest no longer lists a key always finds it here.
+#[derive(Debug, Default)]
+struct RecentlyRemoved(Mutex<HashMap<String, Instant>>);
+
+impl RecentlyRemoved {
+    fn note(&self, keys: &[String]) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        map.retain(|_, at| now.duration_since(*at) < REMEMBER_REMOVED);
+        map.extend(keys.iter().map(|k| (k.clone(), now)));
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.contains_key(key)
+    }
 }
 
 /// The index's page cache: part of the memory bound's fixed overhead.
@@ -260,7 +293,14 @@ impl Index {
             generation: AtomicU64::new(0),
             publish: Mutex::new(()),
             change_log: AtomicBool::new(false),
+            removed: RecentlyRemoved::default(),
         })
+    }
+
+    /// Whether this process dropped `key` from the manifest in the last minutes
+    /// (see [`RecentlyRemoved`]).
+    pub fn was_removed(&self, key: &str) -> bool {
+        self.removed.contains(key)
     }
 
     /// A number that changes whenever experiments or metadata change.

@@ -121,8 +121,8 @@ impl Reader {
         let files = self
             .index
             .experiment_files(table, &experiment.namespace, &experiment.id)?;
-        let published: HashSet<&str> = files.iter().map(|f| f.entry.key.as_str()).collect();
-        let mut live = live.without(&published);
+        let listed: HashSet<&str> = files.iter().map(|f| f.entry.key.as_str()).collect();
+        let mut live = live.without(|key| listed.contains(key) || self.index.was_removed(key));
         if table != Table::Metrics {
             // Staged files are metrics files (events are buffered whole until they
             // are published): another table's read must not open them.
@@ -397,4 +397,107 @@ fn event_points(batch: &RecordBatch, out: &mut Vec<EventPoint>) -> Result<(), Qu
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{FileEntry, FilePart, Forget, PublishIntent, ReplaceIntent, SCHEMA_INT64};
+    use crate::model::{MetricBlock, MetricChunk, SparseColumn};
+    use crate::paths::ObjectKey;
+    use crate::sink::LocalSink;
+
+    const PUBLISHED: &str = "metrics/namespace=ns/date=2026-01-01/published.parquet";
+    const COMPACTED: &str = "metrics/namespace=ns/date=2026-01-01/compacted.parquet";
+
+    fn entry(key: &str) -> FileEntry {
+        FileEntry {
+            key: key.into(),
+            rows: 1,
+            bytes: 5,
+            min_experiment: "e".into(),
+            max_experiment: "e".into(),
+            created_at: 0,
+            schema: SCHEMA_INT64,
+            compacted: false,
+        }
+    }
+
+    fn part() -> Vec<(String, FilePart)> {
+        vec![(
+            "e".into(),
+            FilePart {
+                row_groups: vec![0],
+                rows: 1,
+            },
+        )]
+    }
+
+    /// What the writers hold of the experiment, and the files the manifest lists.
+    fn sources(reader: &Reader, experiment: &ExperimentRef) -> (usize, Vec<String>) {
+        let (files, live) = reader.sources(Table::Metrics, experiment).unwrap();
+        let files = files.into_iter().map(|f| f.entry.key).collect();
+        (live.metrics.len(), files)
+    }
+
+    /// A read whose live snapshot was taken before a file was published, and whose
+    /// manifest read comes after the file was compacted away, reads its rows once:
+    /// from the replacement, not from the live view as well.
+    #[test]
+    fn rows_published_and_compacted_since_the_live_snapshot_are_read_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(Index::open(&dir.path().join("index.redb")).unwrap());
+        let sink = LocalSink::open(&dir.path().join("root"), &dir.path().join("staging")).unwrap();
+        let live = LiveView::new(1);
+        let writer = live.writer(0);
+        let reader = Reader::new(Arc::clone(&index), Files::new(sink, None), live);
+        let experiment = ExperimentRef {
+            id: "e".into(),
+            namespace: "ns".into(),
+        };
+        // The writer holds one point bound for PUBLISHED, and keeps holding it: as
+        // a snapshot taken before the publication still does.
+        let chunk = Arc::new(MetricChunk::new(
+            MetricBlock {
+                experiment: experiment.clone(),
+                keys: vec!["loss".into()],
+                key_index: vec![0],
+                steps: vec![1],
+                wallclocks: vec![10],
+                values: vec![0.5],
+                strings: SparseColumn::default(),
+                bytes: SparseColumn::default(),
+            },
+            10,
+        ));
+        writer.queue_metrics(1, vec![Arc::clone(&chunk)]);
+        let key = Arc::new(ObjectKey::from_manifest(PUBLISHED.into()));
+        writer.claim_metrics(1, vec![(chunk, 7, key)]);
+        assert_eq!(sources(&reader, &experiment), (1, vec![]));
+
+        let intent = PublishIntent {
+            entry: entry(PUBLISHED),
+            partition: "metrics/namespace=ns/date=2026-01-01".into(),
+            pieces: vec![(1, "e".into())],
+            experiments: part(),
+            summaries: Vec::new(),
+            batch_ids: Vec::new(),
+        };
+        index.begin_publish(&intent).unwrap();
+        let forget = Forget {
+            pieces_below: 0,
+            batch_ids_before: 0,
+        };
+        index.commit_publish(&intent, forget, false).unwrap();
+        assert_eq!(sources(&reader, &experiment), (0, vec![PUBLISHED.into()]));
+
+        let replace = ReplaceIntent {
+            id: "compact:test".into(),
+            outputs: vec![(entry(COMPACTED), part())],
+            inputs: vec![PUBLISHED.into()],
+        };
+        index.begin_replace(&replace).unwrap();
+        index.commit_replace(&replace, false).unwrap();
+        assert_eq!(sources(&reader, &experiment), (0, vec![COMPACTED.into()]));
+    }
 }
