@@ -498,6 +498,35 @@ mod tests {
         assert_eq!(p.index.deletions().unwrap(), [IN1, IN2]);
     }
 
+    /// Turning the change log off drops its unshipped entries and the deletions
+    /// they held: an input whose replacement still waits in the spool waits for
+    /// that upload (as shipping would have), the others go at once.
+    #[test]
+    fn turning_the_change_log_off_keeps_inputs_whose_replacements_are_uploading() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = setup(dir.path());
+        p.index.enable_change_log().unwrap();
+        publish(&p, IN1);
+        publish(&p, IN2);
+        for (id, input, output, spooled) in [("a", IN1, OUT1, true), ("b", IN2, OUT2, false)] {
+            let intent = ReplaceIntent {
+                id: format!("compact:{id}"),
+                outputs: vec![(entry(output), Vec::new())],
+                inputs: vec![input.into()],
+            };
+            p.index.begin_replace(&intent).unwrap();
+            p.index.commit_replace(&intent, spooled).unwrap();
+        }
+        assert!(p.index.has_held_deletions().unwrap());
+        assert!(p.index.deletions().unwrap().is_empty());
+
+        p.index.disable_change_log().unwrap();
+        assert!(!p.index.has_held_deletions().unwrap());
+        assert_eq!(p.index.deletions().unwrap(), [IN2]);
+        p.index.mark_uploaded(OUT1).unwrap();
+        assert_eq!(p.index.deletions().unwrap(), [IN1, IN2]);
+    }
+
     /// Retention removing a spooled output before its upload frees what it
     /// replaced: the partition is going as a whole.
     #[test]

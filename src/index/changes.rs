@@ -170,13 +170,51 @@ impl Index {
             meta.insert(ACTIVE, 0).map_err(storage)?;
             meta.remove(PLAN_LOG).map_err(storage)?;
             meta.remove(PLAN_LAST).map_err(storage)?;
+            drop(meta);
+            self.release_held_unshipped(&txn)?;
             txn.open_table(OUTBOX)
                 .map_err(storage)?
                 .retain(|_, _| false)
                 .map_err(storage)?;
-            release_held(&txn, u64::MAX)?;
         }
         txn.commit().map_err(storage)
+    }
+
+    /// With the change log going off, the deletions held for entries that will
+    /// never ship go where they would have gone without it: to the deletion queue,
+    /// or, for inputs whose replacements are still in the spool, to wait for those
+    /// uploads (shipping would have waited for them too). Reads the outbox, so it
+    /// runs before the outbox is emptied.
+    fn release_held_unshipped(&self, txn: &WriteTransaction) -> Result<(), IndexError> {
+        let mut by_entry: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+        {
+            let mut held = txn.open_table(HELD).map_err(storage)?;
+            for row in held.iter().map_err(storage)? {
+                let (k, _) = row.map_err(storage)?;
+                let (entry, key) = k.value();
+                by_entry.entry(entry).or_default().push(key.to_owned());
+            }
+            held.retain(|_, _| false).map_err(storage)?;
+        }
+        for (entry, inputs) in by_entry {
+            let uploading: Vec<String> = {
+                let outbox = txn.open_table(OUTBOX).map_err(storage)?;
+                let spooled = txn.open_table(super::SPOOLED).map_err(storage)?;
+                let mut out = Vec::new();
+                if let Some(value) = outbox.get(entry).map_err(storage)? {
+                    let change: Change = decode("change", value.value())?;
+                    for key in change.added_files() {
+                        if spooled.get(key).map_err(storage)?.is_some() {
+                            out.push(key.to_owned());
+                        }
+                    }
+                }
+                out
+            };
+            let uploading: Vec<&str> = uploading.iter().map(String::as_str).collect();
+            self.queue_deletions(txn, None, &inputs, &uploading)?;
+        }
+        Ok(())
     }
 
     pub(super) fn change_log_on(&self) -> bool {
