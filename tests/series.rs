@@ -211,6 +211,12 @@ async fn pages_return_every_point_once_and_filters_select_exactly() {
             .await;
             let n: usize = page.metrics.iter().map(|m| m.values.len()).sum();
             assert!(n <= page_size as usize, "a page of {n} > {page_size}");
+            for m in &page.metrics {
+                // The series' points from where this page starts in it on.
+                let all = whole.iter().find(|w| w.key == m.key).unwrap().values.len();
+                let before = got.iter().filter(|(k, _, _)| *k == m.key).count();
+                assert_eq!(m.total_points, (all - before) as u64, "{}", m.key);
+            }
             for m in page.metrics {
                 got.extend(m.values.iter().map(|v| (m.key.clone(), v.step, value(v))));
             }

@@ -240,17 +240,22 @@ impl Reader {
             let mut sizes: Vec<u64> = Vec::new();
             let mut points = 0u64;
             while let Some((key, n)) = keys.last() {
-                if !group.is_empty() && points + n > query.read_points as u64 {
+                // An exact read holds about a page of a long series (see
+                // `series::bound`), a bucketed one all of it.
+                let held = query
+                    .keep_of(key)
+                    .map_or(*n, |(_, keep)| (*n).min((keep as u64).saturating_mul(2)));
+                if !group.is_empty() && points + held > query.read_points as u64 {
                     break;
                 }
-                points += n;
+                points += held;
                 group.push(key.clone());
                 // A step range, or a page resuming inside this series, may want a
                 // sliver of a long series: no reservation.
                 let whole = query.start_step.is_none()
                     && query.end_step.is_none()
                     && query.cursor.as_ref().is_none_or(|c| c.key != *key);
-                sizes.push(if whole { *n } else { 0 });
+                sizes.push(if whole { held } else { 0 });
                 keys.pop();
             }
             let mut gathered = self.gather_series(experiment, &group, &sizes, query)?;
@@ -307,7 +312,9 @@ impl Reader {
                 columns: parquet::METRIC_COLUMNS,
             };
             let read = self.read_files(&files, &live, &want, &mut |batch| {
-                series::gather_batch(&batch, &mut out)
+                series::gather_batch(&batch, &mut out)?;
+                series::bound(&mut out, query);
+                Ok(())
             });
             match read {
                 Err(e) if e.is_vanished() && attempt < ATTEMPTS => {
@@ -319,6 +326,7 @@ impl Reader {
             }
             for (_, chunk) in &live.metrics {
                 series::gather_chunk(chunk, keys, &mut out, query);
+                series::bound(&mut out, query);
             }
             return Ok(out);
         }

@@ -26,7 +26,7 @@ pub struct SeriesQuery {
     pub page_bytes: usize,
     /// Where the previous page stopped.
     pub cursor: Option<Cursor>,
-    /// Points read at once (a group of keys; a longer single series is read whole).
+    /// Points read at once (a group of keys, or one longer series).
     pub read_points: usize,
 }
 
@@ -57,6 +57,35 @@ impl SeriesQuery {
             self.start_step.unwrap_or(i64::MIN),
             self.end_step.unwrap_or(i64::MAX),
         )
+    }
+
+    /// What a read of `key` must hold for this page: the points from a step on,
+    /// and how many of them (see [`Gathered::prune`]). `None` for a bucketed read,
+    /// which needs the whole series.
+    pub(crate) fn keep_of(&self, key: &str) -> Option<(i64, usize)> {
+        if self.max_points.is_some() {
+            return None;
+        }
+        // No page holds more points than this; one more tells where the next
+        // page starts.
+        let page = self.page_points.min(self.page_bytes / POINT_BYTES + 1);
+        let (from, skip) = match &self.cursor {
+            Some(c) if c.key == key => (c.step, usize::try_from(c.skip).unwrap_or(usize::MAX)),
+            _ => (self.steps().0, 0),
+        };
+        Some((from, skip.saturating_add(page).saturating_add(1)))
+    }
+}
+
+/// Prunes each gathered series that holds more than twice what its page needs,
+/// so a read holds about a page of each long series, not all of it.
+pub(crate) fn bound(out: &mut BTreeMap<String, Gathered>, query: &SeriesQuery) {
+    for (key, g) in out.iter_mut() {
+        if let Some((from, keep)) = query.keep_of(key)
+            && g.len() > keep.saturating_mul(2)
+        {
+            g.prune(from, keep);
+        }
     }
 }
 
@@ -129,6 +158,8 @@ pub(crate) struct Gathered {
     values: Vec<f64>,
     ingested: Vec<i64>,
     other: Vec<(u32, MetricValue)>,
+    /// Points [`Self::prune`] let go: each comes after every point kept.
+    dropped: u64,
 }
 
 impl Gathered {
@@ -139,6 +170,34 @@ impl Gathered {
             values: Vec::with_capacity(n),
             ingested: Vec::with_capacity(n),
             other: Vec::new(),
+            dropped: 0,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Keeps the first `keep` points at or after step `from` in (step, ingest
+    /// time, arrival) order, and counts those after them as dropped; points
+    /// before `from` go uncounted. The points kept rank before every point let
+    /// go, and a point gathered later ranks after a kept one it ties with, so
+    /// pruning as points arrive keeps exactly the first `keep` of them all.
+    pub(crate) fn prune(&mut self, from: i64, keep: usize) {
+        self.sort();
+        let lo = self.steps.partition_point(|&s| s < from);
+        let hi = (lo + keep).min(self.steps.len());
+        self.dropped += (self.steps.len() - hi) as u64;
+        for column in [&mut self.steps, &mut self.wallclocks, &mut self.ingested] {
+            column.truncate(hi);
+            column.drain(..lo);
+        }
+        self.values.truncate(hi);
+        self.values.drain(..lo);
+        let (lo, hi) = (lo as u32, hi as u32);
+        self.other.retain(|(i, _)| (lo..hi).contains(i));
+        for (i, _) in &mut self.other {
+            *i -= lo;
         }
     }
 
@@ -432,7 +491,7 @@ impl<'q> PageBuilder<'q> {
             return;
         }
         let other: BTreeMap<u32, &MetricValue> = g.other.iter().map(|(i, v)| (*i, v)).collect();
-        let total = (n - start) as u64;
+        let total = (n - start) as u64 + g.dropped;
         // A page resuming inside a series continues it as it began: exact (a
         // bucketed series is never split), even if points arrived since.
         let resumed_inside = self
@@ -610,6 +669,78 @@ mod tests {
             .map(MetricValue::Double)
             .collect();
         assert_eq!(seen, want);
+    }
+
+    /// Pages read by pruning each source's points as they arrive (as a read of a
+    /// long series does) hold the same points, in the same order, with the same
+    /// totals, as pages cut from the whole series; ties in step and in ingest time,
+    /// string values and points before the cursor included.
+    #[test]
+    fn pruned_reads_page_exactly_like_whole_ones() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        // Five sources (files, staged row groups, buffers) of 60 points each.
+        let sources: Vec<Vec<(i64, i64, bool)>> = (0..5)
+            .map(|_| {
+                (0..60)
+                    .map(|_| (next(80) as i64, next(4) as i64, next(10) == 0))
+                    .collect()
+            })
+            .collect();
+        let gather = |query: &SeriesQuery, prune: bool| {
+            let mut out = BTreeMap::from([("k".to_owned(), Gathered::default())]);
+            for (n, source) in sources.iter().enumerate() {
+                let g = out.get_mut("k").unwrap();
+                for (i, &(step, at, text)) in source.iter().enumerate() {
+                    let (from, _) = query.steps();
+                    if step < from {
+                        continue;
+                    }
+                    let value = (n * 100 + i) as f64;
+                    match text {
+                        true => g.push_other(step, 0, MetricValue::String(value.to_string()), at),
+                        false => g.push(step, 0, value, at),
+                    }
+                }
+                if prune {
+                    bound(&mut out, query);
+                }
+            }
+            out.remove("k").unwrap()
+        };
+        for page_points in [1, 2, 3, 7, 50, 1000] {
+            for start_step in [None, Some(30)] {
+                let mut query = SeriesQuery::all(page_points, usize::MAX);
+                query.start_step = start_step;
+                let (mut pages, mut pruned_any) = (0, false);
+                loop {
+                    let pruned = gather(&query, true);
+                    pruned_any |= pruned.dropped > 0;
+                    let mut a = PageBuilder::new(&query);
+                    a.add("k", pruned);
+                    let mut b = PageBuilder::new(&query);
+                    b.add("k", gather(&query, false));
+                    let (a, b) = (a.finish(), b.finish());
+                    assert_eq!(a, b, "page {pages} of {page_points}");
+                    pages += 1;
+                    match a.next {
+                        Some(c) => query.cursor = Some(c),
+                        None => break,
+                    }
+                }
+                let total = match start_step {
+                    None => 300,
+                    Some(from) => sources.iter().flatten().filter(|p| p.0 >= from).count(),
+                };
+                assert_eq!(pages, total.div_ceil(page_points).max(1), "{page_points}");
+                assert_eq!(pruned_any, 2 * (page_points + 1) < total, "{page_points}");
+            }
+        }
     }
 
     #[test]
