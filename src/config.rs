@@ -1257,7 +1257,23 @@ impl FileConfig {
             }
         }
         let a = self.auth;
-        set(&mut c.auth.enabled, a.enabled);
+        // Tokens in the file turn authentication on: tokens configured with
+        // authentication off would let every client in, unnoticed.
+        let tokens_given =
+            !a.tokens.is_empty() || a.tokens_file.as_deref().is_some_and(|f| !f.is_empty());
+        match (a.enabled, tokens_given) {
+            (Some(false), true) => {
+                return Err(ConfigError::Invalid {
+                    key: "auth.enabled",
+                    reason: "tokens are configured ([[auth.tokens]] or auth.tokens_file) but \
+                             enabled = false would let every client in: set enabled = true, \
+                             or remove the tokens"
+                        .to_owned(),
+                });
+            }
+            (None, true) => c.auth.enabled = true,
+            (enabled, _) => set(&mut c.auth.enabled, enabled),
+        }
         set(
             &mut c.auth.allow_unauthenticated_loopback,
             a.allow_unauthenticated_loopback,
@@ -1528,6 +1544,24 @@ namespaces = ["*", "cv"]
             "tokens never reach logs"
         );
 
+        // Tokens without `enabled` turn authentication on; with `enabled = false`
+        // they are refused.
+        let token = "[[auth.tokens]]\ntoken = \"x\"\nscopes = [\"read\"]\nnamespaces = [\"cv\"]\n";
+        for text in [
+            token.to_owned(),
+            "[auth]\ntokens_file = \"/t\"\n".to_owned(),
+        ] {
+            let file: FileConfig = toml::from_str(&text).unwrap();
+            let mut c = Config::default();
+            file.apply(&mut c).unwrap();
+            assert!(c.auth.enabled, "{text}");
+        }
+        let file: FileConfig =
+            toml::from_str("[auth]\nenabled = false\ntokens_file = \"\"\n").unwrap();
+        let mut c = Config::default();
+        file.apply(&mut c).unwrap();
+        assert!(!c.auth.enabled);
+
         let rejected = |text: &str| {
             let file: FileConfig = toml::from_str(text).unwrap();
             file.apply(&mut Config::default()).unwrap_err().to_string()
@@ -1547,6 +1581,14 @@ namespaces = ["*", "cv"]
             (
                 "[[auth.tokens]]\ntoken = \"x\"\nscopes = [\"read\"]\nnamespaces = [\"a/b\"]\n",
                 "not a namespace",
+            ),
+            (
+                "[auth]\nenabled = false\n[[auth.tokens]]\ntoken = \"x\"\nscopes = [\"read\"]\nnamespaces = [\"cv\"]\n",
+                "auth.enabled",
+            ),
+            (
+                "[auth]\nenabled = false\ntokens_file = \"/t\"\n",
+                "enabled = false would let every client in",
             ),
             (
                 "[[auth.tokens]]\ntoken = \"x\"\ntoken_file = \"/t\"\nscopes = [\"read\"]\nnamespaces = [\"*\"]\n",
