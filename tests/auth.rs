@@ -554,11 +554,15 @@ async fn every_rpc_checks_token_scope_and_namespace_off_loopback() {
             Scope::Write => (READ, "write"),
             Scope::Read => (WRITE, "read"),
         };
-        expect_code(
-            call(&mut c, rpc, Some(other), &fx, "cv").await,
-            Code::PermissionDenied,
-            &format!("token may not {other_scope} namespace cv"),
-            &format!("{what} with a token without {other_scope}"),
+        // Refused for the scope, before the namespace is looked at.
+        let s = call(&mut c, rpc, Some(other), &fx, "cv").await.unwrap_err();
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::PermissionDenied,
+                &*format!("token may not {other_scope}")
+            ),
+            "{what} with a token without {other_scope}"
         );
         // A token for cv, on nlp.
         expect_code(
@@ -595,6 +599,32 @@ async fn every_rpc_checks_token_scope_and_namespace_off_loopback() {
     assert_eq!(s.code(), Code::NotFound, "{s:?}");
     unauthenticated += 1.0;
 
+    // A token without the scope is refused before the request is validated or
+    // its experiment looked up: the status is about the token, not the id.
+    let s = c
+        .log_metrics(req(
+            proto::LogMetricsRequest {
+                blocks: vec![numeric_block("no-such-experiment", &["loss"], 3, 0)],
+                ..Default::default()
+            },
+            Some(READ),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (s.code(), s.message()),
+        (Code::PermissionDenied, "token may not write")
+    );
+    let s = c
+        .get_experiment(req(unknown(), Some(WRITE)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (s.code(), s.message()),
+        (Code::PermissionDenied, "token may not read")
+    );
+    denied += 2.0;
+
     // A batch with a block the token may not write is refused whole: the cv
     // block is not written either.
     let before = series(&mut c, &fx.cv).await;
@@ -620,8 +650,9 @@ async fn every_rpc_checks_token_scope_and_namespace_off_loopback() {
         m.get("mboxd_points_rejected_total{reason=\"permission_denied\"}")
             .copied(),
         // 1 single point + 2 block points for each refused LogMetrics (read
-        // token, cv token on nlp), and the mixed batch's 6.
-        Some(2.0 * (1.0 + 2.0) + 6.0)
+        // token, cv token on nlp), the mixed batch's 6, and the 3 of the read
+        // token's batch for an unknown experiment.
+        Some(2.0 * (1.0 + 2.0) + 6.0 + 3.0)
     );
     server.stop().await;
 }
@@ -643,7 +674,7 @@ async fn loopback_exemption_on_and_off() {
     expect_code(
         call(&mut c, Rpc::LogMetricsBlocks, Some(READ), &fx, "cv").await,
         Code::PermissionDenied,
-        "token may not write namespace cv",
+        "token may not write",
         "read token on loopback",
     );
     expect_code(
@@ -766,7 +797,9 @@ async fn every_http_endpoint_checks_token_scope_and_namespace_off_loopback() {
         }
         // A token that may write but not read.
         let a = get(web, path, Some(WRITE)).await;
-        let says = if path.contains(&nlp) || path.contains("namespace=") {
+        // Refused for the scope, before an id or namespace is looked at; only
+        // a list of one namespace names it.
+        let says = if path.contains("namespace=") {
             "token may not read namespace nlp"
         } else {
             "token may not read"
@@ -776,6 +809,14 @@ async fn every_http_endpoint_checks_token_scope_and_namespace_off_loopback() {
         // The read token reads everything.
         assert_eq!(get(web, path, Some(READ)).await.status, 200, "{path}");
     }
+    // A token that may not read is refused an unknown id the same way.
+    expect_status(
+        &get(web, "/api/v1/experiments/no-such-experiment", Some(WRITE)).await,
+        403,
+        "token may not read",
+        "an unknown id with a write-only token",
+    );
+    denied += 1.0;
     // The write-only token is also refused a path that is not there, and a
     // method the API does not have, after authentication: 404 and 405.
     expect_status(

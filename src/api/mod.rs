@@ -183,15 +183,18 @@ fn tally(
         Ok(a) => {
             accepted.inc_by(a.count as u64);
         }
-        Err(status) => {
-            rejected
-                .get_or_create(&ReasonLabel {
-                    reason: Reason::of(status.code()),
-                })
-                .inc_by(sent as u64);
-        }
+        Err(status) => count_rejected(status, sent, rejected),
     };
     result
+}
+
+/// Counts `sent` points or events as rejected for `status`'s reason.
+fn count_rejected(status: &Status, sent: usize, rejected: &Family<ReasonLabel, Counter>) {
+    rejected
+        .get_or_create(&ReasonLabel {
+            reason: Reason::of(status.code()),
+        })
+        .inc_by(sent as u64);
 }
 
 /// The tonic interceptor in front of the ModelStore service: who the request comes
@@ -206,11 +209,17 @@ pub fn authenticate(auth: &Authorizer, mut req: Request<()>) -> Result<Request<(
 
 /// The principal [`authenticate`] found. A request without one did not pass
 /// through it, and is refused.
-fn principal<T>(req: &Request<T>) -> Result<Principal, Status> {
-    req.extensions()
+/// The caller, if it may use `scope` at all: a token without it is refused
+/// before anything is looked up or validated, so the status is PERMISSION_DENIED
+/// whatever else is wrong with the request.
+fn principal<T>(req: &Request<T>, scope: Scope) -> Result<Principal, Status> {
+    let who = req
+        .extensions()
         .get::<Principal>()
         .cloned()
-        .ok_or_else(|| AuthError::MissingToken.into())
+        .ok_or(AuthError::MissingToken)?;
+    who.allow_any(scope)?;
+    Ok(who)
 }
 
 /// Runs blocking work off the async runtime.
@@ -287,7 +296,7 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::CreateExperimentRequest>,
     ) -> Reply<proto::CreateExperimentResponse> {
-        let who = principal(&req)?;
+        let who = principal(&req, Scope::Write)?;
         let slot = ReceiveSlot::of(&req);
         let writes = self.writes("CreateExperiment")?;
         let ns = validate::namespace("namespace", req.get_ref().namespace.clone(), &self.limits)?;
@@ -322,7 +331,7 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::GetExperimentRequest>,
     ) -> Reply<proto::GetExperimentResponse> {
-        let who = principal(&req)?;
+        let who = principal(&req, Scope::Read)?;
         let id = req.into_inner().id;
         if id.is_empty() {
             return Err(ApiError::invalid("id", "required").into());
@@ -344,7 +353,7 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::ListExperimentsRequest>,
     ) -> Reply<proto::ListExperimentsResponse> {
-        let who = principal(&req)?;
+        let who = principal(&req, Scope::Read)?;
         let req = req.into_inner();
         let ns = validate::namespace("namespace", req.namespace.clone(), &self.limits)?;
         who.allow(Scope::Read, &ns)?;
@@ -382,7 +391,7 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::UpdateMetadataRequest>,
     ) -> Reply<proto::UpdateMetadataResponse> {
-        let who = principal(&req)?;
+        let who = principal(&req, Scope::Write)?;
         self.writes("UpdateMetadata")?;
         let req = req.into_inner();
         let experiment = validate::experiment("parent_id", &req.parent_id, &self.index)?;
@@ -402,7 +411,7 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::ListMetadataRequest>,
     ) -> Reply<proto::ListMetadataResponse> {
-        let who = principal(&req)?;
+        let who = principal(&req, Scope::Read)?;
         let parent_id = req.into_inner().parent_id;
         let experiment = validate::experiment("parent_id", &parent_id, &self.index)?;
         who.allow(Scope::Read, &experiment.namespace)?;
@@ -421,12 +430,16 @@ impl ModelStore for ModelStoreService {
         req: Request<proto::LogMetricsRequest>,
     ) -> Reply<proto::LogMetricsResponse> {
         let started = Instant::now();
-        let who = principal(&req)?;
+        let m = &self.metrics;
+        let sent = {
+            let r = req.get_ref();
+            r.blocks.iter().map(|b| b.steps.len()).sum::<usize>() + usize::from(r.value.is_some())
+        };
+        let who = principal(&req, Scope::Write)
+            .inspect_err(|s| count_rejected(s, sent, &m.points_rejected))?;
         let slot = ReceiveSlot::of(&req);
         let writes = self.writes("LogMetrics")?;
         let mut req = req.into_inner();
-        let sent = req.blocks.iter().map(|b| b.steps.len()).sum::<usize>()
-            + usize::from(req.value.is_some());
         let client_batch_id = std::mem::take(&mut req.client_batch_id);
         validate::client_batch_id(&client_batch_id, &self.limits)?;
         // Every block's experiment must be writable, or nothing of the batch is.
@@ -445,7 +458,6 @@ impl ModelStore for ModelStoreService {
                 .collect(),
             Err(_) => Vec::new(),
         };
-        let m = &self.metrics;
         let accepted = tally(
             self.submit(
                 writes,
@@ -473,7 +485,7 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::GetMetricsRequest>,
     ) -> Reply<proto::GetMetricsResponse> {
-        let who = principal(&req)?;
+        let who = principal(&req, Scope::Read)?;
         let req = req.into_inner();
         let experiment = validate::experiment("parent_id", &req.parent_id, &self.index)?;
         who.allow(Scope::Read, &experiment.namespace)?;
@@ -525,11 +537,13 @@ impl ModelStore for ModelStoreService {
         req: Request<proto::LogEventRequest>,
     ) -> Reply<proto::LogEventResponse> {
         let started = Instant::now();
-        let who = principal(&req)?;
+        let m = &self.metrics;
+        let sent = usize::from(req.get_ref().event.is_some()) + req.get_ref().events.len();
+        let who = principal(&req, Scope::Write)
+            .inspect_err(|s| count_rejected(s, sent, &m.events_rejected))?;
         let slot = ReceiveSlot::of(&req);
         let writes = self.writes("LogEvent")?;
         let mut req = req.into_inner();
-        let sent = usize::from(req.event.is_some()) + req.events.len();
         let now = self.clock.now();
         let client_batch_id = std::mem::take(&mut req.client_batch_id);
         validate::client_batch_id(&client_batch_id, &self.limits)?;
@@ -537,7 +551,6 @@ impl ModelStore for ModelStoreService {
             who.allow(Scope::Write, &b.experiment().namespace)?;
             Ok(b)
         });
-        let m = &self.metrics;
         let accepted = tally(
             self.submit(
                 writes,
@@ -562,7 +575,7 @@ impl ModelStore for ModelStoreService {
         &self,
         req: Request<proto::ListEventsRequest>,
     ) -> Reply<proto::ListEventsResponse> {
-        let who = principal(&req)?;
+        let who = principal(&req, Scope::Read)?;
         let req = req.into_inner();
         let experiment = validate::experiment("parent_id", &req.parent_id, &self.index)?;
         who.allow(Scope::Read, &experiment.namespace)?;

@@ -652,6 +652,7 @@ async fn experiment(
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, HttpError> {
+    who.allow_any(Scope::Read)?;
     let (index, reader, activity) = (
         Arc::clone(&state.index),
         state.reader.clone(),
@@ -678,6 +679,7 @@ async fn events(
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, HttpError> {
+    who.allow_any(Scope::Read)?;
     let p = params(raw);
     let since = integer(&p, "since", 0..=i64::MAX / 1000)?;
     let (index, reader) = (Arc::clone(&state.index), state.reader.clone());
@@ -715,6 +717,7 @@ async fn series(
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, HttpError> {
+    who.allow_any(Scope::Read)?;
     let p = params(raw);
     let parsed = (|| -> Result<_, HttpError> {
         let start = integer(&p, "start_step", 0..=i64::MAX)?;
