@@ -568,3 +568,40 @@ async fn events_read_while_metrics_are_staged() {
     assert_eq!(metrics[0].values.len(), 5_000);
     server.stop().await;
 }
+
+/// A client batch id marks a retry only within the namespaces its batch writes to:
+/// another namespace's batch with the same id is written, not dropped as a
+/// duplicate; after a restart too.
+#[tokio::test]
+async fn a_batch_id_is_a_retry_only_within_its_namespaces() {
+    let (_dir, config) = temp_config();
+    let mut server = TestServer::start(config.clone()).await;
+    let mut c = server.client().await;
+    let cv = create_experiment(&mut c, "cv", "same-id").await;
+    let nlp = create_experiment(&mut c, "nlp", "same-id").await;
+    async fn log(c: &mut Client, id: &str, points: usize) -> (u64, bool) {
+        let req = proto::LogMetricsRequest {
+            blocks: vec![numeric_block(id, &["loss"], points, 0)],
+            client_batch_id: "batch-1".into(),
+            ..Default::default()
+        };
+        let r = c.log_metrics(req).await.unwrap().into_inner();
+        (r.points_accepted, r.duplicate)
+    }
+    assert_eq!(log(&mut c, &cv, 100).await, (100, false));
+    assert_eq!(log(&mut c, &cv, 100).await, (100, true));
+    assert_eq!(log(&mut c, &nlp, 50).await, (50, false));
+    assert_eq!(log(&mut c, &nlp, 50).await, (50, true));
+    server.stop().await;
+
+    let mut server = TestServer::start(config).await;
+    let mut c = server.client().await;
+    assert_eq!(log(&mut c, &nlp, 50).await, (50, true));
+    assert_eq!(log(&mut c, &cv, 100).await, (100, true));
+    for (id, points) in [(&cv, 100), (&nlp, 50)] {
+        let m = metrics_of(&mut c, id).await;
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].values.len(), points);
+    }
+    server.stop().await;
+}

@@ -154,10 +154,11 @@ impl ModelStoreService {
         slot: &ReceiveSlot,
         started: Instant,
     ) -> Result<Accepted, Status> {
-        let id = (!client_batch_id.is_empty()).then_some(client_batch_id);
+        let batch = batch?;
+        let id = (!client_batch_id.is_empty()).then(|| batch.scoped_id(client_batch_id));
         let accepted = writes
             .ingest
-            .submit(batch?, id, || slot.release())
+            .submit(batch, id.as_deref(), || slot.release())
             .await
             .map_err(ApiError::from)?;
         // A duplicate was committed before; its wait is not a commit's.

@@ -11,6 +11,11 @@
 //! record (replay remembers it) and is stored in the index with the published file
 //! (start-up loads the recent ones). Ids are kept for a time window and up to a
 //! count; a retry later than that is taken as a new batch.
+//!
+//! The API scopes each id by the namespaces its batch writes to (see
+//! [`super::Batch::scoped_id`]), so one namespace's clients cannot make another's
+//! batches pass as retries. Ids recorded unscoped, by a release before the scoping,
+//! still match a retry of theirs for as long as they are kept.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -19,6 +24,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::model::Micros;
+
+/// Ends the namespaces that scope a client batch id.
+pub const SCOPE_END: char = '\u{1f}';
 
 #[derive(Debug)]
 enum Entry {
@@ -109,7 +117,19 @@ impl RecentBatches {
 
     pub fn admit(self: &Arc<Self>, id: &str) -> Admission {
         let mut state = self.lock();
-        match state.entries.get(id) {
+        let recorded = state.entries.get(id).or_else(|| {
+            // An id recorded before ids were scoped.
+            let (_, unscoped) = id.split_once(SCOPE_END)?;
+            if unscoped.contains(SCOPE_END) {
+                // It could name another namespace's scoped id.
+                return None;
+            }
+            match state.entries.get(unscoped) {
+                done @ Some(Entry::Done { .. }) => done,
+                _ => None,
+            }
+        });
+        match recorded {
             Some(Entry::Done { points }) => Admission::Duplicate { points: *points },
             Some(Entry::InFlight(rx)) => Admission::Wait(rx.clone()),
             None => {
@@ -178,6 +198,24 @@ mod tests {
         assert!(matches!(
             recent.admit("a"),
             Admission::Duplicate { points: 42 }
+        ));
+    }
+
+    /// An id recorded unscoped (by a release before ids were scoped) still
+    /// matches a retry of its batch; an id holding the separator never reaches
+    /// another namespace's scoped id that way.
+    #[test]
+    fn ids_recorded_before_scoping_still_match_their_retries() {
+        let recent = RecentBatches::new(Duration::from_secs(60), 100);
+        recent.remember(Arc::from("old"), 1_000, 7);
+        assert!(matches!(
+            recent.admit("cv\u{1f}old"),
+            Admission::Duplicate { points: 7 }
+        ));
+        recent.remember(Arc::from("nlp\u{1f}x"), 1_000, 3);
+        assert!(matches!(
+            recent.admit("cv\u{1f}nlp\u{1f}x"),
+            Admission::New(_)
         ));
     }
 

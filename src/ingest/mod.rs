@@ -197,6 +197,33 @@ impl Batch {
         }
     }
 
+    /// The namespaces the batch writes to, sorted and distinct.
+    pub fn namespaces(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = match self {
+            Batch::Metrics(b) => b
+                .blocks()
+                .iter()
+                .map(|block| &*block.experiment.namespace)
+                .collect(),
+            Batch::Events(b) => vec![&*b.experiment().namespace],
+        };
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The client's batch id, scoped by the namespaces the batch writes to. Ids
+    /// are the clients' own choice: unscoped, a batch in one namespace would pass
+    /// as a retry of another namespace's batch with the same id, and be dropped.
+    /// (Namespaces never hold the separator, see [`crate::paths::valid_namespace`].)
+    pub fn scoped_id(&self, client_batch_id: &str) -> String {
+        format!(
+            "{}{}{client_batch_id}",
+            self.namespaces().join("/"),
+            dedup::SCOPE_END
+        )
+    }
+
     /// Points or events in the batch.
     pub fn count(&self) -> usize {
         match self {
