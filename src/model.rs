@@ -431,8 +431,9 @@ impl MetricSummary {
     /// Merges another summary into this one. Commutative and associative: the last
     /// value is the one with the largest (step, ingest time, value).
     pub fn merge(&mut self, other: &Self) {
-        self.count += other.count;
-        self.points += other.points;
+        // Saturating: a summary from another daemon's change log is input.
+        self.count = self.count.saturating_add(other.count);
+        self.points = self.points.saturating_add(other.points);
         self.min = self.min.min(other.min);
         self.max = self.max.max(other.max);
         let mine = (self.last_step, self.last_at);
@@ -493,6 +494,21 @@ pub struct EventPoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A summary from another daemon's change log can hold any count: merging
+    /// saturates rather than overflowing.
+    #[test]
+    fn summaries_merge_counts_without_overflow() {
+        let mut s = MetricSummary::of(1, Some(0.5), 10);
+        let huge = MetricSummary {
+            count: u64::MAX,
+            points: u64::MAX,
+            ..MetricSummary::of(2, Some(0.25), 20)
+        };
+        s.merge(&huge);
+        assert_eq!((s.count, s.points), (u64::MAX, u64::MAX));
+        assert_eq!((s.last, s.last_step, s.min, s.max), (0.25, 2, 0.25, 0.5));
+    }
 
     #[test]
     fn experiment_id_is_pinned() {

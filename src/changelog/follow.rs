@@ -243,6 +243,10 @@ impl Follower {
         let keys = LogKeys::new(daemon);
         let mut applied = 0;
         loop {
+            // No log object has the last number (see `parse_key`).
+            if position.next == u64::MAX {
+                return Ok((position, applied));
+            }
             let key = keys.log(position.next);
             match self.get(&key).await {
                 Ok(Some(bytes)) => {
@@ -383,5 +387,45 @@ impl FollowLoop {
     pub async fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.task.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::Checkpoint;
+    use object_store::PutPayload;
+    use object_store::memory::InMemory;
+
+    /// Objects numbered at the very end of the range (another process can name
+    /// them anything) are not followed past the end: no overflow, no panic.
+    #[tokio::test]
+    async fn objects_numbered_at_the_end_of_the_range_are_not_followed_past_it() {
+        let store = Arc::new(InMemory::new());
+        let keys = LogKeys::new("d");
+        let json = |v: serde_json::Value| PutPayload::from(serde_json::to_vec(&v).unwrap());
+        let checkpoint = CheckpointObject {
+            format: super::super::FORMAT,
+            daemon: "d".into(),
+            log: u64::MAX - 1,
+            state: Checkpoint::default(),
+        };
+        store
+            .put(
+                &keys.checkpoint(u64::MAX - 1),
+                PutPayload::from(serde_json::to_vec(&checkpoint).unwrap()),
+            )
+            .await
+            .unwrap();
+        for n in [u64::MAX - 1, u64::MAX] {
+            let log = serde_json::json!({"format": 1, "daemon": "d", "log": n, "changes": []});
+            store.put(&keys.log(n), json(log)).await.unwrap();
+        }
+        let index = Arc::new(Index::open_in_memory().unwrap());
+        let follower = Follower::new(store, index, Metrics::new());
+        let first = follower.poll().await.unwrap();
+        assert_eq!((first.new_daemons, first.objects), (1, 1));
+        let again = follower.poll().await.unwrap();
+        assert_eq!(again.objects, 0);
     }
 }

@@ -143,7 +143,13 @@ pub fn parse_key(location: &Path) -> Option<(String, LogKey)> {
     if root.as_ref() != PREFIX {
         return None;
     }
-    let n: u64 = name.as_ref().strip_suffix(".json")?.parse().ok()?;
+    // The last number is never a log object: the one after it could not be named.
+    let n: u64 = name
+        .as_ref()
+        .strip_suffix(".json")?
+        .parse()
+        .ok()
+        .filter(|&n| n < u64::MAX)?;
     let key = match kind.as_ref() {
         "log" => LogKey::Log(n),
         "checkpoint" => LogKey::Checkpoint(n),
@@ -215,11 +221,20 @@ mod tests {
             parse_key(&keys.checkpoint(0)),
             Some(("trainer-0-a1b2c3".to_owned(), LogKey::Checkpoint(0)))
         );
+        assert_eq!(
+            parse_key(&keys.checkpoint(u64::MAX - 1)),
+            Some((
+                "trainer-0-a1b2c3".to_owned(),
+                LogKey::Checkpoint(u64::MAX - 1)
+            ))
+        );
         for other in [
             "metrics/namespace=a/date=2026-01-01/x.parquet",
             "_mboxd/d/log/x.json",
             "_mboxd/d/other/1.json",
             "_mboxd/d/log/1.json/more",
+            "_mboxd/d/log/18446744073709551615.json",
+            "_mboxd/d/checkpoint/18446744073709551615.json",
         ] {
             assert_eq!(parse_key(&Path::from(other)), None, "{other}");
         }

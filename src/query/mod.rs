@@ -193,7 +193,8 @@ impl Reader {
             .map(|(k, s)| (k, s.points))
             .collect();
         for (key, n) in &live.staged_keys {
-            *keys.entry(key.to_string()).or_default() += n;
+            let count = keys.entry(key.to_string()).or_default();
+            *count = count.saturating_add(*n);
         }
         for (_, chunk) in &live.metrics {
             let b = &chunk.block;
@@ -203,7 +204,8 @@ impl Reader {
             }
             for (key, n) in b.keys.iter().zip(counts) {
                 if n > 0 {
-                    *keys.entry(key.clone()).or_default() += n;
+                    let count = keys.entry(key.clone()).or_default();
+                    *count = count.saturating_add(n);
                 }
             }
         }
@@ -245,10 +247,10 @@ impl Reader {
                 let held = query
                     .keep_of(key)
                     .map_or(*n, |(_, keep)| (*n).min((keep as u64).saturating_mul(2)));
-                if !group.is_empty() && points + held > query.read_points as u64 {
+                if !group.is_empty() && points.saturating_add(held) > query.read_points as u64 {
                     break;
                 }
-                points += held;
+                points = points.saturating_add(held);
                 group.push(key.clone());
                 // A step range, or a page resuming inside this series, may want a
                 // sliver of a long series: no reservation.

@@ -617,8 +617,35 @@ pub(crate) fn local_metadata(
     file: &PositionalFile,
     path: &str,
 ) -> Result<ArrowReaderMetadata, QueryError> {
-    ArrowReaderMetadata::load(file, ArrowReaderOptions::new().with_page_index(true))
-        .map_err(parquet_err(path))
+    let metadata = ArrowReaderMetadata::load(file, ArrowReaderOptions::new().with_page_index(true))
+        .map_err(parquet_err(path))?;
+    check_layout(metadata.metadata(), file.len(), path)?;
+    Ok(metadata)
+}
+
+/// Refuses a footer whose column chunks start before the file or end past it.
+/// The Parquet reader asserts on a negative offset rather than returning an
+/// error, and a file in the bucket may have been written by anything.
+fn check_layout(metadata: &ParquetMetaData, size: u64, path: &str) -> Result<(), QueryError> {
+    for (g, rg) in metadata.row_groups().iter().enumerate() {
+        for (c, column) in rg.columns().iter().enumerate() {
+            let data = column.data_page_offset();
+            let start = column.dictionary_page_offset().unwrap_or(data);
+            let len = column.compressed_size();
+            let inside = data >= 0
+                && start >= 0
+                && len >= 0
+                && (start as u64)
+                    .checked_add(len as u64)
+                    .is_some_and(|end| end <= size);
+            if !inside {
+                return Err(parquet_err(path)(ParquetError::General(format!(
+                    "row group {g}, column {c}: {len} bytes at {start} lie outside the file's {size}"
+                ))));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reader metadata for given Parquet metadata (a staged file's).
@@ -667,6 +694,7 @@ pub(crate) fn fetch_remote(
     let metadata = ParquetMetaDataReader::new()
         .parse_and_finish(&fetched)
         .map_err(&perr)?;
+    check_layout(&metadata, size, path)?;
     let reader_metadata =
         ArrowReaderMetadata::try_new(Arc::new(metadata), Default::default()).map_err(&perr)?;
     let schema = reader_metadata.schema();
@@ -800,6 +828,49 @@ mod tests {
         })
         .expect("read");
         out
+    }
+
+    /// A footer naming bytes before the file's start or past its end is an
+    /// error naming the file, not a panic in the Parquet reader.
+    #[test]
+    fn a_footer_pointing_outside_the_file_is_refused() {
+        let rows: Vec<(String, String, i64)> =
+            (0..200).map(|i| ("e".into(), "k".into(), i)).collect();
+        let (f, _dir) = file(&rows);
+        let metadata = local_metadata(&f, "f").expect("metadata");
+        let metadata = metadata.metadata();
+        let size = f.len();
+        assert!(check_layout(metadata, size, "f").is_ok());
+        let with_column =
+            |change: &dyn Fn(
+                parquet::file::metadata::ColumnChunkMetaDataBuilder,
+            )
+                -> parquet::file::metadata::ColumnChunkMetaDataBuilder| {
+                let rg = metadata.row_group(0).clone();
+                let mut columns = rg.columns().to_vec();
+                columns[0] = change(columns[0].clone().into_builder())
+                    .build()
+                    .expect("column");
+                let rg = rg
+                    .into_builder()
+                    .set_column_metadata(columns)
+                    .build()
+                    .expect("rg");
+                ParquetMetaData::new(metadata.file_metadata().clone(), vec![rg])
+            };
+        let bad = [
+            with_column(&|c| c.set_data_page_offset(-1).set_dictionary_page_offset(None)),
+            with_column(&|c| c.set_dictionary_page_offset(Some(-8))),
+            with_column(&|c| c.set_total_compressed_size(-1)),
+            with_column(&|c| c.set_total_compressed_size(i64::MAX)),
+        ];
+        for m in &bad {
+            let e = check_layout(m, size, "f").expect_err("outside the file");
+            assert!(
+                matches!(&e, QueryError::Parquet { path, .. } if path == "f"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

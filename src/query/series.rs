@@ -163,15 +163,16 @@ pub(crate) struct Gathered {
 }
 
 impl Gathered {
+    /// Room for `n` points, if the allocator grants it; else none, and the series
+    /// grows as it is read. `n` comes from summaries, which another daemon's
+    /// change log can set to anything.
     pub(crate) fn with_capacity(n: usize) -> Self {
-        Self {
-            steps: Vec::with_capacity(n),
-            wallclocks: Vec::with_capacity(n),
-            values: Vec::with_capacity(n),
-            ingested: Vec::with_capacity(n),
-            other: Vec::new(),
-            dropped: 0,
-        }
+        let mut g = Self::default();
+        let granted = g.steps.try_reserve_exact(n).is_ok()
+            && g.wallclocks.try_reserve_exact(n).is_ok()
+            && g.values.try_reserve_exact(n).is_ok()
+            && g.ingested.try_reserve_exact(n).is_ok();
+        if granted { g } else { Self::default() }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -526,9 +527,12 @@ impl<'q> PageBuilder<'q> {
                 };
                 self.bytes += key.len() + 8;
                 let mut end = start;
+                // A page takes at least one point, whatever its budget, so paging
+                // always moves on.
                 while end < n
-                    && self.points < self.query.page_points
-                    && self.bytes < self.query.page_bytes
+                    && (self.points == 0
+                        || (self.points < self.query.page_points
+                            && self.bytes < self.query.page_bytes))
                 {
                     let i = at(end);
                     let value = g.value(i, &other);
@@ -741,6 +745,37 @@ mod tests {
                 assert_eq!(pruned_any, 2 * (page_points + 1) < total, "{page_points}");
             }
         }
+    }
+
+    /// A point count the allocator cannot grant (summaries from another daemon's
+    /// change log can say anything) reserves nothing rather than aborting.
+    #[test]
+    fn a_reservation_the_allocator_refuses_is_skipped() {
+        let g = Gathered::with_capacity(1 << 61);
+        assert_eq!((g.len(), g.steps.capacity()), (0, 0));
+        assert!(Gathered::with_capacity(1000).steps.capacity() >= 1000);
+    }
+
+    /// A page budget smaller than one point still takes a point a page, so paging
+    /// moves on.
+    #[test]
+    fn a_page_takes_a_point_whatever_its_byte_budget() {
+        let points = [(1, 1.0, 1), (2, 2.0, 1), (2, 3.0, 2), (3, 4.0, 1)];
+        let mut query = SeriesQuery::all(100, 1);
+        let mut seen = Vec::new();
+        loop {
+            let mut page = PageBuilder::new(&query);
+            page.add("a-long-key", gathered(&points));
+            let page = page.finish();
+            assert_eq!(page.series[0].steps.len(), 1);
+            seen.extend(page.series[0].values.iter().cloned());
+            match page.next {
+                Some(c) => query.cursor = Some(c),
+                None => break,
+            }
+        }
+        let want: Vec<_> = [1.0, 2.0, 3.0, 4.0].map(MetricValue::Double).to_vec();
+        assert_eq!(seen, want);
     }
 
     #[test]
