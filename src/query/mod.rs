@@ -237,20 +237,21 @@ impl Reader {
             .collect();
         keys.reverse();
         while !keys.is_empty() && !page.is_full() {
-            // A group of keys whose points fit a read's budget (at least one key).
+            // A group of keys whose points fit a read's budget (at least one key):
+            // every point of them is decoded, whatever the page keeps.
             let mut group: Vec<String> = Vec::new();
             let mut sizes: Vec<u64> = Vec::new();
             let mut points = 0u64;
             while let Some((key, n)) = keys.last() {
+                if !group.is_empty() && points.saturating_add(*n) > query.read_points as u64 {
+                    break;
+                }
+                points = points.saturating_add(*n);
                 // An exact read holds about a page of a long series (see
                 // `series::bound`), a bucketed one all of it.
                 let held = query
                     .keep_of(key)
                     .map_or(*n, |(_, keep)| (*n).min((keep as u64).saturating_mul(2)));
-                if !group.is_empty() && points.saturating_add(held) > query.read_points as u64 {
-                    break;
-                }
-                points = points.saturating_add(held);
                 group.push(key.clone());
                 // A step range, or a page resuming inside this series, may want a
                 // sliver of a long series: no reservation.
