@@ -208,11 +208,10 @@ pub fn authenticate(auth: &Authorizer, mut req: Request<()>) -> Result<Request<(
     Ok(req)
 }
 
-/// The principal [`authenticate`] found. A request without one did not pass
-/// through it, and is refused.
-/// The caller, if it may use `scope` at all: a token without it is refused
-/// before anything is looked up or validated, so the status is PERMISSION_DENIED
-/// whatever else is wrong with the request.
+/// The principal [`authenticate`] found, if it may use `scope` at all. A request
+/// without one did not pass through it, and is refused; a token without the
+/// scope is refused before anything is looked up or validated, so the status is
+/// PERMISSION_DENIED whatever else is wrong with the request.
 fn principal<T>(req: &Request<T>, scope: Scope) -> Result<Principal, Status> {
     let who = req
         .extensions()

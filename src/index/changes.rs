@@ -196,21 +196,24 @@ impl Index {
             }
             held.retain(|_, _| false).map_err(storage)?;
         }
-        for (entry, inputs) in by_entry {
-            let uploading: Vec<String> = {
-                let outbox = txn.open_table(OUTBOX).map_err(storage)?;
-                let spooled = txn.open_table(super::SPOOLED).map_err(storage)?;
-                let mut out = Vec::new();
-                if let Some(value) = outbox.get(entry).map_err(storage)? {
-                    let change: Change = decode("change", value.value())?;
-                    for key in change.added_files() {
-                        if spooled.get(key).map_err(storage)?.is_some() {
-                            out.push(key.to_owned());
-                        }
+        // Each entry's inputs, with the outputs it added that are still uploading.
+        let mut waits: Vec<(Vec<String>, Vec<String>)> = Vec::new();
+        {
+            let outbox = txn.open_table(OUTBOX).map_err(storage)?;
+            let spooled = txn.open_table(super::SPOOLED).map_err(storage)?;
+            for (entry, inputs) in by_entry {
+                let uploading = match outbox.get(entry).map_err(storage)? {
+                    Some(value) => {
+                        let change: Change = decode("change", value.value())?;
+                        let uploading = added_spooled(&change, &spooled)?;
+                        uploading.into_iter().map(str::to_owned).collect()
                     }
-                }
-                out
-            };
+                    None => Vec::new(),
+                };
+                waits.push((inputs, uploading));
+            }
+        }
+        for (inputs, uploading) in waits {
             let uploading: Vec<&str> = uploading.iter().map(String::as_str).collect();
             self.queue_deletions(txn, None, &inputs, &uploading)?;
         }
@@ -288,10 +291,8 @@ impl Index {
         for row in outbox.iter().map_err(storage)? {
             let (entry, value) = row.map_err(storage)?;
             let change: Change = decode("change", value.value())?;
-            for key in change.added_files() {
-                if spooled.get(key).map_err(storage)?.is_some() {
-                    return Ok(out);
-                }
+            if !added_spooled(&change, &spooled)?.is_empty() {
+                return Ok(out);
             }
             out.push(ChangeEntry {
                 entry: entry.value(),
@@ -543,6 +544,20 @@ pub(super) fn release_awaiting(txn: &WriteTransaction, output: &str) -> Result<(
         deletions.insert(input.as_str(), ()).map_err(storage)?;
     }
     Ok(())
+}
+
+/// The files `change` adds that still wait in the spool for their upload.
+fn added_spooled<'c>(
+    change: &'c Change,
+    spooled: &impl ReadableTable<&'static str, u64>,
+) -> Result<Vec<&'c str>, IndexError> {
+    let mut out = Vec::new();
+    for key in change.added_files() {
+        if spooled.get(key).map_err(storage)?.is_some() {
+            out.push(key);
+        }
+    }
+    Ok(out)
 }
 
 /// Moves deletions held by entries up to `last` into the deletion queue.

@@ -199,7 +199,8 @@ impl RecentlyRemoved {
 
     fn contains(&self, key: &str) -> bool {
         let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.contains_key(key)
+        map.get(key)
+            .is_some_and(|at| at.elapsed() < REMEMBER_REMOVED)
     }
 }
 
