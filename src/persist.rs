@@ -351,16 +351,7 @@ mod tests {
     }
 
     fn entry(key: &str) -> FileEntry {
-        FileEntry {
-            key: key.into(),
-            rows: 1,
-            bytes: 5,
-            min_experiment: "e".into(),
-            max_experiment: "e".into(),
-            created_at: 0,
-            schema: crate::index::SCHEMA_INT64,
-            compacted: false,
-        }
+        FileEntry::one_row_of_e(key)
     }
 
     /// Publishes a small file under `key` as a writer would.

@@ -392,6 +392,7 @@ impl FollowLoop {
 
 #[cfg(test)]
 mod tests {
+    use super::super::FORMAT;
     use super::*;
     use crate::index::Checkpoint;
     use object_store::PutPayload;
@@ -403,23 +404,25 @@ mod tests {
     async fn objects_numbered_at_the_end_of_the_range_are_not_followed_past_it() {
         let store = Arc::new(InMemory::new());
         let keys = LogKeys::new("d");
-        let json = |v: serde_json::Value| PutPayload::from(serde_json::to_vec(&v).unwrap());
+        fn json(v: &impl serde::Serialize) -> PutPayload {
+            PutPayload::from(serde_json::to_vec(v).unwrap())
+        }
         let checkpoint = CheckpointObject {
-            format: super::super::FORMAT,
+            format: FORMAT,
             daemon: "d".into(),
             log: u64::MAX - 1,
             state: Checkpoint::default(),
         };
-        store
-            .put(
-                &keys.checkpoint(u64::MAX - 1),
-                PutPayload::from(serde_json::to_vec(&checkpoint).unwrap()),
-            )
-            .await
-            .unwrap();
-        for n in [u64::MAX - 1, u64::MAX] {
-            let log = serde_json::json!({"format": 1, "daemon": "d", "log": n, "changes": []});
-            store.put(&keys.log(n), json(log)).await.unwrap();
+        let at = keys.checkpoint(u64::MAX - 1);
+        store.put(&at, json(&checkpoint)).await.unwrap();
+        for log in [u64::MAX - 1, u64::MAX] {
+            let object = LogObject {
+                format: FORMAT,
+                daemon: "d".into(),
+                log,
+                changes: Vec::new(),
+            };
+            store.put(&keys.log(log), json(&object)).await.unwrap();
         }
         let index = Arc::new(Index::open_in_memory().unwrap());
         let follower = Follower::new(store, index, Metrics::new());

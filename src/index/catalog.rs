@@ -342,6 +342,23 @@ pub(super) fn prefix_rows<T>(
     Ok(out)
 }
 
+/// The second halves of a `(parent, key) → ()` table's keys under one parent.
+pub(super) fn prefix_keys(
+    table: &impl ReadableTable<(&'static str, &'static str), ()>,
+    parent: &str,
+) -> Result<Vec<String>, IndexError> {
+    let mut out = Vec::new();
+    for row in table.range((parent, "")..).map_err(storage)? {
+        let (key, _) = row.map_err(storage)?;
+        let (p, k) = key.value();
+        if p != parent {
+            break;
+        }
+        out.push(k.to_owned());
+    }
+    Ok(out)
+}
+
 /// The catalog's tables, opened once for all of a write transaction's changes:
 /// opening a redb table looks its root up, and dropping it writes the root back.
 pub(super) struct CatalogTables<'txn> {

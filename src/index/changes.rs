@@ -22,7 +22,7 @@
 use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::catalog::{CatalogTables, merge_summaries};
+use super::catalog::{CatalogTables, merge_summaries, prefix_keys};
 use super::manifest::{insert_file, remove_file};
 use super::{
     AWAITING_UPLOAD, DELETIONS, EXPERIMENTS, FILE_EXPERIMENTS, FILE_EXPERIMENTS_REV, FILES, HELD,
@@ -196,25 +196,17 @@ impl Index {
             }
             held.retain(|_, _| false).map_err(storage)?;
         }
-        // Each entry's inputs, with the outputs it added that are still uploading.
-        let mut waits: Vec<(Vec<String>, Vec<String>)> = Vec::new();
-        {
-            let outbox = txn.open_table(OUTBOX).map_err(storage)?;
-            let spooled = txn.open_table(super::SPOOLED).map_err(storage)?;
-            for (entry, inputs) in by_entry {
-                let uploading = match outbox.get(entry).map_err(storage)? {
-                    Some(value) => {
-                        let change: Change = decode("change", value.value())?;
-                        let uploading = added_spooled(&change, &spooled)?;
-                        uploading.into_iter().map(str::to_owned).collect()
-                    }
-                    None => Vec::new(),
-                };
-                waits.push((inputs, uploading));
-            }
-        }
-        for (inputs, uploading) in waits {
-            let uploading: Vec<&str> = uploading.iter().map(String::as_str).collect();
+        let outbox = txn.open_table(OUTBOX).map_err(storage)?;
+        let spooled = txn.open_table(super::SPOOLED).map_err(storage)?;
+        for (entry, inputs) in by_entry {
+            let change: Option<Change> = match outbox.get(entry).map_err(storage)? {
+                Some(value) => Some(decode("change", value.value())?),
+                None => None,
+            };
+            let uploading = match &change {
+                Some(change) => added_spooled(change, &spooled)?,
+                None => Vec::new(),
+            };
             self.queue_deletions(txn, None, &inputs, &uploading)?;
         }
         Ok(())
@@ -518,15 +510,7 @@ impl Index {
 /// the inputs that waited for no other output go into the deletion queue.
 pub(super) fn release_awaiting(txn: &WriteTransaction, output: &str) -> Result<(), IndexError> {
     let mut awaiting = txn.open_table(AWAITING_UPLOAD).map_err(storage)?;
-    let mut inputs = Vec::new();
-    for row in awaiting.range((output, "")..).map_err(storage)? {
-        let (k, _) = row.map_err(storage)?;
-        let (out, input) = k.value();
-        if out != output {
-            break;
-        }
-        inputs.push(input.to_owned());
-    }
+    let inputs = prefix_keys(&awaiting, output)?;
     if inputs.is_empty() {
         return Ok(());
     }
@@ -633,15 +617,10 @@ fn snapshot(read: &ReadTransaction) -> Result<Checkpoint, IndexError> {
             None
         } else {
             let mut parts = Vec::new();
-            for r in rev.range((key, "")..).map_err(storage)? {
-                let (k, _) = r.map_err(storage)?;
-                let (file, experiment) = k.value();
-                if file != key {
-                    break;
-                }
-                if let Some(v) = index.get((experiment, file)).map_err(storage)? {
-                    let part: super::manifest::IndexedPart = decode(file, v.value())?;
-                    parts.push((experiment.to_owned(), part.part));
+            for experiment in prefix_keys(&rev, key)? {
+                if let Some(v) = index.get((experiment.as_str(), key)).map_err(storage)? {
+                    let part: super::manifest::IndexedPart = decode(key, v.value())?;
+                    parts.push((experiment, part.part));
                 }
             }
             Some(parts)

@@ -4,7 +4,7 @@
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::catalog::{merge_summaries, record_batch_ids};
+use super::catalog::{merge_summaries, prefix_keys, record_batch_ids};
 use super::changes::{Change, release_awaiting};
 use super::{
     DELETIONS, FILE_EXPERIMENTS, FILE_EXPERIMENTS_REV, FILES, INTENTS, Index, IndexError,
@@ -39,6 +39,23 @@ pub struct FileEntry {
     /// Written by compaction (sorted as a whole, row groups along experiments).
     #[serde(default)]
     pub compacted: bool,
+}
+
+#[cfg(test)]
+impl FileEntry {
+    /// A 5-byte, one-row file of experiment `e` under `key`, for tests.
+    pub(crate) fn one_row_of_e(key: &str) -> Self {
+        Self {
+            key: key.into(),
+            rows: 1,
+            bytes: 5,
+            min_experiment: "e".into(),
+            max_experiment: "e".into(),
+            created_at: 0,
+            schema: SCHEMA_INT64,
+            compacted: false,
+        }
+    }
 }
 
 impl FileEntry {
@@ -177,15 +194,7 @@ pub(super) fn remove_file(
         release_awaiting(txn, key)?;
     }
     let mut rev = txn.open_table(FILE_EXPERIMENTS_REV).map_err(storage)?;
-    let mut experiments = Vec::new();
-    for row in rev.range((key, "")..).map_err(storage)? {
-        let (k, _) = row.map_err(storage)?;
-        let (file, experiment) = k.value();
-        if file != key {
-            break;
-        }
-        experiments.push(experiment.to_owned());
-    }
+    let experiments = prefix_keys(&rev, key)?;
     let mut index = txn.open_table(FILE_EXPERIMENTS).map_err(storage)?;
     for experiment in &experiments {
         index.remove((experiment.as_str(), key)).map_err(storage)?;

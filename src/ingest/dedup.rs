@@ -26,7 +26,15 @@ use tokio::sync::watch;
 use crate::model::Micros;
 
 /// Ends the namespaces that scope a client batch id.
-pub const SCOPE_END: char = '\u{1f}';
+const SCOPE_END: char = '\u{1f}';
+
+/// A client batch id scoped by the namespaces (sorted, distinct) its batch writes
+/// to. Namespaces never hold `/` or the separator (see
+/// [`crate::paths::valid_namespace`]), so scoped ids of different namespaces never
+/// meet.
+pub fn scoped(namespaces: &[&str], client_batch_id: &str) -> String {
+    format!("{}{SCOPE_END}{client_batch_id}", namespaces.join("/"))
+}
 
 #[derive(Debug)]
 enum Entry {
@@ -209,12 +217,12 @@ mod tests {
         let recent = RecentBatches::new(Duration::from_secs(60), 100);
         recent.remember(Arc::from("old"), 1_000, 7);
         assert!(matches!(
-            recent.admit("cv\u{1f}old"),
+            recent.admit(&scoped(&["cv"], "old")),
             Admission::Duplicate { points: 7 }
         ));
-        recent.remember(Arc::from("nlp\u{1f}x"), 1_000, 3);
+        recent.remember(Arc::from(scoped(&["nlp"], "x")), 1_000, 3);
         assert!(matches!(
-            recent.admit("cv\u{1f}nlp\u{1f}x"),
+            recent.admit(&scoped(&["cv"], &scoped(&["nlp"], "x"))),
             Admission::New(_)
         ));
     }

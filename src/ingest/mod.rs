@@ -215,13 +215,8 @@ impl Batch {
     /// The client's batch id, scoped by the namespaces the batch writes to. Ids
     /// are the clients' own choice: unscoped, a batch in one namespace would pass
     /// as a retry of another namespace's batch with the same id, and be dropped.
-    /// (Namespaces never hold the separator, see [`crate::paths::valid_namespace`].)
     pub fn scoped_id(&self, client_batch_id: &str) -> String {
-        format!(
-            "{}{}{client_batch_id}",
-            self.namespaces().join("/"),
-            dedup::SCOPE_END
-        )
+        dedup::scoped(&self.namespaces(), client_batch_id)
     }
 
     /// Points or events in the batch.

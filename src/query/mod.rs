@@ -413,7 +413,7 @@ fn event_points(batch: &RecordBatch, out: &mut Vec<EventPoint>) -> Result<(), Qu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::{FileEntry, FilePart, Forget, PublishIntent, ReplaceIntent, SCHEMA_INT64};
+    use crate::index::{FileEntry, FilePart, Forget, PublishIntent, ReplaceIntent};
     use crate::model::{MetricBlock, MetricChunk, SparseColumn};
     use crate::paths::ObjectKey;
     use crate::sink::LocalSink;
@@ -422,16 +422,7 @@ mod tests {
     const COMPACTED: &str = "metrics/namespace=ns/date=2026-01-01/compacted.parquet";
 
     fn entry(key: &str) -> FileEntry {
-        FileEntry {
-            key: key.into(),
-            rows: 1,
-            bytes: 5,
-            min_experiment: "e".into(),
-            max_experiment: "e".into(),
-            created_at: 0,
-            schema: SCHEMA_INT64,
-            compacted: false,
-        }
+        FileEntry::one_row_of_e(key)
     }
 
     fn part() -> Vec<(String, FilePart)> {
