@@ -2,8 +2,9 @@
 //! experiments and several UTC days with the default roll (the days simulated by
 //! mboxd's injectable ingest clock), then reports, before and after compaction:
 //! files, bytes per point, GetMetrics for one 100k-point experiment (p50 of 20,
-//! after a restart), a 2,000-point `max_points` read of a 1M-point series, and a
-//! DuckDB `count(*)` over everything. Query results must not change.
+//! after a restart), a 2,000-point `max_points` read of a 1M-point series, every
+//! default page of that series (once), and a DuckDB `count(*)` over everything.
+//! Query results must not change.
 //!
 //! ```text
 //! cargo bench --bench readside -- --points 100000000            # the issue's size
@@ -135,21 +136,27 @@ fn block(parent: &str, keys: &[String], first: u64, n: usize, seed: u64) -> prot
     }
 }
 
-/// Reads every page of an experiment; returns (points, a checksum of the answer).
-async fn read_all(c: &mut ModelStoreClient<Channel>, id: &str) -> anyhow::Result<(usize, u64)> {
+/// Reads every page of an experiment (`page_size` 0: the default pages of about
+/// 3 MiB); returns (points, pages, a checksum of the answer).
+async fn read_all(
+    c: &mut ModelStoreClient<Channel>,
+    id: &str,
+    page_size: u32,
+) -> anyhow::Result<(usize, usize, u64)> {
     let mut token = String::new();
-    let (mut points, mut sum) = (0usize, 0u64);
+    let (mut points, mut pages, mut sum) = (0usize, 0usize, 0u64);
     loop {
         let page = c
             .get_metrics(proto::GetMetricsRequest {
                 parent_id: id.into(),
                 full_precision: true,
-                page_size: 1_000_000,
+                page_size,
                 page_token: token,
                 ..Default::default()
             })
             .await?
             .into_inner();
+        pages += 1;
         for m in &page.metrics {
             for v in &m.values {
                 points += 1;
@@ -161,7 +168,7 @@ async fn read_all(c: &mut ModelStoreClient<Channel>, id: &str) -> anyhow::Result
             }
         }
         if page.next_page_token.is_empty() {
-            return Ok((points, sum));
+            return Ok((points, pages, sum));
         }
         token = page.next_page_token;
     }
@@ -250,7 +257,9 @@ struct Measured {
     bytes: u64,
     read_100k: Duration,
     bucketed_1m: Duration,
-    answers: (u64, u64),
+    /// Every default page of the 1M-point series, and how many pages.
+    walk_1m: (Duration, usize),
+    answers: (u64, u64, u64),
     duckdb: Option<(u64, Duration)>,
 }
 
@@ -269,7 +278,7 @@ async fn measure(
     let (mut a1, mut a2) = (0, 0);
     for _ in 0..reads.max(1) {
         let t = Instant::now();
-        let (n, sum) = read_all(&mut c, small).await?;
+        let (n, _, sum) = read_all(&mut c, small, 1_000_000).await?;
         full.push(t.elapsed());
         anyhow::ensure!(n == 100_000, "the 100k-point run read {n} points");
         a1 = sum;
@@ -279,6 +288,10 @@ async fn measure(
         anyhow::ensure!(n > 1_000 && n <= 2_000, "{n} buckets");
         a2 = sum;
     }
+    let t = Instant::now();
+    let (n, pages, a3) = read_all(&mut c, big, 0).await?;
+    let walk_1m = (t.elapsed(), pages);
+    anyhow::ensure!(n == 1_000_000, "the 1M-point series read {n} points");
     server.stop().await?;
     let duckdb = duckdb_count(&config.data_dir);
     if let Some((n, _)) = duckdb {
@@ -290,7 +303,8 @@ async fn measure(
         bytes,
         read_100k: p50(full),
         bucketed_1m: p50(bucketed),
-        answers: (a1, a2),
+        walk_1m,
+        answers: (a1, a2, a3),
         duckdb,
     })
 }
@@ -310,6 +324,11 @@ fn report(label: &str, m: &Measured, points: u64) {
     println!(
         "  GetMetrics max_points=2000 of a 1M-point series (p50 of 20): {:.1} ms",
         m.bucketed_1m.as_secs_f64() * 1e3
+    );
+    println!(
+        "  GetMetrics, every default page of the 1M-point series: {:.0} ms ({} pages)",
+        m.walk_1m.0.as_secs_f64() * 1e3,
+        m.walk_1m.1
     );
     match m.duckdb {
         Some((n, t)) => println!(

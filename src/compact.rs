@@ -613,7 +613,7 @@ impl Inputs {
                         &entry.key,
                         None,
                         &want,
-                        &mut |batch| {
+                        &mut |batch: RecordBatch| {
                             let ids = StrColumn::of(batch.column(0))
                                 .ok_or_else(|| schema_err(&entry.key, "experiment_id"))?;
                             for r in 0..batch.num_rows() {
@@ -681,7 +681,7 @@ impl Inputs {
                 &entry.key,
                 None,
                 want,
-                &mut |batch| sink(batch, &entry.key),
+                &mut |batch: RecordBatch| sink(batch, &entry.key),
             )?;
         }
         Ok(())

@@ -270,6 +270,110 @@ async fn pages_return_every_point_once_and_filters_select_exactly() {
     server.stop().await;
 }
 
+/// Every page of an experiment's series at `page_size`, as (key, step, value);
+/// asserts each page's `total_points`: the series' points from where the page
+/// starts in it on.
+async fn walk_pages(c: &mut Client, id: &str, page_size: u32, whole: &[(String, u64, f64)]) {
+    let mut token = String::new();
+    let mut got: Vec<(String, u64, f64)> = Vec::new();
+    loop {
+        let page = get(
+            c,
+            proto::GetMetricsRequest {
+                parent_id: id.to_owned(),
+                page_size,
+                page_token: token,
+                ..Default::default()
+            },
+        )
+        .await;
+        for m in page.metrics {
+            let all = whole.iter().filter(|(k, _, _)| *k == m.key).count();
+            let before = got.iter().filter(|(k, _, _)| *k == m.key).count();
+            assert_eq!(
+                m.total_points,
+                (all - before) as u64,
+                "{} at {before}",
+                m.key
+            );
+            got.extend(m.values.iter().map(|v| (m.key.clone(), v.step, value(v))));
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(got, whole, "page size {page_size}");
+}
+
+/// A long series with repeated steps, compacted into one row group of many
+/// pages, pages exactly as it did before compaction: every point once, in order,
+/// and each page's `total_points` exact, although a page then decodes only the
+/// file pages that hold it and counts the rest from the page index.
+#[tokio::test]
+async fn a_compacted_long_series_pages_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::test_config(dir.path().join("data"));
+    config.roll.max_age = Duration::from_millis(50);
+    config.compaction.enabled = false;
+    config.compaction.row_group_rows = 1_000;
+    let mut server = TestServer::start(config.clone()).await;
+    let mut c = server.client().await;
+    let id = create_experiment(&mut c, "s", "long").await;
+    // Three rounds of 20,000 points at steps i / 3 from round * 3,000: each
+    // step three times within a round, and up to nine times across rounds.
+    let mut sent: Sent = Vec::new();
+    for round in 0..3u64 {
+        let steps: Vec<u64> = (0..20_000).map(|i| i / 3 + round * 3_000).collect();
+        let values: Vec<f64> = (0..20_000).map(|i| (round * 20_000 + i) as f64).collect();
+        sent.extend(steps.iter().copied().zip(values.iter().copied()));
+        let n = steps.len();
+        c.log_metrics(proto::LogMetricsRequest {
+            blocks: vec![
+                proto::MetricsBlock {
+                    parent_id: id.clone(),
+                    keys: vec!["long".into()],
+                    key_index: vec![0; n],
+                    steps,
+                    wallclock_times: vec![42; n],
+                    values,
+                    ..Default::default()
+                },
+                numeric_block(&id, &["a"], 10, round * 10),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    let mut whole: Vec<(String, u64, f64)> = (0..30u64)
+        .map(|s| ("a".to_owned(), s, s as f64 / 2.0))
+        .collect();
+    whole.extend(
+        ordered(&sent)
+            .into_iter()
+            .map(|(s, v)| ("long".to_owned(), s, v)),
+    );
+    for page_size in [7_001, 25_000] {
+        walk_pages(&mut c, &id, page_size, &whole).await;
+    }
+    server.stop().await;
+
+    let report = mboxd::server::compact_once(config.clone(), |_| {})
+        .await
+        .unwrap();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let rows: u64 = report.partitions.iter().map(|p| p.rows).sum();
+    assert_eq!(rows, 60_030);
+    let mut server = TestServer::start(config).await;
+    let mut c = server.client().await;
+    for page_size in [7_001, 25_000] {
+        walk_pages(&mut c, &id, page_size, &whole).await;
+    }
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reads_do_not_wait_for_busy_writers() {
     let (_dir, mut config) = config();

@@ -27,8 +27,8 @@ use crate::paths::Table;
 use crate::sink::{FileData, Files, SinkError};
 
 use self::parquet::{
-    EVENT_COLUMNS, KeyFilter, PositionalFile, RowsWanted, StrColumn, fetch_remote, local_metadata,
-    metadata_from, read_rows,
+    EVENT_COLUMNS, KeyFilter, PositionalFile, RowSink, RowsWanted, StrColumn, fetch_remote,
+    local_metadata, metadata_from, read_rows,
 };
 pub use series::{Cursor, SeriesOut, SeriesPage, SeriesQuery};
 
@@ -138,7 +138,7 @@ impl Reader {
         files: &[FileRef],
         live: &LiveRows,
         want: &RowsWanted,
-        sink: &mut dyn FnMut(RecordBatch) -> Result<(), QueryError>,
+        sink: &mut dyn RowSink,
     ) -> Result<(), QueryError> {
         for file in files {
             let path = file.entry.key.as_str();
@@ -293,11 +293,7 @@ impl Reader {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut out: BTreeMap<String, series::Gathered> = keys
-                .iter()
-                .zip(sizes)
-                .map(|(k, &n)| (k.clone(), series::Gathered::with_capacity(n as usize)))
-                .collect();
+            let mut out = series::Gathering::new(keys, sizes, query);
             let (files, live) = self.sources(Table::Metrics, experiment)?;
             // A page that resumes inside a series it reads alone skips the steps
             // earlier pages returned.
@@ -314,11 +310,7 @@ impl Reader {
                 steps: (lo, hi),
                 columns: parquet::METRIC_COLUMNS,
             };
-            let read = self.read_files(&files, &live, &want, &mut |batch| {
-                series::gather_batch(&batch, &mut out)?;
-                series::bound(&mut out, query);
-                Ok(())
-            });
+            let read = self.read_files(&files, &live, &want, &mut out);
             match read {
                 Err(e) if e.is_vanished() && attempt < ATTEMPTS => {
                     self.catch_up();
@@ -328,10 +320,9 @@ impl Reader {
                 Ok(()) => {}
             }
             for (_, chunk) in &live.metrics {
-                series::gather_chunk(chunk, keys, &mut out, query);
-                series::bound(&mut out, query);
+                out.chunk(chunk, keys);
             }
-            return Ok(out);
+            return Ok(out.into_series());
         }
     }
 
@@ -349,7 +340,7 @@ impl Reader {
                 columns: EVENT_COLUMNS,
             };
             let mut out = Vec::new();
-            let read = self.read_files(&files, &live, &want, &mut |batch| {
+            let read = self.read_files(&files, &live, &want, &mut |batch: RecordBatch| {
                 event_points(&batch, &mut out)
             });
             match read {

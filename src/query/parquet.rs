@@ -5,7 +5,8 @@
 //! one, from their statistics). Within a row group, a row filter on
 //! `experiment_id` runs first, then one on key and step, so the other columns are
 //! decoded only for the rows that match (and whole pages are skipped where the
-//! page index allows).
+//! page index allows). A read that keeps only a series' first points decodes,
+//! of a row group holding that series alone, only the pages that hold them.
 
 use std::fs::File;
 use std::io::Read;
@@ -167,6 +168,30 @@ pub(crate) struct RowsWanted<'a> {
     pub steps: (i64, i64),
     /// Columns to read besides the filter columns, by name.
     pub columns: &'a [&'a str],
+}
+
+/// Where [`read_rows`] hands the rows it reads.
+pub(crate) trait RowSink {
+    /// A non-empty batch of wanted rows.
+    fn batch(&mut self, batch: RecordBatch) -> Result<(), QueryError>;
+
+    /// For a read that keeps only the first points of `key`'s series: the step
+    /// they start at and how many. Rows after that many need not be decoded, only
+    /// counted ([`Self::unread`]). `None`: every row.
+    fn first_points(&self, _key: &str) -> Option<(i64, usize)> {
+        None
+    }
+
+    /// `rows` wanted rows of `key` that the read counted instead of decoding:
+    /// each is at a step later than the last of at least [`Self::first_points`]
+    /// rows it did hand over.
+    fn unread(&mut self, _key: &str, _rows: u64) {}
+}
+
+impl<F: FnMut(RecordBatch) -> Result<(), QueryError>> RowSink for F {
+    fn batch(&mut self, batch: RecordBatch) -> Result<(), QueryError> {
+        self(batch)
+    }
 }
 
 fn parquet_err(path: &str) -> impl Fn(ParquetError) -> QueryError + '_ {
@@ -360,21 +385,16 @@ fn row_group_all_match(
     keys: Option<&OwnedKeyFilter>,
     want: &RowsWanted,
 ) -> bool {
-    let (lo, hi) = want.experiments;
-    let Some(id) = single_value(rg, id_column) else {
-        return false;
-    };
-    if id < lo.as_bytes() || hi.as_bytes() < id {
+    if !one_wanted_experiment(rg, id_column, want) {
         return false;
     }
     let Some((key_column, step_column)) = key_and_step else {
         return true;
     };
-    if let Some(keys) = keys {
-        match single_value(rg, key_column).and_then(|k| std::str::from_utf8(k).ok()) {
-            Some(key) if keys.admits(key) => {}
-            _ => return false,
-        }
+    if let Some(keys) = keys
+        && one_wanted_key(rg, key_column, keys).is_none()
+    {
+        return false;
     }
     let (lo, hi) = want.steps;
     if lo == i64::MIN && hi == i64::MAX {
@@ -387,6 +407,22 @@ fn row_group_all_match(
                 && s.min_opt().is_some_and(|m| *m >= lo)
                 && s.max_opt().is_some_and(|m| *m <= hi)
     )
+}
+
+/// Whether every row of a row group is of one experiment, a wanted one.
+fn one_wanted_experiment(rg: &RowGroupMetaData, id_column: usize, want: &RowsWanted) -> bool {
+    let (lo, hi) = want.experiments;
+    single_value(rg, id_column).is_some_and(|id| lo.as_bytes() <= id && id <= hi.as_bytes())
+}
+
+/// The key of every row of a row group, when there is one and it is wanted.
+fn one_wanted_key<'m>(
+    rg: &'m RowGroupMetaData,
+    key_column: usize,
+    keys: &OwnedKeyFilter,
+) -> Option<&'m str> {
+    let key = std::str::from_utf8(single_value(rg, key_column)?).ok()?;
+    keys.admits(key).then_some(key)
 }
 
 /// The rows of the chosen row groups (in order) on pages whose column-index
@@ -455,6 +491,72 @@ fn page_selection(
     })
 }
 
+/// For a row group of one experiment and one key whose sink wants only the
+/// first points of that key: the pages that hold them, by the step column's page
+/// index, and how many wanted rows the pages after them hold (counted, not
+/// read). Pages wholly before the first step are skipped uncounted. `None` when
+/// the page index cannot tell: no index, or pages out of step order.
+fn first_points_selection(
+    metadata: &ParquetMetaData,
+    group: usize,
+    step_column: usize,
+    (from, keep): (i64, usize),
+    hi: i64,
+) -> Option<(RowSelection, u64)> {
+    let ColumnIndexMetaData::INT64(index) =
+        metadata.column_index()?.get(group)?.get(step_column)?
+    else {
+        return None;
+    };
+    let pages = metadata
+        .offset_index()?
+        .get(group)?
+        .get(step_column)?
+        .page_locations();
+    let rows = usize::try_from(metadata.row_group(group).num_rows()).ok()?;
+    if pages.first()?.first_row_index != 0 {
+        return None;
+    }
+    let mut selectors = Vec::with_capacity(pages.len());
+    let (mut sure, mut counted) = (0usize, 0u64);
+    // The last step of the page by which `keep` rows from `from` on are read:
+    // every row at a later step comes after them.
+    let mut last: Option<i64> = None;
+    let mut previous_max = i64::MIN;
+    for (i, page) in pages.iter().enumerate() {
+        let first = usize::try_from(page.first_row_index).ok()?;
+        let end = match pages.get(i + 1) {
+            Some(next) => usize::try_from(next.first_row_index).ok()?,
+            None => rows,
+        };
+        let n = end.checked_sub(first)?;
+        let (&min, &max) = (index.min_value(i)?, index.max_value(i)?);
+        if min < previous_max || max < min {
+            return None;
+        }
+        previous_max = max;
+        let selector = match last {
+            _ if max < from => RowSelector::skip(n),
+            Some(last) if min > last && max <= hi => {
+                counted += n as u64;
+                RowSelector::skip(n)
+            }
+            Some(_) if min > hi => RowSelector::skip(n),
+            _ => {
+                if min >= from && max <= hi {
+                    sure += n;
+                }
+                if last.is_none() && sure >= keep {
+                    last = Some(max);
+                }
+                RowSelector::select(n)
+            }
+        };
+        selectors.push(selector);
+    }
+    Some((RowSelection::from(selectors), counted))
+}
+
 /// Reads the wanted rows of one file, handing each non-empty batch to `sink`.
 /// `row_groups`: the experiment index's list, or `None` for every row group the
 /// statistics admit.
@@ -464,7 +566,7 @@ pub(crate) fn read_rows<R: ChunkReader + Clone + 'static>(
     path: &str,
     row_groups: Option<&[u32]>,
     want: &RowsWanted,
-    sink: &mut dyn FnMut(RecordBatch) -> Result<(), QueryError>,
+    sink: &mut dyn RowSink,
 ) -> Result<(), QueryError> {
     let perr = parquet_err(path);
     let parquet_schema = metadata.metadata().file_metadata().schema_descr_ptr();
@@ -509,30 +611,24 @@ pub(crate) fn read_rows<R: ChunkReader + Clone + 'static>(
     // dictionaries, and the Parquet reader then spills its dictionary columns
     // (key, experiment_id) to plain strings and hashes every row back into a
     // dictionary, a fifth of a long series read's time.
-    let mut read_group = |group: usize, builder: ParquetRecordBatchReaderBuilder<R>| {
-        let batches = builder
-            .with_row_groups(vec![group])
-            .with_projection(projection.clone())
-            .with_batch_size(64 * 1024)
-            .build()
-            .map_err(&perr)?;
-        for batch in batches {
-            let batch = batch.map_err(|e| perr(ParquetError::from(e)))?;
-            if batch.num_rows() > 0 {
-                sink(batch)?;
+    let read_group =
+        |group: usize, builder: ParquetRecordBatchReaderBuilder<R>, sink: &mut dyn RowSink| {
+            let batches = builder
+                .with_row_groups(vec![group])
+                .with_projection(projection.clone())
+                .with_batch_size(64 * 1024)
+                .build()
+                .map_err(&perr)?;
+            for batch in batches {
+                let batch = batch.map_err(|e| perr(ParquetError::from(e)))?;
+                if batch.num_rows() > 0 {
+                    sink.batch(batch)?;
+                }
             }
-        }
-        Ok::<(), QueryError>(())
-    };
+            Ok::<(), QueryError>(())
+        };
     let new_builder =
         || ParquetRecordBatchReaderBuilder::new_with_metadata(reader.clone(), metadata.clone());
-    if every_row {
-        for &group in &groups {
-            read_group(group, new_builder())?;
-        }
-        return Ok(());
-    }
-
     // Pages of other keys are pruned either way; with `Pages` their rows on
     // admitted pages are the caller's to skip.
     let filter_keys = match want.keys {
@@ -540,30 +636,78 @@ pub(crate) fn read_rows<R: ChunkReader + Clone + 'static>(
         _ => keys.clone(),
     };
     for &group in &groups {
-        let selection = page_selection(
+        let selection = match first_points(
             metadata.metadata(),
-            &[group],
+            group,
             id_col,
-            key_col,
+            key_and_step,
             keys.as_ref(),
             want,
-        );
+            sink,
+        ) {
+            Some(first) => Some(first),
+            None if every_row => None,
+            None => page_selection(
+                metadata.metadata(),
+                &[group],
+                id_col,
+                key_col,
+                keys.as_ref(),
+                want,
+            ),
+        };
         if selection.as_ref().is_some_and(|s| !s.selects_any()) {
             continue;
         }
-        let mut builder = new_builder().with_row_filter(row_filter(
-            &parquet_schema,
-            id_col,
-            key_and_step,
-            filter_keys.clone(),
-            want,
-        ));
+        let mut builder = new_builder();
+        if !every_row {
+            builder = builder.with_row_filter(row_filter(
+                &parquet_schema,
+                id_col,
+                key_and_step,
+                filter_keys.clone(),
+                want,
+            ));
+        }
         if let Some(selection) = selection {
             builder = builder.with_row_selection(selection);
         }
-        read_group(group, builder)?;
+        read_group(group, builder, sink)?;
     }
     Ok(())
+}
+
+/// The rows to read of a row group of one wanted experiment and one wanted key,
+/// when `sink` keeps only that key's first points (see
+/// [`first_points_selection`]); the rows after them are counted to `sink`.
+fn first_points(
+    metadata: &ParquetMetaData,
+    group: usize,
+    id_col: usize,
+    key_and_step: Option<(usize, usize)>,
+    keys: Option<&OwnedKeyFilter>,
+    want: &RowsWanted,
+    sink: &mut dyn RowSink,
+) -> Option<RowSelection> {
+    let rg = metadata.row_group(group);
+    let (key_col, step_col) = key_and_step?;
+    if !one_wanted_experiment(rg, id_col, want) {
+        return None;
+    }
+    // Only a read of chosen keys keeps first points.
+    let key = one_wanted_key(rg, key_col, keys?)?;
+    let (from, keep) = sink.first_points(key)?;
+    let (selection, counted) = first_points_selection(
+        metadata,
+        group,
+        step_col,
+        (from.max(want.steps.0), keep),
+        want.steps.1,
+    )?;
+    if counted > 0 {
+        sink.unread(key, counted);
+    }
+    Some(selection)
 }
 
 /// The predicates that pick a read's rows out of a row group's: its experiment
@@ -776,6 +920,14 @@ mod tests {
     /// A writer-shaped file: few large row groups, each holding many experiments
     /// in sorted runs, on small pages, so the page index has something to prune.
     fn file(rows: &[(String, String, i64)]) -> (PositionalFile, tempfile::TempDir) {
+        file_with(rows, rows.len() / 2)
+    }
+
+    /// A file of row groups of `group_rows` rows, on pages of 64 rows.
+    fn file_with(
+        rows: &[(String, String, i64)],
+        group_rows: usize,
+    ) -> (PositionalFile, tempfile::TempDir) {
         let schema = Arc::new(Schema::new(vec![
             Field::new("experiment_id", DataType::Utf8, false),
             Field::new("key", DataType::Utf8, false),
@@ -795,7 +947,7 @@ mod tests {
         )
         .expect("batch");
         let props = WriterProperties::builder()
-            .set_max_row_group_size(rows.len() / 2)
+            .set_max_row_group_size(group_rows)
             .set_data_page_row_count_limit(64)
             .set_write_batch_size(64)
             .build();
@@ -815,19 +967,98 @@ mod tests {
         let metadata = local_metadata(file, "f").expect("metadata");
         assert!(metadata.metadata().column_index().is_some(), "page index");
         let mut out = Vec::new();
-        read_rows(file.clone(), metadata, "f", None, want, &mut |b| {
-            let col = |n: &str| b.column(b.schema().index_of(n).expect("col")).clone();
-            let (id, key, step) = (col("experiment_id"), col("key"), col("step"));
-            let id = id.as_any().downcast_ref::<StringArray>().expect("ids");
-            let key = key.as_any().downcast_ref::<StringArray>().expect("keys");
-            let step = step.as_any().downcast_ref::<Int64Array>().expect("steps");
-            for i in 0..b.num_rows() {
-                out.push((id.value(i).into(), key.value(i).into(), step.value(i)));
-            }
-            Ok(())
-        })
+        read_rows(
+            file.clone(),
+            metadata,
+            "f",
+            None,
+            want,
+            &mut |b: RecordBatch| {
+                let col = |n: &str| b.column(b.schema().index_of(n).expect("col")).clone();
+                let (id, key, step) = (col("experiment_id"), col("key"), col("step"));
+                let id = id.as_any().downcast_ref::<StringArray>().expect("ids");
+                let key = key.as_any().downcast_ref::<StringArray>().expect("keys");
+                let step = step.as_any().downcast_ref::<Int64Array>().expect("steps");
+                for i in 0..b.num_rows() {
+                    out.push((id.value(i).into(), key.value(i).into(), step.value(i)));
+                }
+                Ok(())
+            },
+        )
         .expect("read");
         out
+    }
+
+    /// A sink that keeps only a series' first points.
+    struct FirstPoints {
+        from: i64,
+        keep: usize,
+        steps: Vec<i64>,
+        unread: u64,
+    }
+
+    impl RowSink for FirstPoints {
+        fn batch(&mut self, b: RecordBatch) -> Result<(), QueryError> {
+            let steps = b.column(b.schema().index_of("step").expect("step"));
+            let steps = steps.as_any().downcast_ref::<Int64Array>().expect("steps");
+            self.steps.extend(steps.values().iter().copied());
+            Ok(())
+        }
+
+        fn first_points(&self, key: &str) -> Option<(i64, usize)> {
+            (key == "k").then_some((self.from, self.keep))
+        }
+
+        fn unread(&mut self, key: &str, rows: u64) {
+            assert_eq!(key, "k");
+            self.unread += rows;
+        }
+    }
+
+    /// A read that keeps a series' first points decodes the pages that hold
+    /// them, and the next ones while they start at the step the last of those
+    /// ends at (ties rank by ingest time, which the page index does not hold);
+    /// it counts the wanted rows after them, and neither reads nor counts pages
+    /// before the first step or past the last.
+    #[test]
+    fn a_read_of_first_points_decodes_their_pages_and_counts_the_rest() {
+        // One experiment and key in one row group on pages of 64 rows; steps
+        // 380..=390 are one step, 380, across the boundary of pages 5 and 6.
+        let steps: Vec<i64> = (0..1000)
+            .map(|i| if (380..=390).contains(&i) { 380 } else { i })
+            .collect();
+        let rows: Vec<(String, String, i64)> =
+            steps.iter().map(|&s| ("e".into(), "k".into(), s)).collect();
+        let (file, _dir) = file_with(&rows, rows.len());
+        let keys = ["k".to_owned()];
+        let read = |hi: i64| {
+            let want = RowsWanted {
+                experiments: ("e", "e"),
+                keys: KeyFilter::Pages(&keys),
+                steps: (i64::MIN, hi),
+                columns: &["step", "value"],
+            };
+            let metadata = local_metadata(&file, "f").expect("metadata");
+            let mut sink = FirstPoints {
+                from: 200,
+                keep: 100,
+                steps: Vec::new(),
+                unread: 0,
+            };
+            read_rows(file.clone(), metadata, "f", None, &want, &mut sink).expect("read");
+            (sink.steps, sink.unread)
+        };
+        // Pages 3 (from step 192: it holds 200) to 6 (it starts at 380, where
+        // page 5, the one by which 100 rows from step 200 are read, ends).
+        let (got, unread) = read(i64::MAX);
+        assert_eq!(got, steps[192..448]);
+        assert_eq!(unread, 1000 - 448);
+        // With an end step: pages 7 and 8 are counted, page 9 holds the end and
+        // is read up to it, the pages after it are not wanted.
+        let (got, unread) = read(600);
+        let want: Vec<i64> = steps[192..448].iter().copied().chain(576..=600).collect();
+        assert_eq!(got, want);
+        assert_eq!(unread, 128);
     }
 
     /// A footer naming bytes before the file's start or past its end is an

@@ -8,7 +8,7 @@ use arrow_array::types::{Float64Type, TimestampMicrosecondType};
 use arrow_array::{Array, RecordBatch};
 
 use super::QueryError;
-use super::parquet::{IntColumn, StrColumn};
+use super::parquet::{IntColumn, RowSink, StrColumn};
 use crate::model::{MetricChunk, MetricValue};
 
 /// What a series read asks for.
@@ -77,9 +77,59 @@ impl SeriesQuery {
     }
 }
 
+/// A read's series as they are gathered from its sources: pruned as they grow
+/// (see [`bound`]), and told of the rows a source counted instead of decoding.
+#[derive(Debug)]
+pub(crate) struct Gathering<'q> {
+    series: BTreeMap<String, Gathered>,
+    query: &'q SeriesQuery,
+}
+
+impl<'q> Gathering<'q> {
+    /// The `keys` series, each with room for its expected size.
+    pub(crate) fn new(keys: &[String], sizes: &[u64], query: &'q SeriesQuery) -> Self {
+        let series = keys
+            .iter()
+            .zip(sizes)
+            .map(|(k, &n)| (k.clone(), Gathered::with_capacity(n as usize)))
+            .collect();
+        Self { series, query }
+    }
+
+    /// Adds a buffered chunk's rows of the wanted `keys`.
+    pub(crate) fn chunk(&mut self, chunk: &MetricChunk, keys: &[String]) {
+        gather_chunk(chunk, keys, &mut self.series, self.query);
+        bound(&mut self.series, self.query);
+    }
+
+    pub(crate) fn into_series(self) -> BTreeMap<String, Gathered> {
+        self.series
+    }
+}
+
+impl RowSink for Gathering<'_> {
+    fn batch(&mut self, batch: RecordBatch) -> Result<(), QueryError> {
+        gather_batch(&batch, &mut self.series)?;
+        bound(&mut self.series, self.query);
+        Ok(())
+    }
+
+    fn first_points(&self, key: &str) -> Option<(i64, usize)> {
+        self.series
+            .contains_key(key)
+            .then(|| self.query.keep_of(key))?
+    }
+
+    fn unread(&mut self, key: &str, rows: u64) {
+        if let Some(g) = self.series.get_mut(key) {
+            g.dropped = g.dropped.saturating_add(rows);
+        }
+    }
+}
+
 /// Prunes each gathered series that holds more than twice what its page needs,
 /// so a read holds about a page of each long series, not all of it.
-pub(crate) fn bound(out: &mut BTreeMap<String, Gathered>, query: &SeriesQuery) {
+fn bound(out: &mut BTreeMap<String, Gathered>, query: &SeriesQuery) {
     for (key, g) in out.iter_mut() {
         if let Some((from, keep)) = query.keep_of(key)
             && g.len() > keep.saturating_mul(2)
@@ -158,7 +208,8 @@ pub(crate) struct Gathered {
     values: Vec<f64>,
     ingested: Vec<i64>,
     other: Vec<(u32, MetricValue)>,
-    /// Points [`Self::prune`] let go: each comes after every point kept.
+    /// Points [`Self::prune`] let go, and points a source counted instead of
+    /// handing over ([`RowSink::unread`]): each comes after every point kept.
     dropped: u64,
 }
 
@@ -304,7 +355,7 @@ fn schema_err(column: &str) -> QueryError {
 /// Adds a batch of one experiment's rows (filtered by step) to the per-key
 /// gatherings of `out`, which holds one for each wanted key; rows of other keys
 /// are skipped.
-pub(crate) fn gather_batch(
+fn gather_batch(
     batch: &RecordBatch,
     out: &mut BTreeMap<String, Gathered>,
 ) -> Result<(), QueryError> {
@@ -383,7 +434,7 @@ pub(crate) fn gather_batch(
 }
 
 /// Adds a buffered chunk's rows of the wanted keys within the step range.
-pub(crate) fn gather_chunk(
+fn gather_chunk(
     chunk: &MetricChunk,
     keys: &[String],
     out: &mut BTreeMap<String, Gathered>,
