@@ -194,44 +194,12 @@ async fn pages_return_every_point_once_and_filters_select_exactly() {
     let k: Vec<(u64, f64)> = whole[2].values.iter().map(|v| (v.step, value(v))).collect();
     assert_eq!(k, ordered(&sent));
 
+    let want: Vec<(String, u64, f64)> = whole
+        .iter()
+        .flat_map(|m| m.values.iter().map(|v| (m.key.clone(), v.step, value(v))))
+        .collect();
     for page_size in [97u32, 299, 300, 301, 5_000] {
-        let mut token = String::new();
-        let mut got: Vec<(String, u64, f64)> = Vec::new();
-        let mut pages = 0;
-        loop {
-            let page = get(
-                &mut c,
-                proto::GetMetricsRequest {
-                    parent_id: id.clone(),
-                    page_size,
-                    page_token: token,
-                    ..Default::default()
-                },
-            )
-            .await;
-            let n: usize = page.metrics.iter().map(|m| m.values.len()).sum();
-            assert!(n <= page_size as usize, "a page of {n} > {page_size}");
-            for m in &page.metrics {
-                // The series' points from where this page starts in it on.
-                let all = whole.iter().find(|w| w.key == m.key).unwrap().values.len();
-                let before = got.iter().filter(|(k, _, _)| *k == m.key).count();
-                assert_eq!(m.total_points, (all - before) as u64, "{}", m.key);
-            }
-            for m in page.metrics {
-                got.extend(m.values.iter().map(|v| (m.key.clone(), v.step, value(v))));
-            }
-            pages += 1;
-            if page.next_page_token.is_empty() {
-                break;
-            }
-            token = page.next_page_token;
-        }
-        let want: Vec<(String, u64, f64)> = whole
-            .iter()
-            .flat_map(|m| m.values.iter().map(|v| (m.key.clone(), v.step, value(v))))
-            .collect();
-        assert_eq!(got, want, "page size {page_size}");
-        assert!(pages >= want.len().div_ceil(page_size as usize));
+        walk_pages(&mut c, &id, page_size, &want).await;
     }
 
     // Keys and a step range select exactly.
@@ -270,12 +238,14 @@ async fn pages_return_every_point_once_and_filters_select_exactly() {
     server.stop().await;
 }
 
-/// Every page of an experiment's series at `page_size`, as (key, step, value);
-/// asserts each page's `total_points`: the series' points from where the page
-/// starts in it on.
+/// Pages through an experiment's series at `page_size` and asserts that they
+/// hold `whole` (key, step, value) once, in order, no page more than
+/// `page_size` points, and each page's `total_points`: the series' points from
+/// where the page starts in it on.
 async fn walk_pages(c: &mut Client, id: &str, page_size: u32, whole: &[(String, u64, f64)]) {
     let mut token = String::new();
     let mut got: Vec<(String, u64, f64)> = Vec::new();
+    let mut pages = 0;
     loop {
         let page = get(
             c,
@@ -287,6 +257,9 @@ async fn walk_pages(c: &mut Client, id: &str, page_size: u32, whole: &[(String, 
             },
         )
         .await;
+        let n: usize = page.metrics.iter().map(|m| m.values.len()).sum();
+        assert!(n <= page_size as usize, "a page of {n} > {page_size}");
+        pages += 1;
         for m in page.metrics {
             let all = whole.iter().filter(|(k, _, _)| *k == m.key).count();
             let before = got.iter().filter(|(k, _, _)| *k == m.key).count();
@@ -304,6 +277,7 @@ async fn walk_pages(c: &mut Client, id: &str, page_size: u32, whole: &[(String, 
         token = page.next_page_token;
     }
     assert_eq!(got, whole, "page size {page_size}");
+    assert!(pages >= whole.len().div_ceil(page_size as usize));
 }
 
 /// A long series with repeated steps, compacted into one row group of many

@@ -182,9 +182,16 @@ pub(crate) trait RowSink {
         None
     }
 
+    /// The step of the last of the first points of `key` ([`Self::first_points`]),
+    /// once the sink holds that many: a row at a later step is not one of them.
+    fn held_through(&mut self, _key: &str) -> Option<i64> {
+        None
+    }
+
     /// `rows` wanted rows of `key` that the read counted instead of decoding:
     /// each is at a step later than the last of at least [`Self::first_points`]
-    /// rows it did hand over.
+    /// rows that it hands over from the same row group, or than
+    /// [`Self::held_through`].
     fn unread(&mut self, _key: &str, _rows: u64) {}
 }
 
@@ -439,6 +446,13 @@ fn pages_admitted(
         let rows = usize::try_from(metadata.row_group(g).num_rows()).ok()?;
         let pages = offsets.get(g)?.get(column)?.page_locations();
         let index = bounds.get(g)?.get(column)?;
+        // Another writer's file may list fewer bounds than pages; the index's
+        // accessors would panic past its end.
+        if let ColumnIndexMetaData::BYTE_ARRAY(ix) = index
+            && ix.num_pages() != pages.len() as u64
+        {
+            return None;
+        }
         for (i, page) in pages.iter().enumerate() {
             let first = usize::try_from(page.first_row_index).ok()?;
             let end = match pages.get(i + 1) {
@@ -514,7 +528,8 @@ fn first_points_selection(
         .get(step_column)?
         .page_locations();
     let rows = usize::try_from(metadata.row_group(group).num_rows()).ok()?;
-    if pages.first()?.first_row_index != 0 {
+    // As in `pages_admitted`: bounds for every page, and rows from the first.
+    if index.num_pages() != pages.len() as u64 || pages.first()?.first_row_index != 0 {
         return None;
     }
     let mut selectors = Vec::with_capacity(pages.len());
@@ -536,12 +551,11 @@ fn first_points_selection(
         }
         previous_max = max;
         let selector = match last {
-            _ if max < from => RowSelector::skip(n),
+            _ if max < from || min > hi => RowSelector::skip(n),
             Some(last) if min > last && max <= hi => {
                 counted += n as u64;
                 RowSelector::skip(n)
             }
-            Some(_) if min > hi => RowSelector::skip(n),
             _ => {
                 if min >= from && max <= hi {
                     sure += n;
@@ -557,7 +571,9 @@ fn first_points_selection(
     Some((RowSelection::from(selectors), counted))
 }
 
-/// Reads the wanted rows of one file, handing each non-empty batch to `sink`.
+/// Reads the wanted rows of one file, handing each non-empty batch to `sink`;
+/// rows after the first points a sink keeps may be counted to it instead (see
+/// [`RowSink::first_points`]).
 /// `row_groups`: the experiment index's list, or `None` for every row group the
 /// statistics admit.
 pub(crate) fn read_rows<R: ChunkReader + Clone + 'static>(
@@ -636,7 +652,7 @@ pub(crate) fn read_rows<R: ChunkReader + Clone + 'static>(
         _ => keys.clone(),
     };
     for &group in &groups {
-        let selection = match first_points(
+        let selection = match first_points_rows(
             metadata.metadata(),
             group,
             id_col,
@@ -680,7 +696,7 @@ pub(crate) fn read_rows<R: ChunkReader + Clone + 'static>(
 /// The rows to read of a row group of one wanted experiment and one wanted key,
 /// when `sink` keeps only that key's first points (see
 /// [`first_points_selection`]); the rows after them are counted to `sink`.
-fn first_points(
+fn first_points_rows(
     metadata: &ParquetMetaData,
     group: usize,
     id_col: usize,
@@ -697,6 +713,17 @@ fn first_points(
     // Only a read of chosen keys keeps first points.
     let key = one_wanted_key(rg, key_col, keys?)?;
     let (from, keep) = sink.first_points(key)?;
+    // A row group wholly after the first points the sink already holds (an
+    // earlier partition's file held them) is counted from its statistics.
+    if let Some(Statistics::Int64(steps)) = rg.column(step_col).statistics()
+        && let (Some(&min), Some(&max)) = (steps.min_opt(), steps.max_opt())
+        && max <= want.steps.1
+        && sink.held_through(key).is_some_and(|last| min > last)
+        && let Ok(rows) = u64::try_from(rg.num_rows())
+    {
+        sink.unread(key, rows);
+        return Some(RowSelection::from(vec![RowSelector::skip(rows as usize)]));
+    }
     let (selection, counted) = first_points_selection(
         metadata,
         group,
@@ -993,8 +1020,22 @@ mod tests {
     struct FirstPoints {
         from: i64,
         keep: usize,
+        /// What it holds from other sources: through this step.
+        held: Option<i64>,
         steps: Vec<i64>,
         unread: u64,
+    }
+
+    impl FirstPoints {
+        fn new(held: Option<i64>) -> Self {
+            Self {
+                from: 200,
+                keep: 100,
+                held,
+                steps: Vec::new(),
+                unread: 0,
+            }
+        }
     }
 
     impl RowSink for FirstPoints {
@@ -1007,6 +1048,10 @@ mod tests {
 
         fn first_points(&self, key: &str) -> Option<(i64, usize)> {
             (key == "k").then_some((self.from, self.keep))
+        }
+
+        fn held_through(&mut self, _key: &str) -> Option<i64> {
+            self.held
         }
 
         fn unread(&mut self, key: &str, rows: u64) {
@@ -1031,34 +1076,70 @@ mod tests {
             steps.iter().map(|&s| ("e".into(), "k".into(), s)).collect();
         let (file, _dir) = file_with(&rows, rows.len());
         let keys = ["k".to_owned()];
-        let read = |hi: i64| {
+        let read = |lo: i64, hi: i64| {
             let want = RowsWanted {
                 experiments: ("e", "e"),
                 keys: KeyFilter::Pages(&keys),
-                steps: (i64::MIN, hi),
+                steps: (lo, hi),
                 columns: &["step", "value"],
             };
             let metadata = local_metadata(&file, "f").expect("metadata");
-            let mut sink = FirstPoints {
-                from: 200,
-                keep: 100,
-                steps: Vec::new(),
-                unread: 0,
-            };
+            let mut sink = FirstPoints::new(None);
             read_rows(file.clone(), metadata, "f", None, &want, &mut sink).expect("read");
             (sink.steps, sink.unread)
         };
         // Pages 3 (from step 192: it holds 200) to 6 (it starts at 380, where
         // page 5, the one by which 100 rows from step 200 are read, ends).
-        let (got, unread) = read(i64::MAX);
+        let (got, unread) = read(i64::MIN, i64::MAX);
         assert_eq!(got, steps[192..448]);
         assert_eq!(unread, 1000 - 448);
         // With an end step: pages 7 and 8 are counted, page 9 holds the end and
         // is read up to it, the pages after it are not wanted.
-        let (got, unread) = read(600);
+        let (got, unread) = read(i64::MIN, 600);
         let want: Vec<i64> = steps[192..448].iter().copied().chain(576..=600).collect();
         assert_eq!(got, want);
         assert_eq!(unread, 128);
+        // A start step past the sink's (a page resuming inside the series): the
+        // first points count from it, and the rows before it are filtered out.
+        let (got, unread) = read(250, i64::MAX);
+        assert_eq!(got, steps[250..448]);
+        assert_eq!(unread, 1000 - 448);
+    }
+
+    /// A row group wholly after the first points a sink already holds is counted
+    /// from its statistics, unread.
+    #[test]
+    fn a_row_group_after_the_points_held_is_counted_unread() {
+        let steps: Vec<i64> = (0..1000)
+            .map(|i| if (380..=390).contains(&i) { 380 } else { i })
+            .collect();
+        let rows: Vec<(String, String, i64)> =
+            steps.iter().map(|&s| ("e".into(), "k".into(), s)).collect();
+        // Row groups of steps 0..=499 and 500..=999.
+        let (file, _dir) = file_with(&rows, 500);
+        let keys = ["k".to_owned()];
+        let want = RowsWanted {
+            experiments: ("e", "e"),
+            keys: KeyFilter::Pages(&keys),
+            steps: (i64::MIN, i64::MAX),
+            columns: &["step", "value"],
+        };
+        let first: Vec<i64> = steps[192..448].to_vec();
+        let both: Vec<i64> = first.iter().copied().chain(500..628).collect();
+        for (held, read, unread) in [
+            // Each group's own first points: 52 rows of the first counted, 372
+            // of the second (it reads steps 500..=627, two pages).
+            (None, &both, 52 + 372),
+            // The second group starts at the step held through: it is read.
+            (Some(500), &both, 52 + 372),
+            // Held through 450: the second group is counted whole.
+            (Some(450), &first, 52 + 500),
+        ] {
+            let metadata = local_metadata(&file, "f").expect("metadata");
+            let mut sink = FirstPoints::new(held);
+            read_rows(file.clone(), metadata, "f", None, &want, &mut sink).expect("read");
+            assert_eq!((&sink.steps, sink.unread), (read, unread), "held {held:?}");
+        }
     }
 
     /// A footer naming bytes before the file's start or past its end is an

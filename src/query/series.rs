@@ -115,9 +115,20 @@ impl RowSink for Gathering<'_> {
     }
 
     fn first_points(&self, key: &str) -> Option<(i64, usize)> {
-        self.series
-            .contains_key(key)
-            .then(|| self.query.keep_of(key))?
+        if !self.series.contains_key(key) {
+            return None;
+        }
+        self.query.keep_of(key)
+    }
+
+    fn held_through(&mut self, key: &str) -> Option<i64> {
+        let (from, keep) = self.query.keep_of(key)?;
+        let g = self.series.get_mut(key)?;
+        if g.len() < keep {
+            return None;
+        }
+        g.prune(from, keep);
+        (g.len() == keep).then(|| g.steps[keep - 1])
     }
 
     fn unread(&mut self, key: &str, rows: u64) {
@@ -209,7 +220,8 @@ pub(crate) struct Gathered {
     ingested: Vec<i64>,
     other: Vec<(u32, MetricValue)>,
     /// Points [`Self::prune`] let go, and points a source counted instead of
-    /// handing over ([`RowSink::unread`]): each comes after every point kept.
+    /// handing over ([`RowSink::unread`]): each comes after the first points the
+    /// page can take.
     dropped: u64,
 }
 
