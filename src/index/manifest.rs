@@ -474,15 +474,10 @@ impl Index {
         let rev = read.open_table(FILE_EXPERIMENTS_REV).map_err(storage)?;
         let index = read.open_table(FILE_EXPERIMENTS).map_err(storage)?;
         let mut out = Vec::new();
-        for row in rev.range((key, "")..).map_err(storage)? {
-            let (k, _) = row.map_err(storage)?;
-            let (file, experiment) = k.value();
-            if file != key {
-                break;
-            }
-            if let Some(v) = index.get((experiment, file)).map_err(storage)? {
-                let part: IndexedPart = decode(file, v.value())?;
-                out.push((experiment.to_owned(), part.part));
+        for experiment in prefix_keys(&rev, key)? {
+            if let Some(v) = index.get((experiment.as_str(), key)).map_err(storage)? {
+                let part: IndexedPart = decode(key, v.value())?;
+                out.push((experiment, part.part));
             }
         }
         Ok(Some(out))

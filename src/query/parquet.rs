@@ -1016,6 +1016,20 @@ mod tests {
         out
     }
 
+    /// The steps of a series of 1,000 points, and a file of them (experiment
+    /// `e`, key `k`) in row groups of `group_rows` on pages of 64 rows: step i
+    /// at row i, except that rows 380..=390 are all step 380, across the
+    /// boundary of pages 5 and 6.
+    fn one_series(group_rows: usize) -> (Vec<i64>, PositionalFile, tempfile::TempDir) {
+        let steps: Vec<i64> = (0..1000)
+            .map(|i| if (380..=390).contains(&i) { 380 } else { i })
+            .collect();
+        let rows: Vec<(String, String, i64)> =
+            steps.iter().map(|&s| ("e".into(), "k".into(), s)).collect();
+        let (file, dir) = file_with(&rows, group_rows);
+        (steps, file, dir)
+    }
+
     /// A sink that keeps only a series' first points.
     struct FirstPoints {
         from: i64,
@@ -1067,14 +1081,8 @@ mod tests {
     /// before the first step or past the last.
     #[test]
     fn a_read_of_first_points_decodes_their_pages_and_counts_the_rest() {
-        // One experiment and key in one row group on pages of 64 rows; steps
-        // 380..=390 are one step, 380, across the boundary of pages 5 and 6.
-        let steps: Vec<i64> = (0..1000)
-            .map(|i| if (380..=390).contains(&i) { 380 } else { i })
-            .collect();
-        let rows: Vec<(String, String, i64)> =
-            steps.iter().map(|&s| ("e".into(), "k".into(), s)).collect();
-        let (file, _dir) = file_with(&rows, rows.len());
+        // One row group.
+        let (steps, file, _dir) = one_series(1000);
         let keys = ["k".to_owned()];
         let read = |lo: i64, hi: i64| {
             let want = RowsWanted {
@@ -1110,13 +1118,8 @@ mod tests {
     /// from its statistics, unread.
     #[test]
     fn a_row_group_after_the_points_held_is_counted_unread() {
-        let steps: Vec<i64> = (0..1000)
-            .map(|i| if (380..=390).contains(&i) { 380 } else { i })
-            .collect();
-        let rows: Vec<(String, String, i64)> =
-            steps.iter().map(|&s| ("e".into(), "k".into(), s)).collect();
         // Row groups of steps 0..=499 and 500..=999.
-        let (file, _dir) = file_with(&rows, 500);
+        let (steps, file, _dir) = one_series(500);
         let keys = ["k".to_owned()];
         let want = RowsWanted {
             experiments: ("e", "e"),
