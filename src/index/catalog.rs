@@ -107,92 +107,126 @@ impl Index {
 
     /// Creates experiments (unless they exist) and writes their metadata, in one
     /// transaction: concurrent CreateExperiment calls share one commit.
+    ///
+    /// The batch is written in id order, and its search entries in key order
+    /// ([`search::SearchUpdates`]), so each index page changes in one visit. An id
+    /// repeated in the batch finds the experiment as its previous occurrence left
+    /// it, as it would have in arrival order. Results come back in arrival order.
     #[allow(clippy::type_complexity)]
     pub fn create_experiments(
         &self,
         batch: Vec<(NewExperiment, Vec<(String, serde_json::Value)>)>,
     ) -> Result<Vec<(ExperimentRecord, bool)>, IndexError> {
+        struct Planned {
+            arrival: usize,
+            before: Option<ExperimentRecord>,
+            record: ExperimentRecord,
+            metadata: Vec<(String, serde_json::Value)>,
+        }
         let now = now_micros();
+        let mut jobs: Vec<(String, usize, NewExperiment, _)> = batch
+            .into_iter()
+            .enumerate()
+            .map(|(arrival, (new, metadata))| {
+                let id = experiment_id(&new.namespace, &new.name, &new.owner, &new.external_id);
+                (id, arrival, new, metadata)
+            })
+            .collect();
+        jobs.sort_unstable_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         let txn = self.db.begin_write().map_err(storage)?;
-        let mut out = Vec::with_capacity(batch.len());
-        let mut changed = false;
-        let mut logged = (Vec::new(), Vec::new());
+        let mut planned: Vec<Planned> = Vec::with_capacity(jobs.len());
         {
             let mut t = CatalogTables::open(&txn)?;
-            for (new, metadata) in batch {
-                let id = experiment_id(&new.namespace, &new.name, &new.owner, &new.external_id);
-                let existing = match t.experiments.get(id.as_str()).map_err(storage)? {
-                    Some(v) => Some(decode::<ExperimentRecord>(&id, v.value())?),
-                    None => None,
+            for (id, arrival, new, metadata) in jobs {
+                let before = match planned.last() {
+                    Some(p) if p.record.id == id => Some(p.record.clone()),
+                    _ => match t.experiments.get(id.as_str()).map_err(storage)? {
+                        Some(v) => Some(decode::<ExperimentRecord>(&id, v.value())?),
+                        None => None,
+                    },
                 };
-                let (record, existed) = match existing {
-                    Some(old) => {
-                        let mut record = old.clone();
-                        if !metadata.is_empty() {
-                            record.updated_at = now;
-                            t.experiments
-                                .insert(id.as_str(), encode(&record).as_slice())
-                                .map_err(storage)?;
-                            search::index_record(&mut t.search, Some(&old), &record)?;
-                        }
-                        (record, true)
-                    }
-                    None => {
-                        let record = ExperimentRecord {
-                            id: id.clone(),
-                            name: new.name,
-                            namespace: new.namespace,
-                            owner: new.owner,
-                            framework: new.framework,
-                            task: new.task,
-                            external_id: new.external_id,
-                            created_at: now,
-                            updated_at: now,
-                        };
-                        t.place(&record)?;
-                        t.experiments
-                            .insert(id.as_str(), encode(&record).as_slice())
-                            .map_err(storage)?;
-                        search::index_record(&mut t.search, None, &record)?;
-                        (record, false)
-                    }
+                let record = match &before {
+                    Some(old) => ExperimentRecord {
+                        updated_at: if metadata.is_empty() {
+                            old.updated_at
+                        } else {
+                            now
+                        },
+                        ..old.clone()
+                    },
+                    None => ExperimentRecord {
+                        id,
+                        name: new.name,
+                        namespace: new.namespace,
+                        owner: new.owner,
+                        framework: new.framework,
+                        task: new.task,
+                        external_id: new.external_id,
+                        created_at: now,
+                        updated_at: now,
+                    },
                 };
-                t.write_metadata(&record, &metadata, now)?;
-                let touched = !existed || !metadata.is_empty();
-                if touched {
-                    t.mark_dirty(&record.id)?;
-                    if self.change_log_on() {
-                        logged.0.push(record.clone());
-                        logged.1.extend(metadata.into_iter().map(|(k, value)| {
+                planned.push(Planned {
+                    arrival,
+                    before,
+                    record,
+                    metadata,
+                });
+            }
+            let mut updates = search::SearchUpdates::default();
+            for p in &planned {
+                if p.before.is_some() && p.metadata.is_empty() {
+                    continue;
+                }
+                if p.before.is_none() {
+                    t.place(&p.record)?;
+                }
+                t.experiments
+                    .insert(p.record.id.as_str(), encode(&p.record).as_slice())
+                    .map_err(storage)?;
+                updates.record(p.before.as_ref(), &p.record);
+                t.write_metadata(&mut updates, &p.record, &p.metadata, now)?;
+                t.mark_dirty(&p.record.id)?;
+            }
+            updates.apply(&mut t.search)?;
+        }
+        let touched = || {
+            planned
+                .iter()
+                .filter(|p| p.before.is_none() || !p.metadata.is_empty())
+        };
+        let changed = touched().next().is_some();
+        if changed {
+            self.log_change(&txn, || Change::Catalog {
+                experiments: touched().map(|p| p.record.clone()).collect(),
+                metadata: touched()
+                    .flat_map(|p| {
+                        p.metadata.iter().map(|(k, value)| {
                             (
-                                record.id.clone(),
-                                k,
+                                p.record.id.clone(),
+                                k.clone(),
                                 MetadataEntry {
-                                    value,
+                                    value: value.clone(),
                                     updated_at: now,
                                 },
                             )
-                        }));
-                    }
-                }
-                changed |= touched;
-                out.push((record, existed));
-            }
-        }
-        if !logged.0.is_empty() {
-            self.log_change(&txn, || Change::Catalog {
-                experiments: logged.0,
-                metadata: logged.1,
+                        })
+                    })
+                    .collect(),
             })?;
         }
         txn.commit().map_err(storage)?;
         if changed {
             self.bump_generation();
         }
-        for (record, _) in &out {
-            self.cache.insert(experiment_ref(record));
-        }
-        Ok(out)
+        planned.sort_unstable_by_key(|p| p.arrival);
+        Ok(planned
+            .into_iter()
+            .map(|p| {
+                self.cache.insert(experiment_ref(&p.record));
+                (p.record, p.before.is_some())
+            })
+            .collect())
     }
 
     pub fn get_experiment(&self, id: &str) -> Result<Option<ExperimentRecord>, IndexError> {
@@ -267,8 +301,10 @@ impl Index {
             t.experiments
                 .insert(parent_id, encode(&record).as_slice())
                 .map_err(storage)?;
-            search::index_record(&mut t.search, Some(&old), &record)?;
-            t.write_metadata(&record, entries, now)?;
+            let mut updates = search::SearchUpdates::default();
+            updates.record(Some(&old), &record);
+            t.write_metadata(&mut updates, &record, entries, now)?;
+            updates.apply(&mut t.search)?;
             t.mark_dirty(&record.id)?;
             record
         };
@@ -420,10 +456,12 @@ impl<'txn> CatalogTables<'txn> {
         updates.apply(&mut self.search)
     }
 
-    /// Writes `entries` into `record`'s metadata and the search index.
-    fn write_metadata(
+    /// Writes `entries` into `record`'s metadata, and their search entries into
+    /// `updates`.
+    fn write_metadata<'a>(
         &mut self,
-        record: &ExperimentRecord,
+        updates: &mut search::SearchUpdates<'a>,
+        record: &'a ExperimentRecord,
         entries: &[(String, serde_json::Value)],
         now: Micros,
     ) -> Result<(), IndexError> {
@@ -439,13 +477,12 @@ impl<'txn> CatalogTables<'txn> {
                 .map_err(storage)?
                 .map(|v| decode::<MetadataEntry>(key, v.value()))
                 .transpose()?;
-            search::index_param(
-                &mut self.search,
+            updates.param(
                 (&record.namespace, record.created_at, parent_id),
                 key,
                 old.as_ref().map(|o| &o.value),
                 value,
-            )?;
+            );
         }
         Ok(())
     }

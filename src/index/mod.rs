@@ -961,4 +961,84 @@ mod tests {
         };
         assert_eq!(names(&filtered, 1), ["b", "c"]);
     }
+
+    /// A batch is written in id order with its search entries last-change-wins:
+    /// an experiment created and updated in one batch keeps only its last values.
+    #[test]
+    fn a_batch_that_creates_and_updates_an_experiment_indexes_its_last_values() {
+        let index = Index::open_in_memory().unwrap();
+        let lr = |v: i64| vec![("lr".to_string(), json!(v))];
+        let out = index
+            .create_experiments(vec![
+                (new_exp("x"), lr(1)),
+                (new_exp("y"), lr(5)),
+                (new_exp("x"), lr(2)),
+                (new_exp("x"), vec![]),
+            ])
+            .unwrap();
+        let answers: Vec<(&str, bool)> = out
+            .iter()
+            .map(|(r, existed)| (r.name.as_str(), *existed))
+            .collect();
+        assert_eq!(
+            answers,
+            [("x", false), ("y", false), ("x", true), ("x", true)]
+        );
+        let x = &out[0].0;
+        assert!(out[2].0.id == x.id && out[3].0 == out[2].0);
+        let metadata = index.list_metadata(&x.id).unwrap();
+        assert_eq!(metadata.len(), 1);
+        assert_eq!(metadata[0].1.value, json!(2));
+
+        // Exactly one entry per field and scope: none left from the first values.
+        let entries_of = |id: &str| -> Vec<(String, String, i64)> {
+            let read = index.db.begin_read().unwrap();
+            let table = read.open_table(SEARCH).unwrap();
+            let mut entries = Vec::new();
+            for row in table.iter().unwrap() {
+                let (k, _) = row.unwrap();
+                let (scope, field, value, _, entry_id) = k.value();
+                if entry_id == id {
+                    let n = match search::decode_value(value) {
+                        crate::search::Value::Number(n) => n as i64,
+                        _ => 0,
+                    };
+                    entries.push((scope.to_owned(), field.to_owned(), n));
+                }
+            }
+            entries
+        };
+        let check = |entries: &[(String, String, i64)], lr: i64, updated_at: i64| {
+            let fields: Vec<(&str, &str)> = entries
+                .iter()
+                .map(|(s, f, _)| (s.as_str(), f.as_str()))
+                .collect();
+            assert_eq!(
+                fields,
+                [
+                    ("*", "created_at"),
+                    ("*", "name"),
+                    ("*", "owner"),
+                    ("*", "updated_at"),
+                    ("cv", "created_at"),
+                    ("cv", "name"),
+                    ("cv", "owner"),
+                    ("cv", "p:lr"),
+                    ("cv", "updated_at"),
+                ]
+            );
+            assert_eq!(entries[7].2, lr);
+            assert_eq!(entries[3].2, updated_at / 1000);
+            assert_eq!(entries[8].2, updated_at / 1000);
+        };
+        check(&entries_of(&x.id), 2, x.updated_at);
+
+        // A later batch replaces the committed entries.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let out = index
+            .create_experiments(vec![(new_exp("x"), lr(3))])
+            .unwrap();
+        assert!(out[0].0.updated_at > x.updated_at + 1000);
+        check(&entries_of(&x.id), 3, out[0].0.updated_at);
+    }
 }

@@ -63,7 +63,7 @@ fn encode_value(v: &Value) -> Vec<u8> {
     }
 }
 
-fn decode_value(b: &[u8]) -> Value {
+pub(super) fn decode_value(b: &[u8]) -> Value {
     match b.split_first() {
         Some((1, rest)) => Value::Bool(rest.first() == Some(&1)),
         Some((2, rest)) => {
@@ -129,65 +129,28 @@ type Tie<'a> = (Micros, &'a str);
 /// Where an experiment's entries go: its namespace, creation time and id.
 pub(super) type Placed<'a> = (&'a str, Micros, &'a str);
 
-fn put(
-    t: &mut SearchTable<'_>,
-    scope: &str,
-    field: &str,
-    v: &Value,
-    (created_at, id): Tie<'_>,
-) -> Result<(), IndexError> {
-    t.insert(
-        (scope, field, encode_value(v).as_slice(), created_at, id),
-        (),
-    )
-    .map_err(storage)?;
-    Ok(())
-}
-
-fn del(
-    t: &mut SearchTable<'_>,
-    scope: &str,
-    field: &str,
-    v: &Value,
-    (created_at, id): Tie<'_>,
-) -> Result<(), IndexError> {
-    t.remove((scope, field, encode_value(v).as_slice(), created_at, id))
-        .map_err(storage)?;
-    Ok(())
-}
-
 /// Re-indexes a record's own fields after it changed (`old`: before, if any).
 pub(super) fn index_record(
     t: &mut SearchTable<'_>,
     old: Option<&ExperimentRecord>,
     new: &ExperimentRecord,
 ) -> Result<(), IndexError> {
-    for scope in [new.namespace.as_str(), ALL] {
-        if let Some(old) = old {
-            for (field, v) in record_fields(old) {
-                del(t, scope, field, &v, (old.created_at, &old.id))?;
-            }
-        }
-        for (field, v) in record_fields(new) {
-            put(t, scope, field, &v, (new.created_at, &new.id))?;
-        }
-    }
-    Ok(())
+    let mut updates = SearchUpdates::default();
+    updates.record(old, new);
+    updates.apply(t)
 }
 
 /// Re-indexes a metadata key after it changed.
 pub(super) fn index_param(
     t: &mut SearchTable<'_>,
-    (namespace, created_at, id): Placed<'_>,
+    placed: Placed<'_>,
     key: &str,
     old: Option<&serde_json::Value>,
     new: &serde_json::Value,
 ) -> Result<(), IndexError> {
-    let field = param_field(key);
-    if let Some(old) = old {
-        del(t, namespace, &field, &Value::of_json(old), (created_at, id))?;
-    }
-    put(t, namespace, &field, &Value::of_json(new), (created_at, id))
+    let mut updates = SearchUpdates::default();
+    updates.param(placed, key, old, new);
+    updates.apply(t)
 }
 
 fn summary_value(s: &MetricSummary, agg: Agg) -> Option<Value> {
@@ -206,17 +169,73 @@ fn summary_value(s: &MetricSummary, agg: Agg) -> Option<Value> {
 /// A search-index entry's key, owned where it is built.
 type EntryKey<'a> = (&'a str, String, Vec<u8>, Micros, &'a str);
 
-/// Search-index changes of a large merge, applied in key order: each B-tree page
-/// is then changed in one visit. In arrival order a merge of many summaries visits
-/// pages at random, and redb's write buffer (a tenth of its cache) holds too few
-/// pages for a revisited one to still be there, so it is read and written again.
+/// Search-index changes of a transaction, applied in key order: each B-tree page
+/// is then changed in one visit. In arrival order a merge of many summaries, or a
+/// batch of creations, visits pages at random, and redb's write buffer (a tenth of
+/// its cache) holds too few pages for a revisited one to still be there, so it is
+/// read and written again.
+///
+/// Only an entry's last change counts: an entry added and then removed again (an
+/// experiment created and updated in one batch) is never written.
 #[derive(Debug, Default)]
 pub(super) struct SearchUpdates<'a> {
-    removed: Vec<EntryKey<'a>>,
-    added: Vec<EntryKey<'a>>,
+    /// Each entry's last change: `true` adds it, `false` removes it.
+    changes: BTreeMap<EntryKey<'a>, bool>,
 }
 
 impl<'a> SearchUpdates<'a> {
+    fn put(&mut self, key: EntryKey<'a>) {
+        self.changes.insert(key, true);
+    }
+
+    fn del(&mut self, key: EntryKey<'a>) {
+        self.changes.insert(key, false);
+    }
+
+    /// Re-indexes a record's own fields after it changed (`old`: before, if any),
+    /// in its namespace and in every namespace's scope.
+    pub(super) fn record(&mut self, old: Option<&'a ExperimentRecord>, new: &'a ExperimentRecord) {
+        for scope in [new.namespace.as_str(), ALL] {
+            if let Some(old) = old {
+                for (field, v) in record_fields(old) {
+                    self.del((
+                        scope,
+                        field.into(),
+                        encode_value(&v),
+                        old.created_at,
+                        &old.id,
+                    ));
+                }
+            }
+            for (field, v) in record_fields(new) {
+                self.put((
+                    scope,
+                    field.into(),
+                    encode_value(&v),
+                    new.created_at,
+                    &new.id,
+                ));
+            }
+        }
+    }
+
+    /// Re-indexes a metadata key after it changed.
+    pub(super) fn param(
+        &mut self,
+        (namespace, created_at, id): Placed<'a>,
+        key: &str,
+        old: Option<&serde_json::Value>,
+        new: &serde_json::Value,
+    ) {
+        let field = param_field(key);
+        if let Some(old) = old {
+            let v = encode_value(&Value::of_json(old));
+            self.del((namespace, field.clone(), v, created_at, id));
+        }
+        let v = encode_value(&Value::of_json(new));
+        self.put((namespace, field, v, created_at, id));
+    }
+
     /// Re-indexes a metric summary after it changed.
     pub(super) fn summary(
         &mut self,
@@ -233,12 +252,10 @@ impl<'a> SearchUpdates<'a> {
             }
             let field = metric_field(key, agg);
             if let Some(v) = old {
-                self.removed
-                    .push((namespace, field.clone(), encode_value(&v), created_at, id));
+                self.del((namespace, field.clone(), encode_value(&v), created_at, id));
             }
             if let Some(v) = new {
-                self.added
-                    .push((namespace, field, encode_value(&v), created_at, id));
+                self.put((namespace, field, encode_value(&v), created_at, id));
             }
         }
     }
@@ -277,25 +294,19 @@ impl<'a> SearchUpdates<'a> {
         v: &Value,
     ) {
         let value = encode_value(v);
-        self.removed
-            .push((from_ns, field.clone(), value.clone(), from, id));
-        self.added.push((to_ns, field, value, to, id));
+        self.del((from_ns, field.clone(), value.clone(), from, id));
+        self.put((to_ns, field, value, to, id));
     }
 
-    /// Removes, then adds, each in key order.
-    pub(super) fn apply(mut self, t: &mut SearchTable<'_>) -> Result<(), IndexError> {
-        self.removed.sort_unstable();
-        self.added.sort_unstable();
-        for (scope, field, value, created_at, id) in &self.removed {
-            t.remove((*scope, field.as_str(), value.as_slice(), *created_at, *id))
-                .map_err(storage)?;
-        }
-        for (scope, field, value, created_at, id) in &self.added {
-            t.insert(
-                (*scope, field.as_str(), value.as_slice(), *created_at, *id),
-                (),
-            )
-            .map_err(storage)?;
+    /// Writes each entry's last change, in key order.
+    pub(super) fn apply(self, t: &mut SearchTable<'_>) -> Result<(), IndexError> {
+        for ((scope, field, value, created_at, id), add) in &self.changes {
+            let key = (*scope, field.as_str(), value.as_slice(), *created_at, *id);
+            if *add {
+                t.insert(key, ()).map_err(storage)?;
+            } else {
+                t.remove(key).map_err(storage)?;
+            }
         }
         Ok(())
     }
@@ -309,16 +320,16 @@ pub(super) fn index_experiment(
     summaries: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
     r: &ExperimentRecord,
 ) -> Result<(), IndexError> {
-    index_record(t, None, r)?;
     let at = (r.namespace.as_str(), r.created_at, r.id.as_str());
     let params: Vec<(String, MetadataEntry)> =
         prefix_rows(metadata, &r.id, |k, v| Ok((k.to_owned(), decode(k, v)?)))?;
-    for (key, e) in &params {
-        index_param(t, at, key, None, &e.value)?;
-    }
     let summaries: Vec<(String, MetricSummary)> =
         prefix_rows(summaries, &r.id, |k, v| Ok((k.to_owned(), decode(k, v)?)))?;
     let mut updates = SearchUpdates::default();
+    updates.record(None, r);
+    for (key, e) in &params {
+        updates.param(at, key, None, &e.value);
+    }
     for (key, s) in &summaries {
         updates.summary(at, key, None, s);
     }
@@ -854,14 +865,15 @@ mod tests {
         {
             let mut t = txn.open_table(SEARCH).unwrap();
             let e1 = &ids[0];
-            put(
-                &mut t,
+            let mut stale = SearchUpdates::default();
+            stale.put((
                 "cv",
-                &param_field("lr"),
-                &Value::Number(10.0),
-                (e1.created_at, &e1.id),
-            )
-            .unwrap();
+                param_field("lr"),
+                encode_value(&Value::Number(10.0)),
+                e1.created_at,
+                &e1.id,
+            ));
+            stale.apply(&mut t).unwrap();
         }
         txn.commit().unwrap();
         for (filter, order, want) in [
