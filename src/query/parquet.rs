@@ -410,7 +410,7 @@ fn row_group_all_match(
     matches!(
         rg.column(step_column).statistics(),
         Some(Statistics::Int64(s))
-            if s.min_is_exact() && s.max_is_exact()
+            if s.min_is_exact() && s.max_is_exact() && s.null_count_opt() == Some(0)
                 && s.min_opt().is_some_and(|m| *m >= lo)
                 && s.max_opt().is_some_and(|m| *m <= hi)
     )
@@ -714,8 +714,10 @@ fn first_points_rows(
     let key = one_wanted_key(rg, key_col, keys?)?;
     let (from, keep) = sink.first_points(key)?;
     // A row group wholly after the first points the sink already holds (an
-    // earlier partition's file held them) is counted from its statistics.
+    // earlier partition's file held them) is counted from its statistics, which
+    // must say that every row has a step.
     if let Some(Statistics::Int64(steps)) = rg.column(step_col).statistics()
+        && steps.null_count_opt() == Some(0)
         && let (Some(&min), Some(&max)) = (steps.min_opt(), steps.max_opt())
         && max <= want.steps.1
         && sink.held_through(key).is_some_and(|last| min > last)
