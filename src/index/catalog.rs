@@ -123,6 +123,12 @@ impl Index {
             record: ExperimentRecord,
             metadata: Vec<(String, serde_json::Value)>,
         }
+        impl Planned {
+            /// Whether the creation writes anything: a new experiment, or metadata.
+            fn touches(&self) -> bool {
+                self.before.is_none() || !self.metadata.is_empty()
+            }
+        }
         let now = now_micros();
         let mut jobs: Vec<(String, usize, NewExperiment, _)> = batch
             .into_iter()
@@ -174,10 +180,7 @@ impl Index {
                 });
             }
             let mut updates = search::SearchUpdates::default();
-            for p in &planned {
-                if p.before.is_some() && p.metadata.is_empty() {
-                    continue;
-                }
+            for p in planned.iter().filter(|p| p.touches()) {
                 if p.before.is_none() {
                     t.place(&p.record)?;
                 }
@@ -190,11 +193,7 @@ impl Index {
             }
             updates.apply(&mut t.search)?;
         }
-        let touched = || {
-            planned
-                .iter()
-                .filter(|p| p.before.is_none() || !p.metadata.is_empty())
-        };
+        let touched = || planned.iter().filter(|p| p.touches());
         let changed = touched().next().is_some();
         if changed {
             self.log_change(&txn, || Change::Catalog {

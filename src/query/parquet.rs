@@ -407,13 +407,21 @@ fn row_group_all_match(
     if lo == i64::MIN && hi == i64::MAX {
         return true;
     }
-    matches!(
-        rg.column(step_column).statistics(),
-        Some(Statistics::Int64(s))
-            if s.min_is_exact() && s.max_is_exact() && s.null_count_opt() == Some(0)
-                && s.min_opt().is_some_and(|m| *m >= lo)
-                && s.max_opt().is_some_and(|m| *m <= hi)
-    )
+    step_bounds(rg, step_column).is_some_and(|(min, max)| min >= lo && max <= hi)
+}
+
+/// A row group's exact step bounds, when its statistics hold them and say that
+/// every row has a step: only then may a read accept or count its rows by step
+/// without decoding them (a null step is outside every range).
+fn step_bounds(rg: &RowGroupMetaData, step_column: usize) -> Option<(i64, i64)> {
+    match rg.column(step_column).statistics()? {
+        Statistics::Int64(s)
+            if s.min_is_exact() && s.max_is_exact() && s.null_count_opt() == Some(0) =>
+        {
+            Some((*s.min_opt()?, *s.max_opt()?))
+        }
+        _ => None,
+    }
 }
 
 /// Whether every row of a row group is of one experiment, a wanted one.
@@ -712,14 +720,13 @@ fn first_points_rows(
     }
     // Only a read of chosen keys keeps first points.
     let key = one_wanted_key(rg, key_col, keys?)?;
+    // Rows are counted by their step, here and page by page below, so every row
+    // must have one.
+    let (min, max) = step_bounds(rg, step_col)?;
     let (from, keep) = sink.first_points(key)?;
     // A row group wholly after the first points the sink already holds (an
-    // earlier partition's file held them) is counted from its statistics, which
-    // must say that every row has a step.
-    if let Some(Statistics::Int64(steps)) = rg.column(step_col).statistics()
-        && steps.null_count_opt() == Some(0)
-        && let (Some(&min), Some(&max)) = (steps.min_opt(), steps.max_opt())
-        && max <= want.steps.1
+    // earlier partition's file held them) is counted from its statistics.
+    if max <= want.steps.1
         && sink.held_through(key).is_some_and(|last| min > last)
         && let Ok(rows) = u64::try_from(rg.num_rows())
     {
