@@ -248,7 +248,15 @@ impl Persister {
                 return Err(e.into());
             }
         }
-        let removed = self.index.commit_replace(&intent, self.spooled())?;
+        let removed = match self.index.commit_replace(&intent, self.spooled()) {
+            Ok(removed) => removed,
+            Err(e) => {
+                if matches!(e, IndexError::StaleReplacement { .. }) {
+                    self.finish_deletions();
+                }
+                return Err(e.into());
+            }
+        };
         if let Some(uploader) = &self.uploader {
             for (entry, _) in &intent.outputs {
                 uploader.enqueue(entry.object_key(), entry.bytes);
@@ -311,13 +319,18 @@ impl Persister {
         }
         for intent in self.index.replace_intents()? {
             if intent.outputs.iter().all(|(e, _)| exists(&e.key)) {
-                self.index.commit_replace(&intent, self.spooled())?;
-                if let Some(uploader) = &self.uploader {
-                    for (entry, _) in &intent.outputs {
-                        uploader.enqueue(entry.object_key(), entry.bytes);
+                match self.index.commit_replace(&intent, self.spooled()) {
+                    Ok(_) => {
+                        if let Some(uploader) = &self.uploader {
+                            for (entry, _) in &intent.outputs {
+                                uploader.enqueue(entry.object_key(), entry.bytes);
+                            }
+                        }
+                        tracing::warn!(id = %intent.id, "finished a replacement a crash interrupted");
                     }
+                    Err(e @ IndexError::StaleReplacement { .. }) => tracing::warn!(error = %e),
+                    Err(e) => return Err(e),
                 }
-                tracing::warn!(id = %intent.id, "finished a replacement a crash interrupted");
             } else {
                 self.index.abandon_replace(&intent)?;
                 tracing::warn!(id = %intent.id, "dropped a replacement a crash interrupted");
@@ -581,6 +594,77 @@ mod tests {
             assert!(p.index.replace_intents().unwrap().is_empty());
             assert!(p.index.deletions().unwrap().is_empty());
         }
+    }
+
+    /// A swap whose commit failed stays an intent with its outputs in place; a
+    /// later pass replaces the same inputs. Finishing the first at the next start
+    /// would list its rows twice: it is dropped, and its outputs deleted.
+    #[test]
+    fn a_replacement_whose_inputs_were_replaced_since_is_dropped_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = setup(dir.path());
+        publish(&p, IN1);
+        publish(&p, IN2);
+        let first = staged(&p, OUT1);
+        let intent = ReplaceIntent {
+            id: "first".into(),
+            outputs: vec![(first.entry.clone(), first.experiments.clone())],
+            inputs: vec![IN1.into(), IN2.into()],
+        };
+        p.index.begin_replace(&intent).unwrap();
+        p.sink
+            .publish(first.staged, &first.entry.object_key())
+            .unwrap();
+        let removed = p
+            .replace(
+                "second".into(),
+                vec![staged(&p, OUT2)],
+                vec![IN1.into(), IN2.into()],
+            )
+            .unwrap();
+        assert_eq!(removed, [IN1, IN2]);
+
+        p.recover().unwrap();
+        assert_eq!(keys(&p), [OUT2]);
+        let exists = |k: &str| p.sink.path_of(&ObjectKey::from_manifest(k.into())).exists();
+        assert!(!exists(OUT1) && exists(OUT2));
+        assert!(!exists(IN1) && !exists(IN2));
+        assert!(p.index.replace_intents().unwrap().is_empty());
+        assert!(p.index.deletions().unwrap().is_empty());
+        let files = p.index.experiment_files(Table::Metrics, "a", "e").unwrap();
+        assert_eq!(files.len(), 1, "{files:?}");
+    }
+
+    /// Retention expiring a partition while it is being compacted: the
+    /// compaction's swap would bring the expired rows back.
+    #[test]
+    fn a_replacement_of_expired_inputs_is_refused_and_its_outputs_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = setup(dir.path());
+        publish(&p, IN1);
+        publish(&p, IN2);
+        p.replace("expire:a".into(), Vec::new(), vec![IN1.into()])
+            .unwrap();
+        let e = p
+            .replace(
+                "compact:a".into(),
+                vec![staged(&p, OUT1)],
+                vec![IN1.into(), IN2.into()],
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                WriterError::Index(IndexError::StaleReplacement { id, missing })
+                    if id == "compact:a" && missing == IN1
+            ),
+            "{e}"
+        );
+        assert_eq!(keys(&p), [IN2]);
+        let exists = |k: &str| p.sink.path_of(&ObjectKey::from_manifest(k.into())).exists();
+        assert!(!exists(OUT1) && !exists(IN1) && exists(IN2));
+        assert!(p.index.replace_intents().unwrap().is_empty());
+        assert!(p.index.deletions().unwrap().is_empty());
     }
 
     #[test]

@@ -166,6 +166,19 @@ pub(super) struct IndexedPart {
     pub(super) entry: FileEntry,
 }
 
+/// Queues a replacement's outputs for deletion and forgets its intent.
+fn abandon(txn: &WriteTransaction, intent: &ReplaceIntent) -> Result<(), IndexError> {
+    let mut deletions = txn.open_table(DELETIONS).map_err(storage)?;
+    for (entry, _) in &intent.outputs {
+        deletions.insert(entry.key.as_str(), ()).map_err(storage)?;
+    }
+    txn.open_table(REPLACE_INTENTS)
+        .map_err(storage)?
+        .remove(intent.id.as_str())
+        .map_err(storage)?;
+    Ok(())
+}
+
 pub(super) fn remove_file(
     txn: &WriteTransaction,
     key: &str,
@@ -498,6 +511,15 @@ impl Index {
     /// join the manifest (and the spool when `spooled`), the inputs leave it and
     /// are queued for deletion. Returns the input keys that were still in the
     /// manifest.
+    ///
+    /// A replacement with outputs swaps only while every input is still listed.
+    /// One is not when another replacement of the same files committed first
+    /// (a swap whose commit failed is finished at the next start, after a later
+    /// pass may have compacted its inputs again) or retention expired them: its
+    /// outputs would then hold rows twice, or revive rows that are gone. Such a
+    /// replacement is dropped instead (committed like
+    /// [`abandon_replace`](Self::abandon_replace)) and answered with
+    /// [`IndexError::StaleReplacement`].
     pub fn commit_replace(
         &self,
         intent: &ReplaceIntent,
@@ -505,6 +527,25 @@ impl Index {
     ) -> Result<Vec<String>, IndexError> {
         let _serial = self.publish.lock().unwrap_or_else(|p| p.into_inner());
         let txn = self.db.begin_write().map_err(storage)?;
+        if !intent.outputs.is_empty() {
+            let files = txn.open_table(FILES).map_err(storage)?;
+            let mut missing = None;
+            for key in &intent.inputs {
+                if files.get(key.as_str()).map_err(storage)?.is_none() {
+                    missing = Some(key.clone());
+                    break;
+                }
+            }
+            drop(files);
+            if let Some(missing) = missing {
+                abandon(&txn, intent)?;
+                txn.commit().map_err(storage)?;
+                return Err(IndexError::StaleReplacement {
+                    id: intent.id.clone(),
+                    missing,
+                });
+            }
+        }
         let mut removed = Vec::new();
         {
             for (entry, experiments) in &intent.outputs {
@@ -547,16 +588,7 @@ impl Index {
     /// Drops a replacement that will not happen (its outputs are to be deleted).
     pub fn abandon_replace(&self, intent: &ReplaceIntent) -> Result<(), IndexError> {
         let txn = self.db.begin_write().map_err(storage)?;
-        {
-            let mut deletions = txn.open_table(DELETIONS).map_err(storage)?;
-            for (entry, _) in &intent.outputs {
-                deletions.insert(entry.key.as_str(), ()).map_err(storage)?;
-            }
-            txn.open_table(REPLACE_INTENTS)
-                .map_err(storage)?
-                .remove(intent.id.as_str())
-                .map_err(storage)?;
-        }
+        abandon(&txn, intent)?;
         txn.commit().map_err(storage)
     }
 

@@ -140,6 +140,10 @@ pub enum IndexError {
     ExperimentNotFound(String),
     #[error("an index task failed: {0}")]
     Task(String),
+    #[error(
+        "replacement {id} was dropped: its input {missing} had already left the manifest, so its outputs would duplicate or revive rows; they are queued for deletion"
+    )]
+    StaleReplacement { id: String, missing: String },
 }
 
 fn storage<E: Into<redb::Error>>(e: E) -> IndexError {
