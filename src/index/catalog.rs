@@ -141,6 +141,7 @@ impl Index {
         jobs.sort_unstable_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         let txn = self.db.begin_write().map_err(storage)?;
         let mut planned: Vec<Planned> = Vec::with_capacity(jobs.len());
+        let mut written = Vec::new();
         {
             let mut t = CatalogTables::open(&txn)?;
             for (id, arrival, new, metadata) in jobs {
@@ -188,7 +189,7 @@ impl Index {
                     .insert(p.record.id.as_str(), encode(&p.record).as_slice())
                     .map_err(storage)?;
                 updates.record(p.before.as_ref(), &p.record);
-                t.write_metadata(&mut updates, &p.record, &p.metadata, now)?;
+                t.write_metadata(&mut updates, &p.record, &p.metadata, now, &mut written)?;
                 t.mark_dirty(&p.record.id)?;
             }
             updates.apply(&mut t.search)?;
@@ -198,20 +199,7 @@ impl Index {
         if changed {
             self.log_change(&txn, || Change::Catalog {
                 experiments: touched().map(|p| p.record.clone()).collect(),
-                metadata: touched()
-                    .flat_map(|p| {
-                        p.metadata.iter().map(|(k, value)| {
-                            (
-                                p.record.id.clone(),
-                                k.clone(),
-                                MetadataEntry {
-                                    value: value.clone(),
-                                    updated_at: now,
-                                },
-                            )
-                        })
-                    })
-                    .collect(),
+                metadata: written,
             })?;
         }
         txn.commit().map_err(storage)?;
@@ -289,6 +277,7 @@ impl Index {
     ) -> Result<Micros, IndexError> {
         let now = now_micros();
         let txn = self.db.begin_write().map_err(storage)?;
+        let mut written = Vec::new();
         let record = {
             let mut t = CatalogTables::open(&txn)?;
             let old: ExperimentRecord = match t.experiments.get(parent_id).map_err(storage)? {
@@ -302,25 +291,13 @@ impl Index {
                 .map_err(storage)?;
             let mut updates = search::SearchUpdates::default();
             updates.record(Some(&old), &record);
-            t.write_metadata(&mut updates, &record, entries, now)?;
+            t.write_metadata(&mut updates, &record, entries, now, &mut written)?;
             updates.apply(&mut t.search)?;
             t.mark_dirty(&record.id)?;
             record
         };
         self.log_change(&txn, || Change::Catalog {
-            metadata: entries
-                .iter()
-                .map(|(k, value)| {
-                    (
-                        record.id.clone(),
-                        k.clone(),
-                        MetadataEntry {
-                            value: value.clone(),
-                            updated_at: now,
-                        },
-                    )
-                })
-                .collect(),
+            metadata: written,
             experiments: vec![record],
         })?;
         txn.commit().map_err(storage)?;
@@ -463,10 +440,11 @@ impl<'txn> CatalogTables<'txn> {
         record: &'a ExperimentRecord,
         entries: &[(String, serde_json::Value)],
         now: Micros,
+        written: &mut Vec<(String, String, MetadataEntry)>,
     ) -> Result<(), IndexError> {
         let parent_id = record.id.as_str();
         for (key, value) in entries {
-            let entry = MetadataEntry {
+            let mut entry = MetadataEntry {
                 value: value.clone(),
                 updated_at: now,
             };
@@ -476,12 +454,25 @@ impl<'txn> CatalogTables<'txn> {
                 .map_err(storage)?
                 .map(|v| decode::<MetadataEntry>(key, v.value()))
                 .transpose()?;
+            // Each write of a key is strictly later than the one it replaces, so a
+            // change-log reader (which keeps the later entry) keeps this one too:
+            // also for a key set twice in one batch (one `now`) or after the
+            // clock stepped back.
+            if let Some(old) = &old
+                && old.updated_at >= now
+            {
+                entry.updated_at = old.updated_at.saturating_add(1);
+                self.metadata
+                    .insert((parent_id, key.as_str()), encode(&entry).as_slice())
+                    .map_err(storage)?;
+            }
             updates.param(
                 (&record.namespace, record.created_at, parent_id),
                 key,
                 old.as_ref().map(|o| &o.value),
                 value,
             );
+            written.push((parent_id.to_owned(), key.clone(), entry));
         }
         Ok(())
     }

@@ -879,6 +879,38 @@ mod tests {
         assert_eq!(entries[0], entries[1]);
     }
 
+    /// A key set twice in one batch (two creations of one experiment), then
+    /// twice by updates: a reader of the change log ends with the values the
+    /// writer kept, the last ones, though the first have the larger JSON text.
+    #[test]
+    fn a_reader_keeps_the_last_value_of_a_key_set_twice_at_once() {
+        let (_dir, a) = writer();
+        let lr = |v: i64| vec![("lr".to_string(), json!(v))];
+        let out = a
+            .create_experiments(vec![(new_exp("job"), lr(9)), (new_exp("job"), lr(1))])
+            .unwrap();
+        let id = out[0].0.id.clone();
+        let reader = Index::open_in_memory().unwrap();
+        reader.apply(&ship(&a)).unwrap();
+        for index in [&a, &reader] {
+            let metadata = index.list_metadata(&id).unwrap();
+            assert_eq!(metadata.len(), 1);
+            assert_eq!(metadata[0].1.value, json!(1));
+        }
+        assert_eq!(
+            reader.list_metadata(&id).unwrap(),
+            a.list_metadata(&id).unwrap()
+        );
+
+        for v in [8, 2] {
+            a.update_metadata(&id, &lr(v)).unwrap();
+        }
+        reader.apply(&ship(&a)).unwrap();
+        let kept = a.list_metadata(&id).unwrap();
+        assert_eq!(kept[0].1.value, json!(2));
+        assert_eq!(reader.list_metadata(&id).unwrap(), kept);
+    }
+
     #[test]
     fn a_replacement_is_shipped_before_its_inputs_may_be_deleted_and_a_checkpoint_equals_the_log() {
         let (_dir, a) = writer();
