@@ -608,7 +608,7 @@ impl Inputs {
                         columns: &[],
                     };
                     read_rows(
-                        reader.clone(),
+                        reader,
                         metadata.clone(),
                         &entry.key,
                         None,
@@ -676,7 +676,7 @@ impl Inputs {
     ) -> Result<(), QueryError> {
         for (entry, reader, metadata) in &self.files {
             read_rows(
-                reader.clone(),
+                reader,
                 metadata.clone(),
                 &entry.key,
                 None,

@@ -27,8 +27,8 @@ use crate::paths::Table;
 use crate::sink::{FileData, Files, SinkError};
 
 use self::parquet::{
-    EVENT_COLUMNS, KeyFilter, PositionalFile, RowSink, RowsWanted, StrColumn, fetch_remote,
-    local_metadata, metadata_from, read_rows,
+    EVENT_COLUMNS, KeyFilter, PositionalFile, RowSink, RowsWanted, StrColumn, local_metadata,
+    metadata_from, open_remote, read_rows,
 };
 pub use series::{Cursor, SeriesOut, SeriesPage, SeriesQuery};
 
@@ -151,12 +151,17 @@ impl Reader {
                     let len = f.metadata().map(|m| m.len()).unwrap_or(file.entry.bytes);
                     let reader = PositionalFile::new(Arc::new(f), len);
                     let metadata = local_metadata(&reader, path)?;
-                    read_rows(reader, metadata, path, groups, want, sink)?;
+                    read_rows(&reader, metadata, path, groups, want, sink)?;
                 }
                 FileData::Remote(object) => {
-                    if let Some((fetched, metadata)) = fetch_remote(&object, path, groups, want)? {
-                        read_rows(fetched, metadata, path, groups, want, sink)?;
-                    }
+                    let (file, metadata) = open_remote(object, path)?;
+                    read_rows(&file, metadata, path, groups, want, sink)?;
+                    tracing::debug!(
+                        file = path,
+                        bytes = file.fetched_bytes(),
+                        unplanned = file.unplanned_fetches(),
+                        "read a remote file"
+                    );
                 }
             }
         }
@@ -175,7 +180,7 @@ impl Reader {
                 .unwrap_or(0);
             let reader = PositionalFile::new(Arc::clone(&staged.file), end);
             let metadata = metadata_from(Arc::clone(&staged.metadata), path)?;
-            read_rows(reader, metadata, path, Some(groups), want, sink)?;
+            read_rows(&reader, metadata, path, Some(groups), want, sink)?;
         }
         Ok(())
     }

@@ -10,8 +10,10 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Int32Type, Int64Type, UInt64Type};
@@ -25,7 +27,9 @@ use parquet::arrow::arrow_reader::{
     RowFilter, RowSelection, RowSelector,
 };
 use parquet::errors::ParquetError;
-use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader, RowGroupMetaData};
+use parquet::file::metadata::{
+    PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader, RowGroupMetaData,
+};
 use parquet::file::page_index::column_index::ColumnIndexMetaData;
 use parquet::file::reader::{ChunkReader, Length};
 use parquet::file::statistics::Statistics;
@@ -584,8 +588,8 @@ fn first_points_selection(
 /// [`RowSink::first_points`]).
 /// `row_groups`: the experiment index's list, or `None` for every row group the
 /// statistics admit.
-pub(crate) fn read_rows<R: ChunkReader + Clone + 'static>(
-    reader: R,
+pub(crate) fn read_rows<S: Source>(
+    source: &S,
     metadata: ArrowReaderMetadata,
     path: &str,
     row_groups: Option<&[u32]>,
@@ -624,7 +628,12 @@ pub(crate) fn read_rows<R: ChunkReader + Clone + 'static>(
     }
     columns.sort_unstable();
     columns.dedup();
-    let projection = ProjectionMask::roots(&parquet_schema, columns);
+    let projection = ProjectionMask::roots(&parquet_schema, columns.iter().copied());
+    // What the row filter reads besides (flat schema: a column is its own leaf).
+    let mut fetch_columns = columns;
+    fetch_columns.extend(key_col.into_iter().chain(step_col));
+    fetch_columns.sort_unstable();
+    fetch_columns.dedup();
     let keys = want.keys.owned();
     let key_and_step = key_col.zip(step_col);
     let every_row = groups.iter().all(|&g| {
@@ -635,24 +644,23 @@ pub(crate) fn read_rows<R: ChunkReader + Clone + 'static>(
     // dictionaries, and the Parquet reader then spills its dictionary columns
     // (key, experiment_id) to plain strings and hashes every row back into a
     // dictionary, a fifth of a long series read's time.
-    let read_group =
-        |group: usize, builder: ParquetRecordBatchReaderBuilder<R>, sink: &mut dyn RowSink| {
-            let batches = builder
-                .with_row_groups(vec![group])
-                .with_projection(projection.clone())
-                .with_batch_size(64 * 1024)
-                .build()
-                .map_err(&perr)?;
-            for batch in batches {
-                let batch = batch.map_err(|e| perr(ParquetError::from(e)))?;
-                if batch.num_rows() > 0 {
-                    sink.batch(batch)?;
-                }
+    let read_group = |group: usize,
+                      builder: ParquetRecordBatchReaderBuilder<S::Reader>,
+                      sink: &mut dyn RowSink| {
+        let batches = builder
+            .with_row_groups(vec![group])
+            .with_projection(projection.clone())
+            .with_batch_size(64 * 1024)
+            .build()
+            .map_err(&perr)?;
+        for batch in batches {
+            let batch = batch.map_err(|e| perr(ParquetError::from(e)))?;
+            if batch.num_rows() > 0 {
+                sink.batch(batch)?;
             }
-            Ok::<(), QueryError>(())
-        };
-    let new_builder =
-        || ParquetRecordBatchReaderBuilder::new_with_metadata(reader.clone(), metadata.clone());
+        }
+        Ok::<(), QueryError>(())
+    };
     // Pages of other keys are pruned either way; with `Pages` their rows on
     // admitted pages are the caller's to skip.
     let filter_keys = match want.keys {
@@ -683,7 +691,14 @@ pub(crate) fn read_rows<R: ChunkReader + Clone + 'static>(
         if selection.as_ref().is_some_and(|s| !s.selects_any()) {
             continue;
         }
-        let mut builder = new_builder();
+        let reader = source.row_group(
+            metadata.metadata(),
+            group,
+            selection.as_ref(),
+            &fetch_columns,
+        )?;
+        let mut builder =
+            ParquetRecordBatchReaderBuilder::new_with_metadata(reader, metadata.clone());
         if !every_row {
             builder = builder.with_row_filter(row_filter(
                 &parquet_schema,
@@ -837,93 +852,226 @@ pub(crate) fn metadata_from(
 }
 
 /// How much of a remote file's end is fetched at first: the footer and, almost
-/// always, all of its metadata.
+/// always, all of its metadata and page index.
 const FOOTER_PREFETCH: u64 = 64 << 10;
 
-/// Fetches what reading some row groups of a remote file needs: its metadata, then
-/// the one contiguous span of those row groups. `None` when no row group can
-/// match.
-pub(crate) fn fetch_remote(
-    object: &RemoteObject,
-    path: &str,
-    row_groups: Option<&[u32]>,
-    want: &RowsWanted,
-) -> Result<Option<(Fetched, ArrowReaderMetadata)>, QueryError> {
-    let perr = parquet_err(path);
-    let size = object.size();
-    let mut tail_start = size.saturating_sub(FOOTER_PREFETCH);
-    let mut tail = object.get_range(tail_start..size)?;
-    // The footer's last 8 bytes: metadata length (u32 LE) and the magic "PAR1".
-    let footer = tail
-        .len()
-        .checked_sub(8)
-        .and_then(|at| tail.get(at..at + 4))
-        .ok_or_else(|| perr(ParquetError::EOF(format!("{path} is too small"))))?;
-    let needed = u64::from(u32::from_le_bytes([
-        footer[0], footer[1], footer[2], footer[3],
-    ])) + 8;
-    if needed > tail.len() as u64 && needed <= size {
-        tail_start = size - needed;
-        tail = object.get_range(tail_start..size)?;
-    }
-    let mut fetched = Fetched {
-        size,
-        key: path.to_owned(),
-        parts: vec![(tail_start, tail)],
-    };
-    let metadata = ParquetMetaDataReader::new()
-        .parse_and_finish(&fetched)
-        .map_err(&perr)?;
-    check_layout(&metadata, size, path)?;
-    let reader_metadata =
-        ArrowReaderMetadata::try_new(Arc::new(metadata), Default::default()).map_err(&perr)?;
-    let schema = reader_metadata.schema();
-    let id_col = schema.index_of("experiment_id").unwrap_or(0);
-    let step_col = schema
-        .index_of("step")
-        .ok()
-        .filter(|_| schema.index_of("key").is_ok());
-    let span = reader_metadata
-        .metadata()
-        .row_groups()
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| row_groups.is_none_or(|g| g.contains(&(*i as u32))))
-        .filter(|(_, rg)| row_group_may_match(rg, id_col, step_col, want))
-        .flat_map(|(_, rg)| rg.columns().iter().map(|c| c.byte_range()))
-        .map(|(start, len)| (start, start + len))
-        .reduce(|(a, b), (c, d)| (a.min(c), b.max(d)));
-    let Some((start, end)) = span else {
-        return Ok(None);
-    };
-    fetched.parts.push((start, object.get_range(start..end)?));
-    Ok(Some((fetched, reader_metadata)))
+/// Where [`read_rows`] reads a file from: for each row group it reads, a reader
+/// of what reading `selection` (every row: `None`) of `columns` there needs.
+pub(crate) trait Source {
+    type Reader: ChunkReader + Clone + 'static;
+
+    fn row_group(
+        &self,
+        metadata: &ParquetMetaData,
+        group: usize,
+        selection: Option<&RowSelection>,
+        columns: &[usize],
+    ) -> Result<Self::Reader, QueryError>;
 }
 
-/// Parts of a remote file fetched in advance, served to the Parquet reader.
+impl Source for PositionalFile {
+    type Reader = PositionalFile;
+
+    fn row_group(
+        &self,
+        _: &ParquetMetaData,
+        _: usize,
+        _: Option<&RowSelection>,
+        _: &[usize],
+    ) -> Result<PositionalFile, QueryError> {
+        Ok(self.clone())
+    }
+}
+
+/// A file in the bucket, opened for reading: its metadata and page index are
+/// fetched once, then each row group a read reaches fetches only the pages that
+/// hold its selected rows (and their dictionaries), in one batch of ranged GETs.
+#[derive(Debug)]
+pub(crate) struct RemoteFile {
+    object: Arc<RemoteObject>,
+    key: String,
+    stats: Arc<FetchStats>,
+}
+
+/// What reads of one remote file fetched.
+#[derive(Debug, Default)]
+pub(crate) struct FetchStats {
+    /// Bytes of row groups fetched.
+    bytes: AtomicU64,
+    /// Ranges the reader asked for that no row group's plan had fetched, each
+    /// fetched on its own.
+    unplanned: AtomicU64,
+}
+
+impl RemoteFile {
+    /// Bytes of row groups fetched so far.
+    pub(crate) fn fetched_bytes(&self) -> u64 {
+        self.stats.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Ranges fetched one by one because no plan foresaw them.
+    pub(crate) fn unplanned_fetches(&self) -> u64 {
+        self.stats.unplanned.load(Ordering::Relaxed)
+    }
+}
+
+/// Opens a remote file: fetches its end, and more if its metadata and page
+/// index reach further back.
+pub(crate) fn open_remote(
+    object: RemoteObject,
+    path: &str,
+) -> Result<(RemoteFile, ArrowReaderMetadata), QueryError> {
+    let perr = parquet_err(path);
+    let size = object.size();
+    let mut tail = object.get_range(size.saturating_sub(FOOTER_PREFETCH)..size)?;
+    let mut reader = ParquetMetaDataReader::new().with_page_index_policy(PageIndexPolicy::Optional);
+    loop {
+        let parsed = if reader.has_metadata() {
+            reader.read_page_indexes_sized(&tail, size)
+        } else {
+            reader.try_parse_sized(&tail, size)
+        };
+        match parsed {
+            Ok(()) => break,
+            // Each retry fetches more of the end, so this ends.
+            Err(ParquetError::NeedMoreData(needed))
+                if needed > tail.len() && needed as u64 <= size =>
+            {
+                tail = object.get_range(size - needed as u64..size)?;
+            }
+            Err(e) => return Err(perr(e)),
+        }
+    }
+    let metadata = reader.finish().map_err(&perr)?;
+    check_layout(&metadata, size, path)?;
+    let reader_metadata = ArrowReaderMetadata::try_new(
+        Arc::new(metadata),
+        ArrowReaderOptions::new().with_page_index(true),
+    )
+    .map_err(&perr)?;
+    let file = RemoteFile {
+        object: Arc::new(object),
+        key: path.to_owned(),
+        stats: Arc::default(),
+    };
+    Ok((file, reader_metadata))
+}
+
+impl Source for RemoteFile {
+    type Reader = Fetched;
+
+    fn row_group(
+        &self,
+        metadata: &ParquetMetaData,
+        group: usize,
+        selection: Option<&RowSelection>,
+        columns: &[usize],
+    ) -> Result<Fetched, QueryError> {
+        let ranges = ranges_needed(metadata, group, selection, columns);
+        let bytes = self.object.get_ranges(&ranges)?;
+        let fetched: u64 = bytes.iter().map(|b| b.len() as u64).sum();
+        self.stats.bytes.fetch_add(fetched, Ordering::Relaxed);
+        Ok(Fetched {
+            size: self.object.size(),
+            key: self.key.clone(),
+            parts: ranges.iter().map(|r| r.start).zip(bytes).collect(),
+            object: Arc::clone(&self.object),
+            stats: Arc::clone(&self.stats),
+        })
+    }
+}
+
+/// The byte ranges of row group `group` that reading `selection` (every row:
+/// `None`) of leaf `columns` needs, sorted and merged: each page holding a
+/// selected row, with its column's dictionary page; a whole column chunk where
+/// the file has no offset index, or every row is read.
+fn ranges_needed(
+    metadata: &ParquetMetaData,
+    group: usize,
+    selection: Option<&RowSelection>,
+    columns: &[usize],
+) -> Vec<Range<u64>> {
+    let rg = metadata.row_group(group);
+    let rows = usize::try_from(rg.num_rows()).unwrap_or(0);
+    // The selected rows, as ranges.
+    let selected: Option<Vec<Range<usize>>> = selection.map(|s| {
+        let mut at = 0;
+        let mut out: Vec<Range<usize>> = Vec::new();
+        for selector in s.iter() {
+            let end = at + selector.row_count;
+            if !selector.skip {
+                out.push(at..end);
+            }
+            at = end;
+        }
+        out
+    });
+    let offsets = metadata.offset_index().and_then(|i| i.get(group));
+    let mut ranges = Vec::new();
+    for &c in columns {
+        let Some(chunk) = rg.columns().get(c) else {
+            continue;
+        };
+        let (start, len) = chunk.byte_range();
+        let pages = offsets
+            .and_then(|o| o.get(c))
+            .map(|o| o.page_locations())
+            .filter(|p| !p.is_empty());
+        let (Some(selected), Some(pages)) = (&selected, pages) else {
+            ranges.push(start..start + len);
+            continue;
+        };
+        let first_page = u64::try_from(pages[0].offset).unwrap_or(start);
+        if first_page > start {
+            // The dictionary page (or anything else before the first data page).
+            ranges.push(start..first_page);
+        }
+        let mut wanted = selected.iter().peekable();
+        for (i, page) in pages.iter().enumerate() {
+            let first = usize::try_from(page.first_row_index).unwrap_or(0);
+            let end = pages
+                .get(i + 1)
+                .and_then(|p| usize::try_from(p.first_row_index).ok())
+                .unwrap_or(rows);
+            while wanted.next_if(|r| r.end <= first).is_some() {}
+            if wanted.peek().is_some_and(|r| r.start < end) {
+                let offset = u64::try_from(page.offset).unwrap_or(0);
+                let size = u64::try_from(page.compressed_page_size).unwrap_or(0);
+                ranges.push(offset..offset + size);
+            }
+        }
+    }
+    ranges.sort_unstable_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    merged
+}
+
+/// Parts of a remote file fetched in advance, served to the Parquet reader; a
+/// range no part holds is fetched when asked for.
 #[derive(Debug, Clone)]
 pub(crate) struct Fetched {
     size: u64,
     key: String,
     /// (offset, bytes) of each fetched range.
     parts: Vec<(u64, Bytes)>,
+    object: Arc<RemoteObject>,
+    stats: Arc<FetchStats>,
 }
 
 impl Fetched {
     /// The fetched bytes from `start`, to the end of the part holding `length` of
     /// them.
-    fn bytes_at(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+    fn bytes_at(&self, start: u64, length: usize) -> Option<Bytes> {
         self.parts
             .iter()
             .find(|(at, bytes)| *at <= start && start + length as u64 <= at + bytes.len() as u64)
             .map(|(at, bytes)| bytes.slice((start - at) as usize..))
-            .ok_or_else(|| {
-                ParquetError::General(format!(
-                    "bytes {start}..{} of {} were not fetched",
-                    start + length as u64,
-                    self.key
-                ))
-            })
     }
 }
 
@@ -937,11 +1085,25 @@ impl ChunkReader for Fetched {
     type T = bytes::buf::Reader<Bytes>;
 
     fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
-        Ok(self.bytes_at(start, 0)?.reader())
+        // Only a column chunk read whole asks for a reader; its chunk was fetched.
+        let bytes = self.bytes_at(start, 0).ok_or_else(|| {
+            ParquetError::General(format!(
+                "bytes from {start} of {} were not fetched",
+                self.key
+            ))
+        })?;
+        Ok(bytes.reader())
     }
 
     fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
-        Ok(self.bytes_at(start, length)?.slice(..length))
+        if let Some(bytes) = self.bytes_at(start, length) {
+            return Ok(bytes.slice(..length));
+        }
+        tracing::debug!(file = %self.key, start, length, "fetching a range no plan foresaw");
+        self.stats.unplanned.fetch_add(1, Ordering::Relaxed);
+        self.object
+            .get_range(start..start + length as u64)
+            .map_err(|e| ParquetError::External(Box::new(e)))
     }
 }
 
@@ -986,6 +1148,9 @@ mod tests {
             .set_max_row_group_size(group_rows)
             .set_data_page_row_count_limit(64)
             .set_write_batch_size(64)
+            // As mboxd's writers: no dictionary for steps and values.
+            .set_column_dictionary_enabled("step".into(), false)
+            .set_column_dictionary_enabled("value".into(), false)
             .build();
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("f.parquet");
@@ -1000,27 +1165,27 @@ mod tests {
     }
 
     fn read(file: &PositionalFile, want: &RowsWanted) -> Vec<(String, String, i64)> {
-        let metadata = local_metadata(file, "f").expect("metadata");
+        read_from(file, local_metadata(file, "f").expect("metadata"), want)
+    }
+
+    fn read_from<S: Source>(
+        source: &S,
+        metadata: ArrowReaderMetadata,
+        want: &RowsWanted,
+    ) -> Vec<(String, String, i64)> {
         assert!(metadata.metadata().column_index().is_some(), "page index");
         let mut out = Vec::new();
-        read_rows(
-            file.clone(),
-            metadata,
-            "f",
-            None,
-            want,
-            &mut |b: RecordBatch| {
-                let col = |n: &str| b.column(b.schema().index_of(n).expect("col")).clone();
-                let (id, key, step) = (col("experiment_id"), col("key"), col("step"));
-                let id = id.as_any().downcast_ref::<StringArray>().expect("ids");
-                let key = key.as_any().downcast_ref::<StringArray>().expect("keys");
-                let step = step.as_any().downcast_ref::<Int64Array>().expect("steps");
-                for i in 0..b.num_rows() {
-                    out.push((id.value(i).into(), key.value(i).into(), step.value(i)));
-                }
-                Ok(())
-            },
-        )
+        read_rows(source, metadata, "f", None, want, &mut |b: RecordBatch| {
+            let col = |n: &str| b.column(b.schema().index_of(n).expect("col")).clone();
+            let (id, key, step) = (col("experiment_id"), col("key"), col("step"));
+            let id = id.as_any().downcast_ref::<StringArray>().expect("ids");
+            let key = key.as_any().downcast_ref::<StringArray>().expect("keys");
+            let step = step.as_any().downcast_ref::<Int64Array>().expect("steps");
+            for i in 0..b.num_rows() {
+                out.push((id.value(i).into(), key.value(i).into(), step.value(i)));
+            }
+            Ok(())
+        })
         .expect("read");
         out
     }
@@ -1102,7 +1267,7 @@ mod tests {
             };
             let metadata = local_metadata(&file, "f").expect("metadata");
             let mut sink = FirstPoints::new(None);
-            read_rows(file.clone(), metadata, "f", None, &want, &mut sink).expect("read");
+            read_rows(&file, metadata, "f", None, &want, &mut sink).expect("read");
             (sink.steps, sink.unread)
         };
         // Pages 3 (from step 192: it holds 200) to 6 (it starts at 380, where
@@ -1149,9 +1314,91 @@ mod tests {
         ] {
             let metadata = local_metadata(&file, "f").expect("metadata");
             let mut sink = FirstPoints::new(held);
-            read_rows(file.clone(), metadata, "f", None, &want, &mut sink).expect("read");
+            read_rows(&file, metadata, "f", None, &want, &mut sink).expect("read");
             assert_eq!((&sink.steps, sink.unread), (read, unread), "held {held:?}");
         }
+    }
+
+    /// `file` as an object in a store (a local folder: the bucket's API without
+    /// a server).
+    fn in_store(
+        file: &PositionalFile,
+        dir: &tempfile::TempDir,
+        runtime: &tokio::runtime::Runtime,
+    ) -> (RemoteFile, ArrowReaderMetadata) {
+        let store = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        let remote = crate::sink::Remote {
+            store: Arc::new(store),
+            runtime: runtime.handle().clone(),
+        };
+        let key = crate::paths::ObjectKey::from_manifest("f.parquet".into());
+        let object = RemoteObject::new(remote, &key, file.len()).unwrap();
+        open_remote(object, "f").expect("open")
+    }
+
+    /// A read from the bucket fetches the metadata with the page index, then
+    /// of each row group only the pages that hold wanted rows, all foreseen:
+    /// the same rows as a local read, for a fraction of the bytes.
+    #[test]
+    fn a_remote_read_fetches_only_the_pages_of_its_rows() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        // 20 experiments of 500 points in one row group, on pages of 64 rows.
+        let rows: Vec<(String, String, i64)> = (0..20)
+            .flat_map(|e| (0..500).map(move |s| (format!("e{e:02}"), "k".to_owned(), s)))
+            .collect();
+        let (file, dir) = file_with(&rows, rows.len());
+        let (remote, metadata) = in_store(&file, &dir, &runtime);
+        assert!(
+            metadata.metadata().offset_index().is_some(),
+            "page index fetched"
+        );
+        let size = file.len();
+
+        let one = RowsWanted {
+            experiments: ("e07", "e07"),
+            keys: KeyFilter::All,
+            steps: (i64::MIN, i64::MAX),
+            columns: &["key", "step", "value"],
+        };
+        let got = read_from(&remote, metadata.clone(), &one);
+        assert_eq!(got.len(), 500);
+        assert!(got.iter().all(|r| r.0 == "e07"));
+        assert_eq!(got, read(&file, &one));
+        let fetched = remote.fetched_bytes();
+        assert!(
+            fetched > 0 && fetched * 8 < size,
+            "{fetched} of {size} bytes"
+        );
+        assert_eq!(remote.unplanned_fetches(), 0);
+
+        // Every row: every chunk, and nothing more.
+        let all = RowsWanted {
+            experiments: ("", "\u{10ffff}"),
+            ..one
+        };
+        assert_eq!(read_from(&remote, metadata, &all), rows);
+        let whole = remote.fetched_bytes() - fetched;
+        assert!(
+            whole > fetched * 8 && whole < size,
+            "{whole} of {size} bytes"
+        );
+        assert_eq!(remote.unplanned_fetches(), 0);
+
+        // A read of first points: the pages that hold them.
+        let (steps, file, dir) = one_series(1000);
+        let (remote, metadata) = in_store(&file, &dir, &runtime);
+        let keys = ["k".to_owned()];
+        let want = RowsWanted {
+            experiments: ("e", "e"),
+            keys: KeyFilter::Pages(&keys),
+            steps: (i64::MIN, i64::MAX),
+            columns: &["step", "value"],
+        };
+        let mut sink = FirstPoints::new(None);
+        read_rows(&remote, metadata, "f", None, &want, &mut sink).expect("read");
+        assert_eq!(sink.steps, steps[192..448]);
+        assert_eq!(remote.unplanned_fetches(), 0);
+        assert!(remote.fetched_bytes() * 2 < file.len());
     }
 
     /// A footer naming bytes before the file's start or past its end is an

@@ -319,6 +319,26 @@ impl RemoteObject {
             .block_on(store.get_range(&self.location, range))
             .map_err(remote_err("reading", &self.key, store.as_ref()))
     }
+
+    /// The bytes in each of `ranges`, fetched together (nearby ranges in one
+    /// request, requests in parallel).
+    pub fn get_ranges(&self, ranges: &[std::ops::Range<u64>]) -> Result<Vec<Bytes>, SinkError> {
+        let Remote { store, runtime } = &self.remote;
+        runtime
+            .block_on(store.get_ranges(&self.location, ranges))
+            .map_err(remote_err("reading", &self.key, store.as_ref()))
+    }
+
+    /// `key` in `remote`, of `size` bytes.
+    #[cfg(test)]
+    pub(crate) fn new(remote: Remote, key: &ObjectKey, size: u64) -> Result<Self, SinkError> {
+        Ok(Self {
+            remote,
+            location: object_path(key)?,
+            key: key.to_string(),
+            size,
+        })
+    }
 }
 
 impl Files {
