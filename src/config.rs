@@ -205,6 +205,9 @@ pub struct Reads {
     pub default_page_bytes: usize,
     /// The largest page a client may ask for.
     pub max_page_bytes: usize,
+    /// Parsed footers (with page indexes) of published files kept between reads,
+    /// in bytes: a repeated read neither re-reads nor, on S3, re-fetches them.
+    pub metadata_cache_bytes: usize,
 }
 
 impl Default for Reads {
@@ -214,6 +217,7 @@ impl Default for Reads {
             read_points: 256 * 1024,
             default_page_bytes: 3 << 20,
             max_page_bytes: 64 << 20,
+            metadata_cache_bytes: 2 << 20,
         }
     }
 }
@@ -705,6 +709,7 @@ impl Config {
             + self.writer_threads() as u64 * self.roll.row_group_rows as u64 * 64
             + compaction
             + self.reads.max_concurrent as u64 * self.reads.read_points as u64 * 32
+            + self.reads.metadata_cache_bytes as u64
             + self.batch_ids_max as u64 * 128
             + uploads
             + OVERHEAD
@@ -1034,6 +1039,7 @@ struct ReadsSection {
     read_points: Option<usize>,
     default_page_bytes: Option<usize>,
     max_page_bytes: Option<usize>,
+    metadata_cache_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1205,6 +1211,7 @@ impl FileConfig {
         set(&mut c.reads.read_points, r.read_points);
         set(&mut c.reads.default_page_bytes, r.default_page_bytes);
         set(&mut c.reads.max_page_bytes, r.max_page_bytes);
+        set(&mut c.reads.metadata_cache_bytes, r.metadata_cache_bytes);
         set(&mut c.roll.zstd_level, w.zstd_level);
         let l = self.limits;
         set(&mut c.limits.max_message_bytes, l.max_message_bytes);

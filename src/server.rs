@@ -345,7 +345,8 @@ pub async fn run(
         None
     };
 
-    let reader = Reader::new(Arc::clone(&index), files, live.clone());
+    let reader = Reader::new(Arc::clone(&index), files, live.clone())
+        .with_metadata_cache(config.reads.metadata_cache_bytes);
     let activity = Arc::new(Activity::default());
     let read_slots = Arc::new(tokio::sync::Semaphore::new(config.reads.max_concurrent));
     let service = ModelStoreService::new(

@@ -27,8 +27,8 @@ use crate::paths::Table;
 use crate::sink::{FileData, Files, SinkError};
 
 use self::parquet::{
-    EVENT_COLUMNS, KeyFilter, PositionalFile, RowSink, RowsWanted, StrColumn, local_metadata,
-    metadata_from, open_remote, read_rows,
+    EVENT_COLUMNS, KeyFilter, MetadataCache, PositionalFile, RemoteFile, RowSink, RowsWanted,
+    StrColumn, local_metadata, metadata_from, read_rows, remote_metadata,
 };
 pub use series::{Cursor, SeriesOut, SeriesPage, SeriesQuery};
 
@@ -84,6 +84,7 @@ pub struct Reader {
     files: Files,
     live: LiveView,
     refresh: Option<Refresh>,
+    metadata: Arc<MetadataCache>,
 }
 
 impl Reader {
@@ -93,7 +94,14 @@ impl Reader {
             files,
             live,
             refresh: None,
+            metadata: Arc::new(MetadataCache::new(0)),
         }
+    }
+
+    /// Keeps up to `bytes` of published files' parsed metadata between reads.
+    pub fn with_metadata_cache(mut self, bytes: usize) -> Self {
+        self.metadata = Arc::new(MetadataCache::new(bytes));
+        self
     }
 
     /// Calls `refresh` before a read starts over after a file vanished.
@@ -150,11 +158,16 @@ impl Reader {
                 FileData::Local(f) => {
                     let len = f.metadata().map(|m| m.len()).unwrap_or(file.entry.bytes);
                     let reader = PositionalFile::new(Arc::new(f), len);
-                    let metadata = local_metadata(&reader, path)?;
+                    let metadata = self
+                        .metadata
+                        .get_or_load(path, len, || local_metadata(&reader, path))?;
                     read_rows(&reader, metadata, path, groups, want, sink)?;
                 }
                 FileData::Remote(object) => {
-                    let (file, metadata) = open_remote(object, path)?;
+                    let metadata = self
+                        .metadata
+                        .get_or_load(path, object.size(), || remote_metadata(&object, path))?;
+                    let file = RemoteFile::new(object, path);
                     read_rows(&file, metadata, path, groups, want, sink)?;
                     tracing::debug!(
                         file = path,

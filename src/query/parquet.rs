@@ -915,12 +915,22 @@ impl RemoteFile {
     }
 }
 
-/// Opens a remote file: fetches its end, and more if its metadata and page
-/// index reach further back.
-pub(crate) fn open_remote(
-    object: RemoteObject,
+impl RemoteFile {
+    pub(crate) fn new(object: RemoteObject, path: &str) -> Self {
+        Self {
+            object: Arc::new(object),
+            key: path.to_owned(),
+            stats: Arc::default(),
+        }
+    }
+}
+
+/// The metadata of a remote file, with its page index: fetches the file's end,
+/// and more of it if they reach further back.
+pub(crate) fn remote_metadata(
+    object: &RemoteObject,
     path: &str,
-) -> Result<(RemoteFile, ArrowReaderMetadata), QueryError> {
+) -> Result<ArrowReaderMetadata, QueryError> {
     let perr = parquet_err(path);
     let size = object.size();
     let mut tail = object.get_range(size.saturating_sub(FOOTER_PREFETCH)..size)?;
@@ -944,17 +954,113 @@ pub(crate) fn open_remote(
     }
     let metadata = reader.finish().map_err(&perr)?;
     check_layout(&metadata, size, path)?;
-    let reader_metadata = ArrowReaderMetadata::try_new(
+    ArrowReaderMetadata::try_new(
         Arc::new(metadata),
         ArrowReaderOptions::new().with_page_index(true),
     )
-    .map_err(&perr)?;
-    let file = RemoteFile {
-        object: Arc::new(object),
-        key: path.to_owned(),
-        stats: Arc::default(),
-    };
-    Ok((file, reader_metadata))
+    .map_err(&perr)
+}
+
+/// Parsed footers, with their page indexes, of published files, by object key
+/// and size. A file is never rewritten under its key (compaction writes new
+/// ones), so an entry holds for as long as the file lives; one for a file gone
+/// is never asked for again and ages out. Bounded by the metadata's size in
+/// memory; the least recently used go first.
+#[derive(Debug)]
+pub(crate) struct MetadataCache {
+    budget: usize,
+    state: std::sync::Mutex<CacheState>,
+}
+
+#[derive(Debug, Default)]
+struct CacheState {
+    entries: std::collections::HashMap<(String, u64), CacheEntry>,
+    /// Keys by last use.
+    by_use: std::collections::BTreeMap<u64, (String, u64)>,
+    bytes: usize,
+    uses: u64,
+    hits: u64,
+}
+
+#[derive(Debug)]
+struct CacheEntry {
+    metadata: ArrowReaderMetadata,
+    bytes: usize,
+    used: u64,
+}
+
+impl MetadataCache {
+    /// A cache of at most `budget` bytes of metadata (0: none kept).
+    pub(crate) fn new(budget: usize) -> Self {
+        Self {
+            budget,
+            state: Default::default(),
+        }
+    }
+
+    /// The metadata of file `key` of `size` bytes: kept, or loaded by `load`
+    /// (without holding the cache) and kept.
+    pub(crate) fn get_or_load(
+        &self,
+        key: &str,
+        size: u64,
+        load: impl FnOnce() -> Result<ArrowReaderMetadata, QueryError>,
+    ) -> Result<ArrowReaderMetadata, QueryError> {
+        if self.budget == 0 {
+            return load();
+        }
+        let id = (key.to_owned(), size);
+        {
+            let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let state = &mut *guard;
+            state.uses += 1;
+            let now = state.uses;
+            if let Some(entry) = state.entries.get_mut(&id) {
+                state.by_use.remove(&entry.used);
+                entry.used = now;
+                state.by_use.insert(now, id.clone());
+                state.hits += 1;
+                return Ok(entry.metadata.clone());
+            }
+        }
+        let metadata = load()?;
+        let bytes = metadata.metadata().memory_size();
+        if bytes > self.budget {
+            return Ok(metadata);
+        }
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = &mut *guard;
+        state.uses += 1;
+        let used = state.uses;
+        let entry = CacheEntry {
+            metadata: metadata.clone(),
+            bytes,
+            used,
+        };
+        // Another read may have loaded it meanwhile.
+        if let Some(old) = state.entries.insert(id.clone(), entry) {
+            state.by_use.remove(&old.used);
+            state.bytes -= old.bytes;
+        }
+        state.by_use.insert(used, id);
+        state.bytes += bytes;
+        while state.bytes > self.budget {
+            let Some((_, oldest)) = state.by_use.pop_first() else {
+                break;
+            };
+            if let Some(old) = state.entries.remove(&oldest) {
+                state.bytes -= old.bytes;
+            }
+        }
+        Ok(metadata)
+    }
+
+    /// Reads served from the cache, and bytes of metadata held.
+    #[cfg(test)]
+    fn stats(&self) -> (u64, usize) {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        (state.hits, state.bytes)
+    }
 }
 
 impl Source for RemoteFile {
@@ -1114,6 +1220,11 @@ mod tests {
     use arrow_schema::{Field, Schema};
     use parquet::arrow::ArrowWriter;
     use parquet::file::properties::WriterProperties;
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+
+    use crate::sink::counting::CountingStore;
+    use crate::telemetry::{StoreArea, StoreLabel, StoreOp};
 
     /// A writer-shaped file: few large row groups, each holding many experiments
     /// in sorted runs, on small pages, so the page index has something to prune.
@@ -1326,14 +1437,101 @@ mod tests {
         dir: &tempfile::TempDir,
         runtime: &tokio::runtime::Runtime,
     ) -> (RemoteFile, ArrowReaderMetadata) {
+        let object = object_in_store(file, dir, runtime);
+        let metadata = remote_metadata(&object, "f").expect("metadata");
+        (RemoteFile::new(object, "f"), metadata)
+    }
+
+    fn object_in_store(
+        file: &PositionalFile,
+        dir: &tempfile::TempDir,
+        runtime: &tokio::runtime::Runtime,
+    ) -> RemoteObject {
+        counted_object(file, dir, runtime, &Default::default())
+    }
+
+    /// As [`object_in_store`], counting requests into `requests`.
+    fn counted_object(
+        file: &PositionalFile,
+        dir: &tempfile::TempDir,
+        runtime: &tokio::runtime::Runtime,
+        requests: &Family<StoreLabel, Counter>,
+    ) -> RemoteObject {
         let store = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        let store = CountingStore::new(Arc::new(store), requests.clone());
         let remote = crate::sink::Remote {
             store: Arc::new(store),
             runtime: runtime.handle().clone(),
         };
         let key = crate::paths::ObjectKey::from_manifest("f.parquet".into());
-        let object = RemoteObject::new(remote, &key, file.len()).unwrap();
-        open_remote(object, "f").expect("open")
+        RemoteObject::new(remote, &key, file.len()).unwrap()
+    }
+
+    /// GET requests to the data so far.
+    fn gets(requests: &Family<StoreLabel, Counter>) -> u64 {
+        requests
+            .get_or_create(&StoreLabel {
+                op: StoreOp::get,
+                area: StoreArea::data,
+            })
+            .get()
+    }
+
+    /// A repeated read takes a file's metadata from the cache: one batch of
+    /// page GETs instead of the footer's GET and the pages'. Past the budget
+    /// the least recently used file goes; metadata larger than it is never kept.
+    #[test]
+    fn a_repeated_read_takes_the_metadata_from_the_cache() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let rows: Vec<(String, String, i64)> = (0..4)
+            .flat_map(|e| (0..500).map(move |s| (format!("e{e}"), "k".to_owned(), s)))
+            .collect();
+        let (file, dir) = file_with(&rows, rows.len());
+        let (other, other_dir) = file_with(&rows[..1000], 1000);
+        let want = RowsWanted {
+            experiments: ("e1", "e1"),
+            keys: KeyFilter::All,
+            steps: (i64::MIN, i64::MAX),
+            columns: &["key", "step", "value"],
+        };
+        let requests = Family::default();
+        // Reads `f` (of `file` in `dir`) through `cache`: its rows of e1, and
+        // the GETs it took.
+        let read = |cache: &MetadataCache, key: &str, file: &PositionalFile, dir| {
+            let before = gets(&requests);
+            let object = counted_object(file, dir, &runtime, &requests);
+            let metadata = cache
+                .get_or_load(key, file.len(), || remote_metadata(&object, key))
+                .expect("metadata");
+            let got = read_from(&RemoteFile::new(object, key), metadata, &want);
+            (got.len(), gets(&requests) - before)
+        };
+        let size = local_metadata(&file, "f").unwrap().metadata().memory_size();
+        let other_size = local_metadata(&other, "g")
+            .unwrap()
+            .metadata()
+            .memory_size();
+
+        let cache = MetadataCache::new(size + other_size);
+        assert_eq!(read(&cache, "f", &file, &dir), (500, 2));
+        assert_eq!(read(&cache, "f", &file, &dir), (500, 1));
+        assert_eq!(read(&cache, "g", &other, &other_dir), (500, 2));
+        assert_eq!(read(&cache, "f", &file, &dir), (500, 1));
+        assert_eq!(read(&cache, "g", &other, &other_dir), (500, 1));
+        assert_eq!(cache.stats(), (3, size + other_size));
+
+        // Room for one: each read of the other file evicts it.
+        let cache = MetadataCache::new(size.max(other_size));
+        for _ in 0..2 {
+            assert_eq!(read(&cache, "f", &file, &dir), (500, 2));
+            assert_eq!(read(&cache, "g", &other, &other_dir), (500, 2));
+        }
+        assert_eq!(cache.stats().0, 0);
+        // Too small for either: nothing kept.
+        let cache = MetadataCache::new(size.min(other_size) - 1);
+        assert_eq!(read(&cache, "f", &file, &dir), (500, 2));
+        assert_eq!(read(&cache, "f", &file, &dir), (500, 2));
+        assert_eq!(cache.stats(), (0, 0));
     }
 
     /// A read from the bucket fetches the metadata with the page index, then
