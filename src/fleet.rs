@@ -174,7 +174,7 @@ pub async fn run_reader(
         LiveView::new(0),
     )
     .with_refresh(refresh)
-    .with_metadata_cache(config.reads.metadata_cache_bytes);
+    .with_metadata_cache(config.reads.metadata_cache_bytes, &metrics);
     let activity = Arc::new(Activity::default());
     let read_slots = Arc::new(tokio::sync::Semaphore::new(config.reads.max_concurrent));
     let service = ModelStoreService::read_only(

@@ -346,7 +346,7 @@ pub async fn run(
     };
 
     let reader = Reader::new(Arc::clone(&index), files, live.clone())
-        .with_metadata_cache(config.reads.metadata_cache_bytes);
+        .with_metadata_cache(config.reads.metadata_cache_bytes, &metrics);
     let activity = Arc::new(Activity::default());
     let read_slots = Arc::new(tokio::sync::Semaphore::new(config.reads.max_concurrent));
     let service = ModelStoreService::new(

@@ -175,6 +175,11 @@ pub struct Metrics {
     /// Daemons a reader follows, and the change-log objects it applied.
     pub reader_daemons: Gauge,
     pub reader_log_objects: Counter,
+    /// Reads of a published file's metadata from the cache, from the file, and
+    /// the bytes the cache holds.
+    pub metadata_cache_hits: Counter,
+    pub metadata_cache_misses: Counter,
+    pub metadata_cache_bytes: Gauge,
     registry: Arc<Registry>,
 }
 
@@ -220,6 +225,9 @@ impl Metrics {
             store_requests: Family::default(),
             reader_daemons: Gauge::default(),
             reader_log_objects: Counter::default(),
+            metadata_cache_hits: Counter::default(),
+            metadata_cache_misses: Counter::default(),
+            metadata_cache_bytes: Gauge::default(),
             registry: Arc::new(Registry::default()),
         };
         let mut r = Registry::with_prefix("mboxd");
@@ -389,6 +397,21 @@ impl Metrics {
             "reader_log_objects",
             "Change-log objects (checkpoints and logs) a reader applied",
             m.reader_log_objects.clone(),
+        );
+        r.register(
+            "read_metadata_cache_hits",
+            "File footers (with page indexes) a read took from the metadata cache",
+            m.metadata_cache_hits.clone(),
+        );
+        r.register(
+            "read_metadata_cache_misses",
+            "File footers (with page indexes) a read loaded from the file",
+            m.metadata_cache_misses.clone(),
+        );
+        r.register(
+            "read_metadata_cache_bytes",
+            "Bytes of parsed file metadata the metadata cache holds",
+            m.metadata_cache_bytes.clone(),
         );
         let build = Family::<BuildLabels, Gauge>::default();
         build

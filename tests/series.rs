@@ -517,3 +517,50 @@ async fn max_points_keeps_a_short_series_string_and_bytes_values() {
     assert_eq!(read(&mut c).await, want);
     server.stop().await;
 }
+
+/// A repeated read takes every published file's footer and page index from the
+/// metadata cache: the second read of a series loads none, and finds each file
+/// the first one loaded, with the same answer.
+#[tokio::test]
+async fn a_repeated_read_takes_file_metadata_from_the_cache() {
+    let (_dir, mut config) = config();
+    let http = free_addr();
+    config.http_listen = Some(http);
+    let mut server = TestServer::start(config).await;
+    let mut c = server.client().await;
+    let id = create_experiment(&mut c, "s", "cached").await;
+    // Three rounds, each published as files of its own.
+    for round in 0..3u64 {
+        c.log_metrics(proto::LogMetricsRequest {
+            blocks: vec![numeric_block(&id, &["loss"], 100, round * 100)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        wait_for_rows(server.data_dir(), "metrics", (round as usize + 1) * 100).await;
+    }
+    let read = || proto::GetMetricsRequest {
+        parent_id: id.clone(),
+        ..Default::default()
+    };
+    let counts = |m: &std::collections::HashMap<String, f64>| {
+        (
+            m["mboxd_read_metadata_cache_hits_total"],
+            m["mboxd_read_metadata_cache_misses_total"],
+        )
+    };
+    let (hits0, misses0) = counts(&scrape(http).await);
+    let first = get(&mut c, read()).await;
+    let (hits1, misses1) = counts(&scrape(http).await);
+    let second = get(&mut c, read()).await;
+    let (hits2, misses2) = counts(&scrape(http).await);
+    assert_eq!(first, second);
+    assert_eq!(first.metrics[0].values.len(), 300);
+    let files = misses1 - misses0;
+    assert!(files >= 3.0, "{files} files loaded");
+    assert_eq!(hits1, hits0, "nothing cached before the first read");
+    assert_eq!((misses2, hits2 - hits1), (misses1, files));
+    let m = scrape(http).await;
+    assert!(m["mboxd_read_metadata_cache_bytes"] > 0.0);
+    server.stop().await;
+}

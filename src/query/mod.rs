@@ -25,10 +25,11 @@ use crate::live::{LiveRows, LiveView};
 use crate::model::{EventPoint, EventRecord, ExperimentRef};
 use crate::paths::Table;
 use crate::sink::{FileData, Files, SinkError};
+use crate::telemetry::Metrics;
 
 use self::parquet::{
-    EVENT_COLUMNS, KeyFilter, MetadataCache, PositionalFile, RemoteFile, RowSink, RowsWanted,
-    StrColumn, local_metadata, metadata_from, read_rows, remote_metadata,
+    CacheCounters, EVENT_COLUMNS, KeyFilter, MetadataCache, PositionalFile, RemoteFile, RowSink,
+    RowsWanted, StrColumn, local_metadata, metadata_from, read_rows, remote_metadata,
 };
 pub use series::{Cursor, SeriesOut, SeriesPage, SeriesQuery};
 
@@ -94,13 +95,19 @@ impl Reader {
             files,
             live,
             refresh: None,
-            metadata: Arc::new(MetadataCache::new(0)),
+            metadata: Arc::new(MetadataCache::new(0, Default::default())),
         }
     }
 
-    /// Keeps up to `bytes` of published files' parsed metadata between reads.
-    pub fn with_metadata_cache(mut self, bytes: usize) -> Self {
-        self.metadata = Arc::new(MetadataCache::new(bytes));
+    /// Keeps up to `bytes` of published files' parsed metadata between reads,
+    /// counting its hits, misses and size into `metrics`.
+    pub fn with_metadata_cache(mut self, bytes: usize, metrics: &Metrics) -> Self {
+        let counters = CacheCounters {
+            hits: metrics.metadata_cache_hits.clone(),
+            misses: metrics.metadata_cache_misses.clone(),
+            bytes: metrics.metadata_cache_bytes.clone(),
+        };
+        self.metadata = Arc::new(MetadataCache::new(bytes, counters));
         self
     }
 

@@ -35,6 +35,9 @@ use parquet::file::reader::{ChunkReader, Length};
 use parquet::file::statistics::Statistics;
 use parquet::schema::types::SchemaDescriptor;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+
 use super::QueryError;
 use crate::sink::RemoteObject;
 
@@ -970,6 +973,15 @@ pub(crate) fn remote_metadata(
 pub(crate) struct MetadataCache {
     budget: usize,
     state: std::sync::Mutex<CacheState>,
+    counters: CacheCounters,
+}
+
+/// The cache's figures on `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CacheCounters {
+    pub(crate) hits: Counter,
+    pub(crate) misses: Counter,
+    pub(crate) bytes: Gauge,
 }
 
 #[derive(Debug, Default)]
@@ -991,10 +1003,11 @@ struct CacheEntry {
 
 impl MetadataCache {
     /// A cache of at most `budget` bytes of metadata (0: none kept).
-    pub(crate) fn new(budget: usize) -> Self {
+    pub(crate) fn new(budget: usize, counters: CacheCounters) -> Self {
         Self {
             budget,
             state: Default::default(),
+            counters,
         }
     }
 
@@ -1007,6 +1020,7 @@ impl MetadataCache {
         load: impl FnOnce() -> Result<ArrowReaderMetadata, QueryError>,
     ) -> Result<ArrowReaderMetadata, QueryError> {
         if self.budget == 0 {
+            self.counters.misses.inc();
             return load();
         }
         let id = (key.to_owned(), size);
@@ -1020,9 +1034,11 @@ impl MetadataCache {
                 entry.used = now;
                 state.by_use.insert(now, id.clone());
                 state.hits += 1;
+                self.counters.hits.inc();
                 return Ok(entry.metadata.clone());
             }
         }
+        self.counters.misses.inc();
         let metadata = load()?;
         let bytes = metadata.metadata().memory_size();
         if bytes > self.budget {
@@ -1052,6 +1068,9 @@ impl MetadataCache {
                 state.bytes -= old.bytes;
             }
         }
+        self.counters
+            .bytes
+            .set(i64::try_from(state.bytes).unwrap_or(i64::MAX));
         Ok(metadata)
     }
 
@@ -1220,7 +1239,6 @@ mod tests {
     use arrow_schema::{Field, Schema};
     use parquet::arrow::ArrowWriter;
     use parquet::file::properties::WriterProperties;
-    use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
 
     use crate::sink::counting::CountingStore;
@@ -1512,7 +1530,7 @@ mod tests {
             .metadata()
             .memory_size();
 
-        let cache = MetadataCache::new(size + other_size);
+        let cache = MetadataCache::new(size + other_size, Default::default());
         assert_eq!(read(&cache, "f", &file, &dir), (500, 2));
         assert_eq!(read(&cache, "f", &file, &dir), (500, 1));
         assert_eq!(read(&cache, "g", &other, &other_dir), (500, 2));
@@ -1521,14 +1539,14 @@ mod tests {
         assert_eq!(cache.stats(), (3, size + other_size));
 
         // Room for one: each read of the other file evicts it.
-        let cache = MetadataCache::new(size.max(other_size));
+        let cache = MetadataCache::new(size.max(other_size), Default::default());
         for _ in 0..2 {
             assert_eq!(read(&cache, "f", &file, &dir), (500, 2));
             assert_eq!(read(&cache, "g", &other, &other_dir), (500, 2));
         }
         assert_eq!(cache.stats().0, 0);
         // Too small for either: nothing kept.
-        let cache = MetadataCache::new(size.min(other_size) - 1);
+        let cache = MetadataCache::new(size.min(other_size) - 1, Default::default());
         assert_eq!(read(&cache, "f", &file, &dir), (500, 2));
         assert_eq!(read(&cache, "f", &file, &dir), (500, 2));
         assert_eq!(cache.stats(), (0, 0));
