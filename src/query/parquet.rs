@@ -24,7 +24,7 @@ use bytes::{Buf, Bytes};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{
     ArrowPredicateFn, ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
-    RowFilter, RowSelection, RowSelector,
+    RowFilter, RowSelection, RowSelectionPolicy, RowSelector,
 };
 use parquet::errors::ParquetError;
 use parquet::file::metadata::{
@@ -632,17 +632,20 @@ pub(crate) fn read_rows<S: Source>(
     columns.sort_unstable();
     columns.dedup();
     let projection = ProjectionMask::roots(&parquet_schema, columns.iter().copied());
-    // What the row filter reads besides (flat schema: a column is its own leaf).
-    let mut fetch_columns = columns;
-    fetch_columns.extend(key_col.into_iter().chain(step_col));
-    fetch_columns.sort_unstable();
-    fetch_columns.dedup();
     let keys = want.keys.owned();
     let key_and_step = key_col.zip(step_col);
     let every_row = groups.iter().all(|&g| {
         let rg = metadata.metadata().row_group(g);
         row_group_all_match(rg, id_col, key_and_step, keys.as_ref(), want)
     });
+    // The leaf columns a read fetches: the projection's, and the row filter's.
+    let mut roots = columns;
+    if !every_row {
+        roots.extend(key_col.into_iter().chain(step_col));
+    }
+    let fetch_columns: Vec<usize> = (0..parquet_schema.num_columns())
+        .filter(|&leaf| roots.contains(&parquet_schema.get_column_root_idx(leaf)))
+        .collect();
     // One reader per row group: a batch that spans two row groups spans two
     // dictionaries, and the Parquet reader then spills its dictionary columns
     // (key, experiment_id) to plain strings and hashes every row back into a
@@ -713,6 +716,11 @@ pub(crate) fn read_rows<S: Source>(
         }
         if let Some(selection) = selection {
             builder = builder.with_row_selection(selection);
+        }
+        if source.fetches_pages() {
+            // Never a bitmask over a fragmented selection: the reader would
+            // decode (and so fetch) the pages between the selected rows too.
+            builder = builder.with_row_selection_policy(RowSelectionPolicy::Selectors);
         }
         read_group(group, builder, sink)?;
     }
@@ -815,10 +823,78 @@ pub(crate) fn local_metadata(
     file: &PositionalFile,
     path: &str,
 ) -> Result<ArrowReaderMetadata, QueryError> {
-    let metadata = ArrowReaderMetadata::load(file, ArrowReaderOptions::new().with_page_index(true))
+    let metadata = ParquetMetaDataReader::new()
+        .with_page_index_policy(PageIndexPolicy::Optional)
+        .parse_and_finish(file)
         .map_err(parquet_err(path))?;
-    check_layout(metadata.metadata(), file.len(), path)?;
-    Ok(metadata)
+    reader_metadata(metadata, file.len(), path)
+}
+
+/// Reader metadata for a published file's footer: refused if its column chunks
+/// lie outside the file, without its page index if that index is unsound.
+fn reader_metadata(
+    metadata: ParquetMetaData,
+    size: u64,
+    path: &str,
+) -> Result<ArrowReaderMetadata, QueryError> {
+    check_layout(&metadata, size, path)?;
+    let metadata = if page_index_is_sound(&metadata) {
+        metadata
+    } else {
+        tracing::warn!(
+            file = path,
+            "ignoring a page index that does not match its pages"
+        );
+        metadata
+            .into_builder()
+            .set_column_index(None)
+            .set_offset_index(None)
+            .build()
+    };
+    ArrowReaderMetadata::try_new(
+        Arc::new(metadata),
+        ArrowReaderOptions::new().with_page_index(true),
+    )
+    .map_err(parquet_err(path))
+}
+
+/// Whether a file's offset index (if any) can be trusted to plan reads: one
+/// entry per row group and column; each chunk's pages start at row 0 in
+/// increasing rows below the group's count, and lie, non-empty, inside their
+/// column chunk. A file in the bucket may have been written by anything, and
+/// the Parquet reader and our fetch plans take these numbers as they are.
+fn page_index_is_sound(metadata: &ParquetMetaData) -> bool {
+    let Some(offsets) = metadata.offset_index() else {
+        return true;
+    };
+    if offsets.len() != metadata.num_row_groups() {
+        return false;
+    }
+    metadata
+        .row_groups()
+        .iter()
+        .zip(offsets)
+        .all(|(rg, group)| {
+            group.len() == rg.num_columns()
+                && rg.columns().iter().zip(group).all(|(chunk, index)| {
+                    let (start, len) = chunk.byte_range();
+                    let end = start.saturating_add(len);
+                    let pages = index.page_locations();
+                    let mut next_row = 0i64;
+                    pages.first().is_some_and(|p| p.first_row_index == 0)
+                        && pages.iter().all(|p| {
+                            let ok = p.first_row_index >= next_row
+                                && p.first_row_index < rg.num_rows()
+                                && p.compressed_page_size > 0
+                                && u64::try_from(p.offset).is_ok_and(|at| {
+                                    at >= start
+                                        && at.saturating_add(p.compressed_page_size as u64) <= end
+                                });
+                            next_row = p.first_row_index.saturating_add(1);
+                            ok
+                        })
+                })
+        })
 }
 
 /// Refuses a footer whose column chunks start before the file or end past it.
@@ -862,6 +938,11 @@ const FOOTER_PREFETCH: u64 = 64 << 10;
 /// of what reading `selection` (every row: `None`) of `columns` there needs.
 pub(crate) trait Source {
     type Reader: ChunkReader + Clone + 'static;
+
+    /// Whether a row group's reader holds only the pages planned for it.
+    fn fetches_pages(&self) -> bool {
+        false
+    }
 
     fn row_group(
         &self,
@@ -936,32 +1017,32 @@ pub(crate) fn remote_metadata(
 ) -> Result<ArrowReaderMetadata, QueryError> {
     let perr = parquet_err(path);
     let size = object.size();
-    let mut tail = object.get_range(size.saturating_sub(FOOTER_PREFETCH)..size)?;
+    // The last `n` bytes; a store may answer a range past the object's end
+    // with less, and each retry must fetch more than the one before.
+    let end = |n: u64| -> Result<Bytes, QueryError> {
+        let bytes = object.get_range(size - n..size)?;
+        if bytes.len() as u64 != n {
+            return Err(perr(ParquetError::EOF(format!(
+                "the object is shorter than the {size} bytes the manifest lists"
+            ))));
+        }
+        Ok(bytes)
+    };
+    let mut tail = end(size.min(FOOTER_PREFETCH))?;
     let mut reader = ParquetMetaDataReader::new().with_page_index_policy(PageIndexPolicy::Optional);
     loop {
-        let parsed = if reader.has_metadata() {
-            reader.read_page_indexes_sized(&tail, size)
-        } else {
-            reader.try_parse_sized(&tail, size)
-        };
-        match parsed {
+        match reader.try_parse_sized(&tail, size) {
             Ok(()) => break,
-            // Each retry fetches more of the end, so this ends.
             Err(ParquetError::NeedMoreData(needed))
                 if needed > tail.len() && needed as u64 <= size =>
             {
-                tail = object.get_range(size - needed as u64..size)?;
+                tail = end(needed as u64)?;
             }
             Err(e) => return Err(perr(e)),
         }
     }
     let metadata = reader.finish().map_err(&perr)?;
-    check_layout(&metadata, size, path)?;
-    ArrowReaderMetadata::try_new(
-        Arc::new(metadata),
-        ArrowReaderOptions::new().with_page_index(true),
-    )
-    .map_err(&perr)
+    reader_metadata(metadata, size, path)
 }
 
 /// Parsed footers, with their page indexes, of published files, by object key
@@ -1085,6 +1166,10 @@ impl MetadataCache {
 impl Source for RemoteFile {
     type Reader = Fetched;
 
+    fn fetches_pages(&self) -> bool {
+        true
+    }
+
     fn row_group(
         &self,
         metadata: &ParquetMetaData,
@@ -1107,7 +1192,7 @@ impl Source for RemoteFile {
 }
 
 /// The byte ranges of row group `group` that reading `selection` (every row:
-/// `None`) of leaf `columns` needs, sorted and merged: each page holding a
+/// `None`) of leaf `columns` needs, sorted and merged (see [`MERGE_GAP`]): each page holding a
 /// selected row, with its column's dictionary page; a whole column chunk where
 /// the file has no offset index, or every row is read.
 fn ranges_needed(
@@ -1170,12 +1255,19 @@ fn ranges_needed(
     let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
     for r in ranges {
         match merged.last_mut() {
-            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            Some(last) if r.start <= last.end.saturating_add(MERGE_GAP) => {
+                last.end = last.end.max(r.end);
+            }
             _ => merged.push(r),
         }
     }
     merged
 }
+
+/// Ranges of a row group this close are fetched as one: the bytes between cost
+/// less than another request. (object_store's own merging joins ranges up to
+/// 1 MiB apart, which would fetch nearly all of a typical row group.)
+const MERGE_GAP: u64 = 64 << 10;
 
 /// Parts of a remote file fetched in advance, served to the Parquet reader; a
 /// range no part holds is fetched when asked for.
@@ -1193,9 +1285,10 @@ impl Fetched {
     /// The fetched bytes from `start`, to the end of the part holding `length` of
     /// them.
     fn bytes_at(&self, start: u64, length: usize) -> Option<Bytes> {
+        let end = start.checked_add(length as u64)?;
         self.parts
             .iter()
-            .find(|(at, bytes)| *at <= start && start + length as u64 <= at + bytes.len() as u64)
+            .find(|(at, bytes)| *at <= start && end <= at + bytes.len() as u64)
             .map(|(at, bytes)| bytes.slice((start - at) as usize..))
     }
 }
@@ -1224,10 +1317,19 @@ impl ChunkReader for Fetched {
         if let Some(bytes) = self.bytes_at(start, length) {
             return Ok(bytes.slice(..length));
         }
+        let end = start
+            .checked_add(length as u64)
+            .filter(|&end| end <= self.size)
+            .ok_or_else(|| {
+                ParquetError::EOF(format!(
+                    "bytes {start}+{length} lie past the end of {}",
+                    self.key
+                ))
+            })?;
         tracing::debug!(file = %self.key, start, length, "fetching a range no plan foresaw");
         self.stats.unplanned.fetch_add(1, Ordering::Relaxed);
         self.object
-            .get_range(start..start + length as u64)
+            .get_range(start..end)
             .map_err(|e| ParquetError::External(Box::new(e)))
     }
 }
@@ -1238,6 +1340,7 @@ mod tests {
     use arrow_array::{Float64Array, Int64Array, StringArray};
     use arrow_schema::{Field, Schema};
     use parquet::arrow::ArrowWriter;
+    use parquet::file::page_index::offset_index::PageLocation;
     use parquet::file::properties::WriterProperties;
     use prometheus_client::metrics::family::Family;
 
@@ -1495,6 +1598,61 @@ mod tests {
             .get()
     }
 
+    /// A page index whose pages do not lie inside their column chunks, or do
+    /// not start at row 0 in order, is dropped: the read plans whole chunks and
+    /// stays exact, where the Parquet reader would be handed the bad offsets.
+    #[test]
+    fn an_unsound_page_index_is_ignored_and_the_read_stays_exact() {
+        let rows: Vec<(String, String, i64)> = (0..4)
+            .flat_map(|e| (0..300).map(move |s| (format!("e{e}"), "k".to_owned(), s)))
+            .collect();
+        let (file, _dir) = file_with(&rows, rows.len());
+        let want = RowsWanted {
+            experiments: ("e2", "e2"),
+            keys: KeyFilter::All,
+            steps: (i64::MIN, i64::MAX),
+            columns: &["key", "step", "value"],
+        };
+        let expected = read(&file, &want);
+        assert_eq!(expected.len(), 300);
+        let footer = || {
+            ParquetMetaDataReader::new()
+                .with_page_index_policy(PageIndexPolicy::Optional)
+                .parse_and_finish(&file)
+                .unwrap()
+        };
+        assert!(page_index_is_sound(&footer()));
+        type Damage = fn(&mut PageLocation);
+        let damages: [(&str, Damage); 4] = [
+            ("a negative offset", |p| p.offset = -5),
+            ("past the chunk", |p| p.offset += 1 << 30),
+            ("an empty page", |p| p.compressed_page_size = 0),
+            ("rows out of order", |p| p.first_row_index = 1),
+        ];
+        for (what, damage) in damages {
+            let metadata = footer();
+            let mut offsets = metadata.offset_index().unwrap().clone();
+            // The step column's third page (its first, for rows from 0).
+            let page = if what == "rows out of order" { 0 } else { 2 };
+            damage(&mut offsets[0][2].page_locations[page]);
+            let damaged = metadata
+                .into_builder()
+                .set_offset_index(Some(offsets))
+                .build();
+            assert!(!page_index_is_sound(&damaged), "{what}");
+            let md = reader_metadata(damaged, file.len(), "f").unwrap();
+            assert!(md.metadata().offset_index().is_none(), "{what}");
+            assert!(md.metadata().column_index().is_none(), "{what}");
+            let mut got = Vec::new();
+            read_rows(&file, md, "f", None, &want, &mut |b: RecordBatch| {
+                got.push(b.num_rows());
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(got.iter().sum::<usize>(), 300, "{what}");
+        }
+    }
+
     /// A repeated read takes a file's metadata from the cache: one batch of
     /// page GETs instead of the footer's GET and the pages'. Past the budget
     /// the least recently used file goes; metadata larger than it is never kept.
@@ -1558,9 +1716,9 @@ mod tests {
     #[test]
     fn a_remote_read_fetches_only_the_pages_of_its_rows() {
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        // 20 experiments of 500 points in one row group, on pages of 64 rows.
-        let rows: Vec<(String, String, i64)> = (0..20)
-            .flat_map(|e| (0..500).map(move |s| (format!("e{e:02}"), "k".to_owned(), s)))
+        // 200 experiments of 500 points in one row group, on pages of 64 rows.
+        let rows: Vec<(String, String, i64)> = (0..200)
+            .flat_map(|e| (0..500).map(move |s| (format!("e{e:03}"), "k".to_owned(), s)))
             .collect();
         let (file, dir) = file_with(&rows, rows.len());
         let (remote, metadata) = in_store(&file, &dir, &runtime);
@@ -1571,14 +1729,14 @@ mod tests {
         let size = file.len();
 
         let one = RowsWanted {
-            experiments: ("e07", "e07"),
+            experiments: ("e107", "e107"),
             keys: KeyFilter::All,
             steps: (i64::MIN, i64::MAX),
             columns: &["key", "step", "value"],
         };
         let got = read_from(&remote, metadata.clone(), &one);
         assert_eq!(got.len(), 500);
-        assert!(got.iter().all(|r| r.0 == "e07"));
+        assert!(got.iter().all(|r| r.0 == "e107"));
         assert_eq!(got, read(&file, &one));
         let fetched = remote.fetched_bytes();
         assert!(
@@ -1600,7 +1758,7 @@ mod tests {
         );
         assert_eq!(remote.unplanned_fetches(), 0);
 
-        // A read of first points: the pages that hold them.
+        // A read of first points: the pages that hold them, all planned.
         let (steps, file, dir) = one_series(1000);
         let (remote, metadata) = in_store(&file, &dir, &runtime);
         let keys = ["k".to_owned()];
@@ -1613,8 +1771,8 @@ mod tests {
         let mut sink = FirstPoints::new(None);
         read_rows(&remote, metadata, "f", None, &want, &mut sink).expect("read");
         assert_eq!(sink.steps, steps[192..448]);
+        // (A file this small is fetched whole: its gaps are under MERGE_GAP.)
         assert_eq!(remote.unplanned_fetches(), 0);
-        assert!(remote.fetched_bytes() * 2 < file.len());
     }
 
     /// A footer naming bytes before the file's start or past its end is an
