@@ -9,9 +9,9 @@ use redb::{Database, ReadableTable, WriteTransaction};
 
 use super::changes::Change;
 use super::{
-    BATCH_IDS, CATALOG_FILES, DIRTY, EXPERIMENTS, EXPERIMENTS_BY_NS, Index, IndexError, META,
-    METADATA, MetadataEntry, OLD_EXPERIMENTS_BY_NS, OLD_SEARCH, REBUILD_PENDING, SEARCH, SUMMARIES,
-    decode, encode, search, storage,
+    BATCH_IDS, CATALOG_CLOCK, CATALOG_FILES, DIRTY, EXPERIMENTS, EXPERIMENTS_BY_NS, Index,
+    IndexError, META, METADATA, MetadataEntry, OLD_EXPERIMENTS_BY_NS, OLD_SEARCH, REBUILD_PENDING,
+    SEARCH, SUMMARIES, decode, encode, search, storage,
 };
 use crate::model::{
     ExperimentRecord, ExperimentRef, MetricSummary, Micros, experiment_id, now_micros,
@@ -129,7 +129,6 @@ impl Index {
                 self.before.is_none() || !self.metadata.is_empty()
             }
         }
-        let now = now_micros();
         let mut jobs: Vec<(String, usize, NewExperiment, _)> = batch
             .into_iter()
             .enumerate()
@@ -140,8 +139,9 @@ impl Index {
             .collect();
         jobs.sort_unstable_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         let txn = self.db.begin_write().map_err(storage)?;
+        let now = catalog_time(&txn)?;
         let mut planned: Vec<Planned> = Vec::with_capacity(jobs.len());
-        let mut written = Vec::new();
+        let mut written = BTreeMap::new();
         {
             let mut t = CatalogTables::open(&txn)?;
             for (id, arrival, new, metadata) in jobs {
@@ -199,7 +199,12 @@ impl Index {
         if changed {
             self.log_change(&txn, || Change::Catalog {
                 experiments: touched().map(|p| p.record.clone()).collect(),
-                metadata: written,
+                // A key set twice in the batch (one experiment created twice)
+                // is logged once, with the value the index keeps: the last.
+                metadata: written
+                    .into_iter()
+                    .map(|((id, key), entry)| (id, key, entry))
+                    .collect(),
             })?;
         }
         txn.commit().map_err(storage)?;
@@ -275,9 +280,9 @@ impl Index {
         parent_id: &str,
         entries: &[(String, serde_json::Value)],
     ) -> Result<Micros, IndexError> {
-        let now = now_micros();
         let txn = self.db.begin_write().map_err(storage)?;
-        let mut written = Vec::new();
+        let now = catalog_time(&txn)?;
+        let mut written = BTreeMap::new();
         let record = {
             let mut t = CatalogTables::open(&txn)?;
             let old: ExperimentRecord = match t.experiments.get(parent_id).map_err(storage)? {
@@ -297,7 +302,10 @@ impl Index {
             record
         };
         self.log_change(&txn, || Change::Catalog {
-            metadata: written,
+            metadata: written
+                .into_iter()
+                .map(|((id, key), entry)| (id, key, entry))
+                .collect(),
             experiments: vec![record],
         })?;
         txn.commit().map_err(storage)?;
@@ -440,11 +448,11 @@ impl<'txn> CatalogTables<'txn> {
         record: &'a ExperimentRecord,
         entries: &[(String, serde_json::Value)],
         now: Micros,
-        written: &mut Vec<(String, String, MetadataEntry)>,
+        written: &mut BTreeMap<(String, String), MetadataEntry>,
     ) -> Result<(), IndexError> {
         let parent_id = record.id.as_str();
         for (key, value) in entries {
-            let mut entry = MetadataEntry {
+            let entry = MetadataEntry {
                 value: value.clone(),
                 updated_at: now,
             };
@@ -454,25 +462,13 @@ impl<'txn> CatalogTables<'txn> {
                 .map_err(storage)?
                 .map(|v| decode::<MetadataEntry>(key, v.value()))
                 .transpose()?;
-            // Each write of a key is strictly later than the one it replaces, so a
-            // change-log reader (which keeps the later entry) keeps this one too:
-            // also for a key set twice in one batch (one `now`) or after the
-            // clock stepped back.
-            if let Some(old) = &old
-                && old.updated_at >= now
-            {
-                entry.updated_at = old.updated_at.saturating_add(1);
-                self.metadata
-                    .insert((parent_id, key.as_str()), encode(&entry).as_slice())
-                    .map_err(storage)?;
-            }
             updates.param(
                 (&record.namespace, record.created_at, parent_id),
                 key,
                 old.as_ref().map(|o| &o.value),
                 value,
             );
-            written.push((parent_id.to_owned(), key.clone(), entry));
+            written.insert((parent_id.to_owned(), key.clone()), entry);
         }
         Ok(())
     }
@@ -552,6 +548,26 @@ pub(super) fn rebuild_listings(db: &Database, chunk: usize) -> Result<(), IndexE
         .remove(REBUILD_PENDING)
         .map_err(storage)?;
     txn.commit().map_err(storage)
+}
+
+/// The time of a catalog write: the wall clock, or just after the last
+/// write's (kept in `meta`) if the clock stands still or went back, restarts
+/// included. So every write of a record or a metadata key is later than the one
+/// it replaces, and a change-log reader, which keeps the later, keeps what this
+/// index keeps.
+fn catalog_time(txn: &WriteTransaction) -> Result<Micros, IndexError> {
+    let mut meta = txn.open_table(META).map_err(storage)?;
+    let last = meta
+        .get(CATALOG_CLOCK)
+        .map_err(storage)?
+        .map(|v| i64::try_from(v.value()).unwrap_or(i64::MAX));
+    let now = match last {
+        Some(last) => now_micros().max(last.saturating_add(1)),
+        None => now_micros(),
+    };
+    meta.insert(CATALOG_CLOCK, u64::try_from(now).unwrap_or(0))
+        .map_err(storage)?;
+    Ok(now)
 }
 
 /// Lists an experiment in its namespace and in every namespace's scope.

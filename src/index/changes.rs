@@ -714,7 +714,7 @@ fn merge_metadata(
 mod tests {
     use super::*;
     use crate::index::tests::new_exp;
-    use crate::index::{EXPERIMENTS_BY_NS, SEARCH};
+    use crate::index::{CATALOG_CLOCK, EXPERIMENTS_BY_NS, META, SEARCH};
     use crate::index::{Forget, PublishIntent, ReplaceIntent, SCHEMA_INT64};
     use crate::paths::Table;
     use redb::ReadableTable;
@@ -909,6 +909,48 @@ mod tests {
         let kept = a.list_metadata(&id).unwrap();
         assert_eq!(kept[0].1.value, json!(2));
         assert_eq!(reader.list_metadata(&id).unwrap(), kept);
+    }
+
+    /// After the wall clock stepped back (here: the last catalog write is an
+    /// hour ahead of it), each write still gets a later time than the last, so
+    /// a reader of the change log keeps the last value and the last record.
+    #[test]
+    fn writes_after_the_clock_stepped_back_are_still_later() {
+        let (_dir, a) = writer();
+        let lr = |v: i64| vec![("lr".to_string(), json!(v))];
+        let ahead = crate::model::now_micros() + 3_600_000_000;
+        let txn = a.db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert(CATALOG_CLOCK, ahead as u64)
+            .unwrap();
+        txn.commit().unwrap();
+        let out = a.create_experiments(vec![(new_exp("job"), lr(9))]).unwrap();
+        let record = &out[0].0;
+        assert_eq!(
+            (record.created_at, record.updated_at),
+            (ahead + 1, ahead + 1)
+        );
+        let id = record.id.clone();
+        for (v, at) in [(8, ahead + 2), (2, ahead + 3)] {
+            assert_eq!(a.update_metadata(&id, &lr(v)).unwrap(), at);
+        }
+        let kept = a.list_metadata(&id).unwrap();
+        assert_eq!(
+            (&kept[0].1.value, kept[0].1.updated_at),
+            (&json!(2), ahead + 3)
+        );
+        let reader = Index::open_in_memory().unwrap();
+        reader.apply(&ship(&a)).unwrap();
+        assert_eq!(reader.list_metadata(&id).unwrap(), kept);
+        assert_eq!(
+            reader.get_experiment(&id).unwrap(),
+            a.get_experiment(&id).unwrap()
+        );
+        assert_eq!(
+            a.get_experiment(&id).unwrap().unwrap().updated_at,
+            ahead + 3
+        );
     }
 
     #[test]

@@ -124,6 +124,8 @@ const AWAITING_UPLOAD: TableDefinition<(&str, &str), ()> =
 const LAYOUT_VERSION: u64 = 2;
 /// Meta key present while the scope listing and search entries are being rebuilt.
 const REBUILD_PENDING: &str = "rebuild_listings";
+/// `meta` key: the time of the last catalog write (see `catalog::catalog_time`).
+const CATALOG_CLOCK: &str = "catalog_clock";
 
 /// Errors from the index.
 #[derive(Debug, thiserror::Error)]
