@@ -197,6 +197,7 @@ impl Index {
         let touched = || planned.iter().filter(|p| p.touches());
         let changed = touched().next().is_some();
         if changed {
+            record_catalog_time(&txn, now)?;
             self.log_change(&txn, || Change::Catalog {
                 experiments: touched().map(|p| p.record.clone()).collect(),
                 // A key set twice in the batch (one experiment created twice)
@@ -282,6 +283,7 @@ impl Index {
     ) -> Result<Micros, IndexError> {
         let txn = self.db.begin_write().map_err(storage)?;
         let now = catalog_time(&txn)?;
+        record_catalog_time(&txn, now)?;
         let mut written = BTreeMap::new();
         let record = {
             let mut t = CatalogTables::open(&txn)?;
@@ -555,19 +557,63 @@ pub(super) fn rebuild_listings(db: &Database, chunk: usize) -> Result<(), IndexE
 /// included. So every write of a record or a metadata key is later than the one
 /// it replaces, and a change-log reader, which keeps the later, keeps what this
 /// index keeps.
+///
+/// Only read here: [`record_catalog_time`] keeps it once the transaction
+/// writes something.
 fn catalog_time(txn: &WriteTransaction) -> Result<Micros, IndexError> {
-    let mut meta = txn.open_table(META).map_err(storage)?;
+    let meta = txn.open_table(META).map_err(storage)?;
     let last = meta
         .get(CATALOG_CLOCK)
         .map_err(storage)?
         .map(|v| i64::try_from(v.value()).unwrap_or(i64::MAX));
-    let now = match last {
+    Ok(match last {
         Some(last) => now_micros().max(last.saturating_add(1)),
         None => now_micros(),
-    };
-    meta.insert(CATALOG_CLOCK, u64::try_from(now).unwrap_or(0))
+    })
+}
+
+/// Keeps `now` as the last catalog write's time.
+fn record_catalog_time(txn: &WriteTransaction, now: Micros) -> Result<(), IndexError> {
+    txn.open_table(META)
+        .map_err(storage)?
+        .insert(CATALOG_CLOCK, u64::try_from(now).unwrap_or(0))
         .map_err(storage)?;
-    Ok(now)
+    Ok(())
+}
+
+/// Starts the catalog clock of an index an earlier release wrote, which kept
+/// none: just after the latest `updated_at` (its search entry, in
+/// milliseconds, is the last of its field), so no write goes behind one of
+/// those even if the wall clock went back since.
+pub(super) fn seed_catalog_clock(db: &Database) -> Result<(), IndexError> {
+    let txn = db.begin_write().map_err(storage)?;
+    {
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        if meta.get(CATALOG_CLOCK).map_err(storage)?.is_some() {
+            return Ok(());
+        }
+        let search = txn.open_table(SEARCH).map_err(storage)?;
+        let field = (search::ALL, "updated_at");
+        let latest = search
+            .range(
+                (field.0, field.1, &[][..], i64::MIN, "")
+                    ..(field.0, "updated_at\0", &[][..], i64::MIN, ""),
+            )
+            .map_err(storage)?
+            .next_back()
+            .transpose()
+            .map_err(storage)?
+            .map(|(k, _)| search::decode_value(k.value().2));
+        let seed = match latest {
+            Some(crate::search::Value::Number(millis)) => {
+                (millis as i64).saturating_mul(1000).saturating_add(999)
+            }
+            _ => 0,
+        };
+        meta.insert(CATALOG_CLOCK, u64::try_from(seed).unwrap_or(0))
+            .map_err(storage)?;
+    }
+    txn.commit().map_err(storage)
 }
 
 /// Lists an experiment in its namespace and in every namespace's scope.

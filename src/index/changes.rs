@@ -953,6 +953,41 @@ mod tests {
         );
     }
 
+    /// An index an earlier release wrote keeps no catalog clock; if its times
+    /// lie ahead of the wall clock, the clock starts after the latest of them.
+    #[test]
+    fn an_index_without_a_catalog_clock_starts_it_after_its_latest_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.redb");
+        let ahead = crate::model::now_micros() + 3_600_000_000;
+        let id = {
+            let a = Index::open(&path).unwrap();
+            let set_clock = |value: Option<u64>| {
+                let txn = a.db.begin_write().unwrap();
+                let mut meta = txn.open_table(META).unwrap();
+                match value {
+                    Some(v) => meta.insert(CATALOG_CLOCK, v).unwrap(),
+                    None => meta.remove(CATALOG_CLOCK).unwrap(),
+                };
+                drop(meta);
+                txn.commit().unwrap();
+            };
+            set_clock(Some(ahead as u64));
+            let out = a
+                .create_experiments(vec![(new_exp("job"), vec![])])
+                .unwrap();
+            assert_eq!(out[0].0.updated_at, ahead + 1);
+            set_clock(None);
+            out[0].0.id.clone()
+        };
+        let a = Index::open(&path).unwrap();
+        let at = a
+            .update_metadata(&id, &[("lr".to_string(), json!(1))])
+            .unwrap();
+        assert!(at > ahead + 1, "{at} is not after {}", ahead + 1);
+        assert_eq!(a.get_experiment(&id).unwrap().unwrap().updated_at, at);
+    }
+
     #[test]
     fn a_replacement_is_shipped_before_its_inputs_may_be_deleted_and_a_checkpoint_equals_the_log() {
         let (_dir, a) = writer();

@@ -294,6 +294,7 @@ impl Index {
         if rebuild_search {
             catalog::rebuild_listings(&db, catalog::REBUILD_CHUNK)?;
         }
+        catalog::seed_catalog_clock(&db)?;
         Ok(Self {
             db,
             cache: ExperimentCache::new(catalog::CACHE_ENTRIES),

@@ -330,14 +330,33 @@ impl RemoteObject {
     pub fn get_ranges(&self, ranges: &[std::ops::Range<u64>]) -> Result<Vec<Bytes>, SinkError> {
         use futures::{StreamExt, TryStreamExt};
         let Remote { store, runtime } = &self.remote;
-        runtime
+        let parts: Vec<Bytes> = runtime
             .block_on(
                 futures::stream::iter(ranges.iter().cloned())
                     .map(|r| store.get_range(&self.location, r))
                     .buffered(PARALLEL_GETS)
                     .try_collect(),
             )
-            .map_err(remote_err("reading", &self.key, store.as_ref()))
+            .map_err(remote_err("reading", &self.key, store.as_ref()))?;
+        // A store answers a range past an object's end with what there is.
+        if let Some((r, _)) = ranges
+            .iter()
+            .zip(&parts)
+            .find(|(r, b)| b.len() as u64 != r.end - r.start)
+        {
+            return Err(SinkError::Io {
+                action: "reading",
+                path: self.key.clone().into(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "bytes {}..{} lie past the object's end (the manifest says {} bytes)",
+                        r.start, r.end, self.size
+                    ),
+                ),
+            });
+        }
+        Ok(parts)
     }
 
     /// `key` in `remote`, of `size` bytes.
