@@ -315,6 +315,17 @@ impl Index {
         Ok(now)
     }
 
+    /// A time from the catalog clock for rows written outside the index (the
+    /// snapshot tables' `written_at`), so a later snapshot's rows are later even
+    /// after the wall clock went back.
+    pub fn catalog_now(&self) -> Result<Micros, IndexError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        let now = catalog_time(&txn)?;
+        record_catalog_time(&txn, now)?;
+        txn.commit().map_err(storage)?;
+        Ok(now)
+    }
+
     /// All metadata of `parent_id`, ordered by key.
     pub fn list_metadata(
         &self,

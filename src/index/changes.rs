@@ -951,6 +951,8 @@ mod tests {
             a.get_experiment(&id).unwrap().unwrap().updated_at,
             ahead + 3
         );
+        // The snapshot tables' `written_at` comes from the same clock.
+        assert_eq!(a.catalog_now().unwrap(), ahead + 4);
     }
 
     /// An index an earlier release wrote keeps no catalog clock; if its times

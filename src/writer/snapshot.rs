@@ -29,7 +29,6 @@ use tokio::sync::oneshot;
 use super::{WriterError, schema};
 use crate::index::search::framework_name;
 use crate::index::{CatalogRows, Index};
-use crate::model::now_micros;
 use crate::paths::ObjectKey;
 use crate::sink::{LocalSink, SinkError, delete_remote, object_path, remote_err};
 
@@ -116,7 +115,7 @@ impl Snapshots {
                     uuid::Uuid::now_v7().simple()
                 ))
             };
-            let written_at = now_micros();
+            let written_at = self.index.catalog_now()?;
             for (table, batch) in batches(&rows, written_at)? {
                 let key = key(table);
                 self.index.add_catalog_file(key.as_str())?;
@@ -159,7 +158,7 @@ impl Snapshots {
             let writer = ArrowWriter::try_new(write, schema, Some(self.props.clone()))?;
             files.push((staged, writer));
         }
-        let written_at = now_micros();
+        let written_at = self.index.catalog_now()?;
         let mut after: Option<String> = None;
         loop {
             if self.stopping() {
