@@ -15,6 +15,7 @@ mod series;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
+use ::parquet::arrow::arrow_reader::ArrowReaderMetadata;
 use ::parquet::errors::ParquetError;
 use arrow_array::cast::AsArray;
 use arrow_array::types::TimestampMicrosecondType;
@@ -24,7 +25,7 @@ use crate::index::{FileRef, Index, IndexError};
 use crate::live::{LiveRows, LiveView};
 use crate::model::{EventPoint, EventRecord, ExperimentRef};
 use crate::paths::Table;
-use crate::sink::{FileData, Files, SinkError};
+use crate::sink::{FileData, Files, RemoteObject, SinkError};
 use crate::telemetry::Metrics;
 
 use self::parquet::{
@@ -47,6 +48,8 @@ pub enum QueryError {
     Schema { path: String, reason: String },
     #[error("invalid page token: {0}")]
     Token(String),
+    #[error("a read task failed: {0}")]
+    Task(String),
 }
 
 impl QueryError {
@@ -55,6 +58,10 @@ impl QueryError {
         matches!(self, QueryError::Open(e) if e.is_not_found())
     }
 }
+
+/// Files a read opens at once; the footers of those in the bucket are fetched
+/// together.
+const OPEN_AHEAD: usize = 8;
 
 /// How many times a read starts over when a file it was about to read has been
 /// replaced by compaction meanwhile.
@@ -147,6 +154,48 @@ impl Reader {
         Ok((files, live))
     }
 
+    /// The metadata of each remote file of `window` (in order), fetched at once:
+    /// on S3 each footer is a round trip, which a read of many files would
+    /// otherwise wait for one by one. Empty when fewer than two are remote.
+    fn remote_metadata(
+        &self,
+        window: &[FileRef],
+        opened: &[FileData],
+    ) -> Vec<Result<ArrowReaderMetadata, QueryError>> {
+        let remote: Vec<(&str, &RemoteObject)> = window
+            .iter()
+            .zip(opened)
+            .filter_map(|(f, data)| match data {
+                FileData::Remote(object) => Some((f.entry.key.as_str(), object)),
+                FileData::Local(_) => None,
+            })
+            .collect();
+        if remote.len() < 2 {
+            return Vec::new();
+        }
+        std::thread::scope(|scope| {
+            let loads: Vec<_> = remote
+                .iter()
+                .map(|&(path, object)| {
+                    scope.spawn(move || {
+                        self.metadata
+                            .get_or_load(path, object.size(), || remote_metadata(object, path))
+                    })
+                })
+                .collect();
+            loads
+                .into_iter()
+                .map(|load| {
+                    load.join().unwrap_or_else(|_| {
+                        Err(QueryError::Task(
+                            "fetching a file's metadata panicked".into(),
+                        ))
+                    })
+                })
+                .collect()
+        })
+    }
+
     /// Reads the wanted rows of every file and staged file, in that order.
     fn read_files(
         &self,
@@ -155,33 +204,40 @@ impl Reader {
         want: &RowsWanted,
         sink: &mut dyn RowSink,
     ) -> Result<(), QueryError> {
-        for file in files {
-            let path = file.entry.key.as_str();
-            let groups = file.row_groups.as_deref();
-            match self
-                .files
-                .open(&file.entry.object_key(), file.entry.bytes)?
-            {
-                FileData::Local(f) => {
-                    let len = f.metadata().map(|m| m.len()).unwrap_or(file.entry.bytes);
-                    let reader = PositionalFile::new(Arc::new(f), len);
-                    let metadata = self
-                        .metadata
-                        .get_or_load(path, len, || local_metadata(&reader, path))?;
-                    read_rows(&reader, metadata, path, groups, want, sink)?;
-                }
-                FileData::Remote(object) => {
-                    let metadata = self
-                        .metadata
-                        .get_or_load(path, object.size(), || remote_metadata(&object, path))?;
-                    let file = RemoteFile::new(object, path);
-                    read_rows(&file, metadata, path, groups, want, sink)?;
-                    tracing::debug!(
-                        file = path,
-                        bytes = file.fetched_bytes(),
-                        unplanned = file.unplanned_fetches(),
-                        "read a remote file"
-                    );
+        for window in files.chunks(OPEN_AHEAD) {
+            let opened = window
+                .iter()
+                .map(|f| self.files.open(&f.entry.object_key(), f.entry.bytes))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut remote = self.remote_metadata(window, &opened).into_iter();
+            for (file, data) in window.iter().zip(opened) {
+                let path = file.entry.key.as_str();
+                let groups = file.row_groups.as_deref();
+                match data {
+                    FileData::Local(f) => {
+                        let len = f.metadata().map(|m| m.len()).unwrap_or(file.entry.bytes);
+                        let reader = PositionalFile::new(Arc::new(f), len);
+                        let metadata = self
+                            .metadata
+                            .get_or_load(path, len, || local_metadata(&reader, path))?;
+                        read_rows(&reader, metadata, path, groups, want, sink)?;
+                    }
+                    FileData::Remote(object) => {
+                        let metadata = match remote.next() {
+                            Some(fetched) => fetched?,
+                            None => self.metadata.get_or_load(path, object.size(), || {
+                                remote_metadata(&object, path)
+                            })?,
+                        };
+                        let file = RemoteFile::new(object, path);
+                        read_rows(&file, metadata, path, groups, want, sink)?;
+                        tracing::debug!(
+                            file = path,
+                            bytes = file.fetched_bytes(),
+                            unplanned = file.unplanned_fetches(),
+                            "read a remote file"
+                        );
+                    }
                 }
             }
         }
