@@ -282,8 +282,7 @@ impl Index {
         entries: &[(String, serde_json::Value)],
     ) -> Result<Micros, IndexError> {
         let txn = self.db.begin_write().map_err(storage)?;
-        let now = catalog_time(&txn)?;
-        record_catalog_time(&txn, now)?;
+        let now = take_catalog_time(&txn)?;
         let mut written = BTreeMap::new();
         let record = {
             let mut t = CatalogTables::open(&txn)?;
@@ -320,8 +319,7 @@ impl Index {
     /// after the wall clock went back.
     pub fn catalog_now(&self) -> Result<Micros, IndexError> {
         let txn = self.db.begin_write().map_err(storage)?;
-        let now = catalog_time(&txn)?;
-        record_catalog_time(&txn, now)?;
+        let now = take_catalog_time(&txn)?;
         txn.commit().map_err(storage)?;
         Ok(now)
     }
@@ -583,6 +581,13 @@ fn catalog_time(txn: &WriteTransaction) -> Result<Micros, IndexError> {
     })
 }
 
+/// The catalog time of a transaction that writes, kept as the last one.
+fn take_catalog_time(txn: &WriteTransaction) -> Result<Micros, IndexError> {
+    let now = catalog_time(txn)?;
+    record_catalog_time(txn, now)?;
+    Ok(now)
+}
+
 /// Keeps `now` as the last catalog write's time.
 fn record_catalog_time(txn: &WriteTransaction, now: Micros) -> Result<(), IndexError> {
     txn.open_table(META)
@@ -600,9 +605,6 @@ pub(super) fn seed_catalog_clock(db: &Database) -> Result<(), IndexError> {
     let txn = db.begin_write().map_err(storage)?;
     {
         let mut meta = txn.open_table(META).map_err(storage)?;
-        if meta.get(CATALOG_CLOCK).map_err(storage)?.is_some() {
-            return Ok(());
-        }
         let search = txn.open_table(SEARCH).map_err(storage)?;
         let field = (search::ALL, "updated_at");
         let latest = search

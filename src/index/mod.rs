@@ -238,6 +238,7 @@ impl Index {
 
     fn init(db: Database) -> Result<Self, IndexError> {
         let txn = db.begin_write().map_err(storage)?;
+        let no_clock;
         let rebuild_search = {
             // Create every table so read transactions never meet a missing one.
             txn.open_table(EXPERIMENTS).map_err(storage)?;
@@ -275,6 +276,7 @@ impl Index {
                 .any(|t| t.name() == OLD_SEARCH.name() || t.name() == OLD_EXPERIMENTS_BY_NS.name());
             let mut rebuild_search =
                 id_keyed_tables || meta.get(REBUILD_PENDING).map_err(storage)?.is_some();
+            no_clock = meta.get(CATALOG_CLOCK).map_err(storage)?.is_none();
             if version.is_none_or(|v| v < LAYOUT_VERSION) {
                 for row in files.iter().map_err(storage)? {
                     let (key, _) = row.map_err(storage)?;
@@ -294,7 +296,10 @@ impl Index {
         if rebuild_search {
             catalog::rebuild_listings(&db, catalog::REBUILD_CHUNK)?;
         }
-        catalog::seed_catalog_clock(&db)?;
+        if no_clock {
+            // After any rebuild: the seed reads the search entries.
+            catalog::seed_catalog_clock(&db)?;
+        }
         Ok(Self {
             db,
             cache: ExperimentCache::new(catalog::CACHE_ENTRIES),

@@ -63,6 +63,21 @@ impl QueryError {
 /// together.
 const OPEN_AHEAD: usize = 8;
 
+/// A file of a read, opened: one in the bucket with its metadata.
+enum Opened {
+    Local(std::fs::File),
+    Remote(Arc<RemoteObject>, ArrowReaderMetadata),
+}
+
+/// A file being opened: one in the bucket while its metadata is fetched.
+enum Pending<'scope> {
+    Local(std::fs::File),
+    Remote(
+        Arc<RemoteObject>,
+        std::thread::ScopedJoinHandle<'scope, Result<ArrowReaderMetadata, QueryError>>,
+    ),
+}
+
 /// How many times a read starts over when a file it was about to read has been
 /// replaced by compaction meanwhile.
 const ATTEMPTS: usize = 4;
@@ -154,42 +169,45 @@ impl Reader {
         Ok((files, live))
     }
 
-    /// The metadata of each remote file of `window` (in order), fetched at once:
-    /// on S3 each footer is a round trip, which a read of many files would
-    /// otherwise wait for one by one. Empty when fewer than two are remote.
-    fn remote_metadata(
-        &self,
-        window: &[FileRef],
-        opened: &[FileData],
-    ) -> Vec<Result<ArrowReaderMetadata, QueryError>> {
-        let remote: Vec<(&str, &RemoteObject)> = window
+    /// Opens `window`'s files; the footers of those in the bucket are fetched
+    /// at once (through the cache), as each would otherwise be a round trip of
+    /// its own before its pages.
+    fn open_window(&self, window: &[FileRef]) -> Result<Vec<Opened>, QueryError> {
+        let opened = window
             .iter()
-            .zip(opened)
-            .filter_map(|(f, data)| match data {
-                FileData::Remote(object) => Some((f.entry.key.as_str(), object)),
-                FileData::Local(_) => None,
-            })
-            .collect();
-        if remote.len() < 2 {
-            return Vec::new();
-        }
+            .map(|f| self.files.open(&f.entry.object_key(), f.entry.bytes))
+            .collect::<Result<Vec<_>, _>>()?;
         std::thread::scope(|scope| {
-            let loads: Vec<_> = remote
+            let pending: Vec<_> = window
                 .iter()
-                .map(|&(path, object)| {
-                    scope.spawn(move || {
-                        self.metadata
-                            .get_or_load(path, object.size(), || remote_metadata(object, path))
-                    })
+                .zip(opened)
+                .map(|(file, data)| match data {
+                    FileData::Local(f) => Pending::Local(f),
+                    FileData::Remote(object) => {
+                        let object = Arc::new(object);
+                        let fetch = Arc::clone(&object);
+                        let path = file.entry.key.as_str();
+                        let footer = scope.spawn(move || {
+                            self.metadata
+                                .get_or_load(path, fetch.size(), || remote_metadata(&fetch, path))
+                        });
+                        Pending::Remote(object, footer)
+                    }
                 })
                 .collect();
-            loads
+            pending
                 .into_iter()
-                .map(|load| {
-                    load.join().unwrap_or_else(|_| {
-                        Err(QueryError::Task(
-                            "fetching a file's metadata panicked".into(),
-                        ))
+                .map(|p| {
+                    Ok(match p {
+                        Pending::Local(f) => Opened::Local(f),
+                        Pending::Remote(object, footer) => {
+                            let metadata = footer.join().unwrap_or_else(|_| {
+                                Err(QueryError::Task(
+                                    "fetching a file's metadata panicked".into(),
+                                ))
+                            })?;
+                            Opened::Remote(object, metadata)
+                        }
                     })
                 })
                 .collect()
@@ -205,16 +223,11 @@ impl Reader {
         sink: &mut dyn RowSink,
     ) -> Result<(), QueryError> {
         for window in files.chunks(OPEN_AHEAD) {
-            let opened = window
-                .iter()
-                .map(|f| self.files.open(&f.entry.object_key(), f.entry.bytes))
-                .collect::<Result<Vec<_>, _>>()?;
-            let mut remote = self.remote_metadata(window, &opened).into_iter();
-            for (file, data) in window.iter().zip(opened) {
+            for (file, opened) in window.iter().zip(self.open_window(window)?) {
                 let path = file.entry.key.as_str();
                 let groups = file.row_groups.as_deref();
-                match data {
-                    FileData::Local(f) => {
+                match opened {
+                    Opened::Local(f) => {
                         let len = f.metadata().map(|m| m.len()).unwrap_or(file.entry.bytes);
                         let reader = PositionalFile::new(Arc::new(f), len);
                         let metadata = self
@@ -222,13 +235,7 @@ impl Reader {
                             .get_or_load(path, len, || local_metadata(&reader, path))?;
                         read_rows(&reader, metadata, path, groups, want, sink)?;
                     }
-                    FileData::Remote(object) => {
-                        let metadata = match remote.next() {
-                            Some(fetched) => fetched?,
-                            None => self.metadata.get_or_load(path, object.size(), || {
-                                remote_metadata(&object, path)
-                            })?,
-                        };
+                    Opened::Remote(object, metadata) => {
                         let file = RemoteFile::new(object, path);
                         read_rows(&file, metadata, path, groups, want, sink)?;
                         tracing::debug!(
