@@ -63,6 +63,11 @@ struct Args {
     /// transaction per batch of creations) instead of one UpdateMetadata each.
     #[arg(long)]
     metadata_at_create: bool,
+    /// Before creating, send this many CreateExperiment requests of the same shape
+    /// that validation refuses (an unknown framework) before the catalog sees them:
+    /// the rate the request path alone allows, with these clients on these cores.
+    #[arg(long, default_value_t = 0)]
+    request_path_only: usize,
     /// Durability mode for mboxd [default: mboxd's own, wal-fsync].
     #[arg(long)]
     durability: Option<String>,
@@ -476,6 +481,34 @@ impl AsyncCall<String> for Create<'_> {
     }
 }
 
+/// A creation validation refuses (framework 999): the request path without the
+/// catalog. Answers `Ok` only with INVALID_ARGUMENT.
+struct Refused<'a> {
+    client: &'a mut Client,
+    i: usize,
+}
+
+impl AsyncCall<()> for Refused<'_> {
+    async fn call(&mut self) -> Result<(), tonic::Status> {
+        let answer = self
+            .client
+            .create_experiment(proto::CreateExperimentRequest {
+                name: name(self.i),
+                namespace: NAMESPACE.into(),
+                owner: "bench".into(),
+                framework: 999,
+                metadata: Some(metadata(self.i)),
+                ..Default::default()
+            })
+            .await;
+        match answer {
+            Err(status) if status.code() == tonic::Code::InvalidArgument => Ok(()),
+            Err(status) => Err(status),
+            Ok(_) => Err(tonic::Status::internal("framework 999 was accepted")),
+        }
+    }
+}
+
 struct Update<'a> {
     client: &'a mut Client,
     id: &'a str,
@@ -814,6 +847,35 @@ async fn run(
     let mut clients = vec![first];
     for _ in 1..args.clients {
         clients.push(connect(&daemon.addr).await?);
+    }
+
+    // 1b. The request path alone.
+    if args.request_path_only > 0 {
+        let refused = run_phase(
+            "refused creates",
+            &clients,
+            args.request_path_only,
+            |mut c, i, retries| async move {
+                with_retries(
+                    &retries,
+                    || format!("refused CreateExperiment {}", name(i)),
+                    Refused { client: &mut c, i },
+                )
+                .await?;
+                Ok((c, 1))
+            },
+        )
+        .await?;
+        println!(
+            "1b. request path alone (CreateExperiment with 5 metadata keys, refused by \
+             validation before the catalog): {} in {:.2} s = {:.0}/s; latency p50 {:.2} ms, \
+             p99 {:.2} ms",
+            refused.items,
+            refused.elapsed.as_secs_f64(),
+            refused.rate(),
+            refused.percentile_ms(0.5),
+            refused.percentile_ms(0.99)
+        );
     }
 
     // 2. CreateExperiment.
