@@ -6,6 +6,7 @@
 //! low-cardinality labels (never an experiment id).
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -180,6 +181,9 @@ pub struct Metrics {
     pub metadata_cache_hits: Counter,
     pub metadata_cache_misses: Counter,
     pub metadata_cache_bytes: Gauge,
+    /// How far the catalog clock is ahead of the wall clock (see
+    /// [`crate::index::Index::catalog_clock_lead`]).
+    pub catalog_clock_lead_seconds: Gauge<f64, AtomicU64>,
     registry: Arc<Registry>,
 }
 
@@ -228,6 +232,7 @@ impl Metrics {
             metadata_cache_hits: Counter::default(),
             metadata_cache_misses: Counter::default(),
             metadata_cache_bytes: Gauge::default(),
+            catalog_clock_lead_seconds: Gauge::default(),
             registry: Arc::new(Registry::default()),
         };
         let mut r = Registry::with_prefix("mboxd");
@@ -412,6 +417,12 @@ impl Metrics {
             "read_metadata_cache_bytes",
             "Bytes of parsed file metadata the metadata cache holds",
             m.metadata_cache_bytes.clone(),
+        );
+        r.register(
+            "catalog_clock_lead_seconds",
+            "How far the catalog clock (the time of catalog writes) is ahead of the wall \
+             clock: above zero after the wall clock went back, until it catches up",
+            m.catalog_clock_lead_seconds.clone(),
         );
         let build = Family::<BuildLabels, Gauge>::default();
         build

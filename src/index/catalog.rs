@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use redb::{Database, ReadableTable, WriteTransaction};
@@ -314,6 +315,18 @@ impl Index {
         Ok(now)
     }
 
+    /// How far (micros, 0 if not at all) the catalog clock's last time is ahead
+    /// of the wall clock: the next write's time, were the lead to grow no more.
+    pub fn catalog_clock_lead(&self) -> Result<Micros, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let meta = read.open_table(META).map_err(storage)?;
+        let last = meta
+            .get(CATALOG_CLOCK)
+            .map_err(storage)?
+            .map_or(0, |v| i64::try_from(v.value()).unwrap_or(i64::MAX));
+        Ok(last.saturating_sub(now_micros()).max(0))
+    }
+
     /// A time from the catalog clock for rows written outside the index (the
     /// snapshot tables' `written_at`), so a later snapshot's rows are later even
     /// after the wall clock went back.
@@ -575,10 +588,40 @@ fn catalog_time(txn: &WriteTransaction) -> Result<Micros, IndexError> {
         .get(CATALOG_CLOCK)
         .map_err(storage)?
         .map(|v| i64::try_from(v.value()).unwrap_or(i64::MAX));
-    Ok(match last {
-        Some(last) => now_micros().max(last.saturating_add(1)),
-        None => now_micros(),
-    })
+    let wall = now_micros();
+    let Some(last) = last else { return Ok(wall) };
+    let now = wall.max(last.saturating_add(1));
+    warn_of_lead(now.saturating_sub(wall));
+    Ok(now)
+}
+
+/// A lead of the catalog clock over the wall clock worth a warning.
+const NOTABLE_LEAD: Micros = 1_000_000;
+
+/// When the last lead warning was given (wall-clock micros), to give one a minute.
+static LEAD_WARNED_AT: AtomicI64 = AtomicI64::new(i64::MIN);
+
+/// Warns, at most once a minute, that catalog times are pinned ahead of the wall
+/// clock: every write is stamped just after the last one until the wall clock
+/// catches up, which a clock set forward by mistake and then back can make years.
+fn warn_of_lead(lead: Micros) {
+    if lead < NOTABLE_LEAD {
+        return;
+    }
+    let wall = now_micros();
+    let last = LEAD_WARNED_AT.load(Ordering::Relaxed);
+    if wall.saturating_sub(last) >= 60_000_000
+        && LEAD_WARNED_AT
+            .compare_exchange(last, wall, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            lead_seconds = lead as f64 / 1e6,
+            "the catalog clock is ahead of the wall clock: creation and update times are \
+             stamped just after the last write's until the wall clock catches up (was the \
+             system clock set back?)"
+        );
+    }
 }
 
 /// The catalog time of a transaction that writes, kept as the last one.

@@ -918,6 +918,7 @@ mod tests {
     fn writes_after_the_clock_stepped_back_are_still_later() {
         let (_dir, a) = writer();
         let lr = |v: i64| vec![("lr".to_string(), json!(v))];
+        assert_eq!(a.catalog_clock_lead().unwrap(), 0);
         let ahead = crate::model::now_micros() + 3_600_000_000;
         let txn = a.db.begin_write().unwrap();
         txn.open_table(META)
@@ -925,6 +926,8 @@ mod tests {
             .insert(CATALOG_CLOCK, ahead as u64)
             .unwrap();
         txn.commit().unwrap();
+        let lead = a.catalog_clock_lead().unwrap();
+        assert!((3_599_000_000..=3_600_000_000).contains(&lead), "{lead}");
         let out = a.create_experiments(vec![(new_exp("job"), lr(9))]).unwrap();
         let record = &out[0].0;
         assert_eq!(

@@ -433,6 +433,12 @@ async fn prometheus(State(state): State<WebState>) -> Response {
     m.spool_bytes.set(g.spool_bytes as i64);
     m.spool_files.set(g.spool_files as i64);
     m.wal_bytes.set(g.wal_bytes as i64);
+    match state.index.catalog_clock_lead() {
+        Ok(lead) => {
+            m.catalog_clock_lead_seconds.set(lead as f64 / 1e6);
+        }
+        Err(e) => tracing::warn!(error = %e, "reading the catalog clock for /metrics"),
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -81,6 +81,8 @@ def test_metrics_count_exactly_what_was_sent(full, tmp_path):
     assert ack["mboxd_ingest_ack_duration_seconds_count"] == 11
     assert ack["mboxd_ingest_ack_duration_seconds_sum"] > 0
     assert samples(f, "mboxd_build_info")[0].labels["version"]
+    # The wall clock did not go back: the catalog clock is not ahead of it.
+    assert [s.value for s in samples(f, "mboxd_catalog_clock_lead_seconds")] == [0.0]
     assert "# TYPE mboxd_points_accepted counter" in text
 
     # Once the roll age passes, everything is published and popped; wait past a
