@@ -120,7 +120,7 @@ pub async fn run_reader(
     let metrics = Metrics::new();
     // No probe of the store: the first load says whether it answers.
     let store = reader_store(&config, &metrics)?;
-    let index = Arc::new(Index::open_in_memory()?);
+    let index = Arc::new(Index::open_in_memory()?.without_catalog_marks());
     let follower = Follower::new(Arc::clone(&store), Arc::clone(&index), metrics.clone());
 
     let mut shutdown = Box::pin(shutdown);

@@ -1,7 +1,7 @@
 //! The catalog: experiments, their metadata, metric summaries and recent client
 //! batch ids.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -11,8 +11,8 @@ use redb::{Database, ReadableTable, WriteTransaction};
 use super::changes::Change;
 use super::{
     BATCH_IDS, CATALOG_CLOCK, CATALOG_FILES, DIRTY, EXPERIMENTS, EXPERIMENTS_BY_NS, Index,
-    IndexError, META, METADATA, MetadataEntry, OLD_EXPERIMENTS_BY_NS, OLD_SEARCH, REBUILD_PENDING,
-    SEARCH, SUMMARIES, decode, encode, search, storage,
+    IndexError, META, METADATA, MetadataEntry, OLD_DIRTY, OLD_EXPERIMENTS_BY_NS, OLD_SEARCH,
+    REBUILD_PENDING, SEARCH, SUMMARIES, decode, encode, search, storage,
 };
 use crate::model::{
     ExperimentRecord, ExperimentRef, MetricSummary, Micros, experiment_id, now_micros,
@@ -144,7 +144,7 @@ impl Index {
         let mut planned: Vec<Planned> = Vec::with_capacity(jobs.len());
         let mut written = BTreeMap::new();
         {
-            let mut t = CatalogTables::open(&txn)?;
+            let mut t = CatalogTables::open(&txn, self.catalog_marks)?;
             for (id, arrival, new, metadata) in jobs {
                 let before = match planned.last() {
                     Some(p) if p.record.id == id => Some(p.record.clone()),
@@ -286,7 +286,7 @@ impl Index {
         let now = take_catalog_time(&txn)?;
         let mut written = BTreeMap::new();
         let record = {
-            let mut t = CatalogTables::open(&txn)?;
+            let mut t = CatalogTables::open(&txn, self.catalog_marks)?;
             let old: ExperimentRecord = match t.experiments.get(parent_id).map_err(storage)? {
                 Some(v) => decode(parent_id, v.value())?,
                 None => return Err(IndexError::ExperimentNotFound(parent_id.to_owned())),
@@ -411,11 +411,15 @@ pub(super) struct CatalogTables<'txn> {
     pub(super) metadata: redb::Table<'txn, (&'static str, &'static str), &'static [u8]>,
     pub(super) summaries: redb::Table<'txn, (&'static str, &'static str), &'static [u8]>,
     pub(super) search: search::SearchTable<'txn>,
-    pub(super) dirty: redb::Table<'txn, &'static str, ()>,
+    pub(super) dirty: redb::Table<'txn, (u64, &'static str), ()>,
+    /// Whether changes mark experiments (see `Index::catalog_marks`).
+    marks: bool,
+    /// This transaction's mark, once it made one.
+    mark: Option<u64>,
 }
 
 impl<'txn> CatalogTables<'txn> {
-    pub(super) fn open(txn: &'txn WriteTransaction) -> Result<Self, IndexError> {
+    pub(super) fn open(txn: &'txn WriteTransaction, marks: bool) -> Result<Self, IndexError> {
         Ok(Self {
             experiments: txn.open_table(EXPERIMENTS).map_err(storage)?,
             by_namespace: txn.open_table(EXPERIMENTS_BY_NS).map_err(storage)?,
@@ -423,6 +427,8 @@ impl<'txn> CatalogTables<'txn> {
             summaries: txn.open_table(SUMMARIES).map_err(storage)?,
             search: txn.open_table(SEARCH).map_err(storage)?,
             dirty: txn.open_table(DIRTY).map_err(storage)?,
+            marks,
+            mark: None,
         })
     }
 
@@ -509,8 +515,24 @@ impl<'txn> CatalogTables<'txn> {
     }
 
     /// Marks an experiment's catalog rows out of date.
+    ///
+    /// A transaction's marks come after every mark already made, so the catalog
+    /// writer, which reads marks from the first, can drop those it read (and
+    /// only those) once it wrote their rows: a change made meanwhile has a later
+    /// mark and stays. Once every mark is dropped they start again from 0.
     fn mark_dirty(&mut self, id: &str) -> Result<(), IndexError> {
-        self.dirty.insert(id, ()).map_err(storage)?;
+        if !self.marks {
+            return Ok(());
+        }
+        let mark = match self.mark {
+            Some(mark) => mark,
+            None => {
+                let last = self.dirty.last().map_err(storage)?;
+                let mark = last.map_or(0, |(k, _)| k.value().0.saturating_add(1));
+                *self.mark.insert(mark)
+            }
+        };
+        self.dirty.insert((mark, id), ()).map_err(storage)?;
         Ok(())
     }
 }
@@ -538,7 +560,8 @@ pub(super) fn rebuild_listings(db: &Database, chunk: usize) -> Result<(), IndexE
     loop {
         let txn = db.begin_write().map_err(storage)?;
         let (listed, last) = {
-            let mut t = CatalogTables::open(&txn)?;
+            // Rebuilding the listings changes no experiment: it marks none.
+            let mut t = CatalogTables::open(&txn, false)?;
             let from = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
             let mut listed = 0;
             let mut last = None;
@@ -692,10 +715,37 @@ pub(super) fn mark_all_dirty(txn: &WriteTransaction) -> Result<(), IndexError> {
     let mut dirty = txn.open_table(DIRTY).map_err(storage)?;
     for row in experiments.iter().map_err(storage)? {
         dirty
-            .insert(row.map_err(storage)?.0.value(), ())
+            .insert((0, row.map_err(storage)?.0.value()), ())
             .map_err(storage)?;
     }
     Ok(())
+}
+
+/// Moves the marks an earlier release kept by id into [`DIRTY`] (as mark 0,
+/// before any of this release's) and drops its table.
+pub(super) fn move_old_dirty_marks(txn: &WriteTransaction) -> Result<(), IndexError> {
+    {
+        let old = txn.open_table(OLD_DIRTY).map_err(storage)?;
+        let mut dirty = txn.open_table(DIRTY).map_err(storage)?;
+        for row in old.iter().map_err(storage)? {
+            dirty
+                .insert((0, row.map_err(storage)?.0.value()), ())
+                .map_err(storage)?;
+        }
+    }
+    txn.delete_table(OLD_DIRTY).map_err(storage)?;
+    Ok(())
+}
+
+/// A page of experiments whose catalog rows are out of date: their rows as they
+/// are now, and how far the marks read go.
+#[derive(Debug)]
+pub struct DirtyCatalog {
+    pub rows: Vec<CatalogRows>,
+    /// The marks read, in order; [`Index::catalog_written`] drops them.
+    marks: Vec<(u64, String)>,
+    /// Whether marks are left after this page.
+    pub more: bool,
 }
 
 /// An experiment's rows in the catalog tables.
@@ -707,16 +757,26 @@ pub struct CatalogRows {
 }
 
 impl Index {
-    /// Up to `limit` experiments whose catalog rows are out of date, with those
-    /// rows.
-    pub fn dirty_catalog(&self, limit: usize) -> Result<Vec<CatalogRows>, IndexError> {
+    /// The experiments of up to `limit` marks, first marks first, whose catalog
+    /// rows are out of date, with those rows.
+    pub fn dirty_catalog(&self, limit: usize) -> Result<DirtyCatalog, IndexError> {
         let read = self.db.begin_read().map_err(storage)?;
         let dirty = read.open_table(DIRTY).map_err(storage)?;
-        let mut ids = Vec::new();
-        for row in dirty.iter().map_err(storage)?.take(limit) {
-            ids.push(row.map_err(storage)?.0.value().to_owned());
+        let mut ids = BTreeSet::new();
+        let mut marks = Vec::new();
+        let mut rows = dirty.iter().map_err(storage)?;
+        for row in rows.by_ref().take(limit) {
+            let (key, _) = row.map_err(storage)?;
+            let (mark, id) = key.value();
+            ids.insert(id.to_owned());
+            marks.push((mark, id.to_owned()));
         }
-        self.catalog_rows(&read, ids)
+        let more = rows.next().is_some();
+        Ok(DirtyCatalog {
+            rows: self.catalog_rows(&read, ids.into_iter().collect())?,
+            marks,
+            more,
+        })
     }
 
     /// Up to `limit` experiments after `after` (by id), with their catalog rows.
@@ -774,32 +834,19 @@ impl Index {
         txn.commit().map_err(storage)
     }
 
-    /// The written rows of these experiments are up to date (unless they changed
-    /// again since `rows` were read: the check compares what is stored now).
-    pub fn catalog_written(&self, rows: &[CatalogRows]) -> Result<(), IndexError> {
+    /// The rows of `page` are written: drops the marks it read. An experiment
+    /// changed since has a later mark, so it stays out of date.
+    pub fn catalog_written(&self, page: &DirtyCatalog) -> Result<(), IndexError> {
+        if page.marks.is_empty() {
+            return Ok(());
+        }
         let txn = self.db.begin_write().map_err(storage)?;
         {
+            // One removal each, in order: redb's `retain_in` copies the leaf for
+            // every entry it drops, which held the writer for 300 ms a page.
             let mut dirty = txn.open_table(DIRTY).map_err(storage)?;
-            let experiments = txn.open_table(EXPERIMENTS).map_err(storage)?;
-            let metadata = txn.open_table(METADATA).map_err(storage)?;
-            let summaries = txn.open_table(SUMMARIES).map_err(storage)?;
-            for r in rows {
-                let id = r.record.id.as_str();
-                let same = experiments
-                    .get(id)
-                    .map_err(storage)?
-                    .map(|v| decode::<ExperimentRecord>(id, v.value()))
-                    .transpose()?
-                    .is_some_and(|now| now == r.record)
-                    && prefix_rows(&metadata, id, |k, v| {
-                        Ok((k.to_owned(), decode::<MetadataEntry>(k, v)?))
-                    })? == r.metadata
-                    && prefix_rows(&summaries, id, |k, v| {
-                        Ok((k.to_owned(), decode::<MetricSummary>(k, v)?))
-                    })? == r.summaries;
-                if same {
-                    dirty.remove(id).map_err(storage)?;
-                }
+            for (mark, id) in &page.marks {
+                dirty.remove((*mark, id.as_str())).map_err(storage)?;
             }
         }
         txn.commit().map_err(storage)
@@ -849,6 +896,7 @@ impl Index {
 pub(super) fn merge_summaries(
     txn: &WriteTransaction,
     summaries: &[(String, String, MetricSummary)],
+    marks: bool,
 ) -> Result<(), IndexError> {
     if summaries.is_empty() {
         return Ok(());
@@ -860,7 +908,7 @@ pub(super) fn merge_summaries(
             .and_modify(|m| m.merge(s))
             .or_insert(*s);
     }
-    let mut t = CatalogTables::open(txn)?;
+    let mut t = CatalogTables::open(txn, marks)?;
     // Placements are looked up once per experiment, in id order.
     let mut placements: BTreeMap<&str, Option<(String, Micros)>> = BTreeMap::new();
     for &(experiment, _) in merged_input.keys() {

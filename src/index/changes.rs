@@ -443,7 +443,7 @@ impl Index {
                     experiments,
                     metadata,
                 } => {
-                    let mut t = CatalogTables::open(&txn)?;
+                    let mut t = CatalogTables::open(&txn, self.catalog_marks)?;
                     for record in experiments {
                         merge_experiment(&mut t, record)?;
                     }
@@ -457,7 +457,7 @@ impl Index {
                     summaries,
                 } => {
                     insert_file(&txn, file, experiments)?;
-                    merge_summaries(&txn, summaries)?;
+                    merge_summaries(&txn, summaries, self.catalog_marks)?;
                 }
                 Change::Replace { added, removed } => {
                     for (entry, experiments) in added {
@@ -479,7 +479,7 @@ impl Index {
         let _serial = self.publish.lock().unwrap_or_else(|p| p.into_inner());
         let txn = self.db.begin_write().map_err(storage)?;
         {
-            let mut t = CatalogTables::open(&txn)?;
+            let mut t = CatalogTables::open(&txn, self.catalog_marks)?;
             for record in &checkpoint.experiments {
                 merge_experiment(&mut t, record)?;
             }
@@ -487,7 +487,7 @@ impl Index {
                 merge_metadata(&mut t, id, key, entry)?;
             }
         }
-        merge_summaries(&txn, &checkpoint.summaries)?;
+        merge_summaries(&txn, &checkpoint.summaries, self.catalog_marks)?;
         for file in &checkpoint.files {
             match &file.experiments {
                 Some(parts) => insert_file(&txn, &file.entry, parts)?,

@@ -275,7 +275,7 @@ impl Index {
                     .retain_in((0, "")..(forget.pieces_below, ""), |_, _| false)
                     .map_err(storage)?;
             }
-            merge_summaries(&txn, &intent.summaries)?;
+            merge_summaries(&txn, &intent.summaries, self.catalog_marks)?;
             record_batch_ids(&txn, &intent.batch_ids, forget.batch_ids_before)?;
             self.log_change(&txn, || Change::Publish {
                 file: intent.entry.clone(),

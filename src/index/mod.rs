@@ -12,8 +12,10 @@
 //! - `batch_ids`: (accepted at, client batch id) → points, for recognising retries
 //! - `search_entries`: (scope, field, value, created at, id) → (), for run search
 //!   ([`search`])
-//! - `catalog_dirty`: experiment ids whose rows in the catalog tables
-//!   (`experiments/`, `metadata/`, `summaries/`) are out of date
+//! - `catalog_dirty_marks`: (mark, experiment id) → (), experiments whose rows in
+//!   the catalog tables (`experiments/`, `metadata/`, `summaries/`) are out of
+//!   date; a transaction's marks follow every earlier one (earlier releases kept
+//!   ids alone, in `catalog_dirty`, moved here at open)
 //! - `catalog_files`: the catalog table files this daemon wrote
 //!
 //! Manifest tables ([`manifest`]):
@@ -77,7 +79,7 @@ use std::time::{Duration, Instant};
 use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 
-pub use catalog::{CatalogRows, ExperimentCache, NewExperiment};
+pub use catalog::{CatalogRows, DirtyCatalog, ExperimentCache, NewExperiment};
 pub use changes::{Change, ChangeEntry, Checkpoint, CheckpointFile, ShipPlan, ShipState};
 pub use manifest::{
     FileEntry, FilePart, FileRef, Forget, PublishIntent, ReplaceIntent, SCHEMA_INT64, SCHEMA_UINT64,
@@ -106,7 +108,12 @@ const SPOOLED: TableDefinition<&str, u64> = TableDefinition::new("spooled");
 const REPLACE_INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("replace_intents");
 const DELETIONS: TableDefinition<&str, ()> = TableDefinition::new("deletions");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const DIRTY: TableDefinition<&str, ()> = TableDefinition::new("catalog_dirty");
+/// (mark, experiment id): experiments whose catalog-table rows are out of date.
+/// Marks grow with each transaction that makes some, so marking appends instead of
+/// landing on a random page by id; see `CatalogTables::mark_dirty`.
+const DIRTY: TableDefinition<(u64, &str), ()> = TableDefinition::new("catalog_dirty_marks");
+/// The marks of earlier releases, by id (moved into [`DIRTY`] at open).
+const OLD_DIRTY: TableDefinition<&str, ()> = TableDefinition::new("catalog_dirty");
 const CATALOG_FILES: TableDefinition<&str, ()> = TableDefinition::new("catalog_files");
 const SEARCH: TableDefinition<(&str, &str, &[u8], i64, &str), ()> =
     TableDefinition::new("search_entries");
@@ -178,6 +185,10 @@ pub struct Index {
     change_log: AtomicBool,
     /// Files this process dropped from the manifest lately (replaced or expired).
     removed: RecentlyRemoved,
+    /// Whether changes mark experiments for the catalog tables: a daemon's index
+    /// does; a fleet reader's writes no catalog tables, so nothing would ever
+    /// take its marks away.
+    catalog_marks: bool,
 }
 
 /// How long a file dropped from the manifest is remembered as dropped: far longer
@@ -276,6 +287,15 @@ impl Index {
                 .any(|t| t.name() == OLD_SEARCH.name() || t.name() == OLD_EXPERIMENTS_BY_NS.name());
             let mut rebuild_search =
                 id_keyed_tables || meta.get(REBUILD_PENDING).map_err(storage)?.is_some();
+            // Every release creates its tables at start-up: an earlier one that ran
+            // on this index left its marks (if any) by id.
+            if txn
+                .list_tables()
+                .map_err(storage)?
+                .any(|t| t.name() == OLD_DIRTY.name())
+            {
+                catalog::move_old_dirty_marks(&txn)?;
+            }
             no_clock = meta.get(CATALOG_CLOCK).map_err(storage)?.is_none();
             if version.is_none_or(|v| v < LAYOUT_VERSION) {
                 for row in files.iter().map_err(storage)? {
@@ -307,7 +327,15 @@ impl Index {
             publish: Mutex::new(()),
             change_log: AtomicBool::new(false),
             removed: RecentlyRemoved::default(),
+            catalog_marks: true,
         })
+    }
+
+    /// This index's changes mark nothing for the catalog tables: for an index
+    /// whose catalog tables nobody writes.
+    pub fn without_catalog_marks(mut self) -> Self {
+        self.catalog_marks = false;
+        self
     }
 
     /// Whether this process dropped `key` from the manifest in the last minutes
@@ -1052,5 +1080,100 @@ mod tests {
             .unwrap();
         assert!(out[0].0.updated_at > x.updated_at + 1000);
         check(&entries_of(&x.id), 3, out[0].0.updated_at);
+    }
+
+    /// The ids a page of [`Index::dirty_catalog`] names, sorted.
+    fn dirty_ids(index: &Index, limit: usize) -> (Vec<String>, bool) {
+        let page = index.dirty_catalog(limit).unwrap();
+        let ids = page.rows.iter().map(|r| r.record.id.clone()).collect();
+        (ids, page.more)
+    }
+
+    #[test]
+    fn a_change_made_while_the_catalog_is_written_stays_marked() {
+        let index = Index::open_in_memory().unwrap();
+        let lr = |v: i64| vec![("lr".to_string(), json!(v))];
+        let a = index.create_experiment(new_exp("a"), &lr(1)).unwrap().0.id;
+        let b = index.create_experiment(new_exp("b"), &lr(1)).unwrap().0.id;
+        let c = index.create_experiment(new_exp("c"), &lr(1)).unwrap().0.id;
+        // Marks are read in the order they were made, a page at a time.
+        let page = index.dirty_catalog(2).unwrap();
+        let mut ids: Vec<_> = page.rows.iter().map(|r| r.record.id.clone()).collect();
+        ids.sort();
+        let mut want = vec![a.clone(), b.clone()];
+        want.sort();
+        assert_eq!((ids, page.more), (want, true));
+        // `a` changes after its rows were read: its new mark outlives the write.
+        index.update_metadata(&a, &lr(2)).unwrap();
+        index.catalog_written(&page).unwrap();
+        let mut want = vec![a.clone(), c.clone()];
+        want.sort();
+        assert_eq!(dirty_ids(&index, 10), (want, false));
+        let page = index.dirty_catalog(10).unwrap();
+        let a_row = page.rows.iter().find(|r| r.record.id == a).unwrap();
+        assert_eq!(a_row.metadata[0].1.value, json!(2));
+        index.catalog_written(&page).unwrap();
+        assert!(!index.catalog_is_dirty().unwrap());
+        // Marks start again once all are gone, and still follow each other.
+        index.update_metadata(&b, &lr(3)).unwrap();
+        index.update_metadata(&c, &lr(3)).unwrap();
+        assert_eq!(dirty_ids(&index, 1), (vec![b.clone()], true));
+        index.update_metadata(&b, &lr(4)).unwrap();
+        let mut want = vec![b, c];
+        want.sort();
+        assert_eq!(dirty_ids(&index, 10), (want, false));
+    }
+
+    #[test]
+    fn an_index_without_catalog_marks_keeps_none() {
+        // A fleet reader's index: nothing would ever take its marks away.
+        let index = Index::open_in_memory().unwrap().without_catalog_marks();
+        let lr = vec![("lr".to_string(), json!(1))];
+        let id = index.create_experiment(new_exp("a"), &lr).unwrap().0.id;
+        index.update_metadata(&id, &lr).unwrap();
+        let summary = MetricSummary {
+            last: 1.0,
+            last_step: 1,
+            last_at: 1,
+            min: 1.0,
+            max: 1.0,
+            count: 1,
+            points: 1,
+        };
+        let txn = index.db.begin_write().unwrap();
+        catalog::merge_summaries(&txn, &[(id, "loss".into(), summary)], index.catalog_marks)
+            .unwrap();
+        txn.commit().unwrap();
+        assert!(!index.catalog_is_dirty().unwrap());
+    }
+
+    #[test]
+    fn an_earlier_release_s_marks_by_id_are_kept_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        let id = {
+            let index = Index::open(&path).unwrap();
+            let id = index.create_experiment(new_exp("x"), &[]).unwrap().0.id;
+            let page = index.dirty_catalog(10).unwrap();
+            index.catalog_written(&page).unwrap();
+            assert!(!index.catalog_is_dirty().unwrap());
+            // An earlier release marks by id alone.
+            let txn = index.db.begin_write().unwrap();
+            txn.open_table(OLD_DIRTY)
+                .unwrap()
+                .insert(id.as_str(), ())
+                .unwrap();
+            txn.commit().unwrap();
+            id
+        };
+        let index = Index::open(&path).unwrap();
+        assert_eq!(dirty_ids(&index, 10), (vec![id], false));
+        let read = index.db.begin_read().unwrap();
+        assert!(
+            !read
+                .list_tables()
+                .unwrap()
+                .any(|t| t.name() == OLD_DIRTY.name())
+        );
     }
 }

@@ -104,8 +104,8 @@ impl Snapshots {
         }
         let mut wrote = false;
         loop {
-            let rows = self.index.dirty_catalog(self.page)?;
-            if rows.is_empty() {
+            let page = self.index.dirty_catalog(self.page)?;
+            if page.rows.is_empty() {
                 break;
             }
             let key = |table: &str| {
@@ -116,17 +116,17 @@ impl Snapshots {
                 ))
             };
             let written_at = self.index.catalog_now()?;
-            for (table, batch) in batches(&rows, written_at)? {
+            for (table, batch) in batches(&page.rows, written_at)? {
                 let key = key(table);
                 self.index.add_catalog_file(key.as_str())?;
                 self.put(&key, &[batch])?;
             }
-            self.index.catalog_written(&rows)?;
+            self.index.catalog_written(&page)?;
             wrote = true;
-            let last_page = rows.len() < self.page;
-            drop(rows);
+            let more = page.more;
+            drop(page);
             release_freed_memory();
-            if last_page || self.stopping() {
+            if !more || self.stopping() {
                 break;
             }
         }
@@ -561,7 +561,7 @@ mod tests {
         assert!(snapshots.write_if_changed().unwrap());
         let root = dir.path().join("root");
         assert_eq!(rows_of(&root, "experiments"), (1, 2));
-        assert_eq!(index.dirty_catalog(10).unwrap().len(), 3);
+        assert_eq!(index.dirty_catalog(10).unwrap().rows.len(), 3);
         // After a restart (not stopping) the rest is written, a page a file.
         snapshots.stopping.store(false, Ordering::Relaxed);
         assert!(snapshots.write_if_changed().unwrap());
