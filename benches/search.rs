@@ -464,18 +464,23 @@ struct Create<'a> {
     with_metadata: bool,
 }
 
+/// Experiment `i`'s CreateExperiment request.
+fn create_request(i: usize, with_metadata: bool) -> proto::CreateExperimentRequest {
+    proto::CreateExperimentRequest {
+        name: name(i),
+        namespace: NAMESPACE.into(),
+        owner: "bench".into(),
+        framework: proto::MlFramework::Pytorch as i32,
+        metadata: with_metadata.then(|| metadata(i)),
+        ..Default::default()
+    }
+}
+
 impl AsyncCall<String> for Create<'_> {
     async fn call(&mut self) -> Result<String, tonic::Status> {
         let r = self
             .client
-            .create_experiment(proto::CreateExperimentRequest {
-                name: name(self.i),
-                namespace: NAMESPACE.into(),
-                owner: "bench".into(),
-                framework: proto::MlFramework::Pytorch as i32,
-                metadata: self.with_metadata.then(|| metadata(self.i)),
-                ..Default::default()
-            })
+            .create_experiment(create_request(self.i, self.with_metadata))
             .await?;
         Ok(r.into_inner().experiment_id)
     }
@@ -493,12 +498,8 @@ impl AsyncCall<()> for Refused<'_> {
         let answer = self
             .client
             .create_experiment(proto::CreateExperimentRequest {
-                name: name(self.i),
-                namespace: NAMESPACE.into(),
-                owner: "bench".into(),
                 framework: 999,
-                metadata: Some(metadata(self.i)),
-                ..Default::default()
+                ..create_request(self.i, true)
             })
             .await;
         match answer {

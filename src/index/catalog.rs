@@ -711,29 +711,30 @@ fn place(
 /// Marks every experiment for the catalog tables (an index from before they were
 /// written incrementally).
 pub(super) fn mark_all_dirty(txn: &WriteTransaction) -> Result<(), IndexError> {
-    let experiments = txn.open_table(EXPERIMENTS).map_err(storage)?;
+    mark_every_key(txn, EXPERIMENTS)
+}
+
+/// Moves the marks an earlier release kept by id into [`DIRTY`] and drops its
+/// table.
+pub(super) fn move_old_dirty_marks(txn: &WriteTransaction) -> Result<(), IndexError> {
+    mark_every_key(txn, OLD_DIRTY)?;
+    txn.delete_table(OLD_DIRTY).map_err(storage)?;
+    Ok(())
+}
+
+/// Marks every experiment id `table` is keyed by, with mark 0: before any mark
+/// made since, all of which a writer will take after these.
+fn mark_every_key<V: redb::Value + 'static>(
+    txn: &WriteTransaction,
+    table: redb::TableDefinition<&str, V>,
+) -> Result<(), IndexError> {
+    let ids = txn.open_table(table).map_err(storage)?;
     let mut dirty = txn.open_table(DIRTY).map_err(storage)?;
-    for row in experiments.iter().map_err(storage)? {
+    for row in ids.iter().map_err(storage)? {
         dirty
             .insert((0, row.map_err(storage)?.0.value()), ())
             .map_err(storage)?;
     }
-    Ok(())
-}
-
-/// Moves the marks an earlier release kept by id into [`DIRTY`] (as mark 0,
-/// before any of this release's) and drops its table.
-pub(super) fn move_old_dirty_marks(txn: &WriteTransaction) -> Result<(), IndexError> {
-    {
-        let old = txn.open_table(OLD_DIRTY).map_err(storage)?;
-        let mut dirty = txn.open_table(DIRTY).map_err(storage)?;
-        for row in old.iter().map_err(storage)? {
-            dirty
-                .insert((0, row.map_err(storage)?.0.value()), ())
-                .map_err(storage)?;
-        }
-    }
-    txn.delete_table(OLD_DIRTY).map_err(storage)?;
     Ok(())
 }
 
