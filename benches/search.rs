@@ -65,7 +65,9 @@ struct Args {
     metadata_at_create: bool,
     /// Before creating, send this many CreateExperiment requests of the same shape
     /// that validation refuses (an unknown framework) before the catalog sees them:
-    /// the rate the request path alone allows, with these clients on these cores.
+    /// about the rate the request path alone allows, with these clients on these
+    /// cores (the refusal comes before the namespace and metadata checks, and the
+    /// answer is an error status instead of a reply).
     #[arg(long, default_value_t = 0)]
     request_path_only: usize,
     /// Durability mode for mboxd [default: mboxd's own, wal-fsync].

@@ -420,8 +420,9 @@ impl Metrics {
         );
         r.register(
             "catalog_clock_lead_seconds",
-            "How far the catalog clock (the time of catalog writes) is ahead of the wall \
-             clock: above zero after the wall clock went back, until it catches up",
+            "How far the catalog clock (the time of a daemon's catalog writes) is ahead of \
+             the wall clock: above zero after the wall clock went back, until it catches up \
+             (0 on a fleet reader, which stamps no catalog writes)",
             m.catalog_clock_lead_seconds.clone(),
         );
         let build = Family::<BuildLabels, Gauge>::default();

@@ -3,8 +3,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableTable, WriteTransaction};
 
@@ -621,8 +621,9 @@ fn catalog_time(txn: &WriteTransaction) -> Result<Micros, IndexError> {
 /// A lead of the catalog clock over the wall clock worth a warning.
 const NOTABLE_LEAD: Micros = 1_000_000;
 
-/// When the last lead warning was given (wall-clock micros), to give one a minute.
-static LEAD_WARNED_AT: AtomicI64 = AtomicI64::new(i64::MIN);
+/// When the last lead warning was given, to give one a minute (a monotonic
+/// clock: the wall clock is what is in doubt).
+static LEAD_WARNED_AT: Mutex<Option<Instant>> = Mutex::new(None);
 
 /// Warns, at most once a minute, that catalog times are pinned ahead of the wall
 /// clock: every write is stamped just after the last one until the wall clock
@@ -631,13 +632,9 @@ fn warn_of_lead(lead: Micros) {
     if lead < NOTABLE_LEAD {
         return;
     }
-    let wall = now_micros();
-    let last = LEAD_WARNED_AT.load(Ordering::Relaxed);
-    if wall.saturating_sub(last) >= 60_000_000
-        && LEAD_WARNED_AT
-            .compare_exchange(last, wall, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
+    let mut warned_at = LEAD_WARNED_AT.lock().unwrap_or_else(|p| p.into_inner());
+    if warned_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+        *warned_at = Some(Instant::now());
         tracing::warn!(
             lead_seconds = lead as f64 / 1e6,
             "the catalog clock is ahead of the wall clock: creation and update times are \
@@ -744,10 +741,22 @@ fn mark_every_key<V: redb::Value + 'static>(
 pub struct DirtyCatalog {
     pub rows: Vec<CatalogRows>,
     /// The marks read, in order; [`Index::catalog_written`] drops them.
-    marks: Vec<(u64, String)>,
+    pub(super) marks: Vec<(u64, String)>,
     /// Whether marks are left after this page.
     pub more: bool,
 }
+
+impl DirtyCatalog {
+    /// Whether the page read no mark: nothing is out of date.
+    pub fn is_empty(&self) -> bool {
+        self.marks.is_empty()
+    }
+}
+
+/// Marks a page of [`Index::dirty_catalog`] reads at most, per experiment it may
+/// hold: an experiment marked again and again while the writer could not write
+/// (each publish marks its experiments) takes one row, not a page each.
+const MARKS_PER_ROW: usize = 16;
 
 /// An experiment's rows in the catalog tables.
 #[derive(Debug, Clone, PartialEq)]
@@ -758,21 +767,27 @@ pub struct CatalogRows {
 }
 
 impl Index {
-    /// The experiments of up to `limit` marks, first marks first, whose catalog
-    /// rows are out of date, with those rows.
+    /// Up to `limit` experiments whose catalog rows are out of date, first
+    /// marked first, with those rows (and every mark read for them, up to
+    /// [`MARKS_PER_ROW`] times `limit`).
     pub fn dirty_catalog(&self, limit: usize) -> Result<DirtyCatalog, IndexError> {
         let read = self.db.begin_read().map_err(storage)?;
         let dirty = read.open_table(DIRTY).map_err(storage)?;
         let mut ids = BTreeSet::new();
         let mut marks = Vec::new();
-        let mut rows = dirty.iter().map_err(storage)?;
-        for row in rows.by_ref().take(limit) {
+        let mut more = false;
+        for row in dirty.iter().map_err(storage)? {
             let (key, _) = row.map_err(storage)?;
             let (mark, id) = key.value();
+            if marks.len() >= limit.saturating_mul(MARKS_PER_ROW)
+                || (ids.len() >= limit && !ids.contains(id))
+            {
+                more = true;
+                break;
+            }
             ids.insert(id.to_owned());
             marks.push((mark, id.to_owned()));
         }
-        let more = rows.next().is_some();
         Ok(DirtyCatalog {
             rows: self.catalog_rows(&read, ids.into_iter().collect())?,
             marks,

@@ -1125,13 +1125,37 @@ mod tests {
     }
 
     #[test]
-    fn an_index_without_catalog_marks_keeps_none() {
-        // A fleet reader's index: nothing would ever take its marks away.
-        let index = Index::open_in_memory().unwrap().without_catalog_marks();
-        let lr = vec![("lr".to_string(), json!(1))];
-        let id = index.create_experiment(new_exp("a"), &lr).unwrap().0.id;
-        index.update_metadata(&id, &lr).unwrap();
-        let summary = MetricSummary {
+    fn a_page_takes_every_mark_of_its_experiments_and_marks_without_a_record() {
+        let index = Index::open_in_memory().unwrap();
+        let lr = |v: i64| vec![("lr".to_string(), json!(v))];
+        let a = index.create_experiment(new_exp("a"), &lr(0)).unwrap().0.id;
+        for v in 1..5 {
+            index.update_metadata(&a, &lr(v)).unwrap();
+        }
+        let b = index.create_experiment(new_exp("b"), &lr(0)).unwrap().0.id;
+        // `a`'s five marks make one row of a one-experiment page.
+        let page = index.dirty_catalog(1).unwrap();
+        assert_eq!((page.rows.len(), page.marks.len(), page.more), (1, 5, true));
+        assert_eq!(page.rows[0].metadata[0].1.value, json!(4));
+        index.catalog_written(&page).unwrap();
+        assert_eq!(dirty_ids(&index, 10), (vec![b.clone()], false));
+        index
+            .catalog_written(&index.dirty_catalog(10).unwrap())
+            .unwrap();
+        // A summary merged for an id with no record marks it: the page has no
+        // row, but its marks still go.
+        let txn = index.db.begin_write().unwrap();
+        catalog::merge_summaries(&txn, &[("ghost".into(), "loss".into(), summary())], true)
+            .unwrap();
+        txn.commit().unwrap();
+        let page = index.dirty_catalog(10).unwrap();
+        assert!(page.rows.is_empty() && !page.is_empty());
+        index.catalog_written(&page).unwrap();
+        assert!(!index.catalog_is_dirty().unwrap());
+    }
+
+    fn summary() -> MetricSummary {
+        MetricSummary {
             last: 1.0,
             last_step: 1,
             last_at: 1,
@@ -1139,9 +1163,18 @@ mod tests {
             max: 1.0,
             count: 1,
             points: 1,
-        };
+        }
+    }
+
+    #[test]
+    fn an_index_without_catalog_marks_keeps_none() {
+        // A fleet reader's index: nothing would ever take its marks away.
+        let index = Index::open_in_memory().unwrap().without_catalog_marks();
+        let lr = vec![("lr".to_string(), json!(1))];
+        let id = index.create_experiment(new_exp("a"), &lr).unwrap().0.id;
+        index.update_metadata(&id, &lr).unwrap();
         let txn = index.db.begin_write().unwrap();
-        catalog::merge_summaries(&txn, &[(id, "loss".into(), summary)], index.catalog_marks)
+        catalog::merge_summaries(&txn, &[(id, "loss".into(), summary())], index.catalog_marks)
             .unwrap();
         txn.commit().unwrap();
         assert!(!index.catalog_is_dirty().unwrap());

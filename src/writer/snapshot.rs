@@ -45,7 +45,7 @@ pub enum SnapshotTarget {
     },
 }
 
-/// Experiments per delta file and per page of a full rewrite.
+/// Experiments (at most) per delta file and per page of a full rewrite.
 const PAGE: usize = 4_096;
 /// Files per table after which the catalog is rewritten whole.
 const CONSOLIDATE_AFTER: usize = 16;
@@ -105,8 +105,15 @@ impl Snapshots {
         let mut wrote = false;
         loop {
             let page = self.index.dirty_catalog(self.page)?;
-            if page.rows.is_empty() {
+            if page.is_empty() {
                 break;
+            }
+            if page.rows.is_empty() {
+                // Marks of ids without a record (a summary merged for an unknown
+                // experiment): nothing to write, but dropped, or they would stop
+                // every mark behind them.
+                self.index.catalog_written(&page)?;
+                continue;
             }
             let key = |table: &str| {
                 ObjectKey::from_manifest(format!(
