@@ -203,10 +203,7 @@ impl Index {
                 experiments: touched().map(|p| p.record.clone()).collect(),
                 // A key set twice in the batch (one experiment created twice)
                 // is logged once, with the value the index keeps: the last.
-                metadata: written
-                    .into_iter()
-                    .map(|((id, key), entry)| (id, key, entry))
-                    .collect(),
+                metadata: logged(written),
             })?;
         }
         txn.commit().map_err(storage)?;
@@ -304,10 +301,7 @@ impl Index {
             record
         };
         self.log_change(&txn, || Change::Catalog {
-            metadata: written
-                .into_iter()
-                .map(|((id, key), entry)| (id, key, entry))
-                .collect(),
+            metadata: logged(written),
             experiments: vec![record],
         })?;
         txn.commit().map_err(storage)?;
@@ -319,12 +313,8 @@ impl Index {
     /// of the wall clock: the next write's time, were the lead to grow no more.
     pub fn catalog_clock_lead(&self) -> Result<Micros, IndexError> {
         let read = self.db.begin_read().map_err(storage)?;
-        let meta = read.open_table(META).map_err(storage)?;
-        let last = meta
-            .get(CATALOG_CLOCK)
-            .map_err(storage)?
-            .map_or(0, |v| i64::try_from(v.value()).unwrap_or(i64::MAX));
-        Ok(last.saturating_sub(now_micros()).max(0))
+        let last = stored_catalog_time(&read.open_table(META).map_err(storage)?)?;
+        Ok(last.map_or(0, |last| last.saturating_sub(now_micros()).max(0)))
     }
 
     /// A time from the catalog clock for rows written outside the index (the
@@ -597,6 +587,17 @@ pub(super) fn rebuild_listings(db: &Database, chunk: usize) -> Result<(), IndexE
     txn.commit().map_err(storage)
 }
 
+/// The metadata a transaction wrote, as the change log lists it: each key once,
+/// with the value the index kept (the last).
+fn logged(
+    written: BTreeMap<(String, String), MetadataEntry>,
+) -> Vec<(String, String, MetadataEntry)> {
+    written
+        .into_iter()
+        .map(|((id, key), entry)| (id, key, entry))
+        .collect()
+}
+
 /// The time of a catalog write: the wall clock, or just after the last
 /// write's (kept in `meta`) if the clock stands still or went back, restarts
 /// included. So every write of a record or a metadata key is later than the one
@@ -606,16 +607,22 @@ pub(super) fn rebuild_listings(db: &Database, chunk: usize) -> Result<(), IndexE
 /// Only read here: [`record_catalog_time`] keeps it once the transaction
 /// writes something.
 fn catalog_time(txn: &WriteTransaction) -> Result<Micros, IndexError> {
-    let meta = txn.open_table(META).map_err(storage)?;
-    let last = meta
-        .get(CATALOG_CLOCK)
-        .map_err(storage)?
-        .map(|v| i64::try_from(v.value()).unwrap_or(i64::MAX));
+    let last = stored_catalog_time(&txn.open_table(META).map_err(storage)?)?;
     let wall = now_micros();
     let Some(last) = last else { return Ok(wall) };
     let now = wall.max(last.saturating_add(1));
     warn_of_lead(now.saturating_sub(wall));
     Ok(now)
+}
+
+/// The last catalog write's time, if the clock was started.
+fn stored_catalog_time(
+    meta: &impl ReadableTable<&'static str, u64>,
+) -> Result<Option<Micros>, IndexError> {
+    Ok(meta
+        .get(CATALOG_CLOCK)
+        .map_err(storage)?
+        .map(|v| i64::try_from(v.value()).unwrap_or(i64::MAX)))
 }
 
 /// A lead of the catalog clock over the wall clock worth a warning.
@@ -666,8 +673,7 @@ fn record_catalog_time(txn: &WriteTransaction, now: Micros) -> Result<(), IndexE
 /// those even if the wall clock went back since.
 pub(super) fn seed_catalog_clock(db: &Database) -> Result<(), IndexError> {
     let txn = db.begin_write().map_err(storage)?;
-    {
-        let mut meta = txn.open_table(META).map_err(storage)?;
+    let seed = {
         let search = txn.open_table(SEARCH).map_err(storage)?;
         let field = (search::ALL, "updated_at");
         let latest = search
@@ -680,15 +686,14 @@ pub(super) fn seed_catalog_clock(db: &Database) -> Result<(), IndexError> {
             .transpose()
             .map_err(storage)?
             .map(|(k, _)| search::decode_value(k.value().2));
-        let seed = match latest {
+        match latest {
             Some(crate::search::Value::Number(millis)) => {
                 (millis as i64).saturating_mul(1000).saturating_add(999)
             }
             _ => 0,
-        };
-        meta.insert(CATALOG_CLOCK, u64::try_from(seed).unwrap_or(0))
-            .map_err(storage)?;
-    }
+        }
+    };
+    record_catalog_time(&txn, seed)?;
     txn.commit().map_err(storage)
 }
 
@@ -850,12 +855,30 @@ impl Index {
         txn.commit().map_err(storage)
     }
 
+    /// Merges a summary for each of `ids`, as a publish would.
+    #[cfg(test)]
+    pub(crate) fn merge_summaries_for_test(&self, ids: &[&str]) {
+        let summary = MetricSummary {
+            last: 1.0,
+            last_step: 1,
+            last_at: 1,
+            min: 1.0,
+            max: 1.0,
+            count: 1,
+            points: 1,
+        };
+        let summaries: Vec<_> = ids
+            .iter()
+            .map(|id| (id.to_string(), "loss".to_string(), summary))
+            .collect();
+        let txn = self.db.begin_write().expect("a write transaction");
+        merge_summaries(&txn, &summaries, self.catalog_marks).expect("merged");
+        txn.commit().expect("committed");
+    }
+
     /// The rows of `page` are written: drops the marks it read. An experiment
     /// changed since has a later mark, so it stays out of date.
     pub fn catalog_written(&self, page: &DirtyCatalog) -> Result<(), IndexError> {
-        if page.marks.is_empty() {
-            return Ok(());
-        }
         let txn = self.db.begin_write().map_err(storage)?;
         {
             // One removal each, in order: redb's `retain_in` copies the leaf for

@@ -1144,26 +1144,11 @@ mod tests {
             .unwrap();
         // A summary merged for an id with no record marks it: the page has no
         // row, but its marks still go.
-        let txn = index.db.begin_write().unwrap();
-        catalog::merge_summaries(&txn, &[("ghost".into(), "loss".into(), summary())], true)
-            .unwrap();
-        txn.commit().unwrap();
+        index.merge_summaries_for_test(&["ghost"]);
         let page = index.dirty_catalog(10).unwrap();
         assert!(page.rows.is_empty() && !page.is_empty());
         index.catalog_written(&page).unwrap();
         assert!(!index.catalog_is_dirty().unwrap());
-    }
-
-    fn summary() -> MetricSummary {
-        MetricSummary {
-            last: 1.0,
-            last_step: 1,
-            last_at: 1,
-            min: 1.0,
-            max: 1.0,
-            count: 1,
-            points: 1,
-        }
     }
 
     #[test]
@@ -1173,10 +1158,7 @@ mod tests {
         let lr = vec![("lr".to_string(), json!(1))];
         let id = index.create_experiment(new_exp("a"), &lr).unwrap().0.id;
         index.update_metadata(&id, &lr).unwrap();
-        let txn = index.db.begin_write().unwrap();
-        catalog::merge_summaries(&txn, &[(id, "loss".into(), summary())], index.catalog_marks)
-            .unwrap();
-        txn.commit().unwrap();
+        index.merge_summaries_for_test(&[&id]);
         assert!(!index.catalog_is_dirty().unwrap());
     }
 

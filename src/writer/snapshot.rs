@@ -108,28 +108,26 @@ impl Snapshots {
             if page.is_empty() {
                 break;
             }
-            if page.rows.is_empty() {
-                // Marks of ids without a record (a summary merged for an unknown
-                // experiment): nothing to write, but dropped, or they would stop
-                // every mark behind them.
-                self.index.catalog_written(&page)?;
-                continue;
-            }
-            let key = |table: &str| {
-                ObjectKey::from_manifest(format!(
-                    "{table}/{}-{}.parquet",
-                    self.daemon_id,
-                    uuid::Uuid::now_v7().simple()
-                ))
-            };
-            let written_at = self.index.catalog_now()?;
-            for (table, batch) in batches(&page.rows, written_at)? {
-                let key = key(table);
-                self.index.add_catalog_file(key.as_str())?;
-                self.put(&key, &[batch])?;
+            // A page can name only ids without a record (a summary merged for an
+            // unknown experiment): no rows to write, but its marks still go, or
+            // they would stop every mark behind them.
+            if !page.rows.is_empty() {
+                let key = |table: &str| {
+                    ObjectKey::from_manifest(format!(
+                        "{table}/{}-{}.parquet",
+                        self.daemon_id,
+                        uuid::Uuid::now_v7().simple()
+                    ))
+                };
+                let written_at = self.index.catalog_now()?;
+                for (table, batch) in batches(&page.rows, written_at)? {
+                    let key = key(table);
+                    self.index.add_catalog_file(key.as_str())?;
+                    self.put(&key, &[batch])?;
+                }
+                wrote = true;
             }
             self.index.catalog_written(&page)?;
-            wrote = true;
             let more = page.more;
             drop(page);
             release_freed_memory();
@@ -524,6 +522,18 @@ mod tests {
             schema::writer_properties(&crate::config::RollPolicy::default()),
         );
         (dir, index, snapshots)
+    }
+
+    #[test]
+    fn marks_of_ids_without_a_record_do_not_stop_the_writer() {
+        let (dir, index, mut snapshots) = local_snapshots();
+        snapshots.page = 2;
+        // Two summaries for ids the catalog does not hold: a page of no rows.
+        index.merge_summaries_for_test(&["ghost-1", "ghost-2"]);
+        index.create_experiment(experiment(0), &[]).unwrap();
+        assert!(snapshots.write_if_changed().unwrap());
+        assert_eq!(rows_of(&dir.path().join("root"), "experiments"), (1, 1));
+        assert!(!index.catalog_is_dirty().unwrap());
     }
 
     #[test]
