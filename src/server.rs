@@ -139,6 +139,19 @@ fn daemon_id(config: &Config) -> Result<String, ServerError> {
     Ok(id)
 }
 
+/// Opens the data folder's index, saying so when a crash left it to be walked in
+/// full before mboxd could serve.
+fn open_index(config: &Config) -> Result<Arc<Index>, ServerError> {
+    let index = Index::open(&config.data_dir.join("index.redb"))?;
+    if let Some(took) = index.repaired_in() {
+        tracing::warn!(
+            seconds = took.as_secs_f64(),
+            "the index was left by a crash without its allocator state and was repaired in full"
+        );
+    }
+    Ok(Arc::new(index))
+}
+
 pub(crate) fn create_dir(path: &Path) -> Result<(), ServerError> {
     std::fs::create_dir_all(path).map_err(|source| ServerError::DataDir {
         path: path.to_owned(),
@@ -187,7 +200,7 @@ pub async fn run(
     );
     let metrics = Metrics::new();
     let daemon_id: Arc<str> = daemon_id(&config)?.into();
-    let index = Arc::new(Index::open(&config.data_dir.join("index.redb"))?);
+    let index = open_index(&config)?;
     // Before recovery, whose publications readers must hear of too.
     set_change_log(&config, &index)?;
     let (sink, remote) = open_root(&config)?;
@@ -702,7 +715,7 @@ pub async fn compact_once(
     }
     let metrics = Metrics::new();
     let daemon_id: Arc<str> = daemon_id(&config)?.into();
-    let index = Arc::new(Index::open(&config.data_dir.join("index.redb"))?);
+    let index = open_index(&config)?;
     set_change_log(&config, &index)?;
     let (sink, remote) = open_root(&config)?;
     let shipping = start_shipper(&config, &index, &remote, &daemon_id, &metrics)?;

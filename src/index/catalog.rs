@@ -12,7 +12,7 @@ use super::changes::Change;
 use super::{
     BATCH_IDS, CATALOG_CLOCK, CATALOG_FILES, DIRTY, EXPERIMENTS, EXPERIMENTS_BY_NS, Index,
     IndexError, META, METADATA, MetadataEntry, OLD_DIRTY, OLD_EXPERIMENTS_BY_NS, OLD_SEARCH,
-    REBUILD_PENDING, SEARCH, SUMMARIES, decode, encode, search, storage,
+    REBUILD_PENDING, SEARCH, SUMMARIES, begin_write, decode, encode, search, storage,
 };
 use crate::model::{
     ExperimentRecord, ExperimentRef, MetricSummary, Micros, experiment_id, now_micros,
@@ -139,7 +139,7 @@ impl Index {
             })
             .collect();
         jobs.sort_unstable_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-        let txn = self.db.begin_write().map_err(storage)?;
+        let txn = begin_write(&self.db)?;
         let now = catalog_time(&txn)?;
         let mut planned: Vec<Planned> = Vec::with_capacity(jobs.len());
         let mut written = BTreeMap::new();
@@ -279,7 +279,7 @@ impl Index {
         parent_id: &str,
         entries: &[(String, serde_json::Value)],
     ) -> Result<Micros, IndexError> {
-        let txn = self.db.begin_write().map_err(storage)?;
+        let txn = begin_write(&self.db)?;
         let now = take_catalog_time(&txn)?;
         let mut written = BTreeMap::new();
         let record = {
@@ -321,7 +321,7 @@ impl Index {
     /// snapshot tables' `written_at`), so a later snapshot's rows are later even
     /// after the wall clock went back.
     pub fn catalog_now(&self) -> Result<Micros, IndexError> {
-        let txn = self.db.begin_write().map_err(storage)?;
+        let txn = begin_write(&self.db)?;
         let now = take_catalog_time(&txn)?;
         txn.commit().map_err(storage)?;
         Ok(now)
@@ -539,7 +539,7 @@ pub(super) const REBUILD_CHUNK: usize = 10_000;
 /// catalogue beyond what the entries take. A crash part-way leaves the mark (or
 /// the earlier tables), and the next start rebuilds from the beginning.
 pub(super) fn rebuild_listings(db: &Database, chunk: usize) -> Result<(), IndexError> {
-    let txn = db.begin_write().map_err(storage)?;
+    let txn = begin_write(db)?;
     txn.delete_table(EXPERIMENTS_BY_NS).map_err(storage)?;
     txn.delete_table(SEARCH).map_err(storage)?;
     txn.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
@@ -548,7 +548,7 @@ pub(super) fn rebuild_listings(db: &Database, chunk: usize) -> Result<(), IndexE
 
     let mut after: Option<String> = None;
     loop {
-        let txn = db.begin_write().map_err(storage)?;
+        let txn = begin_write(db)?;
         let (listed, last) = {
             // Rebuilding the listings changes no experiment: it marks none.
             let mut t = CatalogTables::open(&txn, false)?;
@@ -577,7 +577,7 @@ pub(super) fn rebuild_listings(db: &Database, chunk: usize) -> Result<(), IndexE
         }
     }
 
-    let txn = db.begin_write().map_err(storage)?;
+    let txn = begin_write(db)?;
     txn.delete_table(OLD_EXPERIMENTS_BY_NS).map_err(storage)?;
     txn.delete_table(OLD_SEARCH).map_err(storage)?;
     txn.open_table(META)
@@ -672,7 +672,7 @@ fn record_catalog_time(txn: &WriteTransaction, now: Micros) -> Result<(), IndexE
 /// milliseconds, is the last of its field), so no write goes behind one of
 /// those even if the wall clock went back since.
 pub(super) fn seed_catalog_clock(db: &Database) -> Result<(), IndexError> {
-    let txn = db.begin_write().map_err(storage)?;
+    let txn = begin_write(db)?;
     let seed = {
         let search = txn.open_table(SEARCH).map_err(storage)?;
         let field = (search::ALL, "updated_at");
@@ -847,7 +847,7 @@ impl Index {
     /// Records a catalog table file about to be written (so it is cleaned up even if
     /// the write is interrupted).
     pub fn add_catalog_file(&self, key: &str) -> Result<(), IndexError> {
-        let txn = self.db.begin_write().map_err(storage)?;
+        let txn = begin_write(&self.db)?;
         txn.open_table(CATALOG_FILES)
             .map_err(storage)?
             .insert(key, ())
@@ -871,7 +871,7 @@ impl Index {
             .iter()
             .map(|id| (id.to_string(), "loss".to_string(), summary))
             .collect();
-        let txn = self.db.begin_write().expect("a write transaction");
+        let txn = begin_write(&self.db).expect("a write transaction");
         merge_summaries(&txn, &summaries, self.catalog_marks).expect("merged");
         txn.commit().expect("committed");
     }
@@ -879,7 +879,7 @@ impl Index {
     /// The rows of `page` are written: drops the marks it read. An experiment
     /// changed since has a later mark, so it stays out of date.
     pub fn catalog_written(&self, page: &DirtyCatalog) -> Result<(), IndexError> {
-        let txn = self.db.begin_write().map_err(storage)?;
+        let txn = begin_write(&self.db)?;
         {
             // One removal each, in order: redb's `retain_in` copies the leaf for
             // every entry it drops, which held the writer for 300 ms a page.
@@ -904,7 +904,7 @@ impl Index {
 
     /// Forgets catalog files (after deleting them).
     pub fn remove_catalog_files(&self, keys: &[String]) -> Result<(), IndexError> {
-        let txn = self.db.begin_write().map_err(storage)?;
+        let txn = begin_write(&self.db)?;
         {
             let mut table = txn.open_table(CATALOG_FILES).map_err(storage)?;
             for k in keys {

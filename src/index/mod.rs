@@ -159,6 +159,17 @@ fn storage<E: Into<redb::Error>>(e: E) -> IndexError {
     IndexError::Storage(Box::new(e.into()))
 }
 
+/// Begins a write transaction that saves redb's allocator state as it commits
+/// (quick repair). Without it, opening the index after a crash (a SIGKILL, an OOM
+/// kill, a power loss) walks and checksums the whole file before mboxd serves:
+/// 2.7 s at 200,000 experiments with the file in the page cache, and growing with
+/// the catalogue. Every commit must save it, since any one may be the last.
+fn begin_write(db: &Database) -> Result<redb::WriteTransaction, IndexError> {
+    let mut txn = db.begin_write().map_err(storage)?;
+    txn.set_quick_repair(true);
+    Ok(txn)
+}
+
 /// One stored metadata value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MetadataEntry {
@@ -189,6 +200,8 @@ pub struct Index {
     /// does; a fleet reader's writes no catalog tables, so nothing would ever
     /// take its marks away.
     catalog_marks: bool,
+    /// See [`Index::repaired_in`].
+    repaired_in: Option<Duration>,
 }
 
 /// How long a file dropped from the manifest is remembered as dropped: far longer
@@ -229,13 +242,30 @@ impl Index {
     /// older layout: an index from before the experiment → file index lists its
     /// files in `unindexed_files`, which reads prune by experiment range.
     pub fn open(path: &Path) -> Result<Self, IndexError> {
+        let repaired = std::sync::Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
         // redb caches 1 GiB by default, outside the memory bound; the operating
         // system's page cache holds the rest of the file.
         let db = Database::builder()
             .set_cache_size(INDEX_CACHE_BYTES)
+            .set_repair_callback({
+                let repaired = repaired.clone();
+                move |_| repaired.store(true, Ordering::Relaxed)
+            })
             .create(path)
             .map_err(storage)?;
-        Self::init(db)
+        let mut index = Self::init(db)?;
+        if repaired.load(Ordering::Relaxed) {
+            index.repaired_in = Some(started.elapsed());
+        }
+        Ok(index)
+    }
+
+    /// How long opening took, if the index had to be walked in full to be
+    /// repaired: only after a crash that left no saved allocator state (an index
+    /// last written by a release without quick repair).
+    pub fn repaired_in(&self) -> Option<Duration> {
+        self.repaired_in
     }
 
     /// An index held in memory only: a reader's view of the storage root, which it
@@ -248,7 +278,7 @@ impl Index {
     }
 
     fn init(db: Database) -> Result<Self, IndexError> {
-        let txn = db.begin_write().map_err(storage)?;
+        let txn = begin_write(&db)?;
         let no_clock;
         let rebuild_search = {
             // Create every table so read transactions never meet a missing one.
@@ -328,6 +358,7 @@ impl Index {
             change_log: AtomicBool::new(false),
             removed: RecentlyRemoved::default(),
             catalog_marks: true,
+            repaired_in: None,
         })
     }
 
@@ -508,6 +539,39 @@ mod tests {
             task: String::new(),
             external_id: String::new(),
         }
+    }
+
+    /// Set in the child process of the crash test: the index it writes, then
+    /// leaves without closing.
+    const CRASH_CHILD: &str = "MBOXD_TEST_INDEX_LEFT_BY_A_CRASH";
+
+    #[test]
+    fn an_index_left_by_a_crash_opens_without_a_full_repair() {
+        let name = "index::tests::an_index_left_by_a_crash_opens_without_a_full_repair";
+        if let Some(path) = std::env::var_os(CRASH_CHILD) {
+            let index = Index::open(Path::new(&path)).unwrap();
+            index.create_experiment(new_exp("a"), &[]).unwrap();
+            index.create_experiment(new_exp("b"), &[]).unwrap();
+            // Exits without dropping the index, as a SIGKILL would.
+            std::process::exit(3);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--test-threads=1", "--nocapture"])
+            .env(CRASH_CHILD, &path)
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(3), "the child wrote and crashed");
+        let index = Index::open(&path).unwrap();
+        assert_eq!(index.repaired_in(), None, "a full repair ran");
+        let names: Vec<_> = index
+            .list_experiments("cv")
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, ["a", "b"]);
     }
 
     #[test]
