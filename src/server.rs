@@ -20,7 +20,7 @@ use crate::auth::{AuthSetupError, Authorizer};
 use crate::changelog::ship::{ShipLoop, Shipper};
 use crate::compact::{self, Compactor, PartitionReport, PassReport};
 use crate::config::{Config, Durability, StorageRoot};
-use crate::index::{Index, IndexError};
+use crate::index::{CatalogJournal, Index, IndexError};
 use crate::ingest::dedup::RecentBatches;
 use crate::ingest::{Ingest, MemoryBudget, Policy};
 use crate::live::LiveView;
@@ -152,6 +152,21 @@ fn open_index(config: &Config) -> Result<Arc<Index>, ServerError> {
     Ok(Arc::new(index))
 }
 
+/// Replays the catalog journal (see [`crate::index::journal`]) and opens it for
+/// appending. Before anything else writes the index, since the batches it
+/// replays were written right after its last durable commit; after the change
+/// log is set, since they are logged as they were at first.
+fn open_journal(config: &Config, index: &Index) -> Result<CatalogJournal, ServerError> {
+    let (journal, replayed) = index.open_journal(&config.data_dir.join("catalog.journal"))?;
+    if replayed > 0 {
+        tracing::info!(
+            batches = replayed,
+            "CreateExperiment batches written again from the catalog journal"
+        );
+    }
+    Ok(journal)
+}
+
 pub(crate) fn create_dir(path: &Path) -> Result<(), ServerError> {
     std::fs::create_dir_all(path).map_err(|source| ServerError::DataDir {
         path: path.to_owned(),
@@ -203,6 +218,7 @@ pub async fn run(
     let index = open_index(&config)?;
     // Before recovery, whose publications readers must hear of too.
     set_change_log(&config, &index)?;
+    let journal = open_journal(&config, &index)?;
     let (sink, remote) = open_root(&config)?;
 
     let files = Files::new(
@@ -364,6 +380,7 @@ pub async fn run(
     let read_slots = Arc::new(tokio::sync::Semaphore::new(config.reads.max_concurrent));
     let service = ModelStoreService::new(
         Arc::clone(&index),
+        journal,
         Arc::clone(&ingest),
         reader.clone(),
         crate::api::Settings {
@@ -717,6 +734,8 @@ pub async fn compact_once(
     let daemon_id: Arc<str> = daemon_id(&config)?.into();
     let index = open_index(&config)?;
     set_change_log(&config, &index)?;
+    // Nothing creates experiments here; the journal is left empty.
+    drop(open_journal(&config, &index)?);
     let (sink, remote) = open_root(&config)?;
     let shipping = start_shipper(&config, &index, &remote, &daemon_id, &metrics)?;
     let remote = remote.map(|store| Remote {

@@ -26,7 +26,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{AuthError, Authorizer, Principal};
 use crate::config::{Limits, Reads, Scope};
-use crate::index::Index;
+use crate::index::{CatalogJournal, Index};
 use crate::ingest::{Accepted, Batch, Ingest};
 use crate::model::{Clock, ExperimentRecord, MetricValue};
 use crate::proto::{self, model_store_server::ModelStore};
@@ -80,6 +80,7 @@ impl ModelStoreService {
     /// The service of a writer: reads and writes.
     pub fn new(
         index: Arc<Index>,
+        journal: CatalogJournal,
         ingest: Arc<Ingest>,
         reader: Reader,
         settings: Settings,
@@ -87,7 +88,7 @@ impl ModelStoreService {
         activity: Arc<Activity>,
     ) -> std::io::Result<Self> {
         let writes = Writes {
-            creates: batcher::CreateBatcher::start(Arc::clone(&index))?,
+            creates: batcher::CreateBatcher::start(Arc::clone(&index), journal)?,
             ingest,
         };
         Ok(Self::with(

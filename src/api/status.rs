@@ -86,6 +86,10 @@ impl From<ApiError> for Status {
             ApiError::Index(IndexError::ExperimentNotFound(id)) => {
                 Status::not_found(format!("parent_id: experiment {id:?} not found"))
             }
+            // Not durable yet: a retry finds the experiment and answers again.
+            ApiError::Index(IndexError::Journal { .. }) => {
+                Status::unavailable(format!("storage is failing: {err}"))
+            }
             ApiError::Ingest(IngestError::Full { retry_after, .. }) => {
                 retry_later(err.to_string(), retry_after)
             }

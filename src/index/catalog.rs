@@ -3,16 +3,19 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
+use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableTable, WriteTransaction};
+use serde::{Deserialize, Serialize};
 
-use super::changes::Change;
+use super::changes::{Change, meta_get};
+use super::journal::{self, CatalogJournal, Durable, JournalRecord};
 use super::{
     BATCH_IDS, CATALOG_CLOCK, CATALOG_FILES, DIRTY, EXPERIMENTS, EXPERIMENTS_BY_NS, Index,
-    IndexError, META, METADATA, MetadataEntry, OLD_DIRTY, OLD_EXPERIMENTS_BY_NS, OLD_SEARCH,
-    REBUILD_PENDING, SEARCH, SUMMARIES, begin_write, decode, encode, search, storage,
+    IndexError, JOURNAL_SEQ, META, METADATA, MetadataEntry, OLD_DIRTY, OLD_EXPERIMENTS_BY_NS,
+    OLD_SEARCH, REBUILD_PENDING, SEARCH, SUMMARIES, begin_write, decode, encode, search, storage,
 };
 use crate::model::{
     ExperimentRecord, ExperimentRef, MetricSummary, Micros, experiment_id, now_micros,
@@ -62,8 +65,18 @@ impl ExperimentCache {
     }
 }
 
+/// How a batch of creations is committed.
+enum Commit<'j> {
+    /// Durably, by itself.
+    Durable,
+    /// Through the journal (see [`super::journal`]).
+    Journaled(&'j mut CatalogJournal),
+    /// Written again from the journal after a crash, at its first time.
+    Replay { seq: u64, now: Micros },
+}
+
 /// Fields of a CreateExperiment request, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NewExperiment {
     pub name: String,
     pub namespace: String,
@@ -118,6 +131,65 @@ impl Index {
         &self,
         batch: Vec<(NewExperiment, Vec<(String, serde_json::Value)>)>,
     ) -> Result<Vec<(ExperimentRecord, bool)>, IndexError> {
+        self.create_batch(batch, Commit::Durable)
+            .map(|(created, _)| created)
+    }
+
+    /// [`Index::create_experiments`] through the catalog journal: durable once the
+    /// returned [`Durable`] says (see [`super::journal`]).
+    #[allow(clippy::type_complexity)]
+    pub fn create_journaled(
+        &self,
+        batch: Vec<(NewExperiment, Vec<(String, serde_json::Value)>)>,
+        journal: &mut CatalogJournal,
+    ) -> Result<(Vec<(ExperimentRecord, bool)>, Durable), IndexError> {
+        self.create_batch(batch, Commit::Journaled(journal))
+    }
+
+    /// Replays the journal at `path` after a crash: the batches after the last
+    /// durable commit are written again as they were (see [`super::journal`]).
+    /// Returns the journal, emptied, to append to, and how many batches it
+    /// replayed.
+    pub fn open_journal(&self, path: &Path) -> Result<(CatalogJournal, usize), IndexError> {
+        let (batches, torn) = journal::read_journal(path)?;
+        if torn > 0 {
+            tracing::warn!(
+                bytes = torn,
+                path = %path.display(),
+                "the catalog journal ends in a torn record (a crash mid-append); it was never acknowledged"
+            );
+        }
+        let read = self.db.begin_read().map_err(storage)?;
+        let mut seq = meta_get(&read.open_table(META).map_err(storage)?, JOURNAL_SEQ)?.unwrap_or(0);
+        drop(read);
+        let mut replayed = 0;
+        for b in batches {
+            if b.seq <= seq {
+                continue;
+            }
+            seq = b.seq;
+            self.create_batch(b.batch, Commit::Replay { seq, now: b.now })?;
+            replayed += 1;
+        }
+        Ok((
+            CatalogJournal::create(path, seq, self.file.as_deref())?,
+            replayed,
+        ))
+    }
+
+    /// Makes every journaled batch durable with one durable commit, and empties
+    /// the journal.
+    pub fn checkpoint_journal(&self, journal: &mut CatalogJournal) -> Result<(), IndexError> {
+        self.begin_write()?.commit().map_err(storage)?;
+        journal.empty()
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn create_batch(
+        &self,
+        batch: Vec<(NewExperiment, Vec<(String, serde_json::Value)>)>,
+        mut commit: Commit<'_>,
+    ) -> Result<(Vec<(ExperimentRecord, bool)>, Durable), IndexError> {
         struct Planned {
             arrival: usize,
             before: Option<ExperimentRecord>,
@@ -139,8 +211,33 @@ impl Index {
             })
             .collect();
         jobs.sort_unstable_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-        let txn = begin_write(&self.db)?;
-        let now = catalog_time(&txn)?;
+        let mut txn = self.begin_write()?;
+        let (now, seq) = match &commit {
+            Commit::Durable => (catalog_time(&txn)?, None),
+            Commit::Journaled(journal) => (catalog_time(&txn)?, Some(journal.next_seq())),
+            Commit::Replay { seq, now } => (*now, Some(*seq)),
+        };
+        // The journal record (framed) and whether this commit is a checkpoint.
+        let mut journaled = None;
+        if let Commit::Journaled(journal) = &commit {
+            let durable = journal.checkpoint_due();
+            if !durable {
+                txn.set_durability(redb::Durability::None);
+                txn.set_quick_repair(false);
+            }
+            let record = journal::frame(&JournalRecord {
+                seq: journal.next_seq(),
+                now,
+                batch: jobs.iter().map(|(_, _, new, m)| (new, m)).collect(),
+            })?;
+            journaled = Some((record, durable));
+        }
+        if let Some(seq) = seq {
+            txn.open_table(META)
+                .map_err(storage)?
+                .insert(JOURNAL_SEQ, seq)
+                .map_err(storage)?;
+        }
         let mut planned: Vec<Planned> = Vec::with_capacity(jobs.len());
         let mut written = BTreeMap::new();
         {
@@ -206,18 +303,39 @@ impl Index {
                 metadata: logged(written),
             })?;
         }
-        txn.commit().map_err(storage)?;
+        // Appended right before the commit, so only a failed commit leaves a
+        // record to take back.
+        let durable = match (&mut commit, journaled) {
+            (Commit::Journaled(journal), Some((record, durable))) => {
+                let before = journal.append(&record, seq.unwrap_or_default())?;
+                if let Err(e) = txn.commit().map_err(storage) {
+                    journal.rewind(before)?;
+                    return Err(e);
+                }
+                if durable {
+                    journal.empty()?;
+                    Durable::Now
+                } else {
+                    Durable::AfterSync
+                }
+            }
+            _ => {
+                txn.commit().map_err(storage)?;
+                Durable::Now
+            }
+        };
         if changed {
             self.bump_generation();
         }
         planned.sort_unstable_by_key(|p| p.arrival);
-        Ok(planned
+        let created = planned
             .into_iter()
             .map(|p| {
                 self.cache.insert(experiment_ref(&p.record));
                 (p.record, p.before.is_some())
             })
-            .collect())
+            .collect();
+        Ok((created, durable))
     }
 
     pub fn get_experiment(&self, id: &str) -> Result<Option<ExperimentRecord>, IndexError> {
@@ -279,7 +397,7 @@ impl Index {
         parent_id: &str,
         entries: &[(String, serde_json::Value)],
     ) -> Result<Micros, IndexError> {
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         let now = take_catalog_time(&txn)?;
         let mut written = BTreeMap::new();
         let record = {
@@ -321,7 +439,7 @@ impl Index {
     /// snapshot tables' `written_at`), so a later snapshot's rows are later even
     /// after the wall clock went back.
     pub fn catalog_now(&self) -> Result<Micros, IndexError> {
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         let now = take_catalog_time(&txn)?;
         txn.commit().map_err(storage)?;
         Ok(now)
@@ -847,7 +965,7 @@ impl Index {
     /// Records a catalog table file about to be written (so it is cleaned up even if
     /// the write is interrupted).
     pub fn add_catalog_file(&self, key: &str) -> Result<(), IndexError> {
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         txn.open_table(CATALOG_FILES)
             .map_err(storage)?
             .insert(key, ())
@@ -871,7 +989,7 @@ impl Index {
             .iter()
             .map(|id| (id.to_string(), "loss".to_string(), summary))
             .collect();
-        let txn = begin_write(&self.db).expect("a write transaction");
+        let txn = self.begin_write().expect("a write transaction");
         merge_summaries(&txn, &summaries, self.catalog_marks).expect("merged");
         txn.commit().expect("committed");
     }
@@ -879,7 +997,7 @@ impl Index {
     /// The rows of `page` are written: drops the marks it read. An experiment
     /// changed since has a later mark, so it stays out of date.
     pub fn catalog_written(&self, page: &DirtyCatalog) -> Result<(), IndexError> {
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         {
             // One removal each, in order: redb's `retain_in` copies the leaf for
             // every entry it drops, which held the writer for 300 ms a page.
@@ -904,7 +1022,7 @@ impl Index {
 
     /// Forgets catalog files (after deleting them).
     pub fn remove_catalog_files(&self, keys: &[String]) -> Result<(), IndexError> {
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         {
             let mut table = txn.open_table(CATALOG_FILES).map_err(storage)?;
             for k in keys {

@@ -26,8 +26,8 @@ use super::catalog::{CatalogTables, merge_summaries, prefix_keys};
 use super::manifest::{insert_file, remove_file};
 use super::{
     AWAITING_UPLOAD, DELETIONS, EXPERIMENTS, FILE_EXPERIMENTS, FILE_EXPERIMENTS_REV, FILES, HELD,
-    Index, IndexError, META, METADATA, MetadataEntry, OUTBOX, SUMMARIES, UNINDEXED, begin_write,
-    decode, encode, search, storage,
+    Index, IndexError, META, METADATA, MetadataEntry, OUTBOX, SUMMARIES, UNINDEXED, decode, encode,
+    search, storage,
 };
 use crate::index::{FileEntry, FilePart};
 use crate::model::{ExperimentRecord, MetricSummary};
@@ -128,7 +128,7 @@ const LOG_BYTES_SINCE: &str = "change_log_bytes_since";
 const ACTIVE: &str = "change_log_active";
 const CHECKPOINT_NEEDED: &str = "change_checkpoint_needed";
 
-fn meta_get(
+pub(super) fn meta_get(
     table: &impl ReadableTable<&'static str, u64>,
     key: &str,
 ) -> Result<Option<u64>, IndexError> {
@@ -140,7 +140,7 @@ impl Index {
     /// If it was off before (or this index never had it), the changes made
     /// meanwhile are in no log, so a checkpoint is marked as needed.
     pub fn enable_change_log(&self) -> Result<(), IndexError> {
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         {
             let mut meta = txn.open_table(META).map_err(storage)?;
             if meta_get(&meta, ACTIVE)? != Some(1) {
@@ -160,7 +160,7 @@ impl Index {
     pub fn disable_change_log(&self) -> Result<(), IndexError> {
         self.change_log
             .store(false, std::sync::atomic::Ordering::Release);
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         {
             let mut meta = txn.open_table(META).map_err(storage)?;
             if meta_get(&meta, ACTIVE)? != Some(1) {
@@ -327,7 +327,7 @@ impl Index {
 
     /// Durably records the log object about to be written.
     pub fn plan_ship(&self, plan: ShipPlan) -> Result<(), IndexError> {
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         {
             let mut meta = txn.open_table(META).map_err(storage)?;
             meta.insert(PLAN_LOG, plan.log).map_err(storage)?;
@@ -339,7 +339,7 @@ impl Index {
     /// The planned log object (of `bytes`) is in the root: its entries leave the
     /// outbox, and the deletions they held are released.
     pub fn shipped(&self, plan: ShipPlan, bytes: u64) -> Result<(), IndexError> {
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         {
             txn.open_table(OUTBOX)
                 .map_err(storage)?
@@ -414,7 +414,7 @@ impl Index {
 
     /// A checkpoint of `bytes` as of log object `log` is in the root.
     pub fn checkpoint_written(&self, log: u64, bytes: u64) -> Result<(), IndexError> {
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         {
             let mut meta = txn.open_table(META).map_err(storage)?;
             match meta_get(&meta, CHECKPOINT)? {
@@ -436,7 +436,7 @@ impl Index {
     /// transaction.
     pub fn apply(&self, changes: &[Change]) -> Result<(), IndexError> {
         let _serial = self.publish.lock().unwrap_or_else(|p| p.into_inner());
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         for change in changes {
             match change {
                 Change::Catalog {
@@ -477,7 +477,7 @@ impl Index {
     /// Merges one daemon's checkpoint into this (reader's) index.
     pub fn apply_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), IndexError> {
         let _serial = self.publish.lock().unwrap_or_else(|p| p.into_inner());
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         {
             let mut t = CatalogTables::open(&txn, self.catalog_marks)?;
             for record in &checkpoint.experiments {

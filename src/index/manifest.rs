@@ -8,7 +8,7 @@ use super::catalog::{merge_summaries, prefix_keys, record_batch_ids};
 use super::changes::{Change, release_awaiting};
 use super::{
     DELETIONS, FILE_EXPERIMENTS, FILE_EXPERIMENTS_REV, FILES, INTENTS, Index, IndexError,
-    PUBLISHED, REPLACE_INTENTS, SPOOLED, UNINDEXED, begin_write, decode, encode, storage,
+    PUBLISHED, REPLACE_INTENTS, SPOOLED, UNINDEXED, decode, encode, storage,
 };
 use crate::model::{MetricSummary, Micros};
 use crate::paths::{ObjectKey, Table};
@@ -219,7 +219,7 @@ pub(super) fn remove_file(
 impl Index {
     /// Durably records that `intent`'s file is about to be renamed into place.
     pub fn begin_publish(&self, intent: &PublishIntent) -> Result<(), IndexError> {
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         txn.open_table(INTENTS)
             .map_err(storage)?
             .insert(intent.entry.key.as_str(), encode(intent).as_slice())
@@ -238,7 +238,7 @@ impl Index {
         spooled: bool,
     ) -> Result<(), IndexError> {
         let _serial = self.publish.lock().unwrap_or_else(|p| p.into_inner());
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         {
             if spooled {
                 txn.open_table(SPOOLED)
@@ -301,7 +301,7 @@ impl Index {
                 self.commit_publish(&intent, Forget::default(), spooled)?;
                 completed += 1;
             } else {
-                let txn = begin_write(&self.db)?;
+                let txn = self.begin_write()?;
                 txn.open_table(INTENTS)
                     .map_err(storage)?
                     .remove(intent.entry.key.as_str())
@@ -356,7 +356,7 @@ impl Index {
 
     /// Forgets published pieces of WAL records below `seq`.
     pub fn forget_published_below(&self, seq: u64) -> Result<(), IndexError> {
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         txn.open_table(PUBLISHED)
             .map_err(storage)?
             .retain_in((0, "")..(seq, ""), |_, _| false)
@@ -385,7 +385,7 @@ impl Index {
 
     /// Records that a spooled file's upload is confirmed.
     pub fn mark_uploaded(&self, key: &str) -> Result<(), IndexError> {
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         txn.open_table(SPOOLED)
             .map_err(storage)?
             .remove(key)
@@ -499,7 +499,7 @@ impl Index {
     /// Durably records a replacement about to happen: its outputs may appear in
     /// storage from now on.
     pub fn begin_replace(&self, intent: &ReplaceIntent) -> Result<(), IndexError> {
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         txn.open_table(REPLACE_INTENTS)
             .map_err(storage)?
             .insert(intent.id.as_str(), encode(intent).as_slice())
@@ -526,7 +526,7 @@ impl Index {
         spooled: bool,
     ) -> Result<Vec<String>, IndexError> {
         let _serial = self.publish.lock().unwrap_or_else(|p| p.into_inner());
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         if !intent.outputs.is_empty() {
             let files = txn.open_table(FILES).map_err(storage)?;
             let mut missing = None;
@@ -587,7 +587,7 @@ impl Index {
 
     /// Drops a replacement that will not happen (its outputs are to be deleted).
     pub fn abandon_replace(&self, intent: &ReplaceIntent) -> Result<(), IndexError> {
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         abandon(&txn, intent)?;
         txn.commit().map_err(storage)
     }
@@ -610,7 +610,7 @@ impl Index {
 
     /// Records that an object is deleted from storage.
     pub fn deleted(&self, key: &str) -> Result<(), IndexError> {
-        let txn = begin_write(&self.db)?;
+        let txn = self.begin_write()?;
         txn.open_table(DELETIONS)
             .map_err(storage)?
             .remove(key)
