@@ -50,7 +50,7 @@ impl CreateBatcher {
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let sync_failed = Arc::new(AtomicBool::new(false));
         let (dirty_tx, dirty_rx) = crossbeam_channel::bounded(1);
-        if let Some(writeback) = journal
+        if let Some(writeback) = index
             .writeback()
             .map_err(|e| std::io::Error::other(e.to_string()))?
         {
@@ -91,8 +91,13 @@ impl CreateBatcher {
     }
 }
 
-/// Answers waiting for a sync of the journal.
-type Waiting = Vec<(oneshot::Sender<Created>, (ExperimentRecord, bool))>;
+/// A batch's answers, waiting for a sync of the journal.
+struct Waiting {
+    answers: Vec<(oneshot::Sender<Created>, (ExperimentRecord, bool))>,
+    /// The journal's checkpoints when the batch was committed: the next one
+    /// makes it durable without the journal.
+    checkpoints: u64,
+}
 
 /// The catalog thread's lines to the threads that finish its work.
 struct After {
@@ -132,14 +137,22 @@ fn run(index: &Index, rx: &Receiver<Job>, mut journal: CatalogJournal, to: &Afte
                     Durable::AfterSync => {
                         // The other threads outlive this one; a write-back
                         // already due covers this commit too.
-                        let _ = to.sync.send(answers.collect());
+                        let _ = to.sync.send(Waiting {
+                            answers: answers.collect(),
+                            checkpoints: journal.checkpoints(),
+                        });
                         let _ = to.dirty.try_send(());
                     }
                 }
             }
             // One bad apple fails the transaction: write each on its own (durably),
-            // so every caller gets its own answer.
+            // so every caller gets its own answer. The checkpoint first: the
+            // failed batch's record, if it stayed in the journal, must not be
+            // replayed over what these write.
             Err(_) => {
+                if let Err(e) = index.checkpoint_journal(&mut journal) {
+                    tracing::warn!(error = %e, "checkpointing the catalog journal");
+                }
                 for job in jobs {
                     let _ = job
                         .reply
@@ -148,38 +161,54 @@ fn run(index: &Index, rx: &Receiver<Job>, mut journal: CatalogJournal, to: &Afte
             }
         }
     }
-    // Stopping: one durable commit, so the journal is left empty.
+    // Stopping: one durable commit, so the journal is left empty. (A process
+    // that exits first leaves it to the next start, which finds every batch in
+    // it already durable, since the stop's own commits are.)
     if let Err(e) = index.checkpoint_journal(&mut journal) {
         tracing::warn!(error = %e, "the catalog journal is replayed at the next start");
     }
 }
 
 /// Syncs the journal for every batch waiting, then answers their callers.
+///
+/// After a failed sync, Linux reports the error once: a later sync can succeed
+/// although the pages it failed to write are lost. So every batch committed
+/// before the checkpoint that follows a failure fails too.
 fn syncs(sync: &JournalSync, rx: &Receiver<Waiting>, failed: &AtomicBool) {
+    // The checkpoint count of the last batch whose sync failed.
+    let mut failed_through = None;
     while let Ok(first) = rx.recv() {
-        let mut waiting = first;
+        let mut waiting = vec![first];
         while let Ok(more) = rx.try_recv() {
-            waiting.extend(more);
+            waiting.push(more);
         }
-        match sync.sync() {
-            Ok(()) => {
-                for (reply, result) in waiting {
+        let result = sync.sync();
+        for batch in waiting {
+            let lost = match &result {
+                Err(e) => Some((e.kind(), e.to_string())),
+                Ok(()) if failed_through.is_some_and(|c| batch.checkpoints <= c) => Some((
+                    std::io::ErrorKind::Other,
+                    "an earlier sync failed, so this one may have lost its pages".to_string(),
+                )),
+                Ok(()) => None,
+            };
+            let Some((kind, message)) = lost else {
+                for (reply, result) in batch.answers {
                     let _ = reply.send(Ok(result));
                 }
-            }
-            // The batches are in the index, not yet durable: their callers are
-            // told to retry (a creation found again is answered as such), and
-            // the next batch is committed durably.
-            Err(e) => {
-                failed.store(true, Ordering::Relaxed);
-                let message = e.to_string();
-                for (reply, _) in waiting {
-                    let _ = reply.send(Err(IndexError::Journal {
-                        what: "syncing",
-                        path: sync.path().to_owned(),
-                        source: std::io::Error::new(e.kind(), message.clone()),
-                    }));
-                }
+                continue;
+            };
+            // In the index, not durable: the callers are told to retry (the
+            // experiment is then found and answered as existing), and the next
+            // batch is committed durably.
+            failed_through = failed_through.max(Some(batch.checkpoints));
+            failed.store(true, Ordering::Relaxed);
+            for (reply, _) in batch.answers {
+                let _ = reply.send(Err(IndexError::Journal {
+                    what: "syncing",
+                    path: sync.path().to_owned(),
+                    source: std::io::Error::new(kind, message.clone()),
+                }));
             }
         }
     }

@@ -86,7 +86,13 @@ impl From<ApiError> for Status {
             ApiError::Index(IndexError::ExperimentNotFound(id)) => {
                 Status::not_found(format!("parent_id: experiment {id:?} not found"))
             }
-            // Not durable yet: a retry finds the experiment and answers again.
+            // Not durable yet: a retry finds the experiment (answered as existing)
+            // once the next checkpoint has made it durable.
+            ApiError::Index(IndexError::Journal { ref source, .. })
+                if source.kind() == std::io::ErrorKind::StorageFull =>
+            {
+                Status::resource_exhausted(format!("data folder is full: {err}"))
+            }
             ApiError::Index(IndexError::Journal { .. }) => {
                 Status::unavailable(format!("storage is failing: {err}"))
             }

@@ -11,7 +11,7 @@ use redb::{Database, ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::changes::{Change, meta_get};
-use super::journal::{self, CatalogJournal, Durable, JournalRecord};
+use super::journal::{self, CatalogJournal, Durable, IndexWriteback, JournalRecord};
 use super::{
     BATCH_IDS, CATALOG_CLOCK, CATALOG_FILES, DIRTY, EXPERIMENTS, EXPERIMENTS_BY_NS, Index,
     IndexError, JOURNAL_SEQ, META, METADATA, MetadataEntry, OLD_DIRTY, OLD_EXPERIMENTS_BY_NS,
@@ -63,6 +63,14 @@ impl ExperimentCache {
         }
         shard.insert(Box::from(&*r.id), r);
     }
+}
+
+/// Commits `txn` without a sync (and so without quick repair's saved state):
+/// for journaled batches only. Every other commit is durable, which the
+/// journal's replay relies on (see [`super::journal`]).
+fn without_sync(txn: &mut WriteTransaction) {
+    txn.set_durability(redb::Durability::None);
+    txn.set_quick_repair(false);
 }
 
 /// How a batch of creations is committed.
@@ -171,17 +179,43 @@ impl Index {
             self.create_batch(b.batch, Commit::Replay { seq, now: b.now })?;
             replayed += 1;
         }
-        Ok((
-            CatalogJournal::create(path, seq, self.file.as_deref())?,
-            replayed,
-        ))
+        if replayed > 0 {
+            // The replayed batches were committed without a sync: this makes
+            // them durable before the journal that holds them is emptied.
+            self.begin_write()?.commit().map_err(storage)?;
+        }
+        Ok((CatalogJournal::create(path, seq)?, replayed))
     }
 
     /// Makes every journaled batch durable with one durable commit, and empties
-    /// the journal.
+    /// the journal. The commit records the last batch's sequence number, so a
+    /// record of a batch whose commit failed, if it could not be taken back,
+    /// is never replayed.
     pub fn checkpoint_journal(&self, journal: &mut CatalogJournal) -> Result<(), IndexError> {
-        self.begin_write()?.commit().map_err(storage)?;
+        let txn = self.begin_write()?;
+        txn.open_table(META)
+            .map_err(storage)?
+            .insert(JOURNAL_SEQ, journal.seq())
+            .map_err(storage)?;
+        txn.commit().map_err(storage)?;
         journal.empty()
+    }
+
+    /// A handle that writes the index's file back (see [`super::journal`]), if
+    /// it is in a file.
+    pub fn writeback(&self) -> Result<Option<IndexWriteback>, IndexError> {
+        self.file
+            .as_deref()
+            .map(|path| {
+                std::fs::File::open(path)
+                    .map(IndexWriteback)
+                    .map_err(|source| IndexError::Journal {
+                        what: "opening the index to write back",
+                        path: path.to_owned(),
+                        source,
+                    })
+            })
+            .transpose()
     }
 
     #[allow(clippy::type_complexity)]
@@ -217,20 +251,20 @@ impl Index {
             Commit::Journaled(journal) => (catalog_time(&txn)?, Some(journal.next_seq())),
             Commit::Replay { seq, now } => (*now, Some(*seq)),
         };
-        // The journal record (framed) and whether this commit is a checkpoint.
-        let mut journaled = None;
-        if let Commit::Journaled(journal) = &commit {
-            let durable = journal.checkpoint_due();
-            if !durable {
-                txn.set_durability(redb::Durability::None);
-                txn.set_quick_repair(false);
+        // A journaled batch's record, framed, unless this commit is a checkpoint.
+        let mut record = None;
+        match &commit {
+            Commit::Journaled(journal) if !journal.checkpoint_due() => {
+                record = Some(journal::frame(&JournalRecord {
+                    seq: journal.next_seq(),
+                    now,
+                    batch: jobs.iter().map(|(_, _, new, m)| (new, m)).collect(),
+                })?);
+                without_sync(&mut txn);
             }
-            let record = journal::frame(&JournalRecord {
-                seq: journal.next_seq(),
-                now,
-                batch: jobs.iter().map(|(_, _, new, m)| (new, m)).collect(),
-            })?;
-            journaled = Some((record, durable));
+            // The replay ends with a durable commit.
+            Commit::Replay { .. } => without_sync(&mut txn),
+            _ => {}
         }
         if let Some(seq) = seq {
             txn.open_table(META)
@@ -303,21 +337,28 @@ impl Index {
                 metadata: logged(written),
             })?;
         }
-        // Appended right before the commit, so only a failed commit leaves a
-        // record to take back.
-        let durable = match (&mut commit, journaled) {
-            (Commit::Journaled(journal), Some((record, durable))) => {
+        let durable = match (&mut commit, record) {
+            (Commit::Journaled(journal), Some(record)) => {
+                // Appended right before the commit, so only a failed commit
+                // leaves a record to take back.
                 let before = journal.append(&record, seq.unwrap_or_default())?;
                 if let Err(e) = txn.commit().map_err(storage) {
-                    journal.rewind(before)?;
+                    if let Err(rewind) = journal.rewind(before) {
+                        tracing::warn!(error = %rewind, "a failed batch's record stays in the catalog journal");
+                    }
                     return Err(e);
                 }
-                if durable {
-                    journal.empty()?;
-                    Durable::Now
-                } else {
-                    Durable::AfterSync
+                Durable::AfterSync
+            }
+            (Commit::Journaled(journal), None) => {
+                txn.commit().map_err(storage)?;
+                journal.advance(seq.unwrap_or_default());
+                // Durable now: every record in the journal is at or before this
+                // commit's sequence number, so one left behind is not replayed.
+                if let Err(e) = journal.empty() {
+                    tracing::warn!(error = %e, "the catalog journal could not be emptied");
                 }
+                Durable::Now
             }
             _ => {
                 txn.commit().map_err(storage)?;

@@ -70,9 +70,9 @@ pub struct CatalogJournal {
     /// The last batch's sequence number.
     seq: u64,
     checkpointed_at: Instant,
-    /// The index's file (read-only), to write it back; none for an index held in
-    /// memory.
-    index_file: Option<File>,
+    /// Checkpoints since the journal was opened: a batch committed after the
+    /// n-th is made durable by a journal sync, or by the (n+1)-th.
+    checkpoints: u64,
     /// [`CHECKPOINT_EVERY`], but in tests.
     checkpoint_every: Duration,
     /// See [`CatalogJournal::checkpoint_next`].
@@ -91,7 +91,7 @@ pub enum Durable {
 /// A handle that writes the index's file back (see the module docs), for a
 /// thread of its own.
 #[derive(Debug)]
-pub struct IndexWriteback(File);
+pub struct IndexWriteback(pub(super) File);
 
 impl IndexWriteback {
     pub fn write_back(&self) -> std::io::Result<()> {
@@ -123,17 +123,8 @@ fn journal_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -
 
 impl CatalogJournal {
     /// Opens the journal at `path` after its records were replayed (see
-    /// [`super::Index::open_journal`]), empty, continuing after `seq`, for the
-    /// index in `index_file`.
-    pub(super) fn create(
-        path: &Path,
-        seq: u64,
-        index_file: Option<&Path>,
-    ) -> Result<Self, IndexError> {
-        let index_file = match index_file {
-            Some(p) => Some(File::open(p).map_err(journal_err("opening the index for", path))?),
-            None => None,
-        };
+    /// [`super::Index::open_journal`]), empty, continuing after `seq`.
+    pub(super) fn create(path: &Path, seq: u64) -> Result<Self, IndexError> {
         let file = File::options()
             .create(true)
             .truncate(false)
@@ -141,13 +132,20 @@ impl CatalogJournal {
             .write(true)
             .open(path)
             .map_err(journal_err("opening", path))?;
+        // The file's entry in its folder, so a power loss cannot take the file
+        // with the batches synced into it.
+        if let Some(dir) = path.parent() {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(journal_err("syncing the folder of", path))?;
+        }
         let mut journal = Self {
             file,
             path: path.to_owned(),
             len: 0,
             seq,
             checkpointed_at: Instant::now(),
-            index_file,
+            checkpoints: 0,
             checkpoint_every: CHECKPOINT_EVERY,
             force: false,
         };
@@ -165,18 +163,6 @@ impl CatalogJournal {
             file,
             path: self.path.clone(),
         })
-    }
-
-    /// A handle that writes the index's file back, if it is in one.
-    pub fn writeback(&self) -> Result<Option<IndexWriteback>, IndexError> {
-        self.index_file
-            .as_ref()
-            .map(|f| {
-                f.try_clone()
-                    .map(IndexWriteback)
-                    .map_err(journal_err("opening the index for", &self.path))
-            })
-            .transpose()
     }
 
     /// Commits the next batch durably, however recent the last checkpoint (a
@@ -200,6 +186,16 @@ impl CatalogJournal {
             || self.checkpointed_at.elapsed() >= self.checkpoint_every
     }
 
+    /// See [`CatalogJournal::checkpoints`].
+    pub fn checkpoints(&self) -> u64 {
+        self.checkpoints
+    }
+
+    /// The last batch's sequence number.
+    pub(super) fn seq(&self) -> u64 {
+        self.seq
+    }
+
     /// The sequence number of the next batch.
     pub(super) fn next_seq(&self) -> u64 {
         self.seq + 1
@@ -218,6 +214,11 @@ impl CatalogJournal {
         Ok(before)
     }
 
+    /// Notes a batch committed durably without a record (a checkpoint).
+    pub(super) fn advance(&mut self, seq: u64) {
+        self.seq = self.seq.max(seq);
+    }
+
     /// Drops what was appended after `len`: its commit failed.
     pub(super) fn rewind(&mut self, len: u64) -> Result<(), IndexError> {
         self.file
@@ -231,6 +232,7 @@ impl CatalogJournal {
     pub(super) fn empty(&mut self) -> Result<(), IndexError> {
         self.rewind(0)?;
         self.checkpointed_at = Instant::now();
+        self.checkpoints += 1;
         self.force = false;
         Ok(())
     }
@@ -240,9 +242,9 @@ impl CatalogJournal {
 pub(super) fn frame(batch: &JournalRecord<'_>) -> Result<Vec<u8>, IndexError> {
     let payload = encode(batch);
     let len = u32::try_from(payload.len()).map_err(|_| IndexError::Journal {
-        what: "framing a batch for",
-        path: PathBuf::new(),
-        source: std::io::Error::other("a batch over 4 GiB"),
+        what: "framing a batch over 4 GiB for",
+        path: PathBuf::from("catalog.journal"),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
     })?;
     let mut record = Vec::with_capacity(payload.len() + 8);
     record.extend_from_slice(&len.to_le_bytes());
@@ -253,7 +255,8 @@ pub(super) fn frame(batch: &JournalRecord<'_>) -> Result<Vec<u8>, IndexError> {
 
 /// The batches a journal file holds, in order, up to the first record that does
 /// not check (with how many bytes follow it, for a warning). A missing file
-/// holds none.
+/// holds none. A record that checks but does not parse (one of a later
+/// release) is an error: it was acknowledged.
 pub(super) fn read_journal(path: &Path) -> Result<(Vec<JournalBatch>, u64), IndexError> {
     let mut bytes = Vec::new();
     match File::open(path) {
@@ -266,23 +269,27 @@ pub(super) fn read_journal(path: &Path) -> Result<(Vec<JournalBatch>, u64), Inde
     }
     let mut batches = Vec::new();
     let mut rest = bytes.as_slice();
-    while let Some(batch) = next_record(&mut rest) {
+    while let Some(payload) = next_record(&mut rest) {
+        let batch = serde_json::from_slice(payload).map_err(|source| IndexError::Corrupt {
+            what: format!("{} record {}", path.display(), batches.len() + 1),
+            source,
+        })?;
         batches.push(batch);
     }
     Ok((batches, rest.len() as u64))
 }
 
-/// The record at the start of `rest` (advancing past it), if it checks.
-fn next_record(rest: &mut &[u8]) -> Option<JournalBatch> {
+/// The payload of the record at the start of `rest` (advancing past it), if it
+/// checks.
+fn next_record<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
     let (len, tail) = rest.split_first_chunk::<4>()?;
     let (crc, tail) = tail.split_first_chunk::<4>()?;
     let payload = tail.get(..u32::from_le_bytes(*len) as usize)?;
     if crc32fast::hash(payload) != u32::from_le_bytes(*crc) {
         return None;
     }
-    let batch = serde_json::from_slice(payload).ok()?;
     *rest = &tail[payload.len()..];
-    Some(batch)
+    Some(payload)
 }
 
 #[cfg(test)]
@@ -336,6 +343,14 @@ mod tests {
                     .unwrap();
                 assert_eq!(durable, Durable::AfterSync);
                 sync.sync().unwrap();
+                if created.is_empty() {
+                    // Another writer's commit, durable, between the batches: it
+                    // makes the first one durable too, so only the second is
+                    // replayed.
+                    index
+                        .update_metadata(&records[0].0.id, &[("opt".into(), json!("adam"))])
+                        .unwrap();
+                }
                 created.extend(records.into_iter().map(|(r, _)| r));
             }
             std::fs::write(dir.join("acknowledged.json"), encode(&created)).unwrap();
@@ -355,41 +370,40 @@ mod tests {
                 .unwrap();
         assert_eq!(acknowledged.len(), 4);
 
+        let names = |v: Vec<ExperimentRecord>| v.into_iter().map(|r| r.name).collect::<Vec<_>>();
         let index = Index::open(&dir.path().join("index.redb")).unwrap();
         assert_eq!(index.repaired_in(), None);
-        assert!(
-            index.list_experiments("cv").unwrap().is_empty(),
-            "the batches were committed durably: the journal is not tested"
-        );
         let path = dir.path().join("catalog.journal");
         // As mboxd starts: the change log is set before the replay.
         index.enable_change_log().unwrap();
+        assert_eq!(names(index.list_experiments("cv").unwrap()), ["a", "b"]);
         let (_, replayed) = index.open_journal(&path).unwrap();
-        assert_eq!(replayed, 2);
+        assert_eq!(replayed, 1);
         for r in &acknowledged {
             // The last acknowledgement of "a" (updated by the second batch) wins.
             let last = acknowledged.iter().rev().find(|x| x.id == r.id).unwrap();
             assert_eq!(index.get_experiment(&r.id).unwrap().as_ref(), Some(last));
         }
-        let names = |v: Vec<ExperimentRecord>| v.into_iter().map(|r| r.name).collect::<Vec<_>>();
         assert_eq!(
             names(index.list_experiments("cv").unwrap()),
             ["a", "b", "c"]
         );
         assert_eq!(names(with_lr(&index, 0.1)), ["b"]);
         assert_eq!(names(with_lr(&index, 0.2)), ["a", "c"]);
-        // One change per batch in the log: each written once.
+        // One change per batch and the update in the log: each written once.
         let changes = index.shippable(100).unwrap();
-        assert_eq!(changes.len(), 2);
+        assert_eq!(changes.len(), 3);
+        let metadata = index.list_metadata(&acknowledged[0].id).unwrap();
+        assert_eq!(metadata.len(), 2, "lr and opt: {metadata:?}");
         drop(index);
 
-        // The replay was durable, and the journal is empty: nothing twice.
+        // The journal is empty, and opening it again writes nothing twice.
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
         let index = Index::open(&dir.path().join("index.redb")).unwrap();
         index.enable_change_log().unwrap();
         let (_, replayed) = index.open_journal(&path).unwrap();
         assert_eq!(replayed, 0);
-        assert_eq!(index.shippable(100).unwrap().len(), 2);
+        assert_eq!(index.shippable(100).unwrap().len(), 3);
         assert_eq!(
             names(index.list_experiments("cv").unwrap()),
             ["a", "b", "c"]
@@ -436,7 +450,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog.journal");
         let index = Index::open(&dir.path().join("index.redb")).unwrap();
-        let (mut journal, _) = index.open_journal(&path).unwrap();
+        let (journal, _) = index.open_journal(&path).unwrap();
+        let mut journal = journal.without_timed_checkpoints();
         journal.checkpoint_next();
         let (_, durable) = index
             .create_journaled(batch(&["a"], 0.1), &mut journal)

@@ -174,7 +174,9 @@ fn storage<E: Into<redb::Error>>(e: E) -> IndexError {
 /// (quick repair). Without it, opening the index after a crash (a SIGKILL, an OOM
 /// kill, a power loss) walks and checksums the whole file before mboxd serves:
 /// 4.4 s at 200,000 experiments with the file in the page cache, and growing with
-/// the catalogue. Every commit must save it, since any one may be the last.
+/// the catalogue. Every durable commit must save it, since any one may be the
+/// last; journaled CreateExperiment batches are the only commits without a sync
+/// (see [`journal`]), and its replay relies on that.
 fn begin_write(db: &Database) -> Result<redb::WriteTransaction, IndexError> {
     let mut txn = db.begin_write().map_err(storage)?;
     txn.set_quick_repair(true);
@@ -213,9 +215,7 @@ pub struct Index {
     catalog_marks: bool,
     /// See [`Index::repaired_in`].
     repaired_in: Option<Duration>,
-    /// Held in memory (a fleet reader's), not in a file.
-    in_memory: bool,
-    /// The index's file, if it is in one.
+    /// The index's file; none for one held in memory (a fleet reader's).
     file: Option<std::path::PathBuf>,
 }
 
@@ -290,10 +290,7 @@ impl Index {
         let db = Database::builder()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(storage)?;
-        Ok(Self {
-            in_memory: true,
-            ..Self::init(db)?
-        })
+        Self::init(db)
     }
 
     fn init(db: Database) -> Result<Self, IndexError> {
@@ -378,7 +375,6 @@ impl Index {
             removed: RecentlyRemoved::default(),
             catalog_marks: true,
             repaired_in: None,
-            in_memory: false,
             file: None,
         })
     }
@@ -401,10 +397,10 @@ impl Index {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Begins a write transaction: [`begin_write`]'s for an index on disk; an
+    /// Begins a write transaction: [`begin_write`]'s for an index in a file; an
     /// index in memory has nothing to repair after a crash, so it skips the cost.
     fn begin_write(&self) -> Result<redb::WriteTransaction, IndexError> {
-        if self.in_memory {
+        if self.file.is_none() {
             self.db.begin_write().map_err(storage)
         } else {
             begin_write(&self.db)
