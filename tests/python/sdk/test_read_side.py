@@ -98,6 +98,10 @@ def test_search_filters_sorts_and_pages(mboxd):
     assert dict(run.metadata) == {"lr": 0.0003, "optimizer": {"name": "adamw", "betas": [0.9, 0.999]}}
     assert run.summaries["val/loss"] == mbox.MetricSummary(last=0.15, last_step=200, min=0.15, max=0.9, count=3)
 
+    # Summaries appear as the writers publish, each run's in its own time: the
+    # orderings below need all three.
+    wait_for(lambda: [e.summaries["val/loss"].count for e in client.search("search")
+                      if "val/loss" in e.summaries] == [3, 3, 3])
     order = ["metrics.val/loss.last ASC"]
     assert [e.name for e in client.search("search", order_by=order)] == ["vit", "resnet-a", "resnet-b"]
     assert [e.name for e in client.search("search", order_by=order, page_size=1)] == ["vit", "resnet-a", "resnet-b"]
