@@ -539,6 +539,18 @@ async fn a_repeated_read_takes_file_metadata_from_the_cache() {
         .unwrap();
         wait_for_rows(server.data_dir(), "metrics", (round as usize + 1) * 100).await;
     }
+    // A file is in its folder a moment before its manifest entry commits; a read
+    // in between takes it as staged, without the cache. Wait for every entry.
+    let on_disk = parquet_files(server.data_dir(), "metrics").len() as f64;
+    let published = r#"mboxd_files_published_total{table="metrics"}"#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while scrape(http).await.get(published).copied().unwrap_or(0.0) < on_disk {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{on_disk} files never all published"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let read = || proto::GetMetricsRequest {
         parent_id: id.clone(),
         ..Default::default()
