@@ -12,9 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::oneshot;
 
 use crate::index::journal::WRITEBACK_EVERY;
-use crate::index::{
-    CatalogJournal, Durable, Index, IndexError, IndexWriteback, JournalSync, NewExperiment,
-};
+use crate::index::{CatalogJournal, Durable, FileSync, Index, IndexError, NewExperiment};
 use crate::model::ExperimentRecord;
 
 type Entries = Vec<(String, serde_json::Value)>;
@@ -174,7 +172,7 @@ fn run(index: &Index, rx: &Receiver<Job>, mut journal: CatalogJournal, to: &Afte
 /// After a failed sync, Linux reports the error once: a later sync can succeed
 /// although the pages it failed to write are lost. So every batch committed
 /// before the checkpoint that follows a failure fails too.
-fn syncs(sync: &JournalSync, rx: &Receiver<Waiting>, failed: &AtomicBool) {
+fn syncs(sync: &FileSync, rx: &Receiver<Waiting>, failed: &AtomicBool) {
     // The checkpoint count of the last batch whose sync failed.
     let mut failed_through = None;
     while let Ok(first) = rx.recv() {
@@ -217,9 +215,9 @@ fn syncs(sync: &JournalSync, rx: &Receiver<Waiting>, failed: &AtomicBool) {
 /// Writes the index's file back after commits that left pages to write, at most
 /// every [`WRITEBACK_EVERY`]. A failure is only logged: the checkpoint's own
 /// sync reports it where it counts.
-fn write_back(writeback: &IndexWriteback, dirty: &Receiver<()>) {
+fn write_back(index_file: &FileSync, dirty: &Receiver<()>) {
     while dirty.recv().is_ok() {
-        if let Err(e) = writeback.write_back() {
+        if let Err(e) = index_file.sync() {
             tracing::debug!(error = %e, "writing the index back");
         }
         std::thread::sleep(WRITEBACK_EVERY);

@@ -11,7 +11,7 @@ use redb::{Database, ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::changes::{Change, meta_get};
-use super::journal::{self, CatalogJournal, Durable, IndexWriteback, JournalRecord};
+use super::journal::{self, CatalogJournal, Durable, FileSync, JournalRecord};
 use super::{
     BATCH_IDS, CATALOG_CLOCK, CATALOG_FILES, DIRTY, EXPERIMENTS, EXPERIMENTS_BY_NS, Index,
     IndexError, JOURNAL_SEQ, META, METADATA, MetadataEntry, OLD_DIRTY, OLD_EXPERIMENTS_BY_NS,
@@ -203,17 +203,15 @@ impl Index {
 
     /// A handle that writes the index's file back (see [`super::journal`]), if
     /// it is in a file.
-    pub fn writeback(&self) -> Result<Option<IndexWriteback>, IndexError> {
+    pub fn writeback(&self) -> Result<Option<FileSync>, IndexError> {
         self.file
             .as_deref()
             .map(|path| {
-                std::fs::File::open(path)
-                    .map(IndexWriteback)
-                    .map_err(|source| IndexError::Journal {
-                        what: "opening the index to write back",
-                        path: path.to_owned(),
-                        source,
-                    })
+                FileSync::open(path).map_err(|source| IndexError::Journal {
+                    what: "opening the index to write back",
+                    path: path.to_owned(),
+                    source,
+                })
             })
             .transpose()
     }

@@ -9,7 +9,7 @@
 //! About once a second a batch is committed durably (a checkpoint), which makes
 //! every earlier one durable too, and the journal is emptied. The commits in
 //! between leave their pages to the page cache; a third thread writes them back
-//! every [`WRITEBACK_EVERY`] ([`IndexWriteback`]), so the checkpoint's sync finds
+//! every [`WRITEBACK_EVERY`] ([`super::Index::writeback`]), so the checkpoint's sync finds
 //! little left to write instead of holding the index thread for a second's pages.
 //!
 //! After a crash the index is as its last durable commit left it (redb drops the
@@ -84,29 +84,26 @@ pub struct CatalogJournal {
 pub enum Durable {
     /// The commit was durable itself.
     Now,
-    /// A sync of the journal ([`JournalSync::sync`]) makes it durable.
+    /// A sync of the journal ([`CatalogJournal::syncer`]) makes it durable.
     AfterSync,
 }
 
-/// A handle that writes the index's file back (see the module docs), for a
-/// thread of its own.
+/// A handle that syncs one file from a thread of its own: the journal (before
+/// its batches are answered) or the index (written back ahead of checkpoints).
 #[derive(Debug)]
-pub struct IndexWriteback(pub(super) File);
-
-impl IndexWriteback {
-    pub fn write_back(&self) -> std::io::Result<()> {
-        self.0.sync_data()
-    }
-}
-
-/// A handle that syncs the journal, for a thread other than the index's.
-#[derive(Debug)]
-pub struct JournalSync {
+pub struct FileSync {
     file: File,
     path: PathBuf,
 }
 
-impl JournalSync {
+impl FileSync {
+    pub(super) fn open(path: &Path) -> std::io::Result<Self> {
+        Ok(Self {
+            file: File::open(path)?,
+            path: path.to_owned(),
+        })
+    }
+
     pub fn sync(&self) -> std::io::Result<()> {
         self.file.sync_data()
     }
@@ -154,15 +151,8 @@ impl CatalogJournal {
     }
 
     /// A handle that syncs this journal.
-    pub fn syncer(&self) -> Result<JournalSync, IndexError> {
-        let file = self
-            .file
-            .try_clone()
-            .map_err(journal_err("opening", &self.path))?;
-        Ok(JournalSync {
-            file,
-            path: self.path.clone(),
-        })
+    pub fn syncer(&self) -> Result<FileSync, IndexError> {
+        FileSync::open(&self.path).map_err(journal_err("opening", &self.path))
     }
 
     /// Commits the next batch durably, however recent the last checkpoint (a
@@ -410,23 +400,33 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_torn_last_record_is_dropped_and_the_ones_before_it_kept() {
+    /// An index in a new folder, with its journal (no timed checkpoints).
+    fn fresh() -> (tempfile::TempDir, PathBuf, Index, CatalogJournal) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog.journal");
         let index = Index::open(&dir.path().join("index.redb")).unwrap();
         let (journal, _) = index.open_journal(&path).unwrap();
-        let mut journal = journal.without_timed_checkpoints();
-        for (names, lr) in [(&["a"][..], 0.1), (&["b"][..], 0.2)] {
-            let batch = batch(names, lr);
-            let record = JournalRecord {
-                seq: journal.next_seq(),
-                now: 1_000_000,
-                batch: batch.iter().map(|(n, m)| (n, m)).collect(),
-            };
-            let seq = record.seq;
-            journal.append(&frame(&record).unwrap(), seq).unwrap();
-        }
+        (dir, path, index, journal.without_timed_checkpoints())
+    }
+
+    /// Appends a record of a batch to the journal, as a batch whose commit
+    /// never happened (or failed) would leave it.
+    fn append_uncommitted(journal: &mut CatalogJournal, names: &[&str], lr: f64) {
+        let batch = batch(names, lr);
+        let record = JournalRecord {
+            seq: journal.next_seq(),
+            now: 1_000_000,
+            batch: batch.iter().map(|(n, m)| (n, m)).collect(),
+        };
+        let seq = record.seq;
+        journal.append(&frame(&record).unwrap(), seq).unwrap();
+    }
+
+    #[test]
+    fn a_torn_last_record_is_dropped_and_the_ones_before_it_kept() {
+        let (_dir, path, index, mut journal) = fresh();
+        append_uncommitted(&mut journal, &["a"], 0.1);
+        append_uncommitted(&mut journal, &["b"], 0.2);
         let whole = std::fs::metadata(&path).unwrap().len();
         std::fs::OpenOptions::new()
             .write(true)
@@ -446,12 +446,8 @@ mod tests {
     }
 
     #[test]
-    fn a_checkpoint_is_durable_and_empties_the_journal() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("catalog.journal");
-        let index = Index::open(&dir.path().join("index.redb")).unwrap();
-        let (journal, _) = index.open_journal(&path).unwrap();
-        let mut journal = journal.without_timed_checkpoints();
+    fn a_checkpoint_answers_at_once_empties_the_journal_and_outdates_what_it_held() {
+        let (_dir, path, index, mut journal) = fresh();
         journal.checkpoint_next();
         let (_, durable) = index
             .create_journaled(batch(&["a"], 0.1), &mut journal)
@@ -462,8 +458,22 @@ mod tests {
             .create_journaled(batch(&["b"], 0.1), &mut journal)
             .unwrap();
         assert_eq!(durable, Durable::AfterSync);
-        assert!(std::fs::metadata(&path).unwrap().len() > 0);
+        // A failed batch's record that could not be taken back.
+        append_uncommitted(&mut journal, &["never"], 0.1);
+        let held = std::fs::read(&path).unwrap();
+        assert!(!held.is_empty());
         index.checkpoint_journal(&mut journal).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        // Were the emptying lost, nothing it held would be written again.
+        std::fs::write(&path, held).unwrap();
+        let (_, replayed) = index.open_journal(&path).unwrap();
+        assert_eq!(replayed, 0);
+        let names: Vec<_> = index
+            .list_experiments("cv")
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, ["a", "b"]);
     }
 }

@@ -82,7 +82,7 @@ use serde::{Deserialize, Serialize};
 
 pub use catalog::{CatalogRows, DirtyCatalog, ExperimentCache, NewExperiment};
 pub use changes::{Change, ChangeEntry, Checkpoint, CheckpointFile, ShipPlan, ShipState};
-pub use journal::{CatalogJournal, Durable, IndexWriteback, JournalSync};
+pub use journal::{CatalogJournal, Durable, FileSync};
 pub use manifest::{
     FileEntry, FilePart, FileRef, Forget, PublishIntent, ReplaceIntent, SCHEMA_INT64, SCHEMA_UINT64,
 };
