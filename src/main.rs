@@ -311,9 +311,34 @@ async fn compact(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = match Cli::parse().command {
+fn main() -> anyhow::Result<()> {
+    small_pages_only();
+    let cli = Cli::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(cli))
+}
+
+/// Keeps this process's memory in 4 KiB pages, before the runtime's threads start.
+///
+/// mimalloc reserves its heap in 1 GiB arenas and, unless built with `no_thp`
+/// (Cargo.toml), asks for transparent huge pages on them; a kernel set to
+/// `always` gives them without asking. Either way each 2 MiB region the heap
+/// touches counts whole in RSS: an idle daemon measured 69 MiB with huge pages
+/// and 35 MiB without, on a kernel set to `madvise`. For a sidecar under a memory
+/// limit that inflation is pure cost, so it is turned off for the whole process.
+fn small_pages_only() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        // Nothing is set up to log yet, and the daemon works either way.
+        eprintln!("mboxd: transparent huge pages stay enabled: {e}");
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let args = match cli.command {
         Command::Serve(args) => args,
         Command::Config(args) => {
             let (config, _) = args.into_config()?;

@@ -102,6 +102,14 @@ async fn flooding_keeps_memory_bounded_and_loses_nothing_acknowledged() {
         exhausted += e;
     }
     peak = peak.max(proc.peak_rss());
+    // The heap stays out of transparent huge pages (src/main.rs), which count a
+    // whole 2 MiB region in RSS for every byte touched in it.
+    assert_eq!(proc.proc_field("status", "THP_enabled:"), Some(0));
+    assert_eq!(
+        proc.proc_field("smaps_rollup", "AnonHugePages:"),
+        Some(0),
+        "kB of the heap in huge pages after the flood"
+    );
     assert!(proc.terminate().await);
 
     // The bound config/mboxd.toml documents, computed by mboxd itself: buffers,

@@ -299,14 +299,21 @@ impl Process {
 
     /// Peak resident set size so far (VmHWM), in bytes.
     pub fn peak_rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
+        self.proc_field("status", "VmHWM:")
             .map_or(0, |kb| kb * 1024)
+    }
+
+    /// The number after `name` in the process's `/proc/<pid>/<file>` (such as
+    /// `status` or `smaps_rollup`), if the file has it.
+    pub fn proc_field(&self, file: &str, name: &str) -> Option<u64> {
+        std::fs::read_to_string(format!("/proc/{}/{file}", self.child.id()))
+            .ok()?
+            .lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
     }
 }
 
