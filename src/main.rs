@@ -261,6 +261,7 @@ fn describe(config: &Config) -> serde_json::Value {
         "max_connections": config.max_connections,
         // Read back from the allocator, so this shows what start-up put in effect.
         "allocator_purge_delay_ms": allocator_purge_delay_ms(),
+        "transparent_huge_pages": huge_pages_allowed(),
         "max_message_bytes": config.limits.max_message_bytes,
         "max_rows": config.roll.max_rows,
         "memory_bound_bytes": config.memory_bound_bytes(),
@@ -334,6 +335,21 @@ fn small_pages_only() {
     if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
         // Nothing is set up to log yet, and the daemon works either way.
         eprintln!("mboxd: transparent huge pages stay enabled: {e}");
+    }
+}
+
+/// Whether this process may use transparent huge pages (see
+/// [`small_pages_only`]), read back from the kernel; `None` where it cannot say.
+fn huge_pages_allowed() -> Option<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        rustix::thread::transparent_huge_pages_are_disabled()
+            .ok()
+            .map(|disabled| !disabled)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
     }
 }
 

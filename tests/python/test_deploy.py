@@ -110,6 +110,14 @@ def test_mboxd_config_prints_the_allocator_purge_delay(tmp_path):
     assert run("--config", str(ROOT / "config" / "sidecar.toml")) == 0
 
 
+def test_mboxd_config_reports_huge_pages_off(tmp_path):
+    # Read back from the kernel by the process itself: the heap is kept in 4 KiB
+    # pages, which a memory-limited pod counts byte for byte.
+    out = subprocess.run([mboxd_binary(), "config", "--data-dir", str(tmp_path)], check=True,
+                         capture_output=True, text=True, env={"PATH": os.environ["PATH"]}).stdout
+    assert json.loads(out)["transparent_huge_pages"] is False
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_validates_and_agrees_with_mboxd_config(overlay, tmp_path):
     docs = render(overlay)
