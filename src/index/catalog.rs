@@ -207,11 +207,10 @@ impl Index {
         self.file
             .as_deref()
             .map(|path| {
-                FileSync::open(path).map_err(|source| IndexError::Journal {
-                    what: "opening the index to write back",
-                    path: path.to_owned(),
-                    source,
-                })
+                FileSync::open(path).map_err(journal::journal_err(
+                    "opening the index to write back",
+                    path,
+                ))
             })
             .transpose()
     }
@@ -1010,6 +1009,13 @@ impl Index {
             .insert(key, ())
             .map_err(storage)?;
         txn.commit().map_err(storage)
+    }
+
+    /// The names of `namespace`'s experiments, in listing order (newest first).
+    #[cfg(test)]
+    pub(crate) fn experiment_names(&self, namespace: &str) -> Vec<String> {
+        let listed = self.list_experiments(namespace).expect("list experiments");
+        listed.into_iter().map(|r| r.name).collect()
     }
 
     /// Merges a summary for each of `ids`, as a publish would.

@@ -113,7 +113,10 @@ impl FileSync {
     }
 }
 
-fn journal_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> IndexError {
+pub(super) fn journal_err(
+    what: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> IndexError {
     let path = path.to_owned();
     move |source| IndexError::Journal { what, path, source }
 }
@@ -366,7 +369,7 @@ mod tests {
         let path = dir.path().join("catalog.journal");
         // As mboxd starts: the change log is set before the replay.
         index.enable_change_log().unwrap();
-        assert_eq!(names(index.list_experiments("cv").unwrap()), ["a", "b"]);
+        assert_eq!(index.experiment_names("cv"), ["a", "b"]);
         let (_, replayed) = index.open_journal(&path).unwrap();
         assert_eq!(replayed, 1);
         for r in &acknowledged {
@@ -374,10 +377,7 @@ mod tests {
             let last = acknowledged.iter().rev().find(|x| x.id == r.id).unwrap();
             assert_eq!(index.get_experiment(&r.id).unwrap().as_ref(), Some(last));
         }
-        assert_eq!(
-            names(index.list_experiments("cv").unwrap()),
-            ["a", "b", "c"]
-        );
+        assert_eq!(index.experiment_names("cv"), ["a", "b", "c"]);
         assert_eq!(names(with_lr(&index, 0.1)), ["b"]);
         assert_eq!(names(with_lr(&index, 0.2)), ["a", "c"]);
         // One change per batch and the update in the log: each written once.
@@ -394,10 +394,7 @@ mod tests {
         let (_, replayed) = index.open_journal(&path).unwrap();
         assert_eq!(replayed, 0);
         assert_eq!(index.shippable(100).unwrap().len(), 3);
-        assert_eq!(
-            names(index.list_experiments("cv").unwrap()),
-            ["a", "b", "c"]
-        );
+        assert_eq!(index.experiment_names("cv"), ["a", "b", "c"]);
     }
 
     /// An index in a new folder, with its journal (no timed checkpoints).
@@ -468,12 +465,6 @@ mod tests {
         std::fs::write(&path, held).unwrap();
         let (_, replayed) = index.open_journal(&path).unwrap();
         assert_eq!(replayed, 0);
-        let names: Vec<_> = index
-            .list_experiments("cv")
-            .unwrap()
-            .into_iter()
-            .map(|e| e.name)
-            .collect();
-        assert_eq!(names, ["a", "b"]);
+        assert_eq!(index.experiment_names("cv"), ["a", "b"]);
     }
 }

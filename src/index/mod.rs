@@ -592,13 +592,7 @@ mod tests {
         assert_eq!(status.code(), Some(3), "the child wrote and crashed");
         let index = Index::open(&path).unwrap();
         assert_eq!(index.repaired_in(), None, "a full repair ran");
-        let names: Vec<_> = index
-            .list_experiments("cv")
-            .unwrap()
-            .into_iter()
-            .map(|e| e.name)
-            .collect();
-        assert_eq!(names, ["a", "b"]);
+        assert_eq!(index.experiment_names("cv"), ["a", "b"]);
     }
 
     #[test]
@@ -855,12 +849,8 @@ mod tests {
             assert!(txn.delete_table(SEARCH).unwrap());
             txn.commit().unwrap();
         }
-        let names = |index: &Index| -> Vec<String> {
-            let listed = index.list_experiments("cv").unwrap();
-            listed.into_iter().map(|r| r.name).collect()
-        };
         let index = Index::open(&path).unwrap();
-        assert_eq!(names(&index), ["z", "x"]);
+        assert_eq!(index.experiment_names("cv"), ["z", "x"]);
         assert_eq!(index.namespaces().unwrap(), ["cv", "nlp"]);
         let search = |ns: Option<&str>, filter: &str, order: &str| -> Vec<String> {
             let s = Search {
@@ -913,7 +903,7 @@ mod tests {
             txn.commit().unwrap();
         }
         let index = Index::open(&path).unwrap();
-        assert_eq!(names(&index), ["z", "v", "x", "w"]);
+        assert_eq!(index.experiment_names("cv"), ["z", "v", "x", "w"]);
         let s = Search {
             conditions: parse_filter("name = \"v\"").unwrap(),
             order_by: vec![],
@@ -958,12 +948,7 @@ mod tests {
             db
         };
         let check = |index: &Index| {
-            let names: Vec<String> = index
-                .list_experiments("odd")
-                .unwrap()
-                .into_iter()
-                .map(|r| r.name)
-                .collect();
+            let names = index.experiment_names("odd");
             let want: Vec<String> = (0..25)
                 .filter(|i| i % 2 == 1)
                 .map(|i| format!("e{i:02}"))
