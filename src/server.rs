@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -175,6 +175,8 @@ pub(crate) fn create_dir(path: &Path) -> Result<(), ServerError> {
 }
 
 /// Serves until `shutdown` completes, then drains and publishes everything.
+/// Returns once the index is closed, so that the folder can be opened again at
+/// once: by a restart in the same process, or by [`compact_once`].
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -183,6 +185,37 @@ pub async fn run(
     if config.reader.enabled {
         return crate::fleet::run_reader(config, listener, shutdown).await;
     }
+    let within = config.shutdown_timeout;
+    let mut index = Weak::new();
+    let served = serve(config, listener, shutdown, &mut index).await;
+    let_go(&index, within).await;
+    served
+}
+
+/// Waits for the last holder of the index to let it go. Every thread that
+/// holds it is joined by then, but a connection the drain cut off can keep a
+/// request's handle for a moment after serving has ended.
+async fn let_go(index: &Weak<Index>, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while index.strong_count() > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                "the index is still held after the stop; opening this folder again \
+                 in this process fails until it is let go"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// [`run`]'s writer, which sets `opened` to the index once it is open.
+async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    opened: &mut Weak<Index>,
+) -> Result<(), ServerError> {
     create_dir(&config.data_dir)?;
     // Certificates and tokens first: a mistake there stops start-up before any
     // recovery work, and nothing is ever served without them.
@@ -216,6 +249,7 @@ pub async fn run(
     let metrics = Metrics::new();
     let daemon_id: Arc<str> = daemon_id(&config)?.into();
     let index = open_index(&config)?;
+    *opened = Arc::downgrade(&index);
     // Before recovery, whose publications readers must hear of too.
     set_change_log(&config, &index)?;
     let journal = open_journal(&config, &index)?;
@@ -393,6 +427,7 @@ pub async fn run(
         Arc::clone(&activity),
     )
     .map_err(ServerError::Thread)?;
+    let creates = service.clone();
     let grpc = ModelStoreServer::new(service)
         .max_decoding_message_size(config.limits.max_message_bytes)
         .max_encoding_message_size(usize::MAX)
@@ -573,6 +608,9 @@ pub async fn run(
     tracing::info!("no longer accepting requests; publishing buffered rows");
     let draining_since = tokio::time::Instant::now();
     ingest.shutdown();
+    // The catalog's last commit checkpoints its journal, so the next start has
+    // nothing to replay.
+    let _ = tokio::task::spawn_blocking(move || creates.stop_creates()).await;
     let joined = tokio::task::spawn_blocking(move || {
         for w in writers {
             if w.join().is_err() {
@@ -611,6 +649,7 @@ pub async fn run(
         ship_loop.stop().await;
     }
     summaries.abort();
+    let _ = summaries.await;
     let _ = metrics_stop.send(());
     if let Some(server) = http_server {
         let _ = server.await;

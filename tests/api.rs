@@ -605,3 +605,44 @@ async fn a_batch_id_is_a_retry_only_within_its_namespaces() {
     }
     server.stop().await;
 }
+
+/// A graceful stop returns only when the index is closed and the catalog
+/// journal checkpointed: the folder opens again in the same process at once, with
+/// nothing left to replay, while a client that just created experiments is still
+/// connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_closes_the_index_and_empties_the_catalog_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for round in 0..5 {
+        let mut server = TestServer::start(mboxd::config::Config::test_config(data.clone())).await;
+        let c = server.client().await;
+        let tasks: Vec<_> = (0..4)
+            .map(|t| {
+                let mut c = c.clone();
+                tokio::spawn(async move {
+                    for i in 0..25 {
+                        create_experiment(&mut c, "stop", &format!("r{round}-{t}-{i}")).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        server.stop().await;
+        let journal = std::fs::metadata(data.join("catalog.journal")).unwrap();
+        assert_eq!(
+            journal.len(),
+            0,
+            "round {round}: the journal was not checkpointed"
+        );
+        let index = mboxd::index::Index::open(&data.join("index.redb"))
+            .unwrap_or_else(|e| panic!("round {round}: the index is still open: {e}"));
+        assert_eq!(
+            index.list_experiments("stop").unwrap().len(),
+            (round + 1) * 100
+        );
+        drop(c);
+    }
+}

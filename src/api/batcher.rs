@@ -5,8 +5,9 @@
 //! syncs it and answers the batch's callers while the first writes the next, and
 //! a third writes the index's pages back ahead of the journal's checkpoints.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::oneshot;
@@ -24,13 +25,23 @@ struct Job {
     reply: oneshot::Sender<Created>,
 }
 
+/// What the catalog thread is sent.
+#[derive(Debug)]
+enum Msg {
+    Create(Job),
+    /// Answer what came before, checkpoint the journal and stop.
+    Stop,
+}
+
 /// Most creations written in one transaction.
 const MAX_BATCH: usize = 512;
 
-/// See the module docs. Dropping the last handle stops its thread.
+/// See the module docs. [`CreateBatcher::stop`] stops its threads.
 #[derive(Debug, Clone)]
 pub struct CreateBatcher {
-    tx: Sender<Job>,
+    tx: Sender<Msg>,
+    /// The catalog thread first: the others stop when it has.
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl std::fmt::Debug for Job {
@@ -48,21 +59,23 @@ impl CreateBatcher {
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let sync_failed = Arc::new(AtomicBool::new(false));
         let (dirty_tx, dirty_rx) = crossbeam_channel::bounded(1);
-        if let Some(writeback) = index
+        let writeback = index
             .writeback()
-            .map_err(|e| std::io::Error::other(e.to_string()))?
-        {
-            std::thread::Builder::new()
-                .name("mboxd-catalog-writeback".into())
-                .spawn(move || write_back(&writeback, &dirty_rx))?;
-        }
-        std::thread::Builder::new()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let writeback = writeback
+            .map(|file| {
+                std::thread::Builder::new()
+                    .name("mboxd-catalog-writeback".into())
+                    .spawn(move || write_back(&file, &dirty_rx))
+            })
+            .transpose()?;
+        let sync = std::thread::Builder::new()
             .name("mboxd-catalog-sync".into())
             .spawn({
                 let sync_failed = Arc::clone(&sync_failed);
                 move || syncs(&sync, &sync_rx, &sync_failed)
             })?;
-        std::thread::Builder::new()
+        let catalog = std::thread::Builder::new()
             .name("mboxd-catalog".into())
             .spawn(move || {
                 let to = After {
@@ -72,20 +85,39 @@ impl CreateBatcher {
                 };
                 run(&index, &rx, journal, &to);
             })?;
-        Ok(Self { tx })
+        let threads = [Some(catalog), Some(sync), writeback];
+        Ok(Self {
+            tx,
+            threads: Arc::new(Mutex::new(threads.into_iter().flatten().collect())),
+        })
     }
 
     /// Creates (or finds) an experiment; see [`Index::create_experiment`].
+    /// `None` once the batcher has stopped.
     pub async fn create(&self, new: NewExperiment, metadata: Entries) -> Option<Created> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job {
+            .send(Msg::Create(Job {
                 new,
                 metadata,
                 reply,
-            })
+            }))
             .ok()?;
         rx.await.ok()
+    }
+
+    /// Answers the creations sent before, checkpoints the journal, and waits
+    /// for the threads to end, so the index is let go and the journal left
+    /// empty. Later creations are answered `None`. Blocks.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Msg::Stop);
+        let threads =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        for thread in threads {
+            if thread.join().is_err() {
+                tracing::error!("a catalog thread panicked");
+            }
+        }
     }
 }
 
@@ -107,12 +139,17 @@ struct After {
     dirty: Sender<()>,
 }
 
-fn run(index: &Index, rx: &Receiver<Job>, mut journal: CatalogJournal, to: &After) {
-    while let Ok(first) = rx.recv() {
+fn run(index: &Index, rx: &Receiver<Msg>, mut journal: CatalogJournal, to: &After) {
+    let mut stopping = false;
+    while let Ok(Msg::Create(first)) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(job) => jobs.push(job),
+                Ok(Msg::Create(job)) => jobs.push(job),
+                Ok(Msg::Stop) => {
+                    stopping = true;
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -157,6 +194,9 @@ fn run(index: &Index, rx: &Receiver<Job>, mut journal: CatalogJournal, to: &Afte
                         .send(index.create_experiment(job.new, &job.metadata));
                 }
             }
+        }
+        if stopping {
+            break;
         }
     }
     // Stopping: one durable commit, so the journal is left empty. (A process

@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::auth::{AuthError, Authorizer, Principal};
 use crate::config::{Limits, Reads, Scope};
 use crate::index::{CatalogJournal, Index};
-use crate::ingest::{Accepted, Batch, Ingest};
+use crate::ingest::{Accepted, Batch, Ingest, IngestError};
 use crate::model::{Clock, ExperimentRecord, MetricValue};
 use crate::proto::{self, model_store_server::ModelStore};
 use crate::query::Reader;
@@ -99,6 +99,14 @@ impl ModelStoreService {
             metrics,
             activity,
         ))
+    }
+
+    /// Stops the catalog's threads ([`batcher::CreateBatcher::stop`]); later
+    /// creations are answered UNAVAILABLE. Blocks.
+    pub fn stop_creates(&self) {
+        if let Some(writes) = &self.writes {
+            writes.creates.stop();
+        }
     }
 
     /// The service of a reader: every read, and FAILED_PRECONDITION for writes.
@@ -317,7 +325,7 @@ impl ModelStore for ModelStoreService {
             .creates
             .create(new, metadata)
             .await
-            .ok_or_else(|| ApiError::Task("the catalog writer has stopped".into()))?
+            .ok_or(ApiError::Ingest(IngestError::ShuttingDown))?
             .map_err(ApiError::from)?;
         drop(held);
         Ok(Response::new(proto::CreateExperimentResponse {
