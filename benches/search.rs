@@ -378,7 +378,9 @@ fn stop(d: &mut Daemon) -> anyhow::Result<Duration> {
 }
 
 /// `mboxd_published_rows_total{table="metrics"}` from the daemon's /metrics.
-fn published_metric_rows(http: std::net::SocketAddr) -> anyhow::Result<u64> {
+/// Metric rows published, and published files whose summaries wait to be folded
+/// into search, from mboxd's /metrics.
+fn published_metric_rows(http: std::net::SocketAddr) -> anyhow::Result<(u64, u64)> {
     let mut s = std::net::TcpStream::connect_timeout(&http, Duration::from_secs(5))
         .with_context(|| format!("connecting to mboxd's HTTP listener {http}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))
@@ -390,12 +392,16 @@ fn published_metric_rows(http: std::net::SocketAddr) -> anyhow::Result<u64> {
     .context("asking for /metrics")?;
     let mut body = String::new();
     s.read_to_string(&mut body).context("reading /metrics")?;
-    let prefix = "mboxd_published_rows_total{table=\"metrics\"}";
-    Ok(body
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64))
+    let value = |prefix: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    };
+    Ok((
+        value("mboxd_published_rows_total{table=\"metrics\"}"),
+        value("mboxd_summaries_pending_files "),
+    ))
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -1017,20 +1023,22 @@ async fn run(
         logs.retries
     );
 
-    // 4. Once every point is published (and so every summary indexed), the search.
+    // 4. Once every point is published and every summary folded in, the search.
     let acked = Instant::now();
     let http = daemon.http;
     let deadline = acked + Duration::from_secs(300);
     loop {
-        let published = tokio::task::spawn_blocking(move || published_metric_rows(http))
-            .await
-            .context("the /metrics reader panicked")??;
-        if published >= total_points {
+        let (published, unfolded) =
+            tokio::task::spawn_blocking(move || published_metric_rows(http))
+                .await
+                .context("the /metrics reader panicked")??;
+        if published >= total_points && unfolded == 0 {
             break;
         }
         ensure!(
             Instant::now() < deadline,
-            "only {published} of {total_points} points published 300 s after the last ack"
+            "only {published} of {total_points} points published, and {unfolded} files' \
+             summaries unfolded, 300 s after the last ack"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

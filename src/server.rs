@@ -20,7 +20,7 @@ use crate::auth::{AuthSetupError, Authorizer};
 use crate::changelog::ship::{ShipLoop, Shipper};
 use crate::compact::{self, Compactor, PartitionReport, PassReport};
 use crate::config::{Config, Durability, StorageRoot};
-use crate::index::{CatalogJournal, Index, IndexError};
+use crate::index::{CatalogJournal, Index, IndexError, SummaryFolder};
 use crate::ingest::dedup::RecentBatches;
 use crate::ingest::{Ingest, MemoryBudget, Policy};
 use crate::live::LiveView;
@@ -298,6 +298,7 @@ async fn serve(
             .await
             .map_err(|e| ServerError::Task(e.to_string()))??;
     }
+    let folder = SummaryFolder::start(Arc::clone(&index)).map_err(ServerError::Thread)?;
     let (uploader, upload_loop) = match &remote {
         Some(store) => {
             let pending = index.spooled()?;
@@ -623,6 +624,9 @@ async fn serve(
     if let Some(compaction) = compaction {
         let _ = tokio::task::spawn_blocking(move || compaction.join()).await;
     }
+    // Nothing publishes any more: the summaries left are folded now, not at the
+    // next start.
+    let _ = tokio::task::spawn_blocking(move || folder.finish()).await;
     snapshots.finish().await;
     if let Some(uploader) = &uploader {
         let left = config

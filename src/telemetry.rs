@@ -163,6 +163,7 @@ pub struct Metrics {
     pub upload_seconds: Histogram,
     pub spool_bytes: Gauge,
     pub spool_files: Gauge,
+    pub summaries_pending_files: Gauge,
     pub wal_bytes: Gauge,
     pub compactions: Counter,
     pub compacted_files: Counter,
@@ -219,6 +220,7 @@ impl Metrics {
             upload_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             spool_bytes: Gauge::default(),
             spool_files: Gauge::default(),
+            summaries_pending_files: Gauge::default(),
             wal_bytes: Gauge::default(),
             compactions: Counter::default(),
             compacted_files: Counter::default(),
@@ -351,6 +353,11 @@ impl Metrics {
             "spool_files",
             "Finished files waiting in the spool for upload",
             m.spool_files.clone(),
+        );
+        r.register(
+            "summaries_pending_files",
+            "Published files whose metric summaries wait to be folded into search",
+            m.summaries_pending_files.clone(),
         );
         r.register(
             "wal_bytes",

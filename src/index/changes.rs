@@ -26,8 +26,8 @@ use super::catalog::{CatalogTables, merge_summaries, prefix_keys};
 use super::manifest::{insert_file, remove_file};
 use super::{
     AWAITING_UPLOAD, DELETIONS, EXPERIMENTS, FILE_EXPERIMENTS, FILE_EXPERIMENTS_REV, FILES, HELD,
-    Index, IndexError, META, METADATA, MetadataEntry, OUTBOX, SUMMARIES, UNINDEXED, decode, encode,
-    search, storage,
+    Index, IndexError, META, METADATA, MetadataEntry, OUTBOX, SUMMARIES, SUMMARY_DELTAS, UNINDEXED,
+    decode, encode, search, storage,
 };
 use crate::index::{FileEntry, FilePart};
 use crate::model::{ExperimentRecord, MetricSummary};
@@ -601,6 +601,19 @@ fn snapshot(read: &ReadTransaction) -> Result<Checkpoint, IndexError> {
         out.summaries
             .push((id.to_owned(), k.to_owned(), decode(k, value.value())?));
     }
+    // Published files' summaries not folded in yet ([`super::fold`]): a reader
+    // merges a checkpoint's summaries, so these count as if they had been.
+    for row in read
+        .open_table(SUMMARY_DELTAS)
+        .map_err(storage)?
+        .iter()
+        .map_err(storage)?
+    {
+        let (_, value) = row.map_err(storage)?;
+        let mut file: Vec<(String, String, MetricSummary)> =
+            decode("summary deltas", value.value())?;
+        out.summaries.append(&mut file);
+    }
     let unindexed = read.open_table(UNINDEXED).map_err(storage)?;
     let rev = read.open_table(FILE_EXPERIMENTS_REV).map_err(storage)?;
     let index = read.open_table(FILE_EXPERIMENTS).map_err(storage)?;
@@ -1029,8 +1042,11 @@ mod tests {
         assert!(!a.has_held_deletions().unwrap());
         assert_eq!(a.deletions().unwrap(), [k1, k2]);
 
+        // The checkpoint counts the summaries still waiting to be folded in.
+        assert!(a.summaries_pending() > 0);
         let (n, checkpoint) = a.checkpoint_state().unwrap().unwrap();
         assert_eq!(n, 2);
+        a.fold_all_summaries().unwrap();
         let from_log = Index::open_in_memory().unwrap();
         from_log.apply(&log).unwrap();
         let from_checkpoint = Index::open_in_memory().unwrap();

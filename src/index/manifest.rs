@@ -4,8 +4,9 @@
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::catalog::{merge_summaries, prefix_keys, record_batch_ids};
+use super::catalog::{prefix_keys, record_batch_ids};
 use super::changes::{Change, release_awaiting};
+use super::fold::queue_summaries;
 use super::{
     DELETIONS, FILE_EXPERIMENTS, FILE_EXPERIMENTS_REV, FILES, INTENTS, Index, IndexError,
     PUBLISHED, REPLACE_INTENTS, SPOOLED, UNINDEXED, decode, encode, storage,
@@ -275,7 +276,7 @@ impl Index {
                     .retain_in((0, "")..(forget.pieces_below, ""), |_, _| false)
                     .map_err(storage)?;
             }
-            merge_summaries(&txn, &intent.summaries, self.catalog_marks)?;
+            queue_summaries(&txn, &intent.summaries)?;
             record_batch_ids(&txn, &intent.batch_ids, forget.batch_ids_before)?;
             self.log_change(&txn, || Change::Publish {
                 file: intent.entry.clone(),
@@ -283,7 +284,11 @@ impl Index {
                 summaries: intent.summaries.clone(),
             })?;
         }
-        txn.commit().map_err(storage)
+        txn.commit().map_err(storage)?;
+        if !intent.summaries.is_empty() {
+            self.deltas_queued();
+        }
+        Ok(())
     }
 
     /// Completes or drops publications a crash interrupted: an intent whose file

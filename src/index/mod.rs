@@ -9,6 +9,8 @@
 //!   `*` for every namespace: experiments in creation order
 //! - `metadata`: (parent id, key) → [`MetadataEntry`]
 //! - `summaries`: (experiment id, metric key) → [`MetricSummary`]
+//! - `summary_deltas`: number → a published file's summaries, not yet folded into
+//!   `summaries` and the search entries ([`fold`])
 //! - `batch_ids`: (accepted at, client batch id) → points, for recognising retries
 //! - `search_entries`: (scope, field, value, created at, id) → (), for run search
 //!   ([`search`])
@@ -47,11 +49,13 @@
 //!   removed, deleted only once readers can know (the entry is shipped).
 //!
 //! Exactly-once publication: intent (durable) → rename → manifest entry, published
-//! pieces, summaries, batch ids and intent removal in one transaction. After a
-//! crash, an intent whose file exists is completed, and one whose file does not is
-//! dropped (its rows replay from the WAL). So every file on disk is in the
-//! manifest, every WAL record's rows are published once, and the metric summaries
-//! count every published point once. That needs WAL sequence numbers that are never
+//! pieces, the file's summaries (as one `summary_deltas` row), batch ids and intent
+//! removal in one transaction. After a crash, an intent whose file exists is
+//! completed, and one whose file does not is dropped (its rows replay from the
+//! WAL). So every file on disk is in the manifest, every WAL record's rows are
+//! published once, and, since a fold deletes the rows it applies in the
+//! transaction that applies them ([`fold`]), the metric summaries count every
+//! published point once. That needs WAL sequence numbers that are never
 //! reused while a piece names them: the log is opened numbering from at least
 //! [`Index::next_unreferenced_seq`], since it may hold no file to remember by.
 //!
@@ -67,6 +71,7 @@
 
 mod catalog;
 mod changes;
+mod fold;
 pub mod journal;
 mod manifest;
 pub mod search;
@@ -82,6 +87,7 @@ use serde::{Deserialize, Serialize};
 
 pub use catalog::{CatalogRows, DirtyCatalog, ExperimentCache, NewExperiment};
 pub use changes::{Change, ChangeEntry, Checkpoint, CheckpointFile, ShipPlan, ShipState};
+pub use fold::{FOLD_SUMMARIES, SummaryFolder};
 pub use journal::{CatalogJournal, Durable, FileSync};
 pub use manifest::{
     FileEntry, FilePart, FileRef, Forget, PublishIntent, ReplaceIntent, SCHEMA_INT64, SCHEMA_UINT64,
@@ -97,6 +103,7 @@ const OLD_EXPERIMENTS_BY_NS: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("experiments_by_namespace");
 const METADATA: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("metadata");
 const SUMMARIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("summaries");
+const SUMMARY_DELTAS: TableDefinition<u64, &[u8]> = TableDefinition::new("summary_deltas");
 const BATCH_IDS: TableDefinition<(i64, &str), u64> = TableDefinition::new("batch_ids");
 const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
 const FILE_EXPERIMENTS: TableDefinition<(&str, &str), &[u8]> =
@@ -217,6 +224,13 @@ pub struct Index {
     repaired_in: Option<Duration>,
     /// The index's file; none for one held in memory (a fleet reader's).
     file: Option<std::path::PathBuf>,
+    /// Rows of `summary_deltas` ([`fold`]).
+    deltas_pending: AtomicU64,
+    /// Wakes the summary folder.
+    fold_wake: (
+        crossbeam_channel::Sender<()>,
+        crossbeam_channel::Receiver<()>,
+    ),
 }
 
 /// How long a file dropped from the manifest is remembered as dropped: far longer
@@ -296,12 +310,14 @@ impl Index {
     fn init(db: Database) -> Result<Self, IndexError> {
         let txn = begin_write(&db)?;
         let no_clock;
+        let deltas_pending;
         let rebuild_search = {
             // Create every table so read transactions never meet a missing one.
             txn.open_table(EXPERIMENTS).map_err(storage)?;
             txn.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
             txn.open_table(METADATA).map_err(storage)?;
             txn.open_table(SUMMARIES).map_err(storage)?;
+            deltas_pending = fold::count_pending(&txn)?;
             txn.open_table(BATCH_IDS).map_err(storage)?;
             txn.open_table(FILE_EXPERIMENTS).map_err(storage)?;
             txn.open_table(FILE_EXPERIMENTS_REV).map_err(storage)?;
@@ -376,6 +392,8 @@ impl Index {
             catalog_marks: true,
             repaired_in: None,
             file: None,
+            deltas_pending: AtomicU64::new(deltas_pending),
+            fold_wake: crossbeam_channel::bounded(1),
         })
     }
 
@@ -510,6 +528,55 @@ mod tests {
             )],
             batch_ids: vec![(format!("b{seq}"), 1_000 + seq as i64, 1)],
         }
+    }
+
+    /// Published summaries wait in `summary_deltas` until folded, a bounded number
+    /// of files per transaction, each file's once; the counter survives a reopen.
+    #[test]
+    fn summaries_fold_in_bounded_transactions_each_file_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.redb");
+        let index = Index::open(&path).unwrap();
+        for seq in 1..=5 {
+            let mut i = intent(
+                &format!("metrics/namespace=a/date=2026-01-01/f{seq}.parquet"),
+                seq,
+            );
+            // Two summaries a file: "e" in every file, and one experiment of its own.
+            i.summaries.push((
+                format!("x{seq}"),
+                "acc".into(),
+                MetricSummary::of(1, Some(0.5), 0),
+            ));
+            index.begin_publish(&i).unwrap();
+            index.commit_publish(&i, Forget::default(), false).unwrap();
+        }
+        assert_eq!(index.summaries_pending(), 5);
+        assert!(index.summaries("e").unwrap().is_empty());
+        drop(index);
+        let index = Index::open(&path).unwrap();
+        assert_eq!(index.summaries_pending(), 5, "counted again at open");
+        // At least one file, whatever the bound; then files until it is reached.
+        assert_eq!(index.fold_summaries(1).unwrap(), 1);
+        assert_eq!(index.summaries("e").unwrap()[0].1.count, 1);
+        assert_eq!(index.fold_summaries(3).unwrap(), 2);
+        assert_eq!(index.summaries_pending(), 2);
+        assert_eq!(index.fold_summaries(100).unwrap(), 2);
+        assert_eq!(index.fold_summaries(100).unwrap(), 0);
+        let e = index.summaries("e").unwrap();
+        assert_eq!(
+            (e[0].1.count, e[0].1.last_step, e[0].1.min, e[0].1.max),
+            (5, 5, 1.0, 5.0)
+        );
+        for seq in 1..=5 {
+            assert_eq!(index.summaries(&format!("x{seq}")).unwrap()[0].1.count, 1);
+        }
+        // Folded rows are gone: a reopen finds nothing to fold again.
+        drop(index);
+        let index = Index::open(&path).unwrap();
+        assert_eq!(index.summaries_pending(), 0);
+        assert_eq!(index.fold_all_summaries().unwrap(), 0);
+        assert_eq!(index.summaries("e").unwrap()[0].1.count, 5);
     }
 
     #[test]
@@ -704,7 +771,12 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
-        // Summaries of both files merged: steps 1 and 2, the last is step 2.
+        // Summaries of both files merged, once folded in: steps 1 and 2, the last
+        // is step 2.
+        assert_eq!(index.summaries_pending(), 2);
+        assert!(index.summaries("e").unwrap().is_empty());
+        assert_eq!(index.fold_all_summaries().unwrap(), 2);
+        assert_eq!(index.summaries_pending(), 0);
         let s = index.summaries("e").unwrap();
         assert_eq!(s.len(), 1);
         assert_eq!((s[0].1.count, s[0].1.last_step, s[0].1.last), (2, 2, 2.0));
@@ -765,6 +837,7 @@ mod tests {
         index.deleted(&a.entry.key).unwrap();
         assert_eq!(index.deletions().unwrap().len(), 2);
         // Summaries are untouched by a compaction.
+        assert_eq!(index.fold_all_summaries().unwrap(), 1);
         assert_eq!(index.summaries("e").unwrap()[0].1.count, 3);
     }
 
@@ -1042,6 +1115,7 @@ mod tests {
             index.commit_publish(&i, Forget::default(), false).unwrap();
             ids.push(rec.id);
         }
+        assert_eq!(index.fold_all_summaries().unwrap(), 3);
         let names = |search: &Search, page: usize| -> Vec<String> {
             let mut out = Vec::new();
             let mut cursor = None;

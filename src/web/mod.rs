@@ -432,6 +432,8 @@ async fn prometheus(State(state): State<WebState>) -> Response {
     m.buffered_bytes.set(g.buffered_bytes as i64);
     m.spool_bytes.set(g.spool_bytes as i64);
     m.spool_files.set(g.spool_files as i64);
+    m.summaries_pending_files
+        .set(state.index.summaries_pending() as i64);
     m.wal_bytes.set(g.wal_bytes as i64);
     match state.index.catalog_clock_lead() {
         Ok(lead) => {
@@ -873,6 +875,7 @@ async fn health(
         "published_bytes_total": family_total(&m.published_bytes),
         "spool_bytes": g.spool_bytes,
         "spool_files": g.spool_files,
+        "summaries_pending_files": state.index.summaries_pending(),
         "compactions_total": m.compactions.get(),
         "compacted_files_total": m.compacted_files.get(),
     })))
