@@ -179,17 +179,19 @@ type EntryKey<'a> = (&'a str, String, Vec<u8>, Micros, &'a str);
 /// experiment created and updated in one batch) is never written.
 #[derive(Debug, Default)]
 pub(super) struct SearchUpdates<'a> {
-    /// Each entry's last change: `true` adds it, `false` removes it.
-    changes: BTreeMap<EntryKey<'a>, bool>,
+    /// Changes in arrival order: `true` adds the entry, `false` removes it. Sorted
+    /// once when applied (a map kept sorted on every change took a fifth of a
+    /// summary fold's time).
+    changes: Vec<(EntryKey<'a>, bool)>,
 }
 
 impl<'a> SearchUpdates<'a> {
     fn put(&mut self, key: EntryKey<'a>) {
-        self.changes.insert(key, true);
+        self.changes.push((key, true));
     }
 
     fn del(&mut self, key: EntryKey<'a>) {
-        self.changes.insert(key, false);
+        self.changes.push((key, false));
     }
 
     /// Re-indexes a record's own fields after it changed (`old`: before, if any),
@@ -299,8 +301,15 @@ impl<'a> SearchUpdates<'a> {
     }
 
     /// Writes each entry's last change, in key order.
-    pub(super) fn apply(self, t: &mut SearchTable<'_>) -> Result<(), IndexError> {
-        for ((scope, field, value, created_at, id), add) in &self.changes {
+    pub(super) fn apply(mut self, t: &mut SearchTable<'_>) -> Result<(), IndexError> {
+        // Stable: an entry's changes keep their order, and the last one counts.
+        self.changes.sort_by(|a, b| a.0.cmp(&b.0));
+        let last = self
+            .changes
+            .iter()
+            .enumerate()
+            .filter(|(i, (key, _))| self.changes.get(i + 1).is_none_or(|next| next.0 != *key));
+        for (_, ((scope, field, value, created_at, id), add)) in last {
             let key = (*scope, field.as_str(), value.as_slice(), *created_at, *id);
             if *add {
                 t.insert(key, ()).map_err(storage)?;
