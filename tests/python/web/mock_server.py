@@ -447,7 +447,7 @@ class Handler(BaseHTTPRequestHandler):
                 buffered = 0
             return self.json(200, {"version": "mock", "uptime_s": round(time.monotonic() - s.started, 3), **c, "points_rejected_total": 0,
                                    "buffered_bytes": buffered, "memory_budget_bytes": 268435456, "queue_depth": 0,
-                                   "wal_bytes": 0, "spool_bytes": 0, "spool_files": 0, "compactions_total": 0,
+                                   "wal_bytes": 0, "spool_bytes": 0, "spool_files": 0, "summaries_pending_files": 0, "compactions_total": 0,
                                    "compacted_files_total": 0})
         m = re.fullmatch(r"/api/v1/experiments/([^/]+)(/events|/series)?", path)
         if not m:

@@ -67,8 +67,8 @@ def data(backend):
             values = [final + (99 - i) * 0.01 for i in range(100)]
             backend.log(runs[name], "val/loss", steps, values, [t0 + s for s in steps])
         time.sleep(0.01)  # distinct creation times
-    # Summaries are kept by the writers as files are published (within the roll
-    # age, 200 ms here): wait for all four runs with points to show theirs.
+    # Summaries are folded in as files are published (within the roll age, 200 ms
+    # here): wait for all four runs with points to show theirs.
     deadline = time.time() + 20
     while True:
         listed = ok(backend, "/api/v1/experiments", page_size=100)["experiments"]
@@ -268,7 +268,8 @@ def test_health(backend, data):
     before = ok(backend, "/api/v1/health")
     for field in ("uptime_s", "points_accepted_total", "events_accepted_total", "points_rejected_total", "buffered_bytes",
                   "memory_budget_bytes", "wal_appends_total", "files_published_total", "published_bytes_total",
-                  "spool_bytes", "spool_files", "compactions_total", "compacted_files_total", "queue_depth", "wal_bytes"):
+                  "spool_bytes", "spool_files", "summaries_pending_files", "compactions_total", "compacted_files_total",
+                  "queue_depth", "wal_bytes"):
         assert isinstance(before[field], (int, float)) and before[field] >= 0, field
     assert isinstance(before["version"], str) and before["version"]
     eid = backend.create("health", namespace="api-health")
