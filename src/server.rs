@@ -624,9 +624,12 @@ async fn serve(
     if let Some(compaction) = compaction {
         let _ = tokio::task::spawn_blocking(move || compaction.join()).await;
     }
-    // Nothing publishes any more: the summaries left are folded now, not at the
-    // next start.
-    let _ = tokio::task::spawn_blocking(move || folder.finish()).await;
+    // Nothing publishes any more: the summaries left are folded now (within the
+    // stop's time), not at the next start.
+    let left = config
+        .shutdown_timeout
+        .saturating_sub(draining_since.elapsed());
+    let _ = tokio::task::spawn_blocking(move || folder.finish(left)).await;
     snapshots.finish().await;
     if let Some(uploader) = &uploader {
         let left = config

@@ -17,9 +17,11 @@
 //! both durable together.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
 
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
@@ -130,47 +132,48 @@ impl Index {
 /// The thread that folds summaries in as files are published.
 #[derive(Debug)]
 pub struct SummaryFolder {
-    index: Arc<Index>,
-    stop: Arc<AtomicBool>,
+    /// Told when to give up folding what is left, once asked to stop.
+    stop: Sender<Instant>,
     thread: JoinHandle<()>,
 }
 
 impl SummaryFolder {
     pub fn start(index: Arc<Index>) -> std::io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let (stop, stopping) = crossbeam_channel::bounded(1);
         let thread = std::thread::Builder::new()
             .name("mboxd-summaries".into())
-            .spawn({
-                let (index, stop) = (Arc::clone(&index), Arc::clone(&stop));
-                move || fold(&index, &stop)
-            })?;
-        Ok(Self {
-            index,
-            stop,
-            thread,
-        })
+            .spawn(move || fold(&index, &stopping))?;
+        Ok(Self { stop, thread })
     }
 
-    /// Folds what is left (call it once nothing publishes any more) and stops.
-    pub fn finish(self) {
-        self.stop.store(true, Ordering::Release);
-        let _ = self.index.fold_wake.0.try_send(());
+    /// Folds what is left, for at most `within` (call it once nothing publishes
+    /// any more), and stops. What it leaves waits for the next start: a stop is
+    /// not held up by a backlog, which loses nothing.
+    pub fn finish(self, within: Duration) {
+        let _ = self.stop.send(Instant::now() + within);
         if self.thread.join().is_err() {
             tracing::error!("the summary folder panicked");
         }
-        drop(self.index);
     }
 }
 
-fn fold(index: &Index, stop: &AtomicBool) {
+fn fold(index: &Index, stopping: &Receiver<Instant>) {
+    let mut until: Option<Instant> = None;
     loop {
-        let stopping = stop.load(Ordering::Acquire);
         loop {
+            if until.is_some_and(|by| Instant::now() >= by) {
+                tracing::warn!(
+                    files = index.summaries_pending(),
+                    "metric summaries left to fold at the next start"
+                );
+                return;
+            }
             match index.fold_summaries(FOLD_SUMMARIES) {
                 Ok(0) => break,
                 // A pause between transactions, so a publish or a creation
                 // waiting for the index's one writer gets it first.
-                Ok(_) => std::thread::sleep(YIELD),
+                Ok(_) if until.is_none() => std::thread::sleep(YIELD),
+                Ok(_) => {}
                 Err(e) => {
                     // Left in place; tried again at the next wake, or the next start.
                     tracing::warn!(error = %e, "folding metric summaries");
@@ -178,9 +181,13 @@ fn fold(index: &Index, stop: &AtomicBool) {
                 }
             }
         }
-        if stopping {
+        if until.is_some() {
             return;
         }
-        let _ = index.fold_wake.1.recv_timeout(IDLE_CHECK);
+        crossbeam_channel::select! {
+            recv(stopping) -> by => until = Some(by.unwrap_or_else(|_| Instant::now())),
+            recv(index.fold_wake.1) -> _ => {}
+            default(IDLE_CHECK) => {}
+        }
     }
 }
