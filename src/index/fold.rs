@@ -12,6 +12,10 @@
 //! fails, as before. Summaries trail publication by the fold's backlog, as they
 //! already trailed ingest by a writer's roll.
 //!
+//! The fold takes that work off the publish transaction, not off the index's one
+//! writer, which folds and publishes share: at a million experiments it still
+//! paces publication (the README's search bench says by how much).
+//!
 //! A fold commits without a sync: a crash takes its applied summaries and its
 //! deleted rows back together, and the next durable commit (a publish) makes
 //! both durable together.
