@@ -21,7 +21,6 @@
 //! both durable together.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -46,7 +45,13 @@ const YIELD: Duration = Duration::from_millis(1);
 /// How often the folder looks for rows nobody told it of.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
-type Summaries = Vec<(String, String, MetricSummary)>;
+/// One published file's summaries: (experiment, key, summary).
+pub(super) type Summaries = Vec<(String, String, MetricSummary)>;
+
+/// Decodes a `summary_deltas` row.
+pub(super) fn decode_deltas(row: &[u8]) -> Result<Summaries, IndexError> {
+    decode("summary deltas", row)
+}
 
 /// Records a published file's summaries for the folder, in the publish
 /// transaction.
@@ -68,14 +73,6 @@ pub(super) fn queue_summaries(
     Ok(())
 }
 
-/// Counts the rows waiting at open.
-pub(super) fn count_pending(txn: &WriteTransaction) -> Result<u64, IndexError> {
-    txn.open_table(SUMMARY_DELTAS)
-        .map_err(storage)?
-        .len()
-        .map_err(storage)
-}
-
 impl Index {
     /// Folds the oldest waiting files' summaries, at least one file's and at most
     /// about `most` summaries, into `summaries` and the search entries, and deletes
@@ -90,7 +87,7 @@ impl Index {
             let (mut folded, mut through) = (0, 0);
             for row in table.iter().map_err(storage)? {
                 let (k, v) = row.map_err(storage)?;
-                let mut file: Summaries = decode("summary deltas", v.value())?;
+                let mut file = decode_deltas(v.value())?;
                 deltas.append(&mut file);
                 (folded, through) = (folded + 1, k.value());
                 if deltas.len() >= most {
@@ -105,8 +102,6 @@ impl Index {
             folded
         };
         txn.commit().map_err(storage)?;
-        self.deltas_pending
-            .fetch_sub(folded as u64, Ordering::AcqRel);
         Ok(folded)
     }
 
@@ -122,13 +117,16 @@ impl Index {
     }
 
     /// Published files whose summaries wait to be folded in.
-    pub fn summaries_pending(&self) -> u64 {
-        self.deltas_pending.load(Ordering::Acquire)
+    pub fn summaries_pending(&self) -> Result<u64, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        read.open_table(SUMMARY_DELTAS)
+            .map_err(storage)?
+            .len()
+            .map_err(storage)
     }
 
     /// Tells the folder that a publish left summaries to fold.
     pub(super) fn deltas_queued(&self) {
-        self.deltas_pending.fetch_add(1, Ordering::AcqRel);
         let _ = self.fold_wake.0.try_send(());
     }
 }
@@ -167,7 +165,7 @@ fn fold(index: &Index, stopping: &Receiver<Instant>) {
         loop {
             if until.is_some_and(|by| Instant::now() >= by) {
                 tracing::warn!(
-                    files = index.summaries_pending(),
+                    files = index.summaries_pending().ok(),
                     "metric summaries left to fold at the next start"
                 );
                 return;

@@ -432,8 +432,12 @@ async fn prometheus(State(state): State<WebState>) -> Response {
     m.buffered_bytes.set(g.buffered_bytes as i64);
     m.spool_bytes.set(g.spool_bytes as i64);
     m.spool_files.set(g.spool_files as i64);
-    m.summaries_pending_files
-        .set(state.index.summaries_pending() as i64);
+    match state.index.summaries_pending() {
+        Ok(files) => {
+            m.summaries_pending_files.set(files as i64);
+        }
+        Err(e) => tracing::warn!(error = %e, "reading the summary backlog for /metrics"),
+    }
     m.wal_bytes.set(g.wal_bytes as i64);
     match state.index.catalog_clock_lead() {
         Ok(lead) => {
@@ -875,7 +879,10 @@ async fn health(
         "published_bytes_total": family_total(&m.published_bytes),
         "spool_bytes": g.spool_bytes,
         "spool_files": g.spool_files,
-        "summaries_pending_files": state.index.summaries_pending(),
+        "summaries_pending_files": state
+            .index
+            .summaries_pending()
+            .map_err(|e| HttpError::Internal(e.to_string()))?,
         "compactions_total": m.compactions.get(),
         "compacted_files_total": m.compacted_files.get(),
     })))
