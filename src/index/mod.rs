@@ -314,6 +314,7 @@ impl Index {
             txn.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
             txn.open_table(METADATA).map_err(storage)?;
             txn.open_table(SUMMARIES).map_err(storage)?;
+            txn.open_table(SUMMARY_DELTAS).map_err(storage)?;
             txn.open_table(BATCH_IDS).map_err(storage)?;
             txn.open_table(FILE_EXPERIMENTS).map_err(storage)?;
             txn.open_table(FILE_EXPERIMENTS_REV).map_err(storage)?;
