@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadableTable, WriteTransaction};
+use redb::{Database, ReadableTable, ReadableTableMetadata, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::changes::{Change, meta_get};
@@ -15,7 +15,8 @@ use super::journal::{self, CatalogJournal, Durable, FileSync, JournalRecord};
 use super::{
     BATCH_IDS, CATALOG_CLOCK, CATALOG_FILES, DIRTY, EXPERIMENTS, EXPERIMENTS_BY_NS, Index,
     IndexError, JOURNAL_SEQ, META, METADATA, MetadataEntry, OLD_DIRTY, OLD_EXPERIMENTS_BY_NS,
-    OLD_SEARCH, REBUILD_PENDING, SEARCH, SUMMARIES, begin_write, decode, encode, search, storage,
+    OLD_SEARCH, REBUILD_PENDING, SEARCH, SUMMARIES, SUMMARY_DELTAS, begin_write, decode, encode,
+    search, storage,
 };
 use crate::model::{
     ExperimentRecord, ExperimentRef, MetricSummary, Micros, experiment_id, now_micros,
@@ -493,8 +494,28 @@ impl Index {
         prefix_rows(&table, parent_id, |k, v| Ok((k.to_owned(), decode(k, v)?)))
     }
 
-    /// The metric summaries of one experiment, ordered by key.
+    /// The metric summaries of one experiment, ordered by key: every published
+    /// file's, folded in yet or not ([`super::fold`]).
     pub fn summaries(&self, experiment: &str) -> Result<Vec<(String, MetricSummary)>, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let table = read.open_table(SUMMARIES).map_err(storage)?;
+        let folded = prefix_rows(&table, experiment, |k, v| Ok((k.to_owned(), decode(k, v)?)))?;
+        let deltas = read.open_table(SUMMARY_DELTAS).map_err(storage)?;
+        if deltas.is_empty().map_err(storage)? {
+            return Ok(folded);
+        }
+        let mut all: BTreeMap<String, MetricSummary> = folded.into_iter().collect();
+        self.pending_summaries
+            .add_to(&deltas, experiment, &mut all)?;
+        Ok(all.into_iter().collect())
+    }
+
+    /// The summaries folded into `summaries` so far, without the waiting ones.
+    #[cfg(test)]
+    pub(super) fn folded_summaries(
+        &self,
+        experiment: &str,
+    ) -> Result<Vec<(String, MetricSummary)>, IndexError> {
         let read = self.db.begin_read().map_err(storage)?;
         let table = read.open_table(SUMMARIES).map_err(storage)?;
         prefix_rows(&table, experiment, |k, v| Ok((k.to_owned(), decode(k, v)?)))

@@ -9,8 +9,9 @@
 //! as one row of `summary_deltas` instead, and a thread of its own folds those
 //! rows into `summaries` and the search entries in bounded transactions, each
 //! deleting the rows it applies: every published point is counted once, whatever
-//! fails, as before. Summaries trail publication by the fold's backlog, as they
-//! already trailed ingest by a writer's roll.
+//! fails, as before. Search trails publication by the fold's backlog, as it
+//! already trailed ingest by a writer's roll; a read of one experiment's
+//! summaries does not, adding the rows still waiting ([`PendingSummaries`]).
 //!
 //! The fold takes that work off the publish transaction, not off the index's one
 //! writer, which folds and publishes share: at a million experiments it still
@@ -20,13 +21,14 @@
 //! deleted rows back together, and the next durable commit (a publish) makes
 //! both durable together.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
+use redb::{ReadOnlyTable, ReadableTable, ReadableTableMetadata, WriteTransaction};
 
 use super::catalog::merge_summaries;
 use super::{Index, IndexError, SUMMARY_DELTAS, decode, encode, storage};
@@ -51,6 +53,97 @@ pub(super) type Summaries = Vec<(String, String, MetricSummary)>;
 /// Decodes a `summary_deltas` row.
 pub(super) fn decode_deltas(row: &[u8]) -> Result<Summaries, IndexError> {
     decode("summary deltas", row)
+}
+
+/// The summaries a read of one experiment's folds in from unfolded rows, decoded
+/// once per row and kept, by experiment, until the row is folded.
+///
+/// A read takes its rows from its own read transaction, so it adds exactly the
+/// rows that transaction's `summaries` lacks: nothing is missed while a file's
+/// summaries wait, and nothing counted twice once folded. The cache only saves
+/// decoding; past [`MOST_CACHED`] summaries a row is decoded for each read.
+#[derive(Debug, Default)]
+pub(super) struct PendingSummaries(Mutex<Pending>);
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// Rows up to here are folded: a read that saw one before the fold does not
+    /// cache it again.
+    folded_through: Option<u64>,
+    rows: HashMap<u64, Arc<ByExperiment>>,
+    /// Summaries held in `rows`.
+    held: usize,
+}
+
+/// One row's summaries by experiment: (key, summary).
+type ByExperiment = HashMap<String, Vec<(String, MetricSummary)>>;
+
+/// The decoded summaries the cache holds at most: tens of MiB.
+const MOST_CACHED: usize = 1 << 18;
+
+impl PendingSummaries {
+    /// Merges into `out` (one experiment's folded summaries, by key) what the
+    /// unfolded rows of `deltas` hold for `experiment`.
+    pub(super) fn add_to(
+        &self,
+        deltas: &ReadOnlyTable<u64, &'static [u8]>,
+        experiment: &str,
+        out: &mut BTreeMap<String, MetricSummary>,
+    ) -> Result<(), IndexError> {
+        for row in deltas.iter().map_err(storage)? {
+            let (seq, value) = row.map_err(storage)?;
+            let seq = seq.value();
+            let cached = self.lock().rows.get(&seq).cloned();
+            let by_experiment = match cached {
+                Some(rows) => rows,
+                None => self.cache(seq, decode_deltas(value.value())?),
+            };
+            for (key, summary) in by_experiment.get(experiment).into_iter().flatten() {
+                out.entry(key.clone())
+                    .and_modify(|m| m.merge(summary))
+                    .or_insert(*summary);
+            }
+        }
+        Ok(())
+    }
+
+    fn cache(&self, seq: u64, summaries: Summaries) -> Arc<ByExperiment> {
+        let n = summaries.len();
+        let mut by_experiment = ByExperiment::new();
+        for (experiment, key, summary) in summaries {
+            by_experiment
+                .entry(experiment)
+                .or_default()
+                .push((key, summary));
+        }
+        let by_experiment = Arc::new(by_experiment);
+        let mut pending = self.lock();
+        let folded = pending.folded_through.is_some_and(|f| seq <= f);
+        if !folded && pending.held.saturating_add(n) <= MOST_CACHED {
+            pending.held += n;
+            pending.rows.insert(seq, Arc::clone(&by_experiment));
+        }
+        by_experiment
+    }
+
+    /// Forgets rows up to `through`, just folded.
+    fn folded(&self, through: u64) {
+        let mut pending = self.lock();
+        pending.folded_through = Some(through);
+        let mut held = pending.held;
+        pending.rows.retain(|&seq, rows| {
+            let keep = seq > through;
+            if !keep {
+                held -= rows.values().map(Vec::len).sum::<usize>();
+            }
+            keep
+        });
+        pending.held = held;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Records a published file's summaries for the folder, in the publish
@@ -99,10 +192,11 @@ impl Index {
             }
             table.retain_in(..=through, |_, _| false).map_err(storage)?;
             merge_summaries(&txn, &deltas, self.catalog_marks)?;
-            folded
+            (folded, through)
         };
         txn.commit().map_err(storage)?;
-        Ok(folded)
+        self.pending_summaries.folded(folded.1);
+        Ok(folded.0)
     }
 
     /// Folds every waiting file's summaries. Returns how many files' there were.

@@ -224,6 +224,8 @@ pub struct Index {
     repaired_in: Option<Duration>,
     /// The index's file; none for one held in memory (a fleet reader's).
     file: Option<std::path::PathBuf>,
+    /// Unfolded summaries, decoded for reads.
+    pending_summaries: fold::PendingSummaries,
     /// Wakes the summary folder.
     fold_wake: (
         crossbeam_channel::Sender<()>,
@@ -389,6 +391,7 @@ impl Index {
             catalog_marks: true,
             repaired_in: None,
             file: None,
+            pending_summaries: fold::PendingSummaries::default(),
             fold_wake: crossbeam_channel::bounded(1),
         })
     }
@@ -528,6 +531,7 @@ mod tests {
 
     /// Published summaries wait in `summary_deltas` until folded, a bounded number
     /// of files per transaction, each file's once; the counter survives a reopen.
+    /// Reads count every published file's summaries all along, folded or not.
     #[test]
     fn summaries_fold_in_bounded_transactions_each_file_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -548,7 +552,18 @@ mod tests {
             index.commit_publish(&i, Forget::default(), false).unwrap();
         }
         assert_eq!(index.summaries_pending().unwrap(), 5);
-        assert!(index.summaries("e").unwrap().is_empty());
+        assert!(index.folded_summaries("e").unwrap().is_empty());
+        let counts = |index: &Index| {
+            let e = index.summaries("e").unwrap();
+            assert_eq!(e.len(), 1);
+            let x: Vec<u64> = (1..=5)
+                .map(|seq| index.summaries(&format!("x{seq}")).unwrap()[0].1.points)
+                .collect();
+            (e[0].1.count, e[0].1.last_step, e[0].1.min, e[0].1.max, x)
+        };
+        let all = (5, 5, 1.0, 5.0, vec![1; 5]);
+        assert_eq!(counts(&index), all, "read before any fold");
+        assert!(index.summaries("nobody").unwrap().is_empty());
         drop(index);
         let index = Index::open(&path).unwrap();
         assert_eq!(
@@ -557,11 +572,16 @@ mod tests {
             "counted again at open"
         );
         // At least one file, whatever the bound; then files until it is reached.
+        assert_eq!(counts(&index), all, "read after a reopen");
         assert_eq!(index.fold_summaries(1).unwrap(), 1);
-        assert_eq!(index.summaries("e").unwrap()[0].1.count, 1);
+        assert_eq!(index.folded_summaries("e").unwrap()[0].1.count, 1);
+        assert_eq!(counts(&index), all, "read with one file folded");
         assert_eq!(index.fold_summaries(3).unwrap(), 2);
         assert_eq!(index.summaries_pending().unwrap(), 2);
+        assert_eq!(index.folded_summaries("e").unwrap()[0].1.count, 3);
+        assert_eq!(counts(&index), all, "read with three files folded");
         assert_eq!(index.fold_summaries(100).unwrap(), 2);
+        assert_eq!(counts(&index), all, "read with every file folded");
         assert_eq!(index.fold_summaries(100).unwrap(), 0);
         let e = index.summaries("e").unwrap();
         assert_eq!(
@@ -771,13 +791,15 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
-        // Summaries of both files merged, once folded in: steps 1 and 2, the last
-        // is step 2.
+        // Summaries of both files merged, folded in or not: steps 1 and 2, the
+        // last is step 2.
         assert_eq!(index.summaries_pending().unwrap(), 2);
-        assert!(index.summaries("e").unwrap().is_empty());
+        assert!(index.folded_summaries("e").unwrap().is_empty());
+        let waiting = index.summaries("e").unwrap();
         assert_eq!(index.fold_all_summaries().unwrap(), 2);
         assert_eq!(index.summaries_pending().unwrap(), 0);
         let s = index.summaries("e").unwrap();
+        assert_eq!(s, waiting);
         assert_eq!(s.len(), 1);
         assert_eq!((s[0].1.count, s[0].1.last_step, s[0].1.last), (2, 2, 2.0));
         // Batch ids are remembered, and forgotten past their window.
