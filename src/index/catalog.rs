@@ -1075,6 +1075,15 @@ impl Index {
         txn.commit().map_err(storage)
     }
 
+    /// How many experiments the catalogue holds.
+    pub fn experiment_count(&self) -> Result<u64, IndexError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        read.open_table(EXPERIMENTS)
+            .map_err(storage)?
+            .len()
+            .map_err(storage)
+    }
+
     /// The catalog table files this daemon wrote, by key.
     pub fn catalog_files(&self) -> Result<Vec<String>, IndexError> {
         let read = self.db.begin_read().map_err(storage)?;

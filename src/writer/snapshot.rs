@@ -5,10 +5,12 @@
 //! They are written incrementally: every change to an experiment (creation,
 //! metadata, a summary merged at a publish) marks it in the index, and within a
 //! roll interval a delta file per table holds the changed experiments' current
-//! rows (`<table>/<daemon-id>-<uuid v7>.parquet`). After enough deltas, one pass
-//! writes the whole catalog as one file per table, in pages, and deletes the
-//! deltas. So the cost of a change does not grow with the catalog, and memory
-//! stays one page of experiments. Rows of one experiment may appear in several
+//! rows (`<table>/<daemon-id>-<uuid v7>.parquet`). Once the deltas since the
+//! last whole rewrite hold a share of the catalogue ([`REWRITE_SHARE`]), or
+//! their files pile up ([`MOST_DELTAS`]), one pass writes the whole catalog as
+//! one file per table, in pages, and deletes the deltas. So a change costs a
+//! bounded number of rows rewritten whatever the catalogue's size, readers find
+//! a bounded number of files, and memory stays one page of experiments. Rows of one experiment may appear in several
 //! files (and from several daemons): readers keep the latest (`updated_at` for
 //! experiments and metadata, `written_at` for summaries), as the README's queries
 //! do. The tables are derived from the index, so they need no WAL: a write that
@@ -47,8 +49,16 @@ pub enum SnapshotTarget {
 
 /// Experiments (at most) per delta file and per page of a full rewrite.
 const PAGE: usize = 4_096;
-/// Files per table after which the catalog is rewritten whole.
+/// Files per table below which the catalog is never rewritten whole.
 const CONSOLIDATE_AFTER: usize = 16;
+/// Files per table past which it is rewritten whole, however little they hold.
+const MOST_DELTAS: usize = 128;
+/// Past [`CONSOLIDATE_AFTER`] files, the catalog is rewritten whole once the
+/// deltas since the last rewrite hold a 1/`REWRITE_SHARE` of its experiments:
+/// each experiment changed then costs at most this many rows rewritten. A
+/// rewrite after every 16 deltas rewrote a large catalogue every 16 passes for
+/// a trickle of changes (every 80 s at the default 5 s roll).
+const REWRITE_SHARE: u64 = 4;
 const TABLES: [&str; 3] = ["experiments", "metadata", "summaries"];
 
 /// Writes one daemon's catalog tables as the index changes.
@@ -61,6 +71,11 @@ pub struct Snapshots {
     legacy_noted: bool,
     /// Experiments per delta file and per page of a full rewrite.
     page: usize,
+    /// See [`MOST_DELTAS`].
+    most_deltas: usize,
+    /// Experiments written to deltas since this process last rewrote the catalog
+    /// whole (none counted from before a restart: [`MOST_DELTAS`] bounds those).
+    since_rewrite: u64,
     /// Set when the daemon stops: a pass then ends after the page it is writing
     /// and skips the whole rewrite. What is left stays marked in the index and is
     /// written at the next start, so a stop does not wait for a large catalogue.
@@ -81,6 +96,8 @@ impl Snapshots {
             props,
             legacy_noted: false,
             page: PAGE,
+            most_deltas: MOST_DELTAS,
+            since_rewrite: 0,
             stopping: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -125,6 +142,7 @@ impl Snapshots {
                     self.index.add_catalog_file(key.as_str())?;
                     self.put(&key, &[batch])?;
                 }
+                self.since_rewrite += page.rows.len() as u64;
                 wrote = true;
             }
             self.index.catalog_written(&page)?;
@@ -136,10 +154,23 @@ impl Snapshots {
             }
         }
         let files = self.index.catalog_files()?;
-        if files.len() > CONSOLIDATE_AFTER * TABLES.len() && !self.stopping() {
+        if self.rewrite_due(files.len())? && !self.stopping() {
             self.consolidate(files)?;
         }
         Ok(wrote)
+    }
+
+    /// Whether the catalog is due a whole rewrite, with `files` in all tables.
+    fn rewrite_due(&self, files: usize) -> Result<bool, WriterError> {
+        let per_table = files / TABLES.len();
+        if per_table <= CONSOLIDATE_AFTER {
+            return Ok(false);
+        }
+        if per_table > self.most_deltas {
+            return Ok(true);
+        }
+        let experiments = self.index.experiment_count()?;
+        Ok(self.since_rewrite.saturating_mul(REWRITE_SHARE) >= experiments)
     }
 
     /// Writes the whole catalog as one file per table, a page of experiments per
@@ -204,6 +235,7 @@ impl Snapshots {
             self.delete(&ObjectKey::from_manifest(key.clone()))?;
         }
         self.index.remove_catalog_files(&old)?;
+        self.since_rewrite = 0;
         tracing::debug!(replaced = old.len(), "catalog tables rewritten whole");
         Ok(())
     }
@@ -565,6 +597,53 @@ mod tests {
         snapshots.consolidate(old).unwrap();
         assert_eq!(rows_of(&root, "experiments"), (1, CONSOLIDATE_AFTER + 1));
         assert_eq!(rows_of(&root, "metadata"), (1, CONSOLIDATE_AFTER + 1));
+    }
+
+    /// A few changes to a large catalogue pile up as deltas, up to a bound,
+    /// instead of rewriting it whole every few passes.
+    #[test]
+    fn a_large_catalogue_is_rewritten_once_its_deltas_hold_a_share_or_pile_up() {
+        let (dir, index, mut snapshots) = local_snapshots();
+        snapshots.most_deltas = 24;
+        let root = dir.path().join("root");
+        for i in 0..200 {
+            index.create_experiment(experiment(i), &[]).unwrap();
+        }
+        assert!(snapshots.write_if_changed().unwrap());
+        snapshots
+            .consolidate(index.catalog_files().unwrap())
+            .unwrap();
+        assert_eq!(rows_of(&root, "experiments"), (1, 200));
+        // One experiment changed a pass: 23 changes are far from a quarter of
+        // 200 experiments, so no rewrite until the files pass 24 a table.
+        let change = |n: usize| {
+            index
+                .create_experiment(experiment(n), &[("n".into(), serde_json::json!(n))])
+                .unwrap();
+        };
+        for n in 0..23 {
+            change(n);
+            assert!(snapshots.write_if_changed().unwrap());
+        }
+        assert_eq!(rows_of(&root, "experiments"), (24, 223));
+        change(23);
+        assert!(snapshots.write_if_changed().unwrap());
+        assert_eq!(rows_of(&root, "experiments"), (1, 200), "past the bound");
+        // Past 16 files a table, changes that hold a quarter of the catalogue
+        // rewrite it.
+        snapshots.most_deltas = MOST_DELTAS;
+        for n in 0..16 {
+            change(2 * n);
+            change(2 * n + 1);
+            assert!(snapshots.write_if_changed().unwrap());
+        }
+        assert_eq!(rows_of(&root, "experiments"), (17, 232), "32 changes kept");
+        for n in 32..50 {
+            change(n);
+        }
+        assert!(snapshots.write_if_changed().unwrap());
+        assert_eq!(rows_of(&root, "experiments"), (1, 200), "a quarter changed");
+        assert!(!index.catalog_is_dirty().unwrap());
     }
 
     #[test]
