@@ -31,7 +31,8 @@ use crossbeam_channel::{Receiver, Sender};
 use redb::{ReadOnlyTable, ReadableTable, ReadableTableMetadata, WriteTransaction};
 
 use super::catalog::merge_summaries;
-use super::{Index, IndexError, SUMMARY_DELTAS, decode, encode, storage};
+use super::changes::meta_get;
+use super::{Index, IndexError, META, SUMMARY_DELTAS, decode, encode, storage};
 use crate::model::MetricSummary;
 
 /// The (experiment, key) summaries a fold transaction takes, at least one file's.
@@ -46,6 +47,9 @@ const YIELD: Duration = Duration::from_millis(1);
 
 /// How often the folder looks for rows nobody told it of.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// `meta` key: the number the next `summary_deltas` row takes.
+const NEXT_DELTA: &str = "summary_deltas_next";
 
 /// One published file's summaries: (experiment, key, summary).
 pub(super) type Summaries = Vec<(String, String, MetricSummary)>;
@@ -129,7 +133,7 @@ impl PendingSummaries {
     /// Forgets rows up to `through`, just folded.
     fn folded(&self, through: u64) {
         let mut pending = self.lock();
-        pending.folded_through = Some(through);
+        pending.folded_through = pending.folded_through.max(Some(through));
         let mut held = pending.held;
         pending.rows.retain(|&seq, rows| {
             let keep = seq > through;
@@ -156,13 +160,18 @@ pub(super) fn queue_summaries(
         return Ok(());
     }
     let mut table = txn.open_table(SUMMARY_DELTAS).map_err(storage)?;
-    let next = match table.last().map_err(storage)? {
+    let mut meta = txn.open_table(META).map_err(storage)?;
+    // Numbers are never used twice, even once the table is empty: a read's
+    // cache ([`PendingSummaries`]) knows a row by its number.
+    let after_last = match table.last().map_err(storage)? {
         Some((k, _)) => k.value() + 1,
         None => 0,
     };
+    let next = meta_get(&meta, NEXT_DELTA)?.unwrap_or(0).max(after_last);
     table
         .insert(next, encode(summaries).as_slice())
         .map_err(storage)?;
+    meta.insert(NEXT_DELTA, next + 1).map_err(storage)?;
     Ok(())
 }
 

@@ -591,12 +591,31 @@ mod tests {
         for seq in 1..=5 {
             assert_eq!(index.summaries(&format!("x{seq}")).unwrap()[0].1.count, 1);
         }
+        // A file published once the table is empty takes a new number, read as
+        // its own, not as a folded row's.
+        let mut i = intent("metrics/namespace=a/date=2026-01-01/f6.parquet", 6);
+        i.summaries[0].2 = MetricSummary::of(9, Some(9.0), 0);
+        index.begin_publish(&i).unwrap();
+        index.commit_publish(&i, Forget::default(), false).unwrap();
+        let read = index.db.begin_read().unwrap();
+        let deltas = read.open_table(SUMMARY_DELTAS).unwrap();
+        let numbers: Vec<u64> = deltas
+            .iter()
+            .unwrap()
+            .map(|r| r.unwrap().0.value())
+            .collect();
+        assert_eq!(numbers, [5], "rows 0 to 4 were folded; 5 is next");
+        drop((deltas, read));
+        let e = index.summaries("e").unwrap();
+        assert_eq!((e[0].1.count, e[0].1.last_step, e[0].1.max), (6, 9, 9.0));
+        assert_eq!(index.fold_summaries(100).unwrap(), 1);
+        assert_eq!(index.summaries("e").unwrap(), e);
         // Folded rows are gone: a reopen finds nothing to fold again.
         drop(index);
         let index = Index::open(&path).unwrap();
         assert_eq!(index.summaries_pending().unwrap(), 0);
         assert_eq!(index.fold_all_summaries().unwrap(), 0);
-        assert_eq!(index.summaries("e").unwrap()[0].1.count, 5);
+        assert_eq!(index.summaries("e").unwrap()[0].1.count, 6);
     }
 
     #[test]
