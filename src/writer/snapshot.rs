@@ -10,11 +10,12 @@
 //! their files pile up ([`MOST_DELTAS`]), one pass writes the whole catalog as
 //! one file per table, in pages, and deletes the deltas. So a change costs a
 //! bounded number of rows rewritten whatever the catalogue's size, readers find
-//! a bounded number of files, and memory stays one page of experiments. Rows of one experiment may appear in several
-//! files (and from several daemons): readers keep the latest (`updated_at` for
-//! experiments and metadata, `written_at` for summaries), as the README's queries
-//! do. The tables are derived from the index, so they need no WAL: a write that
-//! fails is done again at the next tick or start.
+//! a bounded number of files, and memory stays one page of experiments. Rows of
+//! one experiment may appear in several files (and from several daemons):
+//! readers keep the latest (`updated_at` for experiments and metadata,
+//! `written_at` for summaries), as the README's queries do. The tables are
+//! derived from the index, so they need no WAL: a write that fails is done again
+//! at the next tick or start.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
