@@ -15,8 +15,8 @@ use super::journal::{self, CatalogJournal, Durable, FileSync, JournalRecord};
 use super::{
     BATCH_IDS, CATALOG_CLOCK, CATALOG_FILES, DIRTY, EXPERIMENTS, EXPERIMENTS_BY_NS, Index,
     IndexError, JOURNAL_SEQ, META, METADATA, MetadataEntry, OLD_DIRTY, OLD_EXPERIMENTS_BY_NS,
-    OLD_SEARCH, REBUILD_PENDING, SEARCH, SUMMARIES, SUMMARY_DELTAS, begin_write, decode, encode,
-    search, storage,
+    OLD_SEARCH, REBUILD_PENDING, SEARCH, SUMMARIES, SUMMARY_DELTA_NUMBERS, SUMMARY_DELTAS,
+    begin_write, decode, encode, search, storage,
 };
 use crate::model::{
     ExperimentRecord, ExperimentRef, MetricSummary, Micros, experiment_id, now_micros,
@@ -500,13 +500,14 @@ impl Index {
         let read = self.db.begin_read().map_err(storage)?;
         let table = read.open_table(SUMMARIES).map_err(storage)?;
         let folded = prefix_rows(&table, experiment, |k, v| Ok((k.to_owned(), decode(k, v)?)))?;
-        let deltas = read.open_table(SUMMARY_DELTAS).map_err(storage)?;
-        if deltas.is_empty().map_err(storage)? {
+        let numbers = read.open_table(SUMMARY_DELTA_NUMBERS).map_err(storage)?;
+        if numbers.is_empty().map_err(storage)? {
             return Ok(folded);
         }
+        let deltas = read.open_table(SUMMARY_DELTAS).map_err(storage)?;
         let mut all: BTreeMap<String, MetricSummary> = folded.into_iter().collect();
         self.pending_summaries
-            .add_to(&deltas, experiment, &mut all)?;
+            .add_to(&numbers, &deltas, experiment, &mut all)?;
         Ok(all.into_iter().collect())
     }
 

@@ -32,7 +32,9 @@ use redb::{ReadOnlyTable, ReadableTable, ReadableTableMetadata, WriteTransaction
 
 use super::catalog::merge_summaries;
 use super::changes::meta_get;
-use super::{Index, IndexError, META, SUMMARY_DELTAS, decode, encode, storage};
+use super::{
+    Index, IndexError, META, SUMMARY_DELTA_NUMBERS, SUMMARY_DELTAS, decode, encode, storage,
+};
 use crate::model::MetricSummary;
 
 /// The (experiment, key) summaries a fold transaction takes, at least one file's.
@@ -62,10 +64,13 @@ pub(super) fn decode_deltas(row: &[u8]) -> Result<Summaries, IndexError> {
 /// The summaries a read of one experiment's folds in from unfolded rows, decoded
 /// once per row and kept, by experiment, until the row is folded.
 ///
-/// A read takes its rows from its own read transaction, so it adds exactly the
-/// rows that transaction's `summaries` lacks: nothing is missed while a file's
-/// summaries wait, and nothing counted twice once folded. The cache only saves
-/// decoding; past [`MOST_CACHED`] summaries a row is decoded for each read.
+/// A read takes the rows' numbers from its own read transaction
+/// (`summary_delta_numbers`, written and deleted with the rows), so it adds
+/// exactly the rows that transaction's `summaries` lacks: nothing is missed
+/// while a file's summaries wait, and nothing counted twice once folded. A row
+/// (a whole file's summaries, megabytes for a file of many series) is read and
+/// decoded once, then served from here; past [`MOST_CACHED`] summaries a row is
+/// read and decoded for each read of it.
 #[derive(Debug, Default)]
 pub(super) struct PendingSummaries(Mutex<Pending>);
 
@@ -90,17 +95,22 @@ impl PendingSummaries {
     /// unfolded rows of `deltas` hold for `experiment`.
     pub(super) fn add_to(
         &self,
+        numbers: &ReadOnlyTable<u64, ()>,
         deltas: &ReadOnlyTable<u64, &'static [u8]>,
         experiment: &str,
         out: &mut BTreeMap<String, MetricSummary>,
     ) -> Result<(), IndexError> {
-        for row in deltas.iter().map_err(storage)? {
-            let (seq, value) = row.map_err(storage)?;
-            let seq = seq.value();
+        for row in numbers.iter().map_err(storage)? {
+            let seq = row.map_err(storage)?.0.value();
             let cached = self.lock().rows.get(&seq).cloned();
             let by_experiment = match cached {
                 Some(rows) => rows,
-                None => self.cache(seq, decode_deltas(value.value())?),
+                None => {
+                    let Some(value) = deltas.get(seq).map_err(storage)? else {
+                        return Err(IndexError::MissingDelta(seq));
+                    };
+                    self.cache(seq, decode_deltas(value.value())?)
+                }
             };
             for (key, summary) in by_experiment.get(experiment).into_iter().flatten() {
                 out.entry(key.clone())
@@ -171,7 +181,27 @@ pub(super) fn queue_summaries(
     table
         .insert(next, encode(summaries).as_slice())
         .map_err(storage)?;
+    txn.open_table(SUMMARY_DELTA_NUMBERS)
+        .map_err(storage)?
+        .insert(next, ())
+        .map_err(storage)?;
     meta.insert(NEXT_DELTA, next + 1).map_err(storage)?;
+    Ok(())
+}
+
+/// Creates the delta tables at open, and lists the numbers of rows an index
+/// from before `summary_delta_numbers` left.
+pub(super) fn number_deltas(txn: &WriteTransaction) -> Result<(), IndexError> {
+    let deltas = txn.open_table(SUMMARY_DELTAS).map_err(storage)?;
+    let mut numbers = txn.open_table(SUMMARY_DELTA_NUMBERS).map_err(storage)?;
+    if numbers.len().map_err(storage)? == deltas.len().map_err(storage)? {
+        return Ok(());
+    }
+    for row in deltas.iter().map_err(storage)? {
+        numbers
+            .insert(row.map_err(storage)?.0.value(), ())
+            .map_err(storage)?;
+    }
     Ok(())
 }
 
@@ -200,6 +230,10 @@ impl Index {
                 return Ok(0);
             }
             table.retain_in(..=through, |_, _| false).map_err(storage)?;
+            txn.open_table(SUMMARY_DELTA_NUMBERS)
+                .map_err(storage)?
+                .retain_in(..=through, |_, _| false)
+                .map_err(storage)?;
             merge_summaries(&txn, &deltas, self.catalog_marks)?;
             (folded, through)
         };

@@ -10,7 +10,8 @@
 //! - `metadata`: (parent id, key) → [`MetadataEntry`]
 //! - `summaries`: (experiment id, metric key) → [`MetricSummary`]
 //! - `summary_deltas`: number → a published file's summaries, not yet folded into
-//!   `summaries` and the search entries ([`fold`])
+//!   `summaries` and the search entries ([`fold`]); `summary_delta_numbers`
+//!   lists their numbers, for reads
 //! - `batch_ids`: (accepted at, client batch id) → points, for recognising retries
 //! - `search_entries`: (scope, field, value, created at, id) → (), for run search
 //!   ([`search`])
@@ -104,6 +105,10 @@ const OLD_EXPERIMENTS_BY_NS: TableDefinition<(&str, &str), ()> =
 const METADATA: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("metadata");
 const SUMMARIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("summaries");
 const SUMMARY_DELTAS: TableDefinition<u64, &[u8]> = TableDefinition::new("summary_deltas");
+/// The numbers of the `summary_deltas` rows: a read walks these small rows, not
+/// the large ones (see [`fold::PendingSummaries`]).
+const SUMMARY_DELTA_NUMBERS: TableDefinition<u64, ()> =
+    TableDefinition::new("summary_delta_numbers");
 const BATCH_IDS: TableDefinition<(i64, &str), u64> = TableDefinition::new("batch_ids");
 const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
 const FILE_EXPERIMENTS: TableDefinition<(&str, &str), &[u8]> =
@@ -159,6 +164,10 @@ pub enum IndexError {
     },
     #[error("experiment {0} not found")]
     ExperimentNotFound(String),
+    /// `summary_delta_numbers` lists a row `summary_deltas` lacks (they are
+    /// written and deleted together).
+    #[error("index: summary_deltas row {0} is listed but missing")]
+    MissingDelta(u64),
     #[error("catalog journal: {what} {}: {source}", path.display())]
     Journal {
         what: &'static str,
@@ -316,7 +325,7 @@ impl Index {
             txn.open_table(EXPERIMENTS_BY_NS).map_err(storage)?;
             txn.open_table(METADATA).map_err(storage)?;
             txn.open_table(SUMMARIES).map_err(storage)?;
-            txn.open_table(SUMMARY_DELTAS).map_err(storage)?;
+            fold::number_deltas(&txn)?;
             txn.open_table(BATCH_IDS).map_err(storage)?;
             txn.open_table(FILE_EXPERIMENTS).map_err(storage)?;
             txn.open_table(FILE_EXPERIMENTS_REV).map_err(storage)?;
@@ -564,6 +573,10 @@ mod tests {
         let all = (5, 5, 1.0, 5.0, vec![1; 5]);
         assert_eq!(counts(&index), all, "read before any fold");
         assert!(index.summaries("nobody").unwrap().is_empty());
+        // An index from before the rows' numbers were listed: listed at open.
+        let txn = index.begin_write().unwrap();
+        txn.delete_table(SUMMARY_DELTA_NUMBERS).unwrap();
+        txn.commit().unwrap();
         drop(index);
         let index = Index::open(&path).unwrap();
         assert_eq!(
