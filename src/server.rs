@@ -608,6 +608,11 @@ async fn serve(
 
     tracing::info!("no longer accepting requests; publishing buffered rows");
     let draining_since = tokio::time::Instant::now();
+    let time_left = || {
+        config
+            .shutdown_timeout
+            .saturating_sub(draining_since.elapsed())
+    };
     ingest.shutdown();
     // The catalog's last commit checkpoints its journal, so the next start has
     // nothing to replay.
@@ -626,31 +631,23 @@ async fn serve(
     }
     // Nothing publishes any more: the summaries left are folded now (within the
     // stop's time), not at the next start.
-    let left = config
-        .shutdown_timeout
-        .saturating_sub(draining_since.elapsed());
+    let left = time_left();
     let _ = tokio::task::spawn_blocking(move || folder.finish(left)).await;
     snapshots.finish().await;
-    if let Some(uploader) = &uploader {
-        let left = config
-            .shutdown_timeout
-            .saturating_sub(draining_since.elapsed());
-        if !uploader.spool().wait_empty(left).await {
-            tracing::warn!(
-                files = uploader.spool().files(),
-                bytes = uploader.spool().bytes(),
-                "files stay in the spool; they are uploaded on the next start"
-            );
-        }
+    if let Some(uploader) = &uploader
+        && !uploader.spool().wait_empty(time_left()).await
+    {
+        tracing::warn!(
+            files = uploader.spool().files(),
+            bytes = uploader.spool().bytes(),
+            "files stay in the spool; they are uploaded on the next start"
+        );
     }
     if let Some(upload_loop) = upload_loop {
         upload_loop.stop().await;
     }
     if let Some((shipper, ship_loop)) = shipping {
-        let left = config
-            .shutdown_timeout
-            .saturating_sub(draining_since.elapsed());
-        if !shipper.flush(left).await {
+        if !shipper.flush(time_left()).await {
             tracing::warn!("change-log entries stay unshipped; the next start ships them");
         }
         ship_loop.stop().await;

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadableTable, ReadableTableMetadata, WriteTransaction};
+use redb::{Database, ReadTransaction, ReadableTable, ReadableTableMetadata, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::changes::{Change, meta_get};
@@ -498,8 +498,7 @@ impl Index {
     /// file's, folded in yet or not ([`super::fold`]).
     pub fn summaries(&self, experiment: &str) -> Result<Vec<(String, MetricSummary)>, IndexError> {
         let read = self.db.begin_read().map_err(storage)?;
-        let table = read.open_table(SUMMARIES).map_err(storage)?;
-        let folded = prefix_rows(&table, experiment, |k, v| Ok((k.to_owned(), decode(k, v)?)))?;
+        let folded = folded_summaries(&read, experiment)?;
         let numbers = read.open_table(SUMMARY_DELTA_NUMBERS).map_err(storage)?;
         if numbers.is_empty().map_err(storage)? {
             return Ok(folded);
@@ -517,9 +516,7 @@ impl Index {
         &self,
         experiment: &str,
     ) -> Result<Vec<(String, MetricSummary)>, IndexError> {
-        let read = self.db.begin_read().map_err(storage)?;
-        let table = read.open_table(SUMMARIES).map_err(storage)?;
-        prefix_rows(&table, experiment, |k, v| Ok((k.to_owned(), decode(k, v)?)))
+        folded_summaries(&self.db.begin_read().map_err(storage)?, experiment)
     }
 
     /// Client batch ids accepted at or after `since`, with their point counts.
@@ -534,6 +531,15 @@ impl Index {
         }
         Ok(out)
     }
+}
+
+/// One experiment's rows of `summaries`, by key.
+fn folded_summaries(
+    read: &ReadTransaction,
+    experiment: &str,
+) -> Result<Vec<(String, MetricSummary)>, IndexError> {
+    let table = read.open_table(SUMMARIES).map_err(storage)?;
+    prefix_rows(&table, experiment, |k, v| Ok((k.to_owned(), decode(k, v)?)))
 }
 
 /// The rows of a `(parent, key)` table under one parent, decoded by `f`.

@@ -74,11 +74,12 @@ pub(super) fn decode_deltas(row: &[u8]) -> Result<Summaries, IndexError> {
 #[derive(Debug, Default)]
 pub(super) struct PendingSummaries(Mutex<Pending>);
 
+///
+/// Numbers are never reused, so a row cached by a read whose snapshot predates
+/// its fold is still that row; only reads whose snapshot lists it use it, and
+/// the next fold drops it.
 #[derive(Debug, Default)]
 struct Pending {
-    /// Rows up to here are folded: a read that saw one before the fold does not
-    /// cache it again.
-    folded_through: Option<u64>,
     rows: HashMap<u64, Arc<ByExperiment>>,
     /// Summaries held in `rows`.
     held: usize,
@@ -132,8 +133,7 @@ impl PendingSummaries {
         }
         let by_experiment = Arc::new(by_experiment);
         let mut pending = self.lock();
-        let folded = pending.folded_through.is_some_and(|f| seq <= f);
-        if !folded && pending.held.saturating_add(n) <= MOST_CACHED {
+        if pending.held.saturating_add(n) <= MOST_CACHED {
             pending.held += n;
             pending.rows.insert(seq, Arc::clone(&by_experiment));
         }
@@ -143,7 +143,6 @@ impl PendingSummaries {
     /// Forgets rows up to `through`, just folded.
     fn folded(&self, through: u64) {
         let mut pending = self.lock();
-        pending.folded_through = pending.folded_through.max(Some(through));
         let mut held = pending.held;
         pending.rows.retain(|&seq, rows| {
             let keep = seq > through;
@@ -172,7 +171,8 @@ pub(super) fn queue_summaries(
     let mut table = txn.open_table(SUMMARY_DELTAS).map_err(storage)?;
     let mut meta = txn.open_table(META).map_err(storage)?;
     // Numbers are never used twice, even once the table is empty: a read's
-    // cache ([`PendingSummaries`]) knows a row by its number.
+    // cache ([`PendingSummaries`]) knows a row by its number. (The last row's
+    // number counts for an index from before `NEXT_DELTA`.)
     let after_last = match table.last().map_err(storage)? {
         Some((k, _)) => k.value() + 1,
         None => 0,
