@@ -563,10 +563,17 @@ async fn serve(
         // one go while keeping what one connection can push unread small.
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .layer(crate::api::receive::ReceiveLimitLayer::new(
-            config.concurrent_requests(),
-            crate::api::receive::SLOT_WAIT,
-        ))
+        .layer(
+            crate::api::receive::ReceiveLimitLayer::new(
+                config.concurrent_requests(),
+                crate::api::receive::SLOT_WAIT,
+            )
+            .with_gate(crate::api::receive::BudgetGate {
+                budget: Arc::clone(&budget),
+                when_full: config.when_full,
+                refused: metrics.writes_refused_unread.clone(),
+            }),
+        )
         .layer(tower::util::MapResponseLayer::new(
             oversized_is_resource_exhausted,
         ))

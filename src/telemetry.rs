@@ -144,6 +144,8 @@ pub struct Metrics {
     /// gRPC and HTTP API requests refused by authentication (unauthenticated) or
     /// authorization (permission_denied).
     pub requests_refused: Family<ReasonLabel, Counter>,
+    /// Writes refused before they were read, the memory budget being full.
+    pub writes_refused_unread: Counter,
     pub queue_pushes: Counter,
     pub queue_pops: Counter,
     pub buffered_bytes: Gauge,
@@ -203,6 +205,7 @@ impl Metrics {
             events_rejected: Family::default(),
             received_bytes: Counter::default(),
             requests_refused: Family::default(),
+            writes_refused_unread: Counter::default(),
             queue_pushes: Counter::default(),
             queue_pops: Counter::default(),
             buffered_bytes: Gauge::default(),
@@ -268,6 +271,13 @@ impl Metrics {
             "gRPC and HTTP API requests refused for want of a valid token \
              (unauthenticated) or of its permission (permission_denied)",
             m.requests_refused.clone(),
+        );
+        r.register(
+            "writes_refused_unread",
+            "LogMetrics and LogEvent requests refused RESOURCE_EXHAUSTED before being \
+             read, the memory budget having no room for a write of recent size \
+             (points_rejected counts only those refused after decoding)",
+            m.writes_refused_unread.clone(),
         );
         r.register(
             "queue_pushes",

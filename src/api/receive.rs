@@ -12,6 +12,14 @@
 //! one connection fill that window, and the requests holding the slots can then
 //! never receive the rest of their messages. Answering a waiter drops its body,
 //! which gives its share of the connection window back.
+//!
+//! A write that the ingest memory budget could not admit is refused here too,
+//! before it is read ([`BudgetGate`]): otherwise it is received, decoded,
+//! validated (an index lookup per experiment) and encoded for the WAL, only to
+//! be refused at its reservation. With a million experiments, publication
+//! drained the budget slowly, and the tokio workers spent about a core
+//! receiving and refusing retries, the cores the fold and the publishers needed
+//! to drain it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,7 +29,10 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::ingest::RETRY_AFTER;
+use prometheus_client::metrics::counter::Counter;
+
+use crate::config::WhenFull;
+use crate::ingest::{IngestError, MemoryBudget, RETRY_AFTER};
 
 /// The longest a request waits for a receive slot. Slots turn over within
 /// milliseconds while the daemon keeps up (a slot is held while a message is
@@ -51,11 +62,52 @@ impl ReceiveSlot {
     }
 }
 
+/// The gRPC methods whose requests take a share of the ingest memory budget.
+const BUDGETED: [&str; 2] = [
+    "/modelbox.ModelStore/LogMetrics",
+    "/modelbox.ModelStore/LogEvent",
+];
+
+/// Refuses, unread, a write the ingest memory budget has no room for: one that
+/// finds less room than recent writes reserved, once `when_full` has passed
+/// without enough being released. The answer is the one the write would have
+/// had at its reservation. It is a guess, not a reservation: a write let
+/// through may still be refused at its reservation, as before, and one refused
+/// here meets a budget that recent writes would not have fitted in.
+#[derive(Debug, Clone)]
+pub struct BudgetGate {
+    pub budget: Arc<MemoryBudget>,
+    pub when_full: WhenFull,
+    /// Counts the writes refused here.
+    pub refused: Counter,
+}
+
+impl BudgetGate {
+    /// Whether a request to `path` may go on to be read.
+    async fn admits(&self, path: &str) -> bool {
+        if !BUDGETED.contains(&path) || self.budget.wait_for_room(self.when_full).await {
+            return true;
+        }
+        self.refused.inc();
+        false
+    }
+}
+
+/// The answer to a write refused by [`BudgetGate`].
+fn budget_full() -> tonic::Status {
+    super::ApiError::from(IngestError::Full {
+        what: "memory budget",
+        retry_after: RETRY_AFTER,
+    })
+    .into()
+}
+
 /// The tower layer that hands out [`ReceiveSlot`]s.
 #[derive(Debug, Clone)]
 pub struct ReceiveLimitLayer {
     slots: Arc<Semaphore>,
     wait: Duration,
+    gate: Option<BudgetGate>,
 }
 
 impl ReceiveLimitLayer {
@@ -64,6 +116,15 @@ impl ReceiveLimitLayer {
         Self {
             slots: Arc::new(Semaphore::new(max)),
             wait,
+            gate: None,
+        }
+    }
+
+    /// Refuses writes the budget has no room for before they are read.
+    pub fn with_gate(self, gate: BudgetGate) -> Self {
+        Self {
+            gate: Some(gate),
+            ..self
         }
     }
 }
@@ -76,6 +137,7 @@ impl<S> tower::Layer<S> for ReceiveLimitLayer {
             inner,
             slots: Arc::clone(&self.slots),
             wait: self.wait,
+            gate: self.gate.clone(),
         }
     }
 }
@@ -86,6 +148,7 @@ pub struct ReceiveLimit<S> {
     inner: S,
     slots: Arc<Semaphore>,
     wait: Duration,
+    gate: Option<BudgetGate>,
 }
 
 /// The answer to a request that found no slot within the wait.
@@ -121,12 +184,18 @@ where
         let mut inner = std::mem::replace(&mut self.inner, fresh);
         let slots = Arc::clone(&self.slots);
         let wait = self.wait;
+        let gate = self.gate.clone();
         Box::pin(async move {
             // The semaphore is never closed, so only the wait can end without one.
             let Ok(permit) = tokio::time::timeout(wait, slots.acquire_owned()).await else {
                 // Dropping `req` unread releases its flow-control window.
                 return Ok(refused(wait).into_http());
             };
+            if let Some(gate) = gate
+                && !gate.admits(req.uri().path()).await
+            {
+                return Ok(budget_full().into_http());
+            }
             let permit = permit.ok();
             let slot = ReceiveSlot(Some(Arc::new(Mutex::new(permit))));
             req.extensions_mut().insert(slot.clone());
@@ -227,5 +296,83 @@ mod tests {
             Some(&b"200"[..])
         );
         first.abort();
+    }
+
+    /// A request to `path` through a gate on `budget` that waits up to `wait`;
+    /// the answer's gRPC status (none for a success), and whether the service
+    /// behind was called.
+    async fn through_gate(
+        budget: &Arc<MemoryBudget>,
+        wait: Duration,
+        path: &str,
+    ) -> (Option<tonic::Status>, bool) {
+        let called = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let service = tower::service_fn({
+            let called = Arc::clone(&called);
+            move |_: http::Request<()>| {
+                called.store(true, std::sync::atomic::Ordering::SeqCst);
+                async { Ok::<_, std::convert::Infallible>(http::Response::new(())) }
+            }
+        });
+        let gate = BudgetGate {
+            budget: Arc::clone(budget),
+            when_full: WhenFull::Wait(wait),
+            refused: Counter::default(),
+        };
+        let layer = ReceiveLimitLayer::new(4, SLOT_WAIT).with_gate(gate.clone());
+        let mut svc = tower::Layer::layer(&layer, service);
+        let req = http::Request::builder()
+            .uri(path)
+            .body(())
+            .expect("a request");
+        let response = tower::Service::call(&mut svc, req).await.expect("answered");
+        let status = tonic::Status::from_header_map(response.headers());
+        assert_eq!(gate.refused.get(), u64::from(status.is_some()));
+        (status, called.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn a_write_the_budget_has_no_room_for_is_refused_unread() {
+        const WRITE: &str = "/modelbox.ModelStore/LogMetrics";
+        let budget = MemoryBudget::new(1_000);
+        // Recent writes reserved 600 bytes each.
+        for _ in 0..64 {
+            drop(budget.try_reserve(600).expect("room"));
+        }
+        // An empty budget admits any write.
+        assert!(through_gate(&budget, Duration::ZERO, WRITE).await.1);
+        let held = budget.try_reserve(600).expect("room");
+        // 400 bytes left: a write like the recent ones would not fit.
+        let (status, called) = through_gate(&budget, Duration::ZERO, WRITE).await;
+        assert!(!called, "a refused write is not read");
+        let status = status.expect("refused");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("memory budget"),
+            "{}",
+            status.message()
+        );
+        assert_eq!(
+            status
+                .metadata()
+                .get("grpc-retry-pushback-ms")
+                .map(|v| v.as_bytes()),
+            Some(&b"200"[..])
+        );
+        let (status, called) =
+            through_gate(&budget, Duration::ZERO, "/modelbox.ModelStore/LogEvent").await;
+        assert!(status.is_some() && !called, "LogEvent is gated too");
+        // Reads take nothing from the budget and pass.
+        let (status, called) =
+            through_gate(&budget, Duration::ZERO, "/modelbox.ModelStore/GetMetrics").await;
+        assert!(status.is_none() && called);
+        // A write waiting at the gate goes on once enough is released.
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(held);
+        });
+        let (status, called) = through_gate(&budget, Duration::from_secs(10), WRITE).await;
+        assert!(status.is_none() && called);
+        release.await.expect("released");
     }
 }

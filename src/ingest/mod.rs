@@ -59,6 +59,9 @@ pub struct MemoryBudget {
     used: AtomicUsize,
     limit: usize,
     released: Notify,
+    /// Recent reservations' size, smoothed (the newest weighs an eighth): about
+    /// what the next write asks for. See [`MemoryBudget::wait_for_room`].
+    typical: AtomicUsize,
 }
 
 impl MemoryBudget {
@@ -67,7 +70,30 @@ impl MemoryBudget {
             used: AtomicUsize::new(0),
             limit,
             released: Notify::new(),
+            typical: AtomicUsize::new(0),
         })
+    }
+
+    /// Whether a reservation of the typical size would fit now (an empty budget
+    /// admits any, as [`MemoryBudget::try_reserve`] does).
+    pub fn has_room(&self) -> bool {
+        let used = self.used();
+        used == 0 || used.saturating_add(self.typical.load(Ordering::Relaxed)) <= self.limit
+    }
+
+    /// Waits, as `when_full` allows, until a reservation of the typical size
+    /// would fit; whether it would. Nothing is reserved: this lets the server
+    /// refuse a write it could not admit before receiving and decoding it, work
+    /// that under sustained overload took the cores the writers needed to drain
+    /// the budget (see [`crate::api::receive`]).
+    pub async fn wait_for_room(&self, when_full: WhenFull) -> bool {
+        wait_until(
+            || self.released.notified(),
+            when_full,
+            || self.has_room().then_some(()),
+        )
+        .await
+        .is_some()
     }
 
     /// Bytes currently reserved.
@@ -79,7 +105,7 @@ impl MemoryBudget {
         self.limit
     }
 
-    fn try_reserve(self: &Arc<Self>, bytes: usize) -> Option<Reservation> {
+    pub(crate) fn try_reserve(self: &Arc<Self>, bytes: usize) -> Option<Reservation> {
         let mut used = self.used.load(Ordering::Relaxed);
         loop {
             // An empty budget always admits one batch, so a batch up to the limit
@@ -94,6 +120,11 @@ impl MemoryBudget {
                 Ordering::Relaxed,
             ) {
                 Ok(_) => {
+                    let _ = self
+                        .typical
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                            Some(t - t / 8 + bytes / 8)
+                        });
                     return Some(Reservation {
                         budget: Arc::clone(self),
                         bytes,
