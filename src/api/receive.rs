@@ -282,20 +282,21 @@ mod tests {
             .expect("the wait is bounded")
             .expect("answered");
         let status = tonic::Status::from_header_map(response.headers()).expect("a gRPC status");
+        assert_retry_later(&status, "receive slot");
+        first.abort();
+    }
+
+    /// `status` is RESOURCE_EXHAUSTED saying `why`, with a 200 ms retry hint.
+    fn assert_retry_later(status: &tonic::Status, why: &str) {
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-        assert!(
-            status.message().contains("receive slot"),
-            "{}",
-            status.message()
-        );
+        assert!(status.message().contains(why), "{}", status.message());
         assert_eq!(
-            response
-                .headers()
+            status
+                .metadata()
                 .get("grpc-retry-pushback-ms")
                 .map(|v| v.as_bytes()),
             Some(&b"200"[..])
         );
-        first.abort();
     }
 
     /// A request to `path` through a gate on `budget` that waits up to `wait`;
@@ -345,20 +346,7 @@ mod tests {
         // 400 bytes left: a write like the recent ones would not fit.
         let (status, called) = through_gate(&budget, Duration::ZERO, WRITE).await;
         assert!(!called, "a refused write is not read");
-        let status = status.expect("refused");
-        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-        assert!(
-            status.message().contains("memory budget"),
-            "{}",
-            status.message()
-        );
-        assert_eq!(
-            status
-                .metadata()
-                .get("grpc-retry-pushback-ms")
-                .map(|v| v.as_bytes()),
-            Some(&b"200"[..])
-        );
+        assert_retry_later(&status.expect("refused"), "memory budget");
         let (status, called) =
             through_gate(&budget, Duration::ZERO, "/modelbox.ModelStore/LogEvent").await;
         assert!(status.is_some() && !called, "LogEvent is gated too");
