@@ -33,6 +33,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::config::WhenFull;
 use crate::ingest::{IngestError, MemoryBudget, RETRY_AFTER};
+use crate::proto::model_store_server;
 
 /// The longest a request waits for a receive slot. Slots turn over within
 /// milliseconds while the daemon keeps up (a slot is held while a message is
@@ -62,11 +63,17 @@ impl ReceiveSlot {
     }
 }
 
-/// The gRPC methods whose requests take a share of the ingest memory budget.
-const BUDGETED: [&str; 2] = [
-    "/modelbox.ModelStore/LogMetrics",
-    "/modelbox.ModelStore/LogEvent",
-];
+/// The ModelStore methods whose requests take a share of the ingest memory budget.
+const BUDGETED: [&str; 2] = ["LogMetrics", "LogEvent"];
+
+/// Whether a request to `path` (`/<service>/<method>`) takes a share of the budget.
+fn budgeted(path: &str) -> bool {
+    path.strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .is_some_and(|(service, method)| {
+            service == model_store_server::SERVICE_NAME && BUDGETED.contains(&method)
+        })
+}
 
 /// Refuses, unread, a write the ingest memory budget has no room for: one that
 /// finds less room than recent writes reserved, once `when_full` has passed
@@ -85,7 +92,7 @@ pub struct BudgetGate {
 impl BudgetGate {
     /// Whether a request to `path` may go on to be read.
     async fn admits(&self, path: &str) -> bool {
-        if !BUDGETED.contains(&path) || self.budget.wait_for_room(self.when_full).await {
+        if !budgeted(path) || self.budget.wait_for_room(self.when_full).await {
             return true;
         }
         self.refused.inc();
@@ -336,12 +343,16 @@ mod tests {
     async fn a_write_the_budget_has_no_room_for_is_refused_unread() {
         const WRITE: &str = "/modelbox.ModelStore/LogMetrics";
         let budget = MemoryBudget::new(1_000);
+        // Recent writes were each larger than the whole budget, which an empty
+        // budget admits: so does the gate.
+        for _ in 0..64 {
+            drop(budget.try_reserve(2_000).expect("an empty budget admits"));
+        }
+        assert!(through_gate(&budget, Duration::ZERO, WRITE).await.1);
         // Recent writes reserved 600 bytes each.
         for _ in 0..64 {
             drop(budget.try_reserve(600).expect("room"));
         }
-        // An empty budget admits any write.
-        assert!(through_gate(&budget, Duration::ZERO, WRITE).await.1);
         let held = budget.try_reserve(600).expect("room");
         // 400 bytes left: a write like the recent ones would not fit.
         let (status, called) = through_gate(&budget, Duration::ZERO, WRITE).await;
@@ -350,10 +361,15 @@ mod tests {
         let (status, called) =
             through_gate(&budget, Duration::ZERO, "/modelbox.ModelStore/LogEvent").await;
         assert!(status.is_some() && !called, "LogEvent is gated too");
-        // Reads take nothing from the budget and pass.
-        let (status, called) =
-            through_gate(&budget, Duration::ZERO, "/modelbox.ModelStore/GetMetrics").await;
-        assert!(status.is_none() && called);
+        // Reads take nothing from the budget and pass, as do other services'
+        // methods of the same name.
+        for path in [
+            "/modelbox.ModelStore/GetMetrics",
+            "/grpc.health.v1.Health/LogMetrics",
+        ] {
+            let (status, called) = through_gate(&budget, Duration::ZERO, path).await;
+            assert!(status.is_none() && called, "{path}");
+        }
         // A write waiting at the gate goes on once enough is released.
         let release = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -51,7 +51,7 @@ const YIELD: Duration = Duration::from_millis(1);
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// `meta` key: the number the next `summary_deltas` row takes.
-const NEXT_DELTA: &str = "summary_deltas_next";
+pub(super) const NEXT_DELTA: &str = "summary_deltas_next";
 
 /// One published file's summaries: (experiment, key, summary).
 pub(super) type Summaries = Vec<(String, String, MetricSummary)>;
@@ -74,7 +74,6 @@ pub(super) fn decode_deltas(row: &[u8]) -> Result<Summaries, IndexError> {
 #[derive(Debug, Default)]
 pub(super) struct PendingSummaries(Mutex<Pending>);
 
-///
 /// Numbers are never reused, so a row cached by a read whose snapshot predates
 /// its fold is still that row; only reads whose snapshot lists it use it, and
 /// the next fold drops it.
@@ -168,17 +167,12 @@ pub(super) fn queue_summaries(
     if summaries.is_empty() {
         return Ok(());
     }
-    let mut table = txn.open_table(SUMMARY_DELTAS).map_err(storage)?;
-    let mut meta = txn.open_table(META).map_err(storage)?;
     // Numbers are never used twice, even once the table is empty: a read's
-    // cache ([`PendingSummaries`]) knows a row by its number. (The last row's
-    // number counts for an index from before `NEXT_DELTA`.)
-    let after_last = match table.last().map_err(storage)? {
-        Some((k, _)) => k.value() + 1,
-        None => 0,
-    };
-    let next = meta_get(&meta, NEXT_DELTA)?.unwrap_or(0).max(after_last);
-    table
+    // cache ([`PendingSummaries`]) knows a row by its number.
+    let mut meta = txn.open_table(META).map_err(storage)?;
+    let next = meta_get(&meta, NEXT_DELTA)?.unwrap_or(0);
+    txn.open_table(SUMMARY_DELTAS)
+        .map_err(storage)?
         .insert(next, encode(summaries).as_slice())
         .map_err(storage)?;
     txn.open_table(SUMMARY_DELTA_NUMBERS)
@@ -189,11 +183,18 @@ pub(super) fn queue_summaries(
     Ok(())
 }
 
-/// Creates the delta tables at open, and lists the numbers of rows an index
-/// from before `summary_delta_numbers` left.
+/// Creates the delta tables at open. For rows an index from before
+/// `summary_delta_numbers` and `NEXT_DELTA` left, lists their numbers and sets
+/// the next one past them.
 pub(super) fn number_deltas(txn: &WriteTransaction) -> Result<(), IndexError> {
     let deltas = txn.open_table(SUMMARY_DELTAS).map_err(storage)?;
     let mut numbers = txn.open_table(SUMMARY_DELTA_NUMBERS).map_err(storage)?;
+    let mut meta = txn.open_table(META).map_err(storage)?;
+    if let Some((last, _)) = deltas.last().map_err(storage)?
+        && meta_get(&meta, NEXT_DELTA)?.is_none_or(|next| next <= last.value())
+    {
+        meta.insert(NEXT_DELTA, last.value() + 1).map_err(storage)?;
+    }
     if numbers.len().map_err(storage)? == deltas.len().map_err(storage)? {
         return Ok(());
     }

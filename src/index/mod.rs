@@ -573,9 +573,14 @@ mod tests {
         let all = (5, 5, 1.0, 5.0, vec![1; 5]);
         assert_eq!(counts(&index), all, "read before any fold");
         assert!(index.summaries("nobody").unwrap().is_empty());
-        // An index from before the rows' numbers were listed: listed at open.
+        // An index from before the rows' numbers were listed and the next one
+        // kept: both are set at open.
         let txn = index.begin_write().unwrap();
         txn.delete_table(SUMMARY_DELTA_NUMBERS).unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .remove(fold::NEXT_DELTA)
+            .unwrap();
         txn.commit().unwrap();
         drop(index);
         let index = Index::open(&path).unwrap();

@@ -77,8 +77,13 @@ impl MemoryBudget {
     /// Whether a reservation of the typical size would fit now (an empty budget
     /// admits any, as [`MemoryBudget::try_reserve`] does).
     pub fn has_room(&self) -> bool {
-        let used = self.used();
-        used == 0 || used.saturating_add(self.typical.load(Ordering::Relaxed)) <= self.limit
+        self.admits(self.used(), self.typical.load(Ordering::Relaxed))
+    }
+
+    /// Whether `bytes` more may be reserved beside `used`. An empty budget admits
+    /// any reservation, so a batch up to the limit can always make progress.
+    fn admits(&self, used: usize, bytes: usize) -> bool {
+        used == 0 || used.saturating_add(bytes) <= self.limit
     }
 
     /// Waits, as `when_full` allows, until a reservation of the typical size
@@ -108,9 +113,7 @@ impl MemoryBudget {
     pub(crate) fn try_reserve(self: &Arc<Self>, bytes: usize) -> Option<Reservation> {
         let mut used = self.used.load(Ordering::Relaxed);
         loop {
-            // An empty budget always admits one batch, so a batch up to the limit
-            // can always make progress.
-            if used != 0 && used + bytes > self.limit {
+            if !self.admits(used, bytes) {
                 return None;
             }
             match self.used.compare_exchange_weak(
